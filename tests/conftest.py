@@ -1,0 +1,9 @@
+"""Shared test setup: repo root on sys.path, shims before TensorFlow, quiet logs, seeds."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import hypermorph_spatially_adaptive  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TF)
