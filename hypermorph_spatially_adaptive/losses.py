@@ -1,0 +1,90 @@
+"""Loss assembly of SPEC section 3 / paper eq. (1). Every loss returns one value per sample.
+
+With ``cc(x)`` the local NCC map (window ``win`` per axis) between fixed and warped moving
+image, and ``Lambda, Gamma`` (elastic) or ``W`` (diffusion) either per-sample constants
+(global models) or voxelwise maps from the fixed segmentation (SA models):
+
+- elastic:   ``mean_x[(2 - Lambda - Gamma) * (-cc)] + mean_x[elastic density(u; Lambda, Gamma)]``
+- diffusion: ``mean_x[(1 - W) * (-cc)] + mean_x[W * |grad u|^2]``
+
+Shapes: images ``[B, *spatial, 1]``, field ``[B, *spatial, D]`` in voxels; all outputs ``[B]``.
+Units: ``cc`` is dimensionless in [0, 1]; the regularizer is in squared strain (see
+:mod:`regularizers`), so with unit spacing it is plain voxel arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+from .compat import apply as _apply_shims
+
+_apply_shims()
+import tensorflow as tf  # noqa: E402
+
+import regularizers  # noqa: E402
+
+from .models import ParamSpec, regularization_parameters  # noqa: E402
+
+
+def ncc_map(fixed: tf.Tensor, warped: tf.Tensor, win: int = 9, eps: float = 1e-5) -> tf.Tensor:
+    """Local squared normalized cross-correlation map, ``[B, *spatial]`` in [0, 1].
+
+    ``cc = cov(F, W)^2 / (var(F) var(W) + eps')`` over a ``win^D`` box (windows are clipped at
+    the border: only voxels inside the image are averaged). ``eps`` is given in the units of
+    voxelmorph's windowed *sums* and converted to the windowed *means* used here
+    (``eps' = eps / win^(2D)``), so the value matches voxelmorph's NCC. A constant patch
+    gives ``cc = 0`` (no NaN): variances are clamped at 0 before the division.
+    """
+    ndim = fixed.shape.rank - 2
+    if ndim not in (2, 3):
+        raise ValueError(f"images must be [B, *spatial, 1] with 2 or 3 spatial axes; got {fixed.shape}")
+    if fixed.shape[-1] != 1 or warped.shape[-1] != 1:
+        raise ValueError("NCC expects single-channel images [B, *spatial, 1]")
+    f, w = tf.cast(fixed, tf.float32), tf.cast(warped, tf.float32)
+    stack = tf.concat([f, w, f * f, w * w, f * w], axis=-1)
+    pool = tf.nn.avg_pool2d if ndim == 2 else tf.nn.avg_pool3d
+    m = pool(stack, ksize=win, strides=1, padding="SAME")
+    mf, mw, mff, mww, mfw = [m[..., k] for k in range(5)]
+    cross = mfw - mf * mw
+    var_f = tf.maximum(mff - mf * mf, 0.0)
+    var_w = tf.maximum(mww - mw * mw, 0.0)
+    eps_mean = eps / float(win ** (2 * ndim))
+    return cross * cross / (var_f * var_w + eps_mean)
+
+
+def _weighted_mean(weight, values: tf.Tensor) -> tf.Tensor:
+    ndim = values.shape.rank - 1
+    weight = tf.convert_to_tensor(weight, tf.float32)
+    if weight.shape.rank == 1:
+        weight = tf.reshape(weight, [-1] + [1] * ndim)
+    return tf.reduce_mean(weight * values, axis=list(range(1, ndim + 1)))
+
+
+def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.Tensor,
+               hyp: tf.Tensor, fixed_seg: Optional[tf.Tensor] = None,
+               spacing: Optional[Sequence[float]] = None, win: int = 9) -> Dict[str, tf.Tensor]:
+    """Per-sample loss terms for any of the four presets.
+
+    Args:
+        spec: which regularizer / global or SA / number of classes.
+        fixed, warped: ``[B, *spatial, 1]``.
+        field: the regularized field ``[B, *spatial, D]`` (the displacement by default).
+        hyp: ``[B, P]`` hyperparameters in [0, 1] (layout in :mod:`.models`).
+        fixed_seg: ``[B, *spatial]`` labels 0..C (needed for SA models).
+        spacing: voxel size in mm.
+        win: NCC window per axis.
+
+    Returns:
+        dict with ``loss``, ``similarity`` (weighted -NCC), ``regularization`` and ``ncc``
+        (unweighted mean NCC), each ``[B]``.
+    """
+    cc = ncc_map(fixed, warped, win)
+    lam, mu = regularization_parameters(spec, hyp, fixed_seg)
+    if spec.regularizer == "elastic":
+        sim_weight = 2.0 - lam - mu
+        reg = regularizers.elastic_regularizer(field, lam, mu, spacing)
+    else:
+        sim_weight = 1.0 - lam
+        reg = regularizers.diffusion_regularizer(field, lam, spacing)
+    sim = _weighted_mean(sim_weight, -cc)
+    return {"loss": sim + reg, "similarity": sim, "regularization": reg,
+            "ncc": tf.reduce_mean(cc, axis=list(range(1, cc.shape.rank)))}

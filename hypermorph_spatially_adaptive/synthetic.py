@@ -1,0 +1,650 @@
+"""Synthetic registration pairs with known linear-elastic physics (numpy + scipy only).
+
+Purpose: a dataset in which the tissues *really* differ in stiffness, so that the question
+"do tissue-specific elastic parameters help registration" has a ground truth.
+
+Pipeline of :func:`generate_pair` (everything deterministic for a seed):
+
+1. :func:`make_phantom` draws a thorax-like phantom on the FIXED grid: label map
+   (0 background = everything that is not a tissue, 1 "lung" soft, 2 "bone" stiff, 3 "liver"
+   medium; the class order of :data:`CLASS_NAMES` matches the NLST order [lung, bone, liver])
+   and a textured image in [0, 1].
+2. Lamé maps ``lambda(x), mu(x)`` are read from the FIXED labels (:func:`lame_maps`).
+3. :func:`random_body_force` draws a smooth body force (Gaussian blobs + a breathing-like push
+   of the lungs) and :func:`solve_navier_cauchy` solves the heterogeneous linear-elastic
+   equilibrium ``div sigma(u) + f = 0`` with ``u = 0`` on the image border.
+   The problem is linear, so the solution (and the force) is rescaled afterwards to the
+   requested maximum displacement; ``solve_navier_cauchy(lam, mu, pair["force"])`` reproduces
+   ``pair["disp"]`` (up to float32 rounding).
+4. The moving image is built so that ``moving(x + disp(x)) = fixed(x)`` (the registration
+   convention: ``warped(x) = moving(x + disp(x))`` should match ``fixed``): the inverse field
+   ``v(y) = -disp(y + v(y))`` is computed by fixed-point iteration and
+   ``moving = fixed o (id + v)`` (image: linear interpolation, labels: nearest neighbour).
+
+Conventions: arrays are indexed ``[*shape]``; a displacement has shape ``[*shape, D]`` and
+channel ``j`` is the displacement along array axis ``j`` in voxel units (voxelmorph 'ij').
+Keypoints are ``[K, D]`` voxel (index) coordinates in the same axis order.
+
+Discretization of the Navier-Cauchy equation (:func:`assemble_elasticity`)
+------------------------------------------------------------------------
+Displacements live on the voxel centres (nodes). The scheme is the Q1 (bi/trilinear) finite
+element method on the dual grid whose cells have 2^D voxel centres as corners, integrated with
+the *vertex* (trapezoidal) quadrature rule and with the Lamé parameters sampled at the quadrature
+points, i.e. at the voxels themselves. At vertex ``x`` of a cell the Q1 gradient is exactly the
+one-sided difference along the cell edges leaving ``x``, so the discrete energy is
+
+    E(u) = sum_x sum_{s in {-1,+1}^D, cell (x, s) inside the grid} 2^-D *
+           [ mu(x) |eps_s(u)(x)|^2 + lambda(x)/2 tr(eps_s(u)(x))^2 ],
+    (grad_s u)_{ij}(x) = s_i (u_j(x + s_i e_i) - u_j(x)) / h_i,   eps_s = sym(grad_s u),
+
+and the linear system ``A u = f`` is ``grad E(u) = f`` (lumped right-hand side, everything
+divided by the voxel volume, so ``A u ~ -div sigma(u)`` pointwise like a finite-difference
+scheme). Properties: A is assembled from a sum of positive semidefinite local energies, hence
+symmetric positive definite with the homogeneous Dirichlet condition (unknowns = interior
+voxels, border voxels fixed to 0); it is conservative (a variational/finite-element scheme) and
+handles discontinuous coefficients without special treatment (an edge shared by two voxels
+of different tissue gets the arithmetic mean of their coefficients through the two vertex
+rules). For constant coefficients it reduces to the standard second-order central scheme
+``-mu Lap u - (lambda + mu) grad div u`` (compact 3-point second derivatives, 4-point
+centred mixed derivatives), so the error is O(h^2). The stencil has 5 + 2x9 (2D) and
+7 + 2x(9+...) (3D) non-zeros per row; assembly is vectorized (one numpy slice update per
+local-matrix entry and corner type, no loop over voxels).
+
+Solvers: 2D and small 3D systems use the sparse direct solver (SuperLU, minimum-degree ordering
+of A + A^T, appropriate for an SPD matrix). Larger 3D systems use conjugate gradients
+preconditioned by a geometric multigrid V-cycle (Galerkin coarse operators ``P^T A P`` with
+trilinear prolongation, damped Jacobi smoothing, SuperLU on the coarsest level); the V-cycle is
+symmetric, so CG is applicable.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import scipy.ndimage as ndi
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+__all__ = [
+    "CLASS_NAMES", "DEFAULT_LAME", "DEFAULT_SHEAR_MODULUS", "DEFAULT_POISSON_RATIO",
+    "lame_from_shear_poisson", "lame_maps", "assemble_elasticity", "elastic_energy",
+    "solve_navier_cauchy", "strain_norm", "make_phantom", "random_body_force", "warp",
+    "invert_displacement", "sample_keypoints", "generate_pair",
+]
+
+#: Tissue classes 1..3 (label 0 is background). Same order as the NLST classes [lung, bone, liver].
+CLASS_NAMES = ("lung", "bone", "liver")
+
+BACKGROUND, LUNG, BONE, LIVER = 0, 1, 2, 3
+
+
+def lame_from_shear_poisson(mu, nu):
+    """First Lamé parameter ``lambda = 2 mu nu / (1 - 2 nu)`` from shear modulus and Poisson ratio."""
+    return 2.0 * mu * nu / (1.0 - 2.0 * nu)
+
+
+#: Shear moduli (arbitrary consistent units): lung soft, liver medium, bone stiff.
+DEFAULT_SHEAR_MODULUS = {BACKGROUND: 2.0, LUNG: 1.0, BONE: 40.0, LIVER: 4.0}
+#: Poisson ratios: lung compressible, liver nearly incompressible (capped at 0.45 for conditioning).
+DEFAULT_POISSON_RATIO = {BACKGROUND: 0.40, LUNG: 0.25, BONE: 0.30, LIVER: 0.45}
+#: class -> (lambda, mu): {0: (8, 2), 1: (1, 1), 2: (60, 40), 3: (36, 4)}.
+DEFAULT_LAME = {
+    c: (float(round(lame_from_shear_poisson(DEFAULT_SHEAR_MODULUS[c], DEFAULT_POISSON_RATIO[c]), 10)),
+        float(DEFAULT_SHEAR_MODULUS[c]))
+    for c in (BACKGROUND, LUNG, BONE, LIVER)
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear elasticity
+# ----------------------------------------------------------------------------------------------
+def _spacing(spacing, ndim):
+    if spacing is None:
+        return (1.0,) * ndim
+    if np.isscalar(spacing):
+        return (float(spacing),) * ndim
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim:
+        raise ValueError(f"spacing has {len(spacing)} entries for a {ndim}-D grid")
+    return spacing
+
+
+def lame_maps(seg, lame=None):
+    """Voxelwise ``(lambda_map, mu_map)`` (float64) from a label map and ``{class: (lambda, mu)}``.
+
+    Missing classes fall back to :data:`DEFAULT_LAME`; labels without any entry raise.
+    """
+    table = dict(DEFAULT_LAME)
+    if lame is not None:
+        table.update({int(k): v for k, v in lame.items()})
+    seg = np.asarray(seg)
+    labels = np.unique(seg)
+    missing = [int(l) for l in labels if int(l) not in table]
+    if missing:
+        raise ValueError(f"no Lamé parameters for labels {missing}")
+    top = max(max(table), int(labels.max()))
+    lut_l = np.zeros(top + 1)
+    lut_m = np.zeros(top + 1)
+    for k, (la, mu) in table.items():
+        lut_l[k], lut_m[k] = la, mu
+    return lut_l[seg], lut_m[seg]
+
+
+def _shifted(region, offset):
+    return tuple(slice(r.start + o, r.stop + o) for r, o in zip(region, offset))
+
+
+def _unit(D, i, v=1):
+    o = [0] * D
+    o[i] = v
+    return o
+
+
+def assemble_elasticity(lam_map, mu_map, spacing=None):
+    """Assemble the SPD stiffness matrix of ``-div sigma(u)`` with ``u = 0`` on the border.
+
+    Returns ``(A, interior)``: ``A`` is a CSR matrix over the unknowns ordered component-major
+    (``dof = j * N + k`` for component j of the k-th interior voxel in C order) and
+    ``interior`` is the boolean mask of the unknown voxels. ``A @ u_flat ~ -div sigma(u)`` at
+    the interior voxels; ``u^T A u / 2`` equals :func:`elastic_energy` (vertex-quadrature Q1
+    energy, see the module docstring).
+
+    Closed form of that energy's Hessian (summing the 2^D corner rules analytically):
+
+    * block (j, j): ``-sum_i D_i^- (k_ij D_i^+ u_j)`` with the face coefficient
+      ``k_ij = mean of c_ij over the two voxels of the face``, ``c_ij = mu`` for i != j and
+      ``lambda + 2 mu`` for i == j (compact 3-point stencils);
+    * block (j, i), i != j: entry between (y, j) and (y + tau e_j - sigma e_i, i),
+      sigma, tau in {-1, +1}, equal to
+      ``sigma tau (mu(y - sigma e_i) + lambda(y + tau e_j)) / (4 h_i h_j)``: the energy
+      ``mu D_i^0 u_j D_j^0 u_i + lambda D_i^0 u_i D_j^0 u_j`` with centred differences and
+      coefficients at the voxel (the one-sided terms cancel exactly because the coefficient
+      of a corner rule is the same for all 2^D rules of a voxel).
+    The result is exactly symmetric (same floating-point operations for an entry and its
+    transpose) and has 2D + 1 + 4 (D - 1) non-zeros per row.
+    """
+    lam_map = np.asarray(lam_map, dtype=np.float64)
+    mu_map = np.asarray(mu_map, dtype=np.float64)
+    if lam_map.shape != mu_map.shape:
+        raise ValueError("lambda and mu maps differ in shape")
+    shape = lam_map.shape
+    D = len(shape)
+    if min(shape) < 3:
+        raise ValueError("every axis needs at least 3 voxels (border voxels are fixed)")
+    h = _spacing(spacing, D)
+    inner = tuple(slice(1, n - 1) for n in shape)
+    interior = np.zeros(shape, dtype=bool)
+    interior[inner] = True
+    N = int(interior.sum())
+    index = np.full(shape, -1, dtype=np.int64)
+    index[inner] = np.arange(N).reshape(tuple(n - 2 for n in shape))
+
+    rows_l, cols_l, data_l = [], [], []
+
+    def add(a, b, d, values, region):
+        """Entries between (y, a) and (y + d, b) for the rows y in ``region`` (y, y+d interior)."""
+        rows_l.append(index[region].ravel() + a * N)
+        cols_l.append(index[_shifted(region, d)].ravel() + b * N)
+        data_l.append(np.broadcast_to(values, tuple(r.stop - r.start for r in region)).ravel())
+
+    lam2mu = lam_map + 2.0 * mu_map
+    for j in range(D):
+        diag = np.zeros(tuple(n - 2 for n in shape))
+        for i in range(D):
+            c = lam2mu if i == j else mu_map
+            lo = tuple(slice(0, n - 1) if k == i else slice(1, n - 1) for k, n in enumerate(shape))
+            hi = _shifted(lo, _unit(D, i))
+            face = 0.5 * (c[lo] + c[hi]) / h[i] ** 2  # face between y and y + e_i
+            # face array index f = lower voxel (0 .. n-2 along i); y interior: faces y-1 and y
+            sl_m = tuple(slice(0, n - 2) if k == i else slice(None) for k, n in enumerate(shape))
+            sl_p = tuple(slice(1, n - 1) if k == i else slice(None) for k, n in enumerate(shape))
+            diag += face[sl_m] + face[sl_p]
+            # off-diagonal (y, y + e_i) for y, y + e_i interior (y = 1 .. n-3), and transpose
+            reg = tuple(slice(1, n - 2) if k == i else slice(1, n - 1) for k, n in enumerate(shape))
+            off = -face[tuple(slice(1, n - 2) if k == i else slice(None)
+                              for k, n in enumerate(shape))]
+            add(j, j, _unit(D, i), off, reg)
+            add(j, j, _unit(D, i, -1), off, _shifted(reg, _unit(D, i)))
+        add(j, j, [0] * D, diag, inner)
+        for i in range(D):
+            if i == j:
+                continue
+            for sigma in (-1, 1):
+                for tau in (-1, 1):
+                    d = np.array(_unit(D, j, tau)) - np.array(_unit(D, i, sigma))
+                    region = tuple(slice(max(1, 1 - o), min(n - 1, n - 1 - o))
+                                   for o, n in zip(d, shape))
+                    vals = (sigma * tau / (4.0 * h[i] * h[j])) * (
+                        mu_map[_shifted(region, _unit(D, i, -sigma))]
+                        + lam_map[_shifted(region, _unit(D, j, tau))])
+                    add(j, i, d, vals, region)
+    rows = np.concatenate(rows_l)
+    cols = np.concatenate(cols_l)
+    data = np.concatenate(data_l)
+    A = sp.csr_matrix((data, (rows, cols)), shape=(D * N, D * N))
+    A.sort_indices()
+    return A, interior
+
+
+def elastic_energy(disp, lam_map, mu_map, spacing=None):
+    """Discrete elastic energy of the scheme (``= 1/2 u^T A u`` for a field vanishing on the border).
+
+    Computed directly from one-sided differences (independent of the assembly; used in tests).
+    """
+    disp = np.asarray(disp, dtype=np.float64)
+    shape = disp.shape[:-1]
+    D = len(shape)
+    h = _spacing(spacing, D)
+    total = 0.0
+    for signs in itertools.product((-1, 1), repeat=D):
+        region = tuple(slice(0, n - 1) if s > 0 else slice(1, n) for s, n in zip(signs, shape))
+        g = np.empty(tuple(r.stop - r.start for r in region) + (D, D))
+        for i in range(D):
+            o = np.zeros(D, dtype=int)
+            o[i] = signs[i]
+            g[..., i, :] = signs[i] * (disp[_shifted(region, o)] - disp[region]) / h[i]
+        e = 0.5 * (g + np.swapaxes(g, -1, -2))
+        tr = np.trace(g, axis1=-2, axis2=-1)
+        dens = mu_map[region] * np.sum(e * e, axis=(-1, -2)) + 0.5 * lam_map[region] * tr ** 2
+        total += 0.5 ** D * dens.sum()
+    return float(total)
+
+
+# ---------------------------------------------------------------- multigrid preconditioner
+def _prolongation_1d(m):
+    """Linear interpolation from the coarse interior nodes to m fine interior nodes.
+
+    Fine interior node k sits at position k + 1 (the borders 0 and m + 1 are Dirichlet);
+    coarse node c sits at fine position 2 (c + 1). Coarse count m // 2.
+    """
+    mc = m // 2
+    rows, cols, vals = [], [], []
+    for k in range(m):
+        pos = k + 1
+        if pos % 2 == 0:
+            rows.append(k), cols.append(pos // 2 - 1), vals.append(1.0)
+        else:
+            for c in ((pos - 1) // 2 - 1, (pos + 1) // 2 - 1):
+                if 0 <= c < mc:
+                    rows.append(k), cols.append(c), vals.append(0.5)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(m, mc)), mc
+
+
+class _MultigridPreconditioner:
+    """Symmetric geometric V-cycle (Galerkin coarse operators, damped Jacobi smoothing)."""
+
+    def __init__(self, A, interior_shape, ndim, coarse_size=6000, n_smooth=2, omega=0.6):
+        self.levels = []
+        self.n_smooth = n_smooth
+        self.omega = omega
+        shp = tuple(interior_shape)
+        while True:
+            dinv = 1.0 / A.diagonal()
+            if A.shape[0] <= coarse_size or min(shp) < 3:
+                self.levels.append((A, dinv, None))
+                break
+            mats, cshp = [], []
+            for m in shp:
+                P1, mc = _prolongation_1d(m)
+                mats.append(P1)
+                cshp.append(mc)
+            Ps = mats[0]
+            for M in mats[1:]:
+                Ps = sp.kron(Ps, M, format="csr")
+            P = sp.block_diag([Ps] * ndim, format="csr")
+            self.levels.append((A, dinv, P))
+            A = (P.T @ A @ P).tocsr()
+            shp = tuple(cshp)
+        self.coarse_lu = spla.splu(self.levels[-1][0].tocsc(), permc_spec="MMD_AT_PLUS_A")
+        n = self.levels[0][0].shape[0]
+        self.operator = spla.LinearOperator((n, n), matvec=self.apply, dtype=np.float64)
+
+    def _cycle(self, lev, b):
+        A, dinv, P = self.levels[lev]
+        if P is None:
+            return self.coarse_lu.solve(b)
+        x = self.omega * dinv * b
+        for _ in range(self.n_smooth - 1):
+            x += self.omega * dinv * (b - A @ x)
+        r = b - A @ x
+        x += P @ self._cycle(lev + 1, P.T @ r)
+        for _ in range(self.n_smooth):
+            x += self.omega * dinv * (b - A @ x)
+        return x
+
+    def apply(self, b):
+        return self._cycle(0, np.asarray(b, dtype=np.float64).ravel())
+
+
+def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", rtol=1e-8,
+                        maxiter=500, return_info=False):
+    """Solve ``div(lambda tr(eps) I + 2 mu eps) + f = 0``, ``u = 0`` on the image border.
+
+    Args:
+        lam_map, mu_map: ``[*shape]`` Lamé parameters (may be discontinuous).
+        force: ``[*shape, D]`` body force per unit volume; channel j along array axis j.
+        spacing: voxel size per axis (default 1): displacements come out in the units of the
+            spacing; with the default they are voxel units.
+        method: ``"direct"`` (SuperLU), ``"cg"`` (multigrid-preconditioned CG) or ``"auto"``
+            (direct in 2D and for <= 60k unknowns, CG otherwise).
+        rtol: relative residual tolerance of CG.
+    Returns:
+        ``disp`` float64 ``[*shape, D]`` (zero on the border); with ``return_info`` also a dict
+        (method, iterations, relative residual).
+    """
+    lam_map = np.asarray(lam_map, dtype=np.float64)
+    mu_map = np.asarray(mu_map, dtype=np.float64)
+    force = np.asarray(force, dtype=np.float64)
+    shape = lam_map.shape
+    D = len(shape)
+    if force.shape != shape + (D,):
+        raise ValueError(f"force must have shape {shape + (D,)}, got {force.shape}")
+    A, interior = assemble_elasticity(lam_map, mu_map, spacing)
+    b = np.concatenate([force[..., j][interior] for j in range(D)])
+    n = b.size
+    if method == "auto":
+        method = "direct" if (D <= 2 or n <= 60000) else "cg"
+    info = {"method": method, "iterations": 0}
+    if method == "direct":
+        lu = spla.splu(A.tocsc(), permc_spec="MMD_AT_PLUS_A")
+        x = lu.solve(b)
+    elif method == "cg":
+        ishape = tuple(s - 2 for s in shape)
+        M = _MultigridPreconditioner(A, ishape, D)
+        count = [0]
+
+        def _cb(_):
+            count[0] += 1
+
+        x, status = spla.cg(A, b, rtol=rtol, atol=0.0, maxiter=maxiter, M=M.operator,
+                            callback=_cb)
+        info["iterations"] = count[0]
+        if status != 0:
+            raise RuntimeError(f"CG did not converge (status {status})")
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    bn = np.linalg.norm(b)
+    info["relative_residual"] = float(np.linalg.norm(A @ x - b) / bn) if bn > 0 else 0.0
+    N = n // D
+    disp = np.zeros(shape + (D,))
+    for j in range(D):
+        disp[..., j][interior] = x[j * N:(j + 1) * N]
+    return (disp, info) if return_info else disp
+
+
+def strain_norm(disp, spacing=None):
+    """Voxelwise Frobenius norm of the small strain ``sym(grad u)`` (central differences)."""
+    disp = np.asarray(disp, dtype=np.float64)
+    D = disp.ndim - 1
+    h = _spacing(spacing, D)
+    g = np.empty(disp.shape + (D,))  # g[..., j, i] = d_i u_j
+    for j in range(D):
+        grads = np.gradient(disp[..., j], *h)
+        for i in range(D):
+            g[..., j, i] = grads[i]
+    e = 0.5 * (g + np.swapaxes(g, -1, -2))
+    return np.sqrt(np.sum(e * e, axis=(-1, -2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Phantom
+# ----------------------------------------------------------------------------------------------
+def _norm_coords(shape):
+    """Normalized coordinates in [-1, 1] per axis (voxel centres), as an open grid."""
+    return np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing="ij", sparse=True)
+
+
+def _smooth_noise(shape, rng, sigma):
+    f = ndi.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
+    s = f.std()
+    return f / s if s > 0 else f
+
+
+def make_phantom(shape, rng):
+    """Thorax-like phantom: ``(seg int32 [*shape], image float32 [*shape] in [0, 1])``.
+
+    Geometry in normalized coordinates (axis 0 = superior -> inferior, last axis = left-right,
+    in 3D axis 1 = anterior-posterior; the 2D phantom is a coronal slice): a rounded body,
+    two lung lobes in the upper half, a liver under the first lung (axis 0 larger), a ring of
+    ribs around the lungs (a shell banded along axis 0) and a segmented spine-like column
+    between the lungs. Sizes/positions are jittered per draw. Intensities: per-tissue mean +
+    smooth random texture + a little noise, slightly blurred (partial volume), clipped to [0, 1].
+    """
+    shape = tuple(int(s) for s in shape)
+    D = len(shape)
+    if D not in (2, 3):
+        raise ValueError("shape must be 2D or 3D")
+    if isinstance(rng, (int, np.integer)) or rng is None:
+        rng = np.random.default_rng(rng)
+    g = _norm_coords(shape)
+    z, x = g[0], g[-1]
+    y = g[1] if D == 3 else 0.0
+
+    def jit(v, rel=0.08):
+        return v * (1.0 + rel * rng.uniform(-1, 1))
+
+    def shift(v, amount=0.04):
+        return v + amount * rng.uniform(-1, 1)
+
+    # body: super-ellipsoid, rounded box in the coronal plane
+    bz, bx, by = jit(0.88, 0.05), jit(0.84, 0.05), jit(0.72, 0.05)
+    body = (x / bx) ** 4 + (z / bz) ** 4 + ((y / by) ** 4 if D == 3 else 0.0) <= 1.0
+
+    seg = np.zeros(shape, dtype=np.int32)
+    lungs = np.zeros(shape, dtype=bool)
+    lung_z = shift(-0.22)
+    lung_rz = jit(0.42)
+    for side in (-1.0, 1.0):
+        cz, cx = shift(lung_z, 0.03), side * shift(0.37, 0.03)
+        rz, rx, ry = jit(lung_rz, 0.05), jit(0.22), jit(0.42)
+        lungs |= ((z - cz) / rz) ** 2 + ((x - cx) / rx) ** 2 + \
+            (((y - shift(0.0)) / ry) ** 2 if D == 3 else 0.0) <= 1.0
+    # liver under the lung at x < 0
+    lz, lx = shift(lung_z + lung_rz + 0.22, 0.03), shift(-0.28)
+    liver = ((z - lz) / jit(0.24)) ** 2 + ((x - lx) / jit(0.42)) ** 2 + \
+        (((y - shift(0.0)) / jit(0.45)) ** 2 if D == 3 else 0.0) <= 1.0
+    # ribs: banded elliptic shell around the lungs (lateral rib segments in the coronal slice)
+    rx_in, ry_in = jit(0.66, 0.04), jit(0.56, 0.04)
+    thick = jit(0.09, 0.1)
+    rho = np.sqrt((x / rx_in) ** 2 + ((y / ry_in) ** 2 if D == 3 else 0.0))
+    zr0, zr1 = lung_z - lung_rz - 0.05, lung_z + lung_rz + 0.02
+    period = jit(0.2, 0.1)
+    phase = rng.uniform(0, 2 * np.pi)
+    ribs = (rho >= 1.0) & (rho <= 1.0 + thick / rx_in) & (z >= zr0) & (z <= zr1) & \
+        (np.cos(2 * np.pi * z / period + phase) > -0.2)
+    # spine-like column of vertebrae between the lungs
+    sr = jit(0.085, 0.1)
+    scx = shift(0.0, 0.02)
+    vper = jit(0.16, 0.08)
+    vphase = rng.uniform(0, 2 * np.pi)
+    spine = (((x - scx) / sr) ** 2 + ((y / sr) ** 2 if D == 3 else 0.0) <= 1.0) & \
+        (z >= zr0) & (z <= min(0.8, bz - 0.1)) & (np.cos(2 * np.pi * z / vper + vphase) > -0.6)
+
+    seg[liver & body] = LIVER
+    seg[lungs & body] = LUNG
+    seg[(ribs | spine) & body] = BONE
+
+    # intensities
+    n = min(shape)
+    sigma_tex = max(1.0, n / 80.0)
+    tex1 = _smooth_noise(shape, rng, sigma_tex)
+    tex2 = _smooth_noise(shape, rng, 2.5 * sigma_tex)
+    mean = {BACKGROUND: 0.42, LUNG: 0.14, BONE: 0.88, LIVER: 0.62}
+    amp = {BACKGROUND: 0.06, LUNG: 0.07, BONE: 0.04, LIVER: 0.05}
+    img = np.full(shape, 0.03)
+    for c in (BACKGROUND, LUNG, BONE, LIVER):
+        m = (seg == c) & body
+        base = mean[c] * (1.0 + 0.06 * rng.uniform(-1, 1))
+        img[m] = base + amp[c] * (0.7 * tex1[m] + 0.5 * tex2[m])
+    outside = ~body
+    img[outside] = 0.03 + 0.01 * tex2[outside]
+    img = ndi.gaussian_filter(img, 0.6)
+    img = img + 0.008 * rng.standard_normal(shape)
+    img = np.clip(img, 0.0, 1.0).astype(np.float32)
+    return seg, img
+
+
+def random_body_force(shape, rng, seg=None, n_blobs=4, breathing=1.0, amplitude=1.0):
+    """Smooth random body force ``[*shape, D]`` (float64), max magnitude ``amplitude``.
+
+    Sum of ``n_blobs`` Gaussian blobs (random centre in the central region, width 0.15-0.35 of
+    the half-extent, random direction) and, when ``seg`` is given and ``breathing > 0``, a
+    breathing-like push of the lungs: inferior (+axis 0) and laterally outward (last axis),
+    on a smoothed lung mask. The displacement it produces depends on the tissue stiffness, so
+    :func:`generate_pair` rescales the (linear) solution to the wanted maximum displacement.
+    """
+    shape = tuple(int(s) for s in shape)
+    D = len(shape)
+    if isinstance(rng, (int, np.integer)) or rng is None:
+        rng = np.random.default_rng(rng)
+    g = _norm_coords(shape)
+    f = np.zeros(shape + (D,))
+    for _ in range(n_blobs):
+        c = rng.uniform(-0.55, 0.55, size=D)
+        width = rng.uniform(0.15, 0.35)
+        d = rng.standard_normal(D)
+        d /= np.linalg.norm(d) + 1e-12
+        weight = rng.uniform(0.5, 1.0)
+        r2 = sum((g[i] - c[i]) ** 2 for i in range(D))
+        blob = weight * np.exp(-0.5 * r2 / width ** 2)
+        for j in range(D):
+            f[..., j] += d[j] * blob
+    if seg is not None and breathing > 0 and np.any(np.asarray(seg) == LUNG):
+        lung = ndi.gaussian_filter((np.asarray(seg) == LUNG).astype(np.float64),
+                                   max(1.0, min(shape) / 40.0))
+        lung /= lung.max()
+        s = breathing * rng.uniform(0.7, 1.3)
+        f[..., 0] += s * lung
+        f[..., -1] += 0.4 * s * np.sign(g[-1]) * lung
+        if D == 3:
+            f[..., 1] += 0.2 * s * np.sign(g[1]) * lung
+    mag = np.sqrt(np.sum(f * f, axis=-1)).max()
+    if mag > 0:
+        f *= amplitude / mag
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# Warping and pairs
+# ----------------------------------------------------------------------------------------------
+def _grid(shape):
+    return np.indices(shape, dtype=np.float64)
+
+
+def warp(image, disp, order=1, mode="nearest"):
+    """``image(x + disp(x))`` with ``scipy.ndimage.map_coordinates`` (voxel units)."""
+    image = np.asarray(image)
+    disp = np.asarray(disp, dtype=np.float64)
+    shape = image.shape
+    coords = _grid(shape) + np.moveaxis(disp, -1, 0)
+    return ndi.map_coordinates(image, coords, order=order, mode=mode)
+
+
+def _sample_field(disp, coords):
+    """Linear interpolation of each channel of ``disp`` at ``coords`` [D, ...]."""
+    return np.stack([ndi.map_coordinates(disp[..., j], coords, order=1, mode="nearest")
+                     for j in range(disp.shape[-1])], axis=-1)
+
+
+def invert_displacement(disp, n_iter=30, tol=1e-5):
+    """Inverse field ``v`` with ``v(y) = -disp(y + v(y))`` by fixed-point iteration.
+
+    Then ``(x + disp(x)) + v(x + disp(x)) = x``. Converges when ``|grad disp| < 1``.
+    """
+    disp = np.asarray(disp, dtype=np.float64)
+    shape = disp.shape[:-1]
+    grid = _grid(shape)
+    v = -disp.copy()
+    for _ in range(n_iter):
+        v_new = -_sample_field(disp, grid + np.moveaxis(v, -1, 0))
+        delta = np.abs(v_new - v).max()
+        v = v_new
+        if delta < tol:
+            break
+    return v
+
+
+def sample_keypoints(seg, rng, n=50, margin=2):
+    """``n`` deterministic keypoints ``[n, D]`` (float64 voxel coordinates) inside the tissues.
+
+    Stratified over the tissue classes present (about n / C each), at least ``margin`` voxels
+    from the border, with a sub-voxel jitter.
+    """
+    seg = np.asarray(seg)
+    shape = seg.shape
+    D = seg.ndim
+    if isinstance(rng, (int, np.integer)) or rng is None:
+        rng = np.random.default_rng(rng)
+    inner = np.zeros(shape, dtype=bool)
+    inner[tuple(slice(margin, s - margin) for s in shape)] = True
+    classes = [c for c in range(1, len(CLASS_NAMES) + 1) if np.any((seg == c) & inner)]
+    if not classes:
+        return np.zeros((0, D))
+    counts = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+    pts = []
+    for c, k in zip(classes, counts):
+        idx = np.flatnonzero((seg == c) & inner)
+        pick = rng.choice(idx, size=min(k, idx.size), replace=False)
+        pts.append(np.stack(np.unravel_index(np.sort(pick), shape), axis=-1).astype(np.float64))
+    pts = np.concatenate(pts, axis=0)
+    pts += rng.uniform(-0.3, 0.3, size=pts.shape)
+    return pts
+
+
+def generate_pair(seed: int, shape: tuple, lame: dict | None = None,
+                  max_disp: float | None = None, *, n_keypoints: int = 50,
+                  solver_method: str = "auto") -> dict:
+    """One synthetic registration pair with a ground-truth elastic displacement.
+
+    Args:
+        seed: everything (phantom, force, displacement size, keypoints) is a function of it.
+        shape: 2D or 3D grid shape.
+        lame: ``{class: (lambda, mu)}`` overriding :data:`DEFAULT_LAME` (partial dicts allowed).
+        max_disp: maximum displacement magnitude in voxels; default a random value in
+            [2.5, 5] * mean(shape) / 128.
+    Returns dict with
+        ``fixed``, ``moving`` float32 [*shape] in [0, 1]; ``fixed_seg``, ``moving_seg`` int32;
+        ``disp`` float32 [*shape, D] on the FIXED grid, voxel units, with
+        ``moving(x + disp(x)) ~ fixed(x)``; ``lame`` (the dict used); ``force`` float32
+        [*shape, D] (rescaled so that ``solve_navier_cauchy`` of it gives ``disp``);
+        ``fixed_kp`` [K, D] float64 inside the tissues and ``moving_kp = fixed_kp + disp(fixed_kp)``
+        (linear interpolation), so the ground truth has TRE 0.
+    """
+    shape = tuple(int(s) for s in shape)
+    D = len(shape)
+    rng = np.random.default_rng(int(seed))
+    table = dict(DEFAULT_LAME)
+    if lame is not None:
+        table.update({int(k): (float(v[0]), float(v[1])) for k, v in lame.items()})
+
+    fixed_seg, fixed = make_phantom(shape, rng)
+    lam_map, mu_map = lame_maps(fixed_seg, table)
+    force = random_body_force(shape, rng, seg=fixed_seg)
+    target = rng.uniform(2.5, 5.0) * float(np.mean(shape)) / 128.0
+    if max_disp is not None:
+        target = float(max_disp)
+    disp = solve_navier_cauchy(lam_map, mu_map, force, method=solver_method)
+    peak = np.sqrt(np.sum(disp * disp, axis=-1)).max()
+    scale = target / peak if peak > 0 else 0.0
+    disp = (disp * scale).astype(np.float32)
+    force *= scale
+
+    inv = invert_displacement(disp.astype(np.float64))
+    moving = np.clip(warp(fixed.astype(np.float64), inv, order=1), 0.0, 1.0).astype(np.float32)
+    moving_seg = warp(fixed_seg, inv, order=0).astype(np.int32)
+
+    fixed_kp = sample_keypoints(fixed_seg, rng, n_keypoints)
+    moving_kp = fixed_kp + _sample_field(disp, fixed_kp.T) if len(fixed_kp) else fixed_kp.copy()
+
+    return {
+        "fixed": fixed,
+        "moving": moving,
+        "fixed_seg": fixed_seg.astype(np.int32),
+        "moving_seg": moving_seg,
+        "disp": disp,
+        "lame": {int(k): (float(v[0]), float(v[1])) for k, v in sorted(table.items())},
+        "force": force.astype(np.float32),
+        "fixed_kp": fixed_kp,
+        "moving_kp": moving_kp,
+    }

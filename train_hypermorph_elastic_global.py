@@ -1,0 +1,13 @@
+"""Train the global HyperMorph model with the elastic regularizer (a preset of the shared trainer).
+
+Run `python train_hypermorph_elastic_global.py --help` for every option.
+"""
+from hypermorph_spatially_adaptive.trainer import main as _train
+
+
+def main(argv=None):
+    return _train("elastic_global", argv)
+
+
+if __name__ == "__main__":
+    main()
