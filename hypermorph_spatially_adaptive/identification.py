@@ -1,0 +1,121 @@
+"""Per-pair, per-tissue parameter identification with a trained *global* model (SPEC section 4).
+
+For every test pair all grid points run through the global model as batched forward passes;
+the moving labels are warped (nearest neighbour) with each displacement and class Dice and mean
+Dice are computed per grid point. Then, per pair:
+
+- tissue class ``c``: the grid point with the best ``Dice_c``;
+- background (class 0) and the global baseline (``-g`` rows): the best *mean* Dice point.
+
+Tie rule (documented, deterministic): among grid points with equal Dice the one with the
+**larger regularization** wins: larger ``lambda + mu`` (elastic) or larger weight (diffusion),
+then larger ``mu``, then larger ``lambda``. A class whose Dice is NaN at every grid point
+(absent from both fixed and warped labels) falls back to the background choice and is flagged
+in the ``fallback`` column.
+
+Outputs (pandas DataFrames, written by ``parameter_identification.py``):
+- grid table: ``pair_id, lambda[, mu], dice_<class>..., mean_dice`` (one row per pair x point)
+- choice table: one row per pair with the SA hyperparameter columns
+  (``lambda_<class>`` and, for elastic, ``mu_<class>``, background included, exactly the SA
+  model's input order), ``dice_<class>`` (the Dice that chose each class), ``mean_dice`` (the
+  background / baseline choice's mean Dice), and ``g_lambda[, g_mu], g_mean_dice``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+import eval_metrics
+
+from .models import ParamSpec
+
+
+def make_grid(regularizer: str, values: Sequence[float]) -> np.ndarray:
+    """Grid points ``[G, 2]`` (lambda, mu) for elastic, ``[G, 1]`` for diffusion; values in [0, 1]."""
+    v = np.asarray(sorted(set(float(x) for x in values)), np.float32)
+    if v.size == 0 or v.min() < 0 or v.max() > 1:
+        raise ValueError(f"grid values must be a non-empty set in [0, 1]; got {list(values)}")
+    if regularizer == "elastic":
+        lam, mu = np.meshgrid(v, v, indexing="ij")
+        return np.stack([lam.ravel(), mu.ravel()], axis=1)
+    return v[:, None]
+
+
+def grid_values(steps: int) -> List[float]:
+    """``steps`` equidistant values in [0, 1] (11 -> 0, 0.1, ..., 1)."""
+    if steps < 2:
+        raise ValueError("the grid needs at least 2 values per axis")
+    return [round(float(x), 6) for x in np.linspace(0.0, 1.0, steps)]
+
+
+def grid_dice(registrar, pair, grid: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+    """Class and mean Dice of one pair at every grid point (one batched forward pass).
+
+    ``grid`` is ``[G, P]`` with P = 2 (elastic) or 1 (diffusion), the global model's input.
+    """
+    _, disp = registrar(pair.moving, pair.fixed, grid)
+    C = len(class_names)
+    dice = np.empty((len(grid), C), np.float64)
+    for g in range(len(grid)):
+        warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[g])
+        dice[g] = eval_metrics.dice_per_class(pair.fixed_seg, warped_seg, C)
+    df = pd.DataFrame({"pair_id": pair.pair_id, "lambda": grid[:, 0]})
+    if grid.shape[1] == 2:
+        df["mu"] = grid[:, 1]
+    for c, name in enumerate(class_names):
+        df[f"dice_{name}"] = dice[:, c]
+    with warnings.catch_warnings():  # a class absent everywhere is NaN; all-NaN rows stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        df["mean_dice"] = np.nanmean(dice, axis=1)
+    return df
+
+
+def _best_row(df: pd.DataFrame, col: str) -> Optional[pd.Series]:
+    """Row with the best ``col``; ties -> larger regularization (see module docstring)."""
+    if df[col].isna().all():
+        return None
+    key = df.assign(_strength=df["lambda"] + (df["mu"] if "mu" in df else 0.0),
+                    _mu=df["mu"] if "mu" in df else 0.0)
+    key = key.sort_values([col, "_strength", "_mu", "lambda"], ascending=False, na_position="last",
+                          kind="mergesort")
+    return key.iloc[0]
+
+
+def choose_parameters(grid_df: pd.DataFrame, regularizer: str, class_names: Sequence[str]) -> pd.DataFrame:
+    """One row per pair with the identified per-class and global-baseline parameters."""
+    elastic = regularizer == "elastic"
+    sa_names = ParamSpec(regularizer, True, len(class_names)).names(class_names)
+    rows: List[Dict] = []
+    for pair_id, df in grid_df.groupby("pair_id", sort=False):
+        best_mean = _best_row(df, "mean_dice")
+        if best_mean is None:
+            raise ValueError(f"pair {pair_id}: every class is empty in fixed and warped labels; "
+                             "no parameter can be identified")
+        row: Dict = {"pair_id": pair_id}
+        chosen = {"background": best_mean}
+        fallback = []
+        for name in class_names:
+            best = _best_row(df, f"dice_{name}")
+            if best is None:
+                fallback.append(name)
+                best = best_mean
+            chosen[name] = best
+        for field in (["lambda", "mu"] if elastic else ["lambda"]):
+            for name in ["background", *class_names]:
+                row[f"{field}_{name}"] = float(chosen[name][field])
+        for name in class_names:
+            row[f"dice_{name}"] = float(chosen[name][f"dice_{name}"])
+        row["mean_dice"] = float(best_mean["mean_dice"])
+        row["g_lambda"] = float(best_mean["lambda"])
+        if elastic:
+            row["g_mu"] = float(best_mean["mu"])
+        row["g_mean_dice"] = float(best_mean["mean_dice"])
+        row["fallback"] = ";".join(fallback)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    missing = [n for n in sa_names if n not in out]
+    assert not missing, missing
+    return out
