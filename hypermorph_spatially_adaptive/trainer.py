@@ -118,10 +118,11 @@ def sample_hyperparameters(seed: int, step, batch: int, num_params: int, oversam
     return u
 
 
-def _uniform_spacing(dataset, split: str) -> Optional[List[float]]:
-    ids = dataset.split_ids(split)
-    sp = tuple(float(s) for s in dataset.load_pair(ids[0]).spacing)
-    return list(sp)
+def _dataset_spacing(dataset, split: str) -> List[float]:
+    """Voxel spacing (mm) used by the loss: that of the split's first pair. The loaders put all
+    pairs of a dataset on one preprocessed grid, so this is the spacing of every pair."""
+    pair = dataset.load_pair(dataset.split_ids(split)[0])
+    return [float(s) for s in pair.spacing]
 
 
 class _Progress:
@@ -196,7 +197,7 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     dataset = datasets.dataset_from_args(args)
     n_train = len(dataset.split_ids("train"))
     steps = args.steps if args.epochs is None else int(math.ceil(args.epochs * n_train / args.batch_size))
-    spacing = _uniform_spacing(dataset, "train")
+    spacing = _dataset_spacing(dataset, "train")
     mc = ModelConfig(image_shape=tuple(dataset.image_shape), regularizer=reg, spatially_adaptive=sa,
                      num_classes=dataset.num_classes, enc_features=tuple(args.enc_features),
                      dec_features=tuple(args.dec_features), int_steps=args.int_steps,
@@ -312,6 +313,10 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     t0 = time.time()
     print(f"[{preset}] {n_train} training pairs, image {tuple(mc.image_shape)}, {spec.num_params} "
           f"hyperparameters, {steps} steps, batch {bsz}, {replicas} replica(s) -> {run_dir}", flush=True)
+    if start == 0 and val is not None:  # step-0 validation: the untrained baseline of the curve
+        v_loss, v_ncc = validate()
+        rows.append({"step": 0, "loss": "", "similarity": "", "regularization": "", "ncc": "",
+                     "val_loss": v_loss, "val_ncc": v_ncc, "sec_per_step": ""})
     for step in range(start + 1, steps + 1):
         out = train_step(next(it))
         for k, v in out.items():

@@ -1,0 +1,685 @@
+#!/usr/bin/env python
+"""Benchmark one training step: our four HyperMorph presets against the plain voxelmorph step.
+
+What is measured (per configuration x model, on the same random input):
+
+- seconds per optimizer step: median over ``--steps`` timed steps after ``--warmup`` untimed
+  steps (the first warm-up step traces and compiles the ``tf.function``);
+- peak memory: growth of the process peak RSS (``VmHWM``) over the RSS after TensorFlow and
+  voxelmorph were imported. Peak RSS is monotone, so every configuration x model runs in its
+  own subprocess (this script re-invoked with ``--single``); the peak is reset at start with
+  ``/proc/self/clear_refs`` when the kernel allows it.
+
+Models:
+
+- ``sa_elastic``, ``global_elastic``, ``sa_diffusion``, ``global_diffusion``: our models
+  (:func:`hypermorph_spatially_adaptive.models.build_model`) with the same per-replica step as
+  :mod:`hypermorph_spatially_adaptive.trainer` (model forward, ``loss_terms``, gradient, Adam,
+  inside ``strategy.run`` of the default strategy, ``step`` counter, per-term outputs fetched to
+  Python every step like the trainer's log accumulator);
+- ``plain``: nothing of ours. ``vxm.networks.HyperVxmDense(inshape, nb_hyp_params=1,
+  int_steps=7, int_resolution=2, svf_resolution=1)`` (regularized field: the pre-integrated SVF
+  at half resolution, voxelmorph's default) with ``(1 - h) * NCC(win 9) + h * Grad('l2',
+  loss_mult=2)`` in a plain ``tf.function`` + ``GradientTape`` + Adam step.
+
+Input: moving and fixed images uniform in [0, 1], a blocky random fixed segmentation with labels
+0..3 (background + 3 classes, so SA elastic has 8 hyperparameters), hyperparameters U(0, 1);
+seeded, so every subprocess sees the same data.
+
+``--breakdown`` additionally times, per model, the compiled forward pass, forward + loss,
+forward + loss + gradient, and the loss pieces alone (NCC, regularizer, each with its backward)
+on fixed tensors, next to benchmark-local alternative implementations (separable box filter for
+the NCC, slicing instead of ``tf.gather`` for the finite differences) to show what would help.
+
+Examples::
+
+    python benchmarks/bench_train.py --quick
+    python benchmarks/bench_train.py --determinism --csv bench.csv
+    python benchmarks/bench_train.py --configs 2d_b1 --models sa_elastic plain --breakdown
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (ndim, batch size); the image size comes from --size-2d / --size-3d (or --quick)
+CONFIGS = {"2d_b1": (2, 1), "2d_b8": (2, 8), "3d_b1": (3, 1)}
+# name -> (regularizer, spatially adaptive) for ours; None for the plain voxelmorph step
+MODELS = {
+    "sa_elastic": ("elastic", True),
+    "global_elastic": ("elastic", False),
+    "sa_diffusion": ("diffusion", True),
+    "global_diffusion": ("diffusion", False),
+    "plain": None,
+}
+NUM_CLASSES = 3          # labels 0..3: background + 3 tissue classes ("4-class" segmentation)
+GOAL_MODEL, GOAL_RATIO = "sa_elastic", 1.15
+RESULT_TAG = "BENCH_RESULT "
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Seconds per training step and peak memory of our HyperMorph presets vs the "
+                    "plain voxelmorph HyperMorph step (each configuration in its own subprocess).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="configurations to run (2D batch 1, 2D batch 8, 3D batch 1)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="models to run; 'plain' is the voxelmorph reference step used for the ratios")
+    p.add_argument("--size-2d", type=int, default=128, help="2D image size (square)")
+    p.add_argument("--size-3d", type=int, default=64, help="3D image size (cube)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per 2D run")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed warm-up steps per 2D run (the first one compiles)")
+    p.add_argument("--steps-3d", type=int, default=5, help="timed steps per 3D run")
+    p.add_argument("--warmup-3d", type=int, default=2, help="untimed warm-up steps per 3D run")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: sizes 32^2 / 16^3, 3 timed steps and 1 warm-up step everywhere")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole set of runs this many times, interleaved, and report the "
+                        "median over rounds (reduces the effect of load changes on a shared machine)")
+    p.add_argument("--determinism", action="store_true",
+                   help="also run the --determinism-models with tf.config.experimental."
+                        "enable_op_determinism() (the trainer's default) on the --determinism-configs "
+                        "and report the cost; all other runs have it off")
+    p.add_argument("--determinism-configs", nargs="+", choices=list(CONFIGS), default=["2d_b1"],
+                   help="configurations for the determinism comparison")
+    p.add_argument("--determinism-models", nargs="+", choices=list(MODELS), default=[GOAL_MODEL],
+                   help="models for the determinism comparison")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time forward / loss / gradient / Adam and the loss pieces separately")
+    p.add_argument("--breakdown-steps", type=int, default=None,
+                   help="timed calls per breakdown item (default: the run's --steps / --steps-3d)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (as the trainer)")
+    p.add_argument("--ncc-win", type=int, default=9, help="NCC window per axis (as the trainer)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input and of the weights")
+    p.add_argument("--csv", metavar="OUT", default=None, help="write the result table to this CSV file")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per subprocess")
+    p.add_argument("--verbose", action="store_true", help="show the subprocesses' stderr")
+    p.add_argument("--single", metavar="JSON", default=None,
+                   help="internal: run one measurement described by this JSON job in this process "
+                        "and print its result as one JSON line")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# measurement helpers (run inside the subprocess)
+# --------------------------------------------------------------------------------------------
+
+def _proc_status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_kb() -> int:
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
+def _rss_kb() -> int:
+    rss = _proc_status_kb("VmRSS")
+    return rss if rss is not None else _peak_rss_kb()
+
+
+def _time_calls(fn, warmup: int, steps: int) -> Dict[str, float]:
+    """Call ``fn`` (which must block until its result is on the host) warmup + steps times."""
+    first = None
+    for i in range(warmup):
+        t = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"median": statistics.median(times), "min": min(times), "mean": statistics.fmean(times),
+            "max": max(times), "first": first if first is not None else float("nan"), "n": len(times)}
+
+
+def _make_inputs(ndim: int, size: int, batch: int, num_params_ours: int, seed: int):
+    """Same arrays in every subprocess: images U(0,1), blocky labels 0..NUM_CLASSES, hyp U(0,1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (batch,) + (size,) * ndim
+    moving = rng.random(shape + (1,), dtype=np.float32)
+    fixed = rng.random(shape + (1,), dtype=np.float32)
+    block = max(1, size // 8)
+    coarse = rng.integers(0, NUM_CLASSES + 1, size=(batch,) + (-(-size // block),) * ndim)
+    seg = coarse
+    for ax in range(1, ndim + 1):
+        seg = np.repeat(seg, block, axis=ax)
+    seg = seg[(slice(None),) + (slice(0, size),) * ndim].astype(np.int32)
+    # one stream of U(0,1) for the largest hyp vector; every model takes its first P columns
+    hyp_all = rng.random((batch, max(num_params_ours, 1)), dtype=np.float32)
+    return moving, fixed, seg, hyp_all
+
+
+# benchmark-local alternative loss implementations (for the breakdown only) -------------------
+
+def _ncc_separable(tf, fixed, warped, win: int, eps: float = 1e-5):
+    """Same value as ``losses.ncc_map`` but the win^D box mean as D one-axis average pools."""
+    ndim = fixed.shape.rank - 2
+    f, w = tf.cast(fixed, tf.float32), tf.cast(warped, tf.float32)
+    m = tf.concat([f, w, f * f, w * w, f * w], axis=-1)
+    pool = tf.nn.avg_pool2d if ndim == 2 else tf.nn.avg_pool3d
+    for ax in range(ndim):
+        k = [1] * ndim
+        k[ax] = win
+        m = pool(m, ksize=k, strides=1, padding="SAME")
+    mf, mw, mff, mww, mfw = [m[..., k] for k in range(5)]
+    cross = mfw - mf * mw
+    var_f = tf.maximum(mff - mf * mf, 0.0)
+    var_w = tf.maximum(mww - mw * mw, 0.0)
+    return cross * cross / (var_f * var_w + eps / float(win ** (2 * ndim)))
+
+
+def _fd_slices(tf, u, spacing):
+    """Forward differences by slicing + pad (instead of tf.gather); same values as
+    ``regularizers.forward_gradients``."""
+    ndim = u.shape.rank - 2
+    u = u * tf.constant(spacing, dtype=u.dtype)
+    out = []
+    for i in range(ndim):
+        ax = i + 1
+        hi = [slice(None)] * (ndim + 2)
+        lo = [slice(None)] * (ndim + 2)
+        hi[ax], lo[ax] = slice(1, None), slice(None, -1)
+        pad = [[0, 0]] * (ndim + 2)
+        pad[ax] = [0, 1]
+        out.append(tf.pad(u[tuple(hi)] - u[tuple(lo)], pad) / spacing[i])
+    return out
+
+
+def _bcast(tf, p, ndim):
+    p = tf.convert_to_tensor(p, tf.float32)
+    return tf.reshape(p, [-1] + [1] * ndim) if p.shape.rank == 1 else p
+
+
+def _elastic_slices(tf, disp, lam, mu, spacing):
+    ndim = disp.shape.rank - 2
+    g = _fd_slices(tf, disp, spacing)
+    div = tf.add_n([g[i][..., i] for i in range(ndim)])
+    shear = tf.add_n([4.0 * tf.square(g[i][..., i]) for i in range(ndim)])
+    for i in range(ndim):
+        for j in range(i + 1, ndim):
+            shear += 2.0 * tf.square(g[i][..., j] + g[j][..., i])
+    dens = _bcast(tf, mu, ndim) / 4.0 * shear + _bcast(tf, lam, ndim) / 2.0 * tf.square(div)
+    return tf.reduce_mean(dens, axis=list(range(1, ndim + 1)))
+
+
+def _diffusion_slices(tf, disp, w, spacing):
+    ndim = disp.shape.rank - 2
+    g = _fd_slices(tf, disp, spacing)
+    dens = _bcast(tf, w, ndim) * tf.add_n([tf.reduce_sum(tf.square(gi), axis=-1) for gi in g])
+    return tf.reduce_mean(dens, axis=list(range(1, ndim + 1)))
+
+
+def _value_and_grad_fn(tf, f, n_watch: int):
+    """Compiled ``f(*watched, *rest)`` forward + backward w.r.t. the first n_watch args;
+    returns the summed value (gradients forced by a control dependency)."""
+
+    @tf.function
+    def run(*args):
+        watched = list(args[:n_watch])
+        with tf.GradientTape() as tape:
+            for x in watched:
+                tape.watch(x)
+            v = tf.reduce_sum(f(*args))
+        grads = tape.gradient(v, watched)
+        with tf.control_dependencies([g for g in grads if g is not None]):
+            return tf.identity(v)
+
+    return run
+
+
+def run_single(job: Dict) -> Dict:
+    """One (configuration, model, determinism) measurement in this process."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from hypermorph_spatially_adaptive.compat import import_voxelmorph
+
+    tf, vxm, _ne = import_voxelmorph()
+    if job["determinism"]:
+        tf.config.experimental.enable_op_determinism()
+    tf.keras.utils.set_random_seed(int(job["seed"]))
+
+    ndim, size, bsz = int(job["ndim"]), int(job["size"]), int(job["batch"])
+    shape = (size,) * ndim
+    win, spacing = int(job["ncc_win"]), [1.0] * ndim
+    name = job["model"]
+    moving_np, fixed_np, seg_np, hyp_np = _make_inputs(ndim, size, bsz, 2 * (NUM_CLASSES + 1), int(job["seed"]))
+    moving, fixed = tf.constant(moving_np), tf.constant(fixed_np)
+    fixed_seg = tf.constant(seg_np)
+
+    reset_ok = _reset_peak_rss()
+    rss0 = _rss_kb()
+    hwm0 = _peak_rss_kb()
+
+    pieces = {}  # extra compiled callables for --breakdown
+    if MODELS[name] is not None:
+        # ---- ours: same computation as trainer.run's per_replica / train_step ----
+        from hypermorph_spatially_adaptive import losses as hm_losses
+        from hypermorph_spatially_adaptive.losses import loss_terms
+        from hypermorph_spatially_adaptive.models import (ModelConfig, build_model,
+                                                          regularization_parameters)
+        import regularizers
+
+        reg, sa = MODELS[name]
+        mc = ModelConfig(image_shape=shape, regularizer=reg, spatially_adaptive=sa, num_classes=NUM_CLASSES)
+        mc.validate()
+        spec = mc.spec
+        strategy = tf.distribute.get_strategy()
+        with strategy.scope():
+            model = build_model(mc)
+            optimizer = tf.keras.optimizers.Adam(learning_rate=float(job["lr"]))
+            step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        hyp = tf.constant(hyp_np[:, :spec.num_params])
+        batch = {"moving": moving, "fixed": fixed, "fixed_seg": fixed_seg, "hyp": hyp}
+        use_svf = False  # trainer default --reg-field disp
+
+        def per_replica(batch):
+            with tf.GradientTape() as tape:
+                warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+                terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
+                                   batch["fixed_seg"], spacing, win)
+                loss = tf.reduce_sum(terms["loss"]) / bsz
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return {k: tf.reduce_sum(v) / bsz for k, v in terms.items()}
+
+        @tf.function
+        def train_step(batch):
+            out = strategy.run(per_replica, args=(batch,))
+            step_var.assign_add(1)
+            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+
+        def step():
+            out = train_step(batch)
+            return {k: float(v) for k, v in out.items()}  # the trainer fetches every term each step
+
+        if job["breakdown"]:
+            @tf.function
+            def fwd(batch):
+                warped, disp, _svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+                return warped, disp
+
+            @tf.function
+            def fwd_loss(batch):
+                warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+                terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"], spacing, win)
+                return tf.reduce_sum(terms["loss"]) / bsz
+
+            @tf.function
+            def fwd_loss_grad(batch):
+                with tf.GradientTape() as tape:
+                    warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+                    terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"],
+                                       spacing, win)
+                    loss = tf.reduce_sum(terms["loss"]) / bsz
+                grads = tape.gradient(loss, model.trainable_variables)
+                with tf.control_dependencies(grads):
+                    return tf.identity(loss)
+
+            warped0, disp0 = fwd(batch)
+            warped0, disp0 = tf.identity(warped0), tf.identity(disp0)
+
+            def reg_ours(d, h, s):
+                lam, mu = regularization_parameters(spec, h, s)
+                if spec.regularizer == "elastic":
+                    return regularizers.elastic_regularizer(d, lam, mu, spacing)
+                return regularizers.diffusion_regularizer(d, lam, spacing)
+
+            def reg_slices(d, h, s):
+                lam, mu = regularization_parameters(spec, h, s)
+                if spec.regularizer == "elastic":
+                    return _elastic_slices(tf, d, lam, mu, spacing)
+                return _diffusion_slices(tf, d, lam, spacing)
+
+            # sanity: the alternative implementations compute the same values
+            chk_reg = float(tf.reduce_max(tf.abs(reg_ours(disp0, hyp, fixed_seg) - reg_slices(disp0, hyp, fixed_seg))))
+            chk_ncc = float(tf.reduce_max(tf.abs(hm_losses.ncc_map(fixed, warped0, win)
+                                                 - _ncc_separable(tf, fixed, warped0, win))))
+            pm = tf.function(lambda h, s: regularization_parameters(spec, h, s))
+            pieces = {
+                "forward": lambda: [t.numpy() for t in fwd(batch)],
+                "forward+loss": lambda: float(fwd_loss(batch)),
+                "forward+loss+grad": lambda: float(fwd_loss_grad(batch)),
+                "step": step,
+                "loss_terms fwd+bwd": (_value_and_grad_fn(
+                    tf, lambda w, d, f, h, s: loss_terms(spec, f, w, d, h, s, spacing, win)["loss"], 2),
+                    (warped0, disp0, fixed, hyp, fixed_seg)),
+                "ncc ours fwd+bwd": (_value_and_grad_fn(
+                    tf, lambda w, f: hm_losses.ncc_map(f, w, win), 1), (warped0, fixed)),
+                "ncc separable fwd+bwd [alt]": (_value_and_grad_fn(
+                    tf, lambda w, f: _ncc_separable(tf, f, w, win), 1), (warped0, fixed)),
+                "ncc vxm fwd+bwd [alt]": (_value_and_grad_fn(
+                    tf, lambda w, f: vxm.losses.NCC(win=[win] * ndim).loss(f, w), 1), (warped0, fixed)),
+                "reg ours fwd+bwd": (_value_and_grad_fn(tf, reg_ours, 1), (disp0, hyp, fixed_seg)),
+                "reg slicing fwd+bwd [alt]": (_value_and_grad_fn(tf, reg_slices, 1), (disp0, hyp, fixed_seg)),
+                "param maps fwd": (pm, (hyp, fixed_seg)),
+            }
+            check = {"reg_slicing_max_abs_diff": chk_reg, "ncc_separable_max_abs_diff": chk_ncc}
+    else:
+        # ---- plain voxelmorph HyperMorph step: nothing of ours ----
+        model = vxm.networks.HyperVxmDense(shape, nb_hyp_params=1, int_steps=7, int_resolution=2,
+                                           svf_resolution=1)
+        optimizer = tf.keras.optimizers.Adam(learning_rate=float(job["lr"]))
+        ncc_loss = vxm.losses.NCC(win=[win] * ndim).loss
+        grad_loss = vxm.losses.Grad("l2", loss_mult=2).loss
+        hyp = tf.constant(hyp_np[:, :1])
+
+        def plain_loss(moving, fixed, hyp):
+            warped, flow = model([moving, fixed, hyp], training=True)
+            h = hyp[:, 0]
+            per_sample = (1.0 - h) * ncc_loss(fixed, warped) + h * grad_loss(None, flow)
+            return tf.reduce_mean(per_sample)
+
+        @tf.function
+        def train_step(moving, fixed, hyp):
+            with tf.GradientTape() as tape:
+                loss = plain_loss(moving, fixed, hyp)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        def step():
+            return float(train_step(moving, fixed, hyp))
+
+        if job["breakdown"]:
+            @tf.function
+            def fwd(moving, fixed, hyp):
+                return model([moving, fixed, hyp], training=True)
+
+            @tf.function
+            def fwd_loss(moving, fixed, hyp):
+                return plain_loss(moving, fixed, hyp)
+
+            @tf.function
+            def fwd_loss_grad(moving, fixed, hyp):
+                with tf.GradientTape() as tape:
+                    loss = plain_loss(moving, fixed, hyp)
+                grads = tape.gradient(loss, model.trainable_variables)
+                with tf.control_dependencies(grads):
+                    return tf.identity(loss)
+
+            warped0, flow0 = [tf.identity(t) for t in fwd(moving, fixed, hyp)]
+            pieces = {
+                "forward": lambda: [t.numpy() for t in fwd(moving, fixed, hyp)],
+                "forward+loss": lambda: float(fwd_loss(moving, fixed, hyp)),
+                "forward+loss+grad": lambda: float(fwd_loss_grad(moving, fixed, hyp)),
+                "step": step,
+                "loss_terms fwd+bwd": (_value_and_grad_fn(
+                    tf, lambda w, d, f, h: (1.0 - h[:, 0]) * ncc_loss(f, w) + h[:, 0] * grad_loss(None, d), 2),
+                    (warped0, flow0, fixed, hyp)),
+                "ncc vxm fwd+bwd [alt]": (_value_and_grad_fn(tf, lambda w, f: ncc_loss(f, w), 1), (warped0, fixed)),
+                "grad vxm (half-res svf) fwd+bwd": (_value_and_grad_fn(tf, lambda d: grad_loss(None, d), 1), (flow0,)),
+            }
+            check = {}
+
+    timing = _time_calls(step, int(job["warmup"]), int(job["steps"]))
+    hwm1 = _peak_rss_kb()
+    result = {
+        "job": job, "sec": timing, "peak_growth_mb": (hwm1 - rss0) / 1024.0, "peak_rss_mb": hwm1 / 1024.0,
+        "baseline_rss_mb": rss0 / 1024.0, "peak_reset": reset_ok, "hwm_before_mb": hwm0 / 1024.0,
+        "loadavg": os.getloadavg()[0], "params": int(sum(int(tf.size(v)) for v in model.trainable_variables)),
+        "tf": tf.__version__,
+    }
+    if job["breakdown"]:
+        nb = int(job["breakdown_steps"])
+        bd = {}
+        for key, item in pieces.items():
+            if isinstance(item, tuple):
+                fn, args = item
+                call = (lambda fn=fn, args=args: [t.numpy() for t in tf.nest.flatten(fn(*args)) if t is not None])
+            else:
+                call = item
+            bd[key] = _time_calls(call, 2, nb)["median"]
+        result["breakdown"] = bd
+        result["breakdown_check"] = check
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# orchestration (parent process)
+# --------------------------------------------------------------------------------------------
+
+def _config_label(cfg: str, size: int) -> str:
+    ndim, b = CONFIGS[cfg]
+    return f"{ndim}D {size}^{ndim} b{b}"
+
+
+def _spawn(job: Dict, timeout: float, verbose: bool) -> Dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--single", json.dumps(job)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"job": job, "error": f"timeout after {timeout:.0f} s"}
+    if verbose and proc.stderr:
+        sys.stderr.write(proc.stderr)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            res = json.loads(line[len(RESULT_TAG):])
+            res["wall_s"] = time.time() - t0
+            return res
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+    return {"job": job, "error": f"exit code {proc.returncode}: {tail}"}
+
+
+def _median_or_nan(xs: List[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _fmt(x: float, nd: int = 3) -> str:
+    return "-" if x is None or x != x else f"{x:.{nd}f}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.single is not None:
+        res = run_single(json.loads(args.single))
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+
+    size2d, size3d = (32, 16) if args.quick else (args.size_2d, args.size_3d)
+    steps2d, warm2d = (3, 1) if args.quick else (args.steps, args.warmup)
+    steps3d, warm3d = (3, 1) if args.quick else (args.steps_3d, args.warmup_3d)
+    if min(steps2d, steps3d) < 1 or min(warm2d, warm3d) < 1:
+        raise SystemExit("--steps/--steps-3d and --warmup/--warmup-3d must be >= 1 (the first call compiles)")
+
+    def job_for(cfg: str, model: str, det: bool) -> Dict:
+        ndim, b = CONFIGS[cfg]
+        steps, warm = (steps2d, warm2d) if ndim == 2 else (steps3d, warm3d)
+        return {"config": cfg, "model": model, "determinism": det, "ndim": ndim, "batch": b,
+                "size": size2d if ndim == 2 else size3d, "steps": steps, "warmup": warm,
+                "breakdown": bool(args.breakdown), "breakdown_steps": args.breakdown_steps or steps,
+                "lr": args.lr, "ncc_win": args.ncc_win, "seed": args.seed}
+
+    keys = [(c, m, False) for c in args.configs for m in args.models]
+    if args.determinism:
+        keys += [(c, m, True) for c in args.determinism_configs for m in args.determinism_models]
+    results: Dict[tuple, List[Dict]] = {k: [] for k in keys}
+    n_total = len(keys) * args.rounds
+    print(f"bench_train: {len(keys)} runs x {args.rounds} round(s), each in its own subprocess; "
+          f"2D {size2d}^2 ({warm2d} warm-up + {steps2d} timed steps), 3D {size3d}^3 "
+          f"({warm3d} + {steps3d}); load average {os.getloadavg()[0]:.2f}", flush=True)
+    i = 0
+    for r in range(args.rounds):
+        for key in keys:
+            i += 1
+            cfg, model, det = key
+            job = job_for(cfg, model, det)
+            res = _spawn(job, args.timeout, args.verbose)
+            results[key].append(res)
+            label = f"[{i}/{n_total}] {_config_label(cfg, job['size'])} {model}{' +determinism' if det else ''}"
+            if "error" in res:
+                print(f"{label}: FAILED {res['error']}", flush=True)
+            else:
+                s = res["sec"]
+                print(f"{label}: {s['median']:.4f} s/step (min {s['min']:.4f}, first {s['first']:.1f} s), "
+                      f"peak +{res['peak_growth_mb']:.0f} MB, load {res['loadavg']:.2f}, "
+                      f"subprocess {res['wall_s']:.0f} s", flush=True)
+
+    # ---- aggregate ----
+    rows = []
+    agg = {}
+    for key in keys:
+        cfg, model, det = key
+        ok = [r for r in results[key] if "error" not in r]
+        job = job_for(cfg, model, det)
+        row = {"config": cfg, "label": _config_label(cfg, job["size"]), "size": job["size"],
+               "batch": job["batch"], "model": model, "determinism": det, "steps": job["steps"],
+               "warmup": job["warmup"], "rounds_ok": len(ok),
+               "sec_median": _median_or_nan([r["sec"]["median"] for r in ok]),
+               "sec_min": min([r["sec"]["min"] for r in ok], default=float("nan")),
+               "first_step_s": _median_or_nan([r["sec"]["first"] for r in ok]),
+               "peak_mb": _median_or_nan([r["peak_growth_mb"] for r in ok]),
+               "peak_rss_mb": _median_or_nan([r["peak_rss_mb"] for r in ok]),
+               "params": ok[0]["params"] if ok else "",
+               "loadavg": _median_or_nan([r["loadavg"] for r in ok]),
+               "ratio_vs_plain": float("nan"),
+               "error": "; ".join(r["error"].splitlines()[-1] for r in results[key] if "error" in r)}
+        agg[key] = row
+        rows.append(row)
+    for row in rows:
+        plain = agg.get((row["config"], "plain", False))
+        if plain is not None and plain["sec_median"] == plain["sec_median"]:
+            row["ratio_vs_plain"] = row["sec_median"] / plain["sec_median"]
+
+    # ---- table ----
+    print()
+    hdr = f"{'config':<14} {'model':<28} {'s/step':>9} {'min':>9} {'peak MB':>9} {'x plain':>8} {'load':>5}"
+    print(hdr)
+    print("-" * len(hdr))
+    for row in rows:
+        mname = row["model"] + (" +determinism" if row["determinism"] else "")
+        if row["rounds_ok"] == 0:
+            print(f"{row['label']:<14} {mname:<28} FAILED: {row['error'][:80]}")
+            continue
+        print(f"{row['label']:<14} {mname:<28} {_fmt(row['sec_median'], 4):>9} {_fmt(row['sec_min'], 4):>9} "
+              f"{_fmt(row['peak_mb'], 0):>9} {_fmt(row['ratio_vs_plain'], 2):>8} {_fmt(row['loadavg'], 2):>5}")
+    print("(s/step: median over timed steps, median over rounds; peak MB: growth of peak RSS in the "
+          "run's own subprocess; x plain: s/step ratio to the plain voxelmorph step)")
+
+    # ---- ratios and goal ----
+    print()
+    print(f"ratios ours / plain (s/step); goal: {GOAL_MODEL} <= {GOAL_RATIO:.2f}x plain")
+    for cfg in args.configs:
+        plain = agg.get((cfg, "plain", False))
+        if plain is None or plain["sec_median"] != plain["sec_median"]:
+            print(f"  {cfg}: no plain measurement")
+            continue
+        parts = [f"{m} {agg[(cfg, m, False)]['ratio_vs_plain']:.2f}x" for m in args.models
+                 if m != "plain" and agg[(cfg, m, False)]["ratio_vs_plain"] == agg[(cfg, m, False)]["ratio_vs_plain"]]
+        line = f"  {plain['label']}: " + ", ".join(parts)
+        goal = agg.get((cfg, GOAL_MODEL, False))
+        if goal is not None and goal["ratio_vs_plain"] == goal["ratio_vs_plain"]:
+            met = goal["ratio_vs_plain"] <= GOAL_RATIO
+            line += f"  -> goal {'MET' if met else 'NOT MET'} ({goal['ratio_vs_plain']:.2f}x)"
+        print(line)
+
+    if args.determinism:
+        print()
+        print("determinism cost (enable_op_determinism on / off, s/step):")
+        for cfg in args.determinism_configs:
+            for m in args.determinism_models:
+                on, off = agg.get((cfg, m, True)), agg.get((cfg, m, False))
+                if on is None or off is None or off["sec_median"] != off["sec_median"]:
+                    on_s = _fmt(on["sec_median"], 4) if on else "-"
+                    print(f"  {cfg} {m}: on {on_s} s/step, off not measured (add it to --configs/--models)")
+                    continue
+                print(f"  {on['label']} {m}: on {on['sec_median']:.4f} / off {off['sec_median']:.4f} "
+                      f"= {on['sec_median'] / off['sec_median']:.2f}x")
+
+    if args.breakdown:
+        _print_breakdown(keys, results, args)
+
+    if args.csv:
+        fields = ["config", "label", "size", "batch", "model", "determinism", "steps", "warmup", "rounds_ok",
+                  "sec_median", "sec_min", "first_step_s", "peak_mb", "peak_rss_mb", "ratio_vs_plain", "params",
+                  "loadavg", "error"]
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        print(f"\nwrote {args.csv}")
+    return 0 if all(r["rounds_ok"] > 0 for r in rows) else 1
+
+
+def _print_breakdown(keys, results, args) -> None:
+    print()
+    print("breakdown (median seconds per compiled call; [alt] = benchmark-local alternative, not used "
+          "by the library):")
+    for cfg in args.configs:
+        cols = [(m, results[(cfg, m, False)]) for m in args.models if (cfg, m, False) in results]
+        cols = [(m, [r for r in rs if "breakdown" in r]) for m, rs in cols]
+        cols = [(m, rs) for m, rs in cols if rs]
+        if not cols:
+            continue
+        items: List[str] = []
+        for _, rs in cols:
+            for k in rs[0]["breakdown"]:
+                if k not in items:
+                    items.append(k)
+        med = {m: {k: _median_or_nan([r["breakdown"].get(k, float("nan")) for r in rs]) for k in items}
+               for m, rs in cols}
+        for m in med:  # derived pieces
+            b = med[m]
+            b["= loss (fwd+loss - fwd)"] = b["forward+loss"] - b["forward"]
+            b["= backward (grad - fwd+loss)"] = b["forward+loss+grad"] - b["forward+loss"]
+            b["= Adam + rest (step - grad)"] = b["step"] - b["forward+loss+grad"]
+        items += ["= loss (fwd+loss - fwd)", "= backward (grad - fwd+loss)", "= Adam + rest (step - grad)"]
+        label = _config_label(cfg, cols[0][1][0]["job"]["size"])
+        print(f"\n  {label}")
+        w = max(len(k) for k in items) + 2
+        print("  " + " " * w + "".join(f"{m:>17}" for m, _ in cols))
+        for k in items:
+            print("  " + f"{k:<{w}}" + "".join(f"{_fmt(med[m].get(k), 4):>17}" for m, _ in cols))
+        for m, rs in cols:
+            chk = rs[0].get("breakdown_check") or {}
+            if chk:
+                print(f"  check {m}: " + ", ".join(f"{k} {v:.2e}" for k, v in chk.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
