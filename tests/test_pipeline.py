@@ -1,0 +1,166 @@
+"""Parameter identification, Table 1 and the --quick pipeline end to end."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hypermorph_spatially_adaptive import evaluation
+from hypermorph_spatially_adaptive import identification as ident
+
+CLASSES = ["lung", "bone", "liver"]
+
+
+def test_make_grid():
+    g = ident.make_grid("elastic", ident.grid_values(11))
+    assert g.shape == (121, 2) and g.min() == 0 and g.max() == 1
+    assert len({tuple(r) for r in np.round(g, 6)}) == 121
+    assert ident.make_grid("diffusion", [0, 0.5, 1]).shape == (3, 1)
+    with pytest.raises(ValueError):
+        ident.make_grid("elastic", [0.5, 1.5])
+
+
+def _grid_df():
+    grid = ident.make_grid("elastic", [0.0, 0.5, 1.0])
+    df = pd.DataFrame({"pair_id": "p1", "lambda": grid[:, 0], "mu": grid[:, 1]})
+    lam, mu = df["lambda"].to_numpy(), df["mu"].to_numpy()
+    df["dice_lung"] = 0.9 - 0.1 * (lam + mu)                     # best at (0, 0)
+    df["dice_bone"] = 0.5 + 0.1 * mu - 0.05 * np.abs(lam - 0.5)  # best at (0.5, 1)
+    df["dice_liver"] = 0.7                                        # all tied -> strongest (1, 1)
+    df["mean_dice"] = df[["dice_lung", "dice_bone", "dice_liver"]].mean(1)
+    return df
+
+
+def test_choose_parameters_per_class_and_tie_rule():
+    df = _grid_df()
+    row = ident.choose_parameters(df, "elastic", CLASSES).iloc[0]
+    assert (row["lambda_lung"], row["mu_lung"]) == (0.0, 0.0)
+    assert (row["lambda_bone"], row["mu_bone"]) == (0.5, 1.0)
+    assert (row["lambda_liver"], row["mu_liver"]) == (1.0, 1.0)
+    # mean Dice here does not depend on mu (lung's -0.1 mu cancels bone's +0.1 mu): best lambda is
+    # 0 and the tie over mu goes to the larger regularization, mu = 1
+    assert (row["g_lambda"], row["g_mu"]) == (0.0, 1.0)
+    assert (row["lambda_background"], row["mu_background"]) == (0.0, 1.0)
+    assert row["g_mean_dice"] == pytest.approx(df["mean_dice"].max())
+    assert row["dice_bone"] == pytest.approx(df["dice_bone"].max())
+
+
+def test_choose_parameters_class_absent_everywhere_falls_back():
+    df = _grid_df()
+    df["dice_liver"] = np.nan
+    row = ident.choose_parameters(df, "elastic", CLASSES).iloc[0]
+    assert row["fallback"] == "liver"
+    assert (row["lambda_liver"], row["mu_liver"]) == (row["g_lambda"], row["g_mu"])
+
+
+def test_table1_mean_std_and_layout():
+    rows = []
+    for m, vals in (("initial", [0.5, 0.7]), ("elas-sas", [0.8, 0.9])):
+        for k, v in enumerate(vals):
+            rows.append({"pair_id": f"p{k}", "method": m, "dice_lung": v, "dice_bone": v, "dice_liver": v,
+                         "mean_dice": v, "hd95": 10 * v, "tre": np.nan, "percent_neg_jac": 0.0 if m == "initial" else 0.5,
+                         "sdlogj": 0.1})
+    numeric, md = evaluation.table1(pd.DataFrame(rows), CLASSES)
+    assert list(numeric["method"]) == ["initial", "elas-sas"]
+    r = numeric.set_index("method").loc["elas-sas"]
+    assert r["mean_dice_mean"] == pytest.approx(0.85) and r["mean_dice_std"] == pytest.approx(0.05)
+    assert "| initial | [0.600, 0.600, 0.600] | 0.600(0.100) | 6.000(1.000) | - | - |" in md
+    assert "TRE" not in md  # no keypoints -> no TRE column
+
+
+# ---------------------------------------------------------------- end to end (--quick)
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    import run_pipeline
+
+    out = tmp_path_factory.mktemp("quick")
+    run_pipeline.main(["--quick", "--out", str(out), "--cache-dir", str(out / "cache")])
+    return out
+
+
+def test_quick_pipeline_table(quick_run):
+    res = quick_run / "results"
+    t1 = pd.read_csv(res / "table1.csv")
+    assert list(t1["method"]) == ["initial", "diff-g", "diff-sas", "elas-g", "elas-sas"]
+    for c in [f"dice_{n}_mean" for n in CLASSES] + ["mean_dice_mean", "hd95_mean", "tre_mean",
+                                                    "percent_neg_jac_mean", "dense_epe_mean"]:
+        v = t1[c].to_numpy(float)
+        assert np.all(np.isfinite(v)), c
+    dice_means = t1[[c for c in t1 if c.startswith(("dice_", "mean_dice")) and c.endswith("_mean")]].to_numpy()
+    assert dice_means.min() >= 0 and dice_means.max() <= 1
+    assert (t1["mean_dice_mean"] <= 1).all() and (t1["percent_neg_jac_mean"] <= 100).all()
+    md = (res / "table1.md").read_text()
+    assert md.count("\n| ") >= 6 and "elas-sas" in md
+    for f in ["dice_boxplots.png", "per_pair_metrics.csv", "inference.json"]:
+        assert (res / f).stat().st_size > 0
+    assert len(list(res.glob("fig3_*.png"))) == 4
+    assert (quick_run / "identification" / "elastic" / "fig2_parameters.png").stat().st_size > 0
+
+
+def test_quick_pipeline_sas_uses_identified_per_class_parameters(quick_run):
+    idir = quick_run / "identification" / "elastic"
+    grid = pd.read_csv(idir / "grid_dice.csv", dtype={"pair_id": str})
+    choice = pd.read_csv(idir / "identified_parameters.csv", dtype={"pair_id": str}).set_index("pair_id")
+    # the CSV is exactly the per-class argmax of the saved grid (independent recomputation)
+    recomputed = ident.choose_parameters(grid, "elastic", CLASSES).set_index("pair_id")
+    pd.testing.assert_frame_equal(choice.drop(columns=["regularizer"]), recomputed, check_dtype=False)
+    per_pair = pd.read_csv(quick_run / "results" / "per_pair_metrics.csv", dtype={"pair_id": str})
+    sas = per_pair[per_pair["method"] == "elas-sas"].set_index("pair_id")
+    differ = 0
+    for pid, row in choice.iterrows():
+        used = json.loads(sas.loc[pid, "params"])
+        for n in CLASSES + ["background"]:
+            assert used[f"lambda_{n}"] == pytest.approx(row[f"lambda_{n}"], abs=1e-4)
+            assert used[f"mu_{n}"] == pytest.approx(row[f"mu_{n}"], abs=1e-4)
+        differ += len({(row[f"lambda_{n}"], row[f"mu_{n}"]) for n in CLASSES}) > 1
+    # when the grid prefers different points per class, -sas receives different class parameters
+    grid_says_differ = sum(len({tuple(grid[grid.pair_id == pid].sort_values(
+        [f"dice_{n}"], ascending=False).iloc[0][["lambda", "mu"]]) for n in CLASSES}) > 1 for pid in choice.index)
+    assert differ >= min(grid_says_differ, 1)
+
+
+def test_stages_fail_clearly(quick_run, tmp_path):
+    import inference
+    import parameter_identification
+
+    runs = quick_run / "runs"
+    with pytest.raises(ValueError, match="spatially adaptive"):
+        parameter_identification.main(["--run", str(runs / "elastic_sa"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="not in the test split"):
+        parameter_identification.main(["--run", str(runs / "elastic_global"), "--out", str(tmp_path / "x"),
+                                       "--pairs", "synthetic_9999"])
+    with pytest.raises(ValueError, match="elastic regularizer, expected diffusion"):
+        inference.main(["--out", str(tmp_path / "r"), "--diffusion-sa", str(runs / "elastic_sa"),
+                        "--diffusion-ident", str(quick_run / "identification" / "diffusion")])
+    # an identification made on another dataset
+    bad = tmp_path / "ident"
+    bad.mkdir()
+    src = quick_run / "identification" / "elastic"
+    meta = json.loads((src / "identification.json").read_text())
+    meta["data"] = dict(meta["data"], num_pairs=999)
+    (bad / "identification.json").write_text(json.dumps(meta))
+    (bad / "identified_parameters.csv").write_text((src / "identified_parameters.csv").read_text())
+    with pytest.raises(ValueError, match="identified on dataset"):
+        inference.main(["--out", str(tmp_path / "r"), "--elastic-sa", str(runs / "elastic_sa"),
+                        "--elastic-ident", str(bad)])
+    # a pair id that is not in the test split
+    meta["data"] = json.loads((src / "identification.json").read_text())["data"]
+    (bad / "identification.json").write_text(json.dumps(meta))
+    csv = pd.read_csv(src / "identified_parameters.csv", dtype={"pair_id": str})
+    csv.loc[0, "pair_id"] = "synthetic_0000"  # a training pair
+    csv.to_csv(bad / "identified_parameters.csv", index=False)
+    with pytest.raises(ValueError, match="not in the test split"):
+        inference.main(["--out", str(tmp_path / "r"), "--elastic-sa", str(runs / "elastic_sa"),
+                        "--elastic-ident", str(bad)])
+    assert not (tmp_path / "r" / "table1.md").exists()  # nothing half-written
+
+
+def test_quick_pipeline_rerun_reuses_finished_runs(quick_run, capsys):
+    import run_pipeline
+
+    before = (quick_run / "runs" / "elastic_sa" / "weights.h5").stat().st_mtime
+    run_pipeline.main(["--quick", "--out", str(quick_run), "--cache-dir", str(quick_run / "cache"), "--panels", "0"])
+    assert "reused" in capsys.readouterr().out
+    assert (quick_run / "runs" / "elastic_sa" / "weights.h5").stat().st_mtime == before
