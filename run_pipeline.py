@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_argv(args) -> List[str]:
     """Re-serialize the data options for the training scripts."""
     out: List[str] = ["--dataset", args.dataset]
-    for key in ("data_dir", "label_dir", "ndim", "num_pairs", "data_seed", "pairs_csv", "cache_dir",
+    for key in ("data_dir", "label_dir", "ndim", "num_pairs", "data_seed", "motion", "pairs_csv", "cache_dir",
                 "slice_axis", "num_classes", "class_names", "target_spacing"):
         val = getattr(args, key, None)
         if val is not None:
