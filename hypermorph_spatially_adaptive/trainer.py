@@ -175,6 +175,29 @@ def _read_log(path: str, upto: int) -> List[Dict]:
         return [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
 
 
+def make_replica_step(model, optimizer, spec, spacing, win: int, use_svf: bool, global_batch: int):
+    """One optimizer step on a (per-replica) batch dict ``moving, fixed, fixed_seg, hyp``.
+
+    The loss is summed over samples and divided by the *global* batch size, so gradients add
+    up correctly across replicas. Returns the per-sample loss terms summed / global batch.
+    """
+    import tensorflow as tf
+
+    from .losses import loss_terms
+
+    def step(batch):
+        with tf.GradientTape() as tape:
+            warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+            terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
+                               batch["fixed_seg"], spacing, win)
+            loss = tf.reduce_sum(terms["loss"]) / global_batch
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return {k: tf.reduce_sum(v) / global_batch for k, v in terms.items()}
+
+    return step
+
+
 def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> str:
     """Train ``preset`` with parsed ``args``; returns the run folder."""
     _setup_devices(args)
@@ -265,15 +288,7 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     use_svf = args.reg_field == "svf"
     win = int(args.ncc_win)
 
-    def per_replica(batch):
-        with tf.GradientTape() as tape:
-            warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
-            terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
-                               batch["fixed_seg"], spacing, win)
-            loss = tf.reduce_sum(terms["loss"]) / bsz
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return {k: tf.reduce_sum(v) / bsz for k, v in terms.items()}
+    per_replica = make_replica_step(model, optimizer, spec, spacing, win, use_svf, bsz)
 
     @tf.function
     def train_step(batch):
@@ -322,11 +337,12 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
         for k, v in out.items():
             acc.setdefault(k, []).append(float(v))
         n_last += 1
-        if step % args.log_every == 0 or step == steps:
+        val_due = args.val_every > 0 and (step % args.val_every == 0 or step == steps)
+        if step % args.log_every == 0 or step == steps or val_due:
             sps = (time.time() - t_last) / max(n_last, 1)
             row = {"step": step, **{k: float(np.mean(v)) for k, v in acc.items()},
                    "val_loss": "", "val_ncc": "", "sec_per_step": sps}
-            if args.val_every > 0 and (step % args.val_every == 0 or step == steps):
+            if val_due:
                 row["val_loss"], row["val_ncc"] = validate()
             if not all(np.isfinite(row[k]) for k in ("loss", "ncc")):
                 raise FloatingPointError(f"[{preset}] non-finite loss at step {step}: {row}")
