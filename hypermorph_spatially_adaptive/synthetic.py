@@ -19,7 +19,8 @@ Pipeline of :func:`generate_pair` (everything deterministic for a seed):
 4. The moving image is built so that ``moving(x + disp(x)) = fixed(x)`` (the registration
    convention: ``warped(x) = moving(x + disp(x))`` should match ``fixed``): the inverse field
    ``v(y) = -disp(y + v(y))`` is computed by fixed-point iteration and
-   ``moving = fixed o (id + v)`` (image: linear interpolation, labels: nearest neighbour).
+   ``moving = fixed o (id + v)`` (image: linear interpolation, or cubic with ``image_order=3``;
+   labels: nearest neighbour). Keypoints: ``moving_kp = fixed_kp + disp(fixed_kp)``.
 
 Conventions: arrays are indexed ``[*shape]``; a displacement has shape ``[*shape, D]`` and
 channel ``j`` is the displacement along array axis ``j`` in voxel units (voxelmorph 'ij').
@@ -86,17 +87,20 @@ BACKGROUND, LUNG, BONE, LIVER = 0, 1, 2, 3
 
 
 def lame_from_shear_poisson(mu, nu):
-    """First Lamé parameter ``lambda = 2 mu nu / (1 - 2 nu)`` from shear modulus and Poisson ratio."""
+    """First Lamé parameter ``lambda = 2 mu nu / (1 - 2 nu)`` from shear modulus and Poisson
+    ratio."""
     return 2.0 * mu * nu / (1.0 - 2.0 * nu)
 
 
 #: Shear moduli (arbitrary consistent units): lung soft, liver medium, bone stiff.
 DEFAULT_SHEAR_MODULUS = {BACKGROUND: 2.0, LUNG: 1.0, BONE: 40.0, LIVER: 4.0}
-#: Poisson ratios: lung compressible, liver nearly incompressible (capped at 0.45 for conditioning).
+#: Poisson ratios: lung compressible, liver nearly incompressible (capped at 0.45 so that the
+#: system stays well conditioned).
 DEFAULT_POISSON_RATIO = {BACKGROUND: 0.40, LUNG: 0.25, BONE: 0.30, LIVER: 0.45}
 #: class -> (lambda, mu): {0: (8, 2), 1: (1, 1), 2: (60, 40), 3: (36, 4)}.
 DEFAULT_LAME = {
-    c: (float(round(lame_from_shear_poisson(DEFAULT_SHEAR_MODULUS[c], DEFAULT_POISSON_RATIO[c]), 10)),
+    c: (float(round(lame_from_shear_poisson(DEFAULT_SHEAR_MODULUS[c],
+                                            DEFAULT_POISSON_RATIO[c]), 10)),
         float(DEFAULT_SHEAR_MODULUS[c]))
     for c in (BACKGROUND, LUNG, BONE, LIVER)
 }
@@ -247,7 +251,7 @@ def assemble_elasticity(lam_map, mu_map, spacing=None):
 
 
 def elastic_energy(disp, lam_map, mu_map, spacing=None):
-    """Discrete elastic energy of the scheme (``= 1/2 u^T A u`` for a field vanishing on the border).
+    """Discrete elastic energy of the scheme (``1/2 u^T A u`` for u vanishing on the border).
 
     Computed directly from one-sided differences (independent of the assembly; used in tests).
     """
@@ -298,9 +302,9 @@ class _MultigridPreconditioner:
     Chebyshev polynomial of degree ``degree`` in ``D^-1 A`` (D = diagonal of A) on the interval
     ``[lmax / 10, lmax]``, lmax = 1.2 x a power-iteration estimate (the 12-step estimate was
     >= 0.86 x the true value; Chebyshev(2) stays contractive up to ~1.1 x its upper bound, so
-    the smoother converges and the V-cycle is SPD); same smoother before and after
-    the coarse correction, so the V-cycle is a symmetric positive operator; SuperLU on the
-    coarsest level. Chebyshev(2) halved the CG iterations of damped Jacobi on 64^3.
+    the smoother converges); the same smoother before and after the coarse correction makes
+    the V-cycle a symmetric positive definite operator; SuperLU on the coarsest level.
+    Chebyshev(2) halved the CG iterations of damped Jacobi on 64^3.
     """
 
     def __init__(self, A, interior_shape, ndim, coarse_size=None, degree=2, lower_frac=0.1,
@@ -419,7 +423,7 @@ def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", 
             CG otherwise; on 128^2 the preconditioned CG was ~4x faster than SuperLU, and
             SuperLU's fill-in makes 3D direct solves impractical beyond ~16^3).
         rtol: relative residual tolerance of CG (default 1e-8: far below the discretization
-            error; CG and the direct solver agree to ~1e-7 relative in max-norm).
+            error; CG and the direct solver agreed to <= 1e-9 relative in max-norm).
     Returns:
         ``disp`` float64 ``[*shape, D]`` (zero on the border); with ``return_info`` also a dict
         (method, iterations, relative residual).
@@ -491,7 +495,8 @@ def make_phantom(shape, rng):
 
     Geometry in normalized coordinates (axis 0 = superior -> inferior, last axis = left-right,
     in 3D axis 1 = anterior-posterior; the 2D phantom is a coronal slice): a rounded body,
-    two lung lobes in the upper half, a liver under the first lung (axis 0 larger), a ring of
+    two lung lobes in the upper half, a liver under the lung at the low end of the last axis
+    (larger axis-0 index = inferior), a ring of
     ribs around the lungs (a shell banded along axis 0) and a segmented spine-like column
     between the lungs. Sizes/positions are jittered per draw. Intensities: per-tissue mean +
     smooth random texture + a little noise, slightly blurred (partial volume), clipped to [0, 1].
@@ -632,7 +637,7 @@ def _sample_field(disp, coords):
                      for j in range(disp.shape[-1])], axis=-1)
 
 
-def invert_displacement(disp, n_iter=30, tol=1e-4):
+def invert_displacement(disp, n_iter=50, tol=1e-4):
     """Inverse field ``v`` with ``v(y) = -disp(y + v(y))`` by fixed-point iteration.
 
     Then ``(x + disp(x)) + v(x + disp(x)) = x``. Converges when ``|grad disp| < 1``.

@@ -239,8 +239,8 @@ def test_pair_convention_warp_reproduces_fixed(which, request):
     fkp, mkp = p["fixed_kp"], p["moving_kp"]
     idx = tuple(np.round(fkp).astype(int).T)
     assert np.all(p["fixed_seg"][idx] > 0)
-    u_kp = np.stack([ndi.map_coordinates(disp[..., j], fkp.T, order=1) for j in range(disp.shape[-1])],
-                    -1)
+    u_kp = np.stack([ndi.map_coordinates(disp[..., j], fkp.T, order=1)
+                     for j in range(disp.shape[-1])], -1)
     np.testing.assert_allclose(mkp, fkp + u_kp, atol=1e-5)
     assert np.abs(mkp - fkp).max() > 0.1
     # the moving keypoints land on the same tissue in the moving labels (mostly)
