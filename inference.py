@@ -185,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             res = {m: results[pair.pair_id][m] for m in (f"{short}-g", f"{short}-sas")}
             figures.plot_registration_panel(pair.moving[..., 0], pair.fixed[..., 0], pair.fixed_seg, res,
                                             os.path.join(args.out, f"fig3_{short}_{pair.pair_id}.png"),
-                                            title=f"{pair.pair_id}: {short}-g vs {short}-sas")
+                                            title=f"{pair.pair_id}: {short}-g vs {short}-sas",
+                                            class_names=class_names)
     meta = {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sa_run"]), "global_run": os.path.abspath(g["global_run"]),
                                   "identification": os.path.abspath(g["csv"])} for g in groups},
             "dataset": cfg0["data"], "split": split, "n_pairs": len(pairs),
