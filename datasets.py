@@ -1343,7 +1343,7 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """Add the data options (a "data" argument group) to ``parser``."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASET_NAMES, default="synthetic",
-                   help="dataset to use (default: synthetic)")
+                   help="dataset to use")
     g.add_argument("--data-dir", default=None,
                    help="dataset root: NLST/LungCT folder with imagesTr/, ACDC folder with "
                         "patientXXX/, synthetic: cache folder (optional)")
@@ -1351,15 +1351,15 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
                    help="nlst/l2r-lung: folder of tissue label maps named like the images "
                         "(0 background, 1 lung, 2 bone, 3 liver; e.g. from TotalSegmentator)")
     g.add_argument("--ndim", type=int, choices=(2, 3), default=None,
-                   help="2D or 3D (default: synthetic/nlst/acdc 2, l2r-lung 3, folder: as the "
+                   help="2D or 3D (if not given: synthetic/nlst/acdc 2, l2r-lung 3, folder: as the "
                         "images)")
     g.add_argument("--image-size", type=int, nargs="+", default=None,
                    help="synthetic image size, e.g. 64 64 (one value = cube; default 64 per "
                         "axis); ignored by the other datasets")
     g.add_argument("--num-pairs", type=int, default=40,
-                   help="synthetic: total number of pairs, split 70/15/15 (default: 40)")
+                   help="synthetic: total number of pairs, split 70/15/15")
     g.add_argument("--data-seed", type=int, default=0,
-                   help="synthetic: base seed; pair i uses seed data_seed*100003+i (default: 0)")
+                   help="synthetic: base seed; pair i uses seed data_seed*100003+i")
     g.add_argument("--motion", type=float, default=0.1,
                    help="synthetic: peak displacement as a fraction of the mean image size "
                         "(varied by +-25%% between pairs; 0.1 at 64^2 gives an initial mean Dice "
@@ -1368,19 +1368,19 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
                    help="folder dataset: CSV with columns pair_id,fixed,moving,fixed_seg,"
                         "moving_seg[,fixed_kp,moving_kp][,split], paths relative to the CSV")
     g.add_argument("--cache-dir", default=None,
-                   help="synthetic: cache folder (default: --data-dir, else ./.cache/synthetic)")
+                   help="synthetic: cache folder (if not given: --data-dir, else ./.cache/synthetic)")
     g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=None,
-                   help="2D slices of 3D volumes: array axis to slice (default: nlst/l2r-lung 1 "
+                   help="2D slices of 3D volumes: array axis to slice (if not given: nlst/l2r-lung 1 "
                         "= coronal, folder 2)")
     g.add_argument("--num-classes", type=int, default=None,
-                   help="folder: number of tissue classes (default: largest fixed label)")
+                   help="folder: number of tissue classes (if not given: largest fixed label)")
     g.add_argument("--class-names", default=None,
-                   help="folder: comma-separated class names (default: class1, class2, ...)")
+                   help="folder: comma-separated class names (if not given: class1, class2, ...)")
     g.add_argument("--clip-percentiles", type=float, nargs=2, default=None,
                    metavar=("LO", "HI"),
                    help="folder: clip intensities at these percentiles before min-max scaling")
     g.add_argument("--target-spacing", type=float, default=None,
-                   help="acdc: in-plane spacing in mm after resampling (default: the smaller "
+                   help="acdc: in-plane spacing in mm after resampling (if not given: the smaller "
                         "in-plane spacing of each image)")
 
 

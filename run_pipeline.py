@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     datasets.add_dataset_args(p)
+    p.set_defaults(num_pairs=60)  # synthetic: 42 train / 9 val / 9 test pairs
     g = p.add_argument_group("pipeline")
     g.add_argument("--out", default="outputs/demo", help="folder for runs, identification and results")
     g.add_argument("--steps", type=int, default=1000, help="training steps per model")
@@ -82,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.quick:
         if args.dataset == "synthetic" and args.image_size is None:
             args.image_size = QUICK["image_size"]
-        if args.dataset == "synthetic" and args.num_pairs == build_parser().get_default("num_pairs"):
+        if args.dataset == "synthetic" and args.num_pairs == 60:
             args.num_pairs = QUICK["num_pairs"]
         args.steps, args.grid_steps = QUICK["steps"], QUICK["grid_steps"]
     if args.dataset == "synthetic" and args.cache_dir is None and args.data_dir is None:
