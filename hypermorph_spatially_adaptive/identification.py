@@ -35,7 +35,7 @@ from .models import ParamSpec
 
 def make_grid(regularizer: str, values: Sequence[float]) -> np.ndarray:
     """Grid points ``[G, 2]`` (lambda, mu) for elastic, ``[G, 1]`` for diffusion; values in [0, 1]."""
-    v = np.asarray(sorted(set(float(x) for x in values)), np.float32)
+    v = np.round(np.asarray(sorted(set(float(x) for x in values)), np.float64), 6)
     if v.size == 0 or v.min() < 0 or v.max() > 1:
         raise ValueError(f"grid values must be a non-empty set in [0, 1]; got {list(values)}")
     if regularizer == "elastic":
