@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configurations for the determinism comparison")
     p.add_argument("--determinism-models", nargs="+", choices=list(MODELS), default=[GOAL_MODEL],
                    help="models for the determinism comparison")
+    p.add_argument("--paired", action="store_true",
+                   help="also time all --models of each configuration in ONE extra subprocess with "
+                        "interleaved steps (robust to load changes on a shared machine) and report the "
+                        "median per-step ratio to plain; uses --paired-steps rounds")
+    p.add_argument("--paired-steps", type=int, default=None,
+                   help="interleaved rounds per paired run (default: the run's --steps / --steps-3d)")
+    p.add_argument("--skip-separate", action="store_true",
+                   help="with --paired: skip the one-subprocess-per-model runs (no memory numbers, no "
+                        "--determinism or --breakdown)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time forward / loss / gradient / Adam and the loss pieces separately")
     p.add_argument("--breakdown-steps", type=int, default=None,
@@ -268,8 +277,8 @@ def _value_and_grad_fn(tf, f, n_watch: int):
     return run
 
 
-def run_single(job: Dict) -> Dict:
-    """One (configuration, model, determinism) measurement in this process."""
+def _setup(job: Dict):
+    """Import the stack (shims first), set determinism and seeds, make the input tensors."""
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
     from hypermorph_spatially_adaptive.compat import import_voxelmorph
@@ -278,20 +287,22 @@ def run_single(job: Dict) -> Dict:
     if job["determinism"]:
         tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(int(job["seed"]))
+    ndim, size, bsz = int(job["ndim"]), int(job["size"]), int(job["batch"])
+    moving_np, fixed_np, seg_np, hyp_np = _make_inputs(ndim, size, bsz, 2 * (NUM_CLASSES + 1), int(job["seed"]))
+    data = {"moving": tf.constant(moving_np), "fixed": tf.constant(fixed_np),
+            "fixed_seg": tf.constant(seg_np), "hyp_all": hyp_np}
+    return tf, vxm, data
 
+
+def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
+    """Model + optimizer + compiled train step of model ``name``; returns ``step`` (a callable
+    that runs one step and fetches its outputs), ``model``, and for --breakdown ``pieces``."""
     ndim, size, bsz = int(job["ndim"]), int(job["size"]), int(job["batch"])
     shape = (size,) * ndim
     win, spacing = int(job["ncc_win"]), [1.0] * ndim
-    name = job["model"]
-    moving_np, fixed_np, seg_np, hyp_np = _make_inputs(ndim, size, bsz, 2 * (NUM_CLASSES + 1), int(job["seed"]))
-    moving, fixed = tf.constant(moving_np), tf.constant(fixed_np)
-    fixed_seg = tf.constant(seg_np)
+    moving, fixed, fixed_seg, hyp_np = data["moving"], data["fixed"], data["fixed_seg"], data["hyp_all"]
 
-    reset_ok = _reset_peak_rss()
-    rss0 = _rss_kb()
-    hwm0 = _peak_rss_kb()
-
-    pieces = {}  # extra compiled callables for --breakdown
+    pieces, check = {}, {}  # extra compiled callables for --breakdown
     if MODELS[name] is not None:
         # ---- ours: same computation as trainer.run's per_replica / train_step ----
         from hypermorph_spatially_adaptive import losses as hm_losses
@@ -452,7 +463,30 @@ def run_single(job: Dict) -> Dict:
             }
             check = {}
 
-    timing = _time_calls(step, int(job["warmup"]), int(job["steps"]))
+    return {"step": step, "model": model, "pieces": pieces, "check": check}
+
+
+def _time_pieces(tf, pieces: Dict, steps: int) -> Dict[str, float]:
+    out = {}
+    for key, item in pieces.items():
+        if isinstance(item, tuple):
+            fn, args = item
+            call = (lambda fn=fn, args=args: [t.numpy() for t in tf.nest.flatten(fn(*args)) if t is not None])
+        else:
+            call = item
+        out[key] = _time_calls(call, 2, steps)["median"]
+    return out
+
+
+def run_single(job: Dict) -> Dict:
+    """One (configuration, model, determinism) measurement in this process: time and peak RSS."""
+    tf, vxm, data = _setup(job)
+    reset_ok = _reset_peak_rss()
+    rss0 = _rss_kb()
+    hwm0 = _peak_rss_kb()
+    built = _build(job["model"], job, tf, vxm, data)
+    model = built["model"]
+    timing = _time_calls(built["step"], int(job["warmup"]), int(job["steps"]))
     hwm1 = _peak_rss_kb()
     result = {
         "job": job, "sec": timing, "peak_growth_mb": (hwm1 - rss0) / 1024.0, "peak_rss_mb": hwm1 / 1024.0,
@@ -461,18 +495,35 @@ def run_single(job: Dict) -> Dict:
         "tf": tf.__version__,
     }
     if job["breakdown"]:
-        nb = int(job["breakdown_steps"])
-        bd = {}
-        for key, item in pieces.items():
-            if isinstance(item, tuple):
-                fn, args = item
-                call = (lambda fn=fn, args=args: [t.numpy() for t in tf.nest.flatten(fn(*args)) if t is not None])
-            else:
-                call = item
-            bd[key] = _time_calls(call, 2, nb)["median"]
-        result["breakdown"] = bd
-        result["breakdown_check"] = check
+        result["breakdown"] = _time_pieces(tf, built["pieces"], int(job["breakdown_steps"]))
+        result["breakdown_check"] = built["check"]
     return result
+
+
+def run_paired(job: Dict) -> Dict:
+    """All ``job['models']`` built in this one process and timed with interleaved steps
+    (round r runs every model once, in an order rotated by r), so that load changes on a shared
+    machine hit all models alike. Returns per-model timings and the median over rounds of the
+    per-round ratio to ``plain``. No memory numbers (all models share the process)."""
+    tf, vxm, data = _setup(job)
+    names = list(job["models"])
+    steps = {m: _build(m, job, tf, vxm, data)["step"] for m in names}
+    for m in names:
+        for _ in range(int(job["warmup"])):
+            steps[m]()
+    times: Dict[str, List[float]] = {m: [] for m in names}
+    for r in range(int(job["steps"])):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for m in order:
+            t = time.perf_counter()
+            steps[m]()
+            times[m].append(time.perf_counter() - t)
+    res = {"job": job, "loadavg": os.getloadavg()[0], "sec": {}, "paired_ratio": {}}
+    for m in names:
+        res["sec"][m] = {"median": statistics.median(times[m]), "min": min(times[m]), "n": len(times[m])}
+        if "plain" in times and m != "plain":
+            res["paired_ratio"][m] = statistics.median(a / b for a, b in zip(times[m], times["plain"]))
+    return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +567,8 @@ def _fmt(x: float, nd: int = 3) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.single is not None:
-        res = run_single(json.loads(args.single))
+        job = json.loads(args.single)
+        res = run_paired(job) if job.get("paired") else run_single(job)
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
 
@@ -534,8 +586,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "breakdown": bool(args.breakdown), "breakdown_steps": args.breakdown_steps or steps,
                 "lr": args.lr, "ncc_win": args.ncc_win, "seed": args.seed}
 
-    keys = [(c, m, False) for c in args.configs for m in args.models]
-    if args.determinism:
+    if args.skip_separate and not args.paired:
+        raise SystemExit("--skip-separate needs --paired")
+    keys = [] if args.skip_separate else [(c, m, False) for c in args.configs for m in args.models]
+    if args.determinism and not args.skip_separate:
         keys += [(c, m, True) for c in args.determinism_configs for m in args.determinism_models]
     results: Dict[tuple, List[Dict]] = {k: [] for k in keys}
     n_total = len(keys) * args.rounds
@@ -586,6 +640,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             row["ratio_vs_plain"] = row["sec_median"] / plain["sec_median"]
 
     # ---- table ----
+    if rows:
+        _print_separate(rows, agg, args)
+
+    if args.paired:
+        rows += _run_and_print_paired(args, job_for, agg)
+
+    if args.breakdown and keys:
+        _print_breakdown(keys, results, args)
+
+    if args.csv:
+        fields = ["config", "label", "size", "batch", "model", "determinism", "steps", "warmup", "rounds_ok",
+                  "sec_median", "sec_min", "first_step_s", "peak_mb", "peak_rss_mb", "ratio_vs_plain",
+                  "paired_sec_median", "paired_ratio_vs_plain", "params",
+                  "loadavg", "error"]
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        print(f"\nwrote {args.csv}")
+    return 0 if all(r["rounds_ok"] > 0 for r in rows) else 1
+
+
+def _print_separate(rows, agg, args) -> None:
     print()
     hdr = f"{'config':<14} {'model':<28} {'s/step':>9} {'min':>9} {'peak MB':>9} {'x plain':>8} {'load':>5}"
     print(hdr)
@@ -630,20 +708,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  {on['label']} {m}: on {on['sec_median']:.4f} / off {off['sec_median']:.4f} "
                       f"= {on['sec_median'] / off['sec_median']:.2f}x")
 
-    if args.breakdown:
-        _print_breakdown(keys, results, args)
 
-    if args.csv:
-        fields = ["config", "label", "size", "batch", "model", "determinism", "steps", "warmup", "rounds_ok",
-                  "sec_median", "sec_min", "first_step_s", "peak_mb", "peak_rss_mb", "ratio_vs_plain", "params",
-                  "loadavg", "error"]
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        print(f"\nwrote {args.csv}")
-    return 0 if all(r["rounds_ok"] > 0 for r in rows) else 1
+def _run_and_print_paired(args, job_for, agg) -> List[Dict]:
+    print()
+    new_rows: List[Dict] = []
+    print("paired timing: all models of a configuration in one subprocess, steps interleaved "
+          "(round r runs each model once, order rotated); ratio = median over rounds of ours/plain")
+    for cfg in args.configs:
+        job = dict(job_for(cfg, args.models[0], False))
+        job.update(model=None, models=list(args.models), paired=True, breakdown=False)
+        if args.paired_steps:
+            job["steps"] = args.paired_steps
+        res = _spawn(job, args.timeout * max(1, len(args.models)), args.verbose)
+        label = _config_label(cfg, job["size"])
+        if "error" in res:
+            print(f"  {label}: FAILED {res['error']}")
+            new_rows.append({"config": cfg, "label": label, "model": "(paired)", "rounds_ok": 0,
+                             "error": res["error"].splitlines()[-1]})
+            continue
+        print(f"  {label} ({job['warmup']} warm-up + {job['steps']} interleaved rounds, load "
+              f"{res['loadavg']:.2f}, subprocess {res['wall_s']:.0f} s)")
+        for m in args.models:
+            s = res["sec"][m]
+            ratio = res["paired_ratio"].get(m)
+            extra = f"  ratio {ratio:.2f}x" if ratio is not None else ""
+            if m == GOAL_MODEL and ratio is not None:
+                extra += f"  -> goal {'MET' if ratio <= GOAL_RATIO else 'NOT MET'}"
+            print(f"    {m:<18} {s['median']:.4f} s/step (min {s['min']:.4f}){extra}")
+            row = agg.get((cfg, m, False))
+            if row is None:
+                row = {"config": cfg, "label": label, "size": job["size"], "batch": job["batch"], "model": m,
+                       "determinism": False, "steps": job["steps"], "warmup": job["warmup"],
+                       "rounds_ok": 1, "loadavg": res["loadavg"]}
+                new_rows.append(row)
+            row["paired_sec_median"] = s["median"]
+            row["paired_ratio_vs_plain"] = ratio if ratio is not None else (1.0 if m == "plain" else "")
+    return new_rows
 
 
 def _print_breakdown(keys, results, args) -> None:
