@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=float, nargs="+", default=None,
                    help="explicit grid values in [0, 1] (overrides --grid-steps)")
     p.add_argument("--batch-size", type=int, default=0,
-                   help="grid points per forward pass (0: as many as fit ~4M voxels)")
+                   help="grid points per forward pass (0: as many as fit ~260k voxels, e.g. 16 at 128^2)")
     p.add_argument("--pairs", nargs="+", default=None, help="only these pair ids (default: the whole split)")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")

@@ -31,6 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--run", default=None, help="optional trained global elastic run folder")
     p.add_argument("--skip-predict", action="store_true", help="skip the slow model.predict loop")
+    p.add_argument("--chunks", type=int, nargs="*", default=[8, 32],
+                   help="extra chunk sizes (grid points per call) to time besides auto and 1")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -88,11 +90,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     t_b = timeit(run_batched)
     t_s = timeit(run_single)
+    t_chunks = {}
+    for c in args.chunks:
+        reg = Registrar(g_model, batch_size=c)
+        t_chunks[c] = timeit(lambda: dice_all(reg(moving, fixed, grid)[1]))
     t_p = float("nan") if args.skip_predict else timeit(run_predict)
     t_sa = timeit(run_sa)
     print(f"grid search, image {shape}, {len(grid)} grid points, one pair (median of {args.repeats}):")
     print(f"  batched (chunks of {batched.batch_size or 'auto'})  {t_b:8.2f} s/pair")
     print(f"  one-by-one compiled calls        {t_s:8.2f} s/pair   ratio one-by-one/batched {t_s / t_b:5.2f}")
+    for c, t in t_chunks.items():
+        print(f"  chunks of {c:<3d} grid points         {t:8.2f} s/pair   ratio chunked/batched    {t / t_b:5.2f}")
     print(f"  model.predict loop               {t_p:8.2f} s/pair   ratio predict/batched    {t_p / t_b:5.2f}")
     print(f"SA inference (one forward pass)    {t_sa:8.3f} s/pair")
 

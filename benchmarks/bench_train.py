@@ -474,7 +474,7 @@ def _time_pieces(tf, pieces: Dict, steps: int) -> Dict[str, float]:
             call = (lambda fn=fn, args=args: [t.numpy() for t in tf.nest.flatten(fn(*args)) if t is not None])
         else:
             call = item
-        out[key] = _time_calls(call, 2, steps)["median"]
+        out[key] = _time_calls(call, 1, steps)["median"]
     return out
 
 

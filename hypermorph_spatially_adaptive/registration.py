@@ -15,8 +15,12 @@ from .compat import apply as _apply_shims
 _apply_shims()
 
 
-def auto_batch_size(image_shape, n: int, voxel_budget: int = 2 ** 22) -> int:
-    """Largest chunk (<= n) whose images hold about ``voxel_budget`` voxels in total."""
+def auto_batch_size(image_shape, n: int, voxel_budget: int = 2 ** 18) -> int:
+    """Largest chunk (<= n) whose images hold about ``voxel_budget`` voxels in total.
+
+    On CPU, voxelmorph's hyper-convolutions loop over the batch anyway, so big chunks do not
+    pay: at 128^2 chunks of 16 were ~14 % faster than one call of 121 (benchmarks/).
+    """
     vox = int(np.prod(image_shape))
     return int(max(1, min(n, voxel_budget // vox)))
 
