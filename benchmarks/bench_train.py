@@ -324,15 +324,9 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
         batch = {"moving": moving, "fixed": fixed, "fixed_seg": fixed_seg, "hyp": hyp}
         use_svf = False  # trainer default --reg-field disp
 
-        def per_replica(batch):
-            with tf.GradientTape() as tape:
-                warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
-                terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
-                                   batch["fixed_seg"], spacing, win)
-                loss = tf.reduce_sum(terms["loss"]) / bsz
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return {k: tf.reduce_sum(v) / bsz for k, v in terms.items()}
+        from hypermorph_spatially_adaptive.trainer import make_replica_step
+
+        per_replica = make_replica_step(model, optimizer, spec, spacing, win, use_svf, bsz)  # the trainer's own step
 
         @tf.function
         def train_step(batch):
