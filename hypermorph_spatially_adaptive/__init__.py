@@ -6,6 +6,7 @@ TensorFlow). Submodules:
 - :mod:`.models`     HyperVxmDense builders (global and spatially adaptive) and parameter maps
 - :mod:`.losses`     loss assembly of SPEC section 3 (NCC + elastic / diffusion)
 - :mod:`.trainer`    the shared trainer behind the four ``train_hypermorph_*`` scripts
+- :mod:`.unrolled`   per-sample voxelmorph/neurite layers unrolled for static batches (speed)
 - :mod:`.runio`      run folders: config JSON, weights, atomic writes
 - :mod:`.synthetic`  phantoms with known Lamé parameters and a Navier-Cauchy solver
 """

