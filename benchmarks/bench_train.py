@@ -53,13 +53,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (ndim, batch size); the image size comes from --size-2d / --size-3d (or --quick)
 CONFIGS = {"2d_b1": (2, 1), "2d_b8": (2, 8), "3d_b1": (3, 1)}
-# name -> (regularizer, spatially adaptive) for ours; None for the plain voxelmorph step
+# name -> (regularizer, spatially adaptive, unrolled) for ours; ("plain", unrolled) for voxelmorph's
+# own step. "unrolled": per-sample map_fn layers run as unrolled loops (hypermorph_spatially_adaptive
+# .unrolled), the default of build_model; "plain" is voxelmorph exactly as shipped.
 MODELS = {
-    "sa_elastic": ("elastic", True),
-    "global_elastic": ("elastic", False),
-    "sa_diffusion": ("diffusion", True),
-    "global_diffusion": ("diffusion", False),
-    "plain": None,
+    "sa_elastic": ("elastic", True, True),
+    "global_elastic": ("elastic", False, True),
+    "sa_diffusion": ("diffusion", True, True),
+    "global_diffusion": ("diffusion", False, True),
+    "sa_elastic_mapfn": ("elastic", True, False),
+    "plain": ("plain", False),
+    "plain_unrolled": ("plain", True),
 }
 NUM_CLASSES = 3          # labels 0..3: background + 3 tissue classes ("4-class" segmentation)
 GOAL_MODEL, GOAL_RATIO = "sa_elastic", 1.15
@@ -78,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                    help="configurations to run (2D batch 1, 2D batch 8, 3D batch 1)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                   help="models to run; 'plain' is the voxelmorph reference step used for the ratios")
+                   help="models to run; 'plain' is the voxelmorph reference step (as shipped) used for "
+                        "the ratios; '*_mapfn' / 'plain_unrolled' are ours without / plain with the "
+                        "unrolled per-sample layers, for like-for-like ratios")
     p.add_argument("--size-2d", type=int, default=128, help="2D image size (square)")
     p.add_argument("--size-3d", type=int, default=64, help="3D image size (cube)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per 2D run")
@@ -303,7 +309,7 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
     moving, fixed, fixed_seg, hyp_np = data["moving"], data["fixed"], data["fixed_seg"], data["hyp_all"]
 
     pieces, check = {}, {}  # extra compiled callables for --breakdown
-    if MODELS[name] is not None:
+    if MODELS[name][0] != "plain":
         # ---- ours: same computation as trainer.run's per_replica / train_step ----
         from hypermorph_spatially_adaptive import losses as hm_losses
         from hypermorph_spatially_adaptive.losses import loss_terms
@@ -311,14 +317,15 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
                                                           regularization_parameters)
         import regularizers
 
-        reg, sa = MODELS[name]
+        reg, sa, unroll = MODELS[name]
         mc = ModelConfig(image_shape=shape, regularizer=reg, spatially_adaptive=sa, num_classes=NUM_CLASSES)
         mc.validate()
         spec = mc.spec
         strategy = tf.distribute.get_strategy()
         with strategy.scope():
-            model = build_model(mc)
+            model = build_model(mc, unroll=unroll)
             optimizer = tf.keras.optimizers.Adam(learning_rate=float(job["lr"]))
+            optimizer.build(model.trainable_variables)  # as the trainer
             step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         hyp = tf.constant(hyp_np[:, :spec.num_params])
         batch = {"moving": moving, "fixed": fixed, "fixed_seg": fixed_seg, "hyp": hyp}
@@ -328,7 +335,7 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
 
         per_replica = make_replica_step(model, optimizer, spec, spacing, win, use_svf, bsz)  # the trainer's own step
 
-        @tf.function
+        @tf.function(autograph=False)  # as the trainer
         def train_step(batch):
             out = strategy.run(per_replica, args=(batch,))
             step_var.assign_add(1)
@@ -404,6 +411,9 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
         # ---- plain voxelmorph HyperMorph step: nothing of ours ----
         model = vxm.networks.HyperVxmDense(shape, nb_hyp_params=1, int_steps=7, int_resolution=2,
                                            svf_resolution=1)
+        if MODELS[name][1]:
+            from hypermorph_spatially_adaptive.unrolled import unroll_per_sample_layers
+            unroll_per_sample_layers(model)
         optimizer = tf.keras.optimizers.Adam(learning_rate=float(job["lr"]))
         ncc_loss = vxm.losses.NCC(win=[win] * ndim).loss
         grad_loss = vxm.losses.Grad("l2", loss_mult=2).loss
@@ -688,6 +698,21 @@ def _print_separate(rows, agg, args) -> None:
             met = goal["ratio_vs_plain"] <= GOAL_RATIO
             line += f"  -> goal {'MET' if met else 'NOT MET'} ({goal['ratio_vs_plain']:.2f}x)"
         print(line)
+
+    pairs = [("sa_elastic", "plain_unrolled", "both unrolled"), ("sa_elastic_mapfn", "plain", "both map_fn"),
+             ("sa_elastic", "sa_elastic_mapfn", "ours: unrolled / map_fn"),
+             ("plain_unrolled", "plain", "plain: unrolled / map_fn")]
+    lines = []
+    for cfg in args.configs:
+        for a, b, what in pairs:
+            ra, rb = agg.get((cfg, a, False)), agg.get((cfg, b, False))
+            if ra and rb and ra["sec_median"] == ra["sec_median"] and rb["sec_median"] == rb["sec_median"]:
+                lines.append(f"  {ra['label']}: {a} / {b} ({what}) = {ra['sec_median'] / rb['sec_median']:.2f}x "
+                             f"s/step, first step {ra['first_step_s']:.1f} s / {rb['first_step_s']:.1f} s")
+    if lines:
+        print()
+        print("like-for-like ratios (first step = tracing + compilation + one step):")
+        print("\n".join(lines))
 
     if args.determinism:
         print()
