@@ -25,8 +25,11 @@ import tensorflow as tf
 
 from .compat import import_voxelmorph
 
-#: largest static batch that is unrolled; bigger batches keep ``tf.map_fn``
-MAX_UNROLL = 64
+#: largest static batch that is unrolled; bigger batches keep ``tf.map_fn``. Measured on 2 CPU
+#: cores with ``benchmarks/bench_train.py`` (2D 128^2, SA elastic): batch 1 unrolled traces and
+#: compiles in 7.4 s instead of 17.2 s at the same s/step; batch 8 unrolled is slower (1.22x
+#: s/step, 40 s vs 21 s first step), as the unrolled graph grows with the batch.
+MAX_UNROLL = 2
 
 
 def _static_batch(x: tf.Tensor):
