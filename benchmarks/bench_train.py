@@ -17,6 +17,10 @@ Models:
   :mod:`hypermorph_spatially_adaptive.trainer` (model forward, ``loss_terms``, gradient, Adam,
   inside ``strategy.run`` of the default strategy, ``step`` counter, per-term outputs fetched to
   Python every step like the trainer's log accumulator);
+- ``sa_elastic_mapfn``: ``sa_elastic`` with voxelmorph's own ``tf.map_fn`` per-sample layers
+  (``build_model(..., unroll=False)``); ``plain_unrolled``: ``plain`` with our unrolled
+  per-sample layers (:mod:`hypermorph_spatially_adaptive.unrolled`, active for batch <= 2), so the
+  like-for-like ratios separate our loss from the layer implementation;
 - ``plain``: nothing of ours. ``vxm.networks.HyperVxmDense(inshape, nb_hyp_params=1,
   int_steps=7, int_resolution=2, svf_resolution=1)`` (regularized field: the pre-integrated SVF
   at half resolution, voxelmorph's default) with ``(1 - h) * NCC(win 9) + h * Grad('l2',
