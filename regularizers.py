@@ -94,8 +94,10 @@ def forward_gradients(disp: tf.Tensor, spacing: Optional[Sequence[float]] = None
     grads = []
     for i in range(ndim):
         ax = i + 1
-        n = tf.shape(u_mm)[ax]
-        fwd = tf.gather(u_mm, tf.range(1, n), axis=ax) - tf.gather(u_mm, tf.range(0, n - 1), axis=ax)
+        hi = [slice(None)] * (ndim + 2)
+        lo = [slice(None)] * (ndim + 2)
+        hi[ax], lo[ax] = slice(1, None), slice(None, -1)
+        fwd = u_mm[tuple(hi)] - u_mm[tuple(lo)]  # strided slices: cheaper than gather, also backward
         pad = [[0, 0]] * (ndim + 2)
         pad[ax] = [0, 1]
         grads.append(tf.pad(fwd, pad) / h[i])

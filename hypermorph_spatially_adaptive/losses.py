@@ -41,8 +41,14 @@ def ncc_map(fixed: tf.Tensor, warped: tf.Tensor, win: int = 9, eps: float = 1e-5
         raise ValueError("NCC expects single-channel images [B, *spatial, 1]")
     f, w = tf.cast(fixed, tf.float32), tf.cast(warped, tf.float32)
     stack = tf.concat([f, w, f * f, w * w, f * w], axis=-1)
+    # the clipped box mean is separable (box and image are both products of intervals), so one
+    # 1D mean per axis gives it exactly with D * win instead of win^D terms per voxel
     pool = tf.nn.avg_pool2d if ndim == 2 else tf.nn.avg_pool3d
-    m = pool(stack, ksize=win, strides=1, padding="SAME")
+    m = stack
+    for ax in range(ndim):
+        ksize = [1] * ndim
+        ksize[ax] = win
+        m = pool(m, ksize=ksize, strides=1, padding="SAME")
     mf, mw, mff, mww, mfw = [m[..., k] for k in range(5)]
     cross = mfw - mf * mw
     var_f = tf.maximum(mff - mf * mf, 0.0)

@@ -134,6 +134,26 @@ def test_sa_loss_with_equal_class_parameters_equals_global(reg, shape):
         np.testing.assert_allclose(ls[k].numpy(), lg[k].numpy(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape,win", [((11, 13), 5), ((7, 8, 6), 3)])
+def test_ncc_map_against_brute_force_clipped_windows(shape, win):
+    """ncc_map == cov^2 / (var var + eps / win^(2D)) over windows clipped at the image border,
+    computed voxel by voxel in numpy."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    f = rng.random(shape)
+    w = 0.5 * f + rng.random(shape)
+    r, eps = win // 2, 1e-5
+    ref = np.empty(shape)
+    for idx in itertools.product(*[range(n) for n in shape]):
+        sl = tuple(slice(max(i - r, 0), i + r + 1) for i in idx)
+        a, b = f[sl].ravel(), w[sl].ravel()
+        cov = np.mean(a * b) - a.mean() * b.mean()
+        ref[idx] = cov ** 2 / (a.var() * b.var() + eps / win ** (2 * len(shape)))
+    got = losses.ncc_map(tf.constant(f[None, ..., None], tf.float32), tf.constant(w[None, ..., None], tf.float32), win=win)
+    np.testing.assert_allclose(got.numpy()[0], ref, rtol=2e-3, atol=2e-4)
+
+
 def test_ncc_identical_flat_and_weights():
     rng = np.random.default_rng(3)
     x = tf.constant(rng.random((1, 32, 32, 1)), tf.float32)
