@@ -13,10 +13,11 @@ What is measured (per configuration x model, on the same random input):
 Models:
 
 - ``sa_elastic``, ``global_elastic``, ``sa_diffusion``, ``global_diffusion``: our models
-  (:func:`hypermorph_spatially_adaptive.models.build_model`) with the same per-replica step as
-  :mod:`hypermorph_spatially_adaptive.trainer` (model forward, ``loss_terms``, gradient, Adam,
-  inside ``strategy.run`` of the default strategy, ``step`` counter, per-term outputs fetched to
-  Python every step like the trainer's log accumulator);
+  (:func:`hypermorph_spatially_adaptive.models.build_model`) with the trainer's own optimizer
+  and compiled step (:func:`~hypermorph_spatially_adaptive.trainer.make_optimizer`,
+  :func:`~hypermorph_spatially_adaptive.trainer.make_train_step`: model forward, ``loss_terms``,
+  gradient, Adam inside ``strategy.run`` of the default strategy, ``step`` counter), per-term
+  outputs fetched to Python every step like the trainer's log accumulator;
 - ``sa_elastic_mapfn``: ``sa_elastic`` with voxelmorph's own ``tf.map_fn`` per-sample layers
   (``build_model(..., unroll=False)``); ``plain_unrolled``: ``plain`` with our unrolled
   per-sample layers (:mod:`hypermorph_spatially_adaptive.unrolled`, active for batch <= 2), so the
@@ -319,6 +320,7 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
         from hypermorph_spatially_adaptive.losses import loss_terms
         from hypermorph_spatially_adaptive.models import (ModelConfig, build_model,
                                                           regularization_parameters)
+        from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
         import regularizers
 
         reg, sa, unroll = MODELS[name]
@@ -328,22 +330,14 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
         strategy = tf.distribute.get_strategy()
         with strategy.scope():
             model = build_model(mc, unroll=unroll)
-            optimizer = tf.keras.optimizers.Adam(learning_rate=float(job["lr"]))
-            optimizer.build(model.trainable_variables)  # as the trainer
+            optimizer = make_optimizer(model, float(job["lr"]))
             step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         hyp = tf.constant(hyp_np[:, :spec.num_params])
         batch = {"moving": moving, "fixed": fixed, "fixed_seg": fixed_seg, "hyp": hyp}
         use_svf = False  # trainer default --reg-field disp
 
-        from hypermorph_spatially_adaptive.trainer import make_replica_step
-
-        per_replica = make_replica_step(model, optimizer, spec, spacing, win, use_svf, bsz)  # the trainer's own step
-
-        @tf.function(autograph=False)  # as the trainer
-        def train_step(batch):
-            out = strategy.run(per_replica, args=(batch,))
-            step_var.assign_add(1)
-            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+        train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf,
+                                     bsz)  # the trainer's own compiled step
 
         def step():
             out = train_step(batch)

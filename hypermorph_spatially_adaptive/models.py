@@ -171,8 +171,8 @@ def build_model(cfg: ModelConfig, unroll: bool = True) -> "tf.keras.Model":
     """Build the HyperMorph model; outputs ``[warped, disp, svf]`` (see module docstring).
 
     With ``unroll`` (default) the per-sample ``tf.map_fn`` loops of voxelmorph/neurite layers run
-    as unrolled Python loops whenever the batch size is static (see :mod:`.unrolled`): same
-    outputs and weights, much faster graph tracing and a faster CPU step.
+    as unrolled Python loops when the batch size is static and small (see :mod:`.unrolled`):
+    same outputs and weights, about half the graph tracing time, the same step time.
     """
     cfg.validate()
     hyper = vxm.networks.HyperVxmDense(

@@ -175,17 +175,33 @@ def _read_log(path: str, upto: int) -> List[Dict]:
         return [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
 
 
-def make_replica_step(model, optimizer, spec, spacing, win: int, use_svf: bool, global_batch: int):
-    """One optimizer step on a (per-replica) batch dict ``moving, fixed, fixed_seg, hyp``.
+def make_optimizer(model, lr: float):
+    """Adam with its slot variables created now (call inside the strategy scope).
 
-    The loss is summed over samples and divided by the *global* batch size, so gradients add
-    up correctly across replicas. Returns the per-sample loss terms summed / global batch.
+    Slots created lazily inside the first compiled step force a second trace of the whole step
+    (measured: ~40% of the tracing time).
+    """
+    import tensorflow as tf
+
+    optimizer = tf.keras.optimizers.Adam(learning_rate=lr)
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: int, use_svf: bool,
+                    global_batch: int):
+    """The compiled training step: ``train_step(batch) -> {term: scalar}``.
+
+    ``batch`` is a (distributed) dict ``moving, fixed, fixed_seg, hyp``. Each replica sums its
+    per-sample loss terms and divides by the *global* batch size, so gradients add up correctly
+    across replicas; the returned terms are summed over replicas (= means over the global batch).
+    ``step_var`` is incremented once per call.
     """
     import tensorflow as tf
 
     from .losses import loss_terms
 
-    def step(batch):
+    def replica_step(batch):
         with tf.GradientTape() as tape:
             warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
             terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
@@ -195,7 +211,15 @@ def make_replica_step(model, optimizer, spec, spacing, win: int, use_svf: bool, 
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return {k: tf.reduce_sum(v) / global_batch for k, v in terms.items()}
 
-    return step
+    # autograph=False: the step has no data-dependent Python control flow, and skipping the
+    # autograph conversion of the model and loss code roughly halves the tracing time
+    @tf.function(autograph=False)
+    def train_step(batch):
+        out = strategy.run(replica_step, args=(batch,))
+        step_var.assign_add(1)
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+
+    return train_step
 
 
 def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> str:
@@ -263,10 +287,7 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {replicas} replicas")
     with strategy.scope():
         model = build_model(mc)
-        optimizer = tf.keras.optimizers.Adam(learning_rate=args.lr)
-        # create Adam's slots now: created lazily inside the first compiled step they force a
-        # second trace of the whole step (measured: ~40% of the tracing time)
-        optimizer.build(model.trainable_variables)
+        optimizer = make_optimizer(model, args.lr)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
     if resume_prefix is not None:
@@ -291,15 +312,7 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     use_svf = args.reg_field == "svf"
     win = int(args.ncc_win)
 
-    per_replica = make_replica_step(model, optimizer, spec, spacing, win, use_svf, bsz)
-
-    # autograph=False: the step has no data-dependent Python control flow, and skipping the
-    # autograph conversion of the model and loss code roughly halves the tracing time
-    @tf.function(autograph=False)
-    def train_step(batch):
-        out = strategy.run(per_replica, args=(batch,))
-        step_var.assign_add(1)
-        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf, bsz)
 
     # validation: every val pair with fixed hyperparameters (seeded), one compiled forward pass
     val_ids = dataset.split_ids("val") if args.val_every > 0 else []

@@ -10,9 +10,10 @@ tens of seconds per model and adds per-iteration overhead to every step.
 :func:`unroll_per_sample_layers` swaps, *per model instance*, the class of those layers for a
 subclass whose ``call`` applies the very same per-sample function (the library's own
 ``_convolve_batch``, ``_single_transform``, ``_single_int`` and ``rescale_dense_transform``) in a
-Python loop over the batch whenever the batch size is known when the graph is traced, which is
-the case for every compiled step and forward pass in this package. With an unknown batch size
-(e.g. while Keras builds the functional model) the original ``map_fn`` runs. The arithmetic is
+Python loop over the batch whenever the batch size is known when the graph is traced and at most
+:data:`MAX_UNROLL` (training steps at batch 1 or 2; eager calls). With an unknown batch size
+(e.g. while Keras builds the functional model, or the :class:`~.registration.Registrar`'s
+batch-agnostic forward pass) or a larger one the original ``map_fn`` runs. The arithmetic is
 the same op for op, so outputs are identical; weights, names and saved files do not change, and
 the voxelmorph/neurite classes themselves are left untouched for other code in the process.
 """
@@ -105,14 +106,10 @@ def _layer_classes():
     )
 
 
-_SUBCLASSES: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _unrolled_class(cls, mixin):
-    key = (cls, mixin.__name__)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"{mixin.__name__[8:]}{cls.__name__}Unrolled", (mixin, cls), {})
-    return _SUBCLASSES[key]
+    """One subclass per (library class, mixin), so swapped layers of equal type share a class."""
+    return type(f"{cls.__name__}Unrolled", (mixin, cls), {})
 
 
 def unroll_per_sample_layers(model: tf.keras.Model) -> int:
