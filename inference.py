@@ -1,16 +1,28 @@
-"""Register the test pairs with the identified parameters and build Table 1.
+"""Register the test pairs with the identified parameters; Table 1 and the paired comparison.
 
 For each regularizer given (elastic and/or diffusion) this loads the spatially adaptive (SA)
-run, the identification output of the global run (``identified_parameters.csv`` and its
-``identification.json``) and the global run itself, then
+run, one or more identification folders of the global run (``identified_parameters.csv`` and
+its ``identification.json``: grid or gradient method, oracle or population protocol) and the
+global run itself. Rows per identification (``<reg>`` = ``elas`` / ``diff``):
 
-- ``<reg>-sas``: one forward pass of the SA model per pair with its per-class parameters,
-- ``<reg>-g``:   the global model with the pair's best mean-Dice parameters,
-- ``initial``:   no registration,
+- ``<reg>-g``      the global model with the pair's -g parameters,
+- ``<reg>-sas``    one forward pass of the SA model with the per-class parameters,
+- ``<reg>-sas@g``  ablation: the SA model with every class at the -g parameters,
+- ``<reg>-g+io`` / ``<reg>-sas+io`` with ``--refine N``: the displacement refined per pair for
+  N Adam steps on the training loss (global values / tissue-specific maps, see
+  :mod:`hypermorph_spatially_adaptive.refinement`),
+- ``initial``: no registration.
 
-and writes into ``--out``: ``per_pair_metrics.csv`` (class Dice, mean Dice, HD95, TRE where
-keypoints exist, %negJ, SDlogJ, and for synthetic data the dense error against the true field),
-``table1.csv`` / ``table1.md`` (mean(std), the paper's layout), Fig. 3-style panels
+Gradient identifications (``parameter_identification.py --method gradient``) add
+``<reg>-g (gradient)`` and ``<reg>-sas (gradient)`` rows (``gradient-epe`` for the EPE
+oracle). Every row carries its protocol; Table 1 shows one block per protocol.
+
+Writes into ``--out``: ``per_pair_metrics.csv`` (class Dice, mean Dice, HD95 per class and
+mean, lost classes, TRE where keypoints exist, %negJ, SDlogJ, seconds per pair and, for synthetic
+data, the dense error against the true field overall and per tissue), ``table1.csv`` /
+``table1.md`` (mean(std) in the paper's layout, with the paired comparison under it),
+``comparison.csv`` (per protocol: -sas minus -g, -sas@g minus -g, -sas minus -sas@g and
+-sas+io minus -g+io; mean difference, seeded bootstrap 95% CI, Wilcoxon p, n), Fig. 3-style panels
 ``fig3_<pair>.png``, ``dice_boxplots.png``, and with ``--save-nifti`` the warped image, warped
 labels and displacement of every pair as NIfTI with the fixed image's affine.
 """
@@ -20,6 +32,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Dict, List, Optional, Sequence
 
 import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
@@ -28,28 +41,36 @@ REGS = ("elastic", "diffusion")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hypermorph_spatially_adaptive import runio
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for reg in REGS:
         g = p.add_argument_group(f"{reg} models")
         g.add_argument(f"--{reg}-sa", default=None, metavar="RUN", help=f"run folder of the SA {reg} model")
-        g.add_argument(f"--{reg}-ident", default=None, metavar="DIR",
-                       help=f"identification folder of the global {reg} model (holds identified_parameters.csv)")
+        g.add_argument(f"--{reg}-ident", default=None, nargs="+", metavar="DIR",
+                       help=f"identification folder(s) of the global {reg} model (each holds "
+                            "identified_parameters.csv and identification.json; e.g. the oracle and the "
+                            "population protocol, grid and gradient method)")
         g.add_argument(f"--{reg}-global", default=None, metavar="RUN",
                        help=f"run folder of the global {reg} model (default: the one named in identification.json)")
     p.add_argument("--out", default="results", help="output folder")
-    p.add_argument("--panels", type=int, default=2, help="Fig. 3 panels for the first N test pairs (0: none)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="instance optimization: refine the -g and -sas displacements of every pair for N Adam "
+                        "steps on the training loss (adds the +io rows; 0: off)")
+    p.add_argument("--refine-lr", type=float, default=0.1, help="Adam learning rate of the refinement (voxels)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the paired comparison")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--panels", type=runio.arg_int(0), default=2, help="Fig. 3 panels for the first N test pairs (0: none)")
     p.add_argument("--save-nifti", action="store_true", help="write warped image/labels and displacement as NIfTI")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
     return p
 
 
-def _load_group(reg: str, sa_run: str, ident_dir: str, global_run: Optional[str]):
-    """Load and cross-check one regularizer's SA model, global model and identification."""
+def _read_identification(ident_dir: str, reg: str, sa_names: List[str]) -> Dict:
+    """One identification folder: its choice table (indexed by pair id) and metadata."""
     import pandas as pd
-
-    from hypermorph_spatially_adaptive import runio
 
     csv_path = os.path.join(ident_dir, "identified_parameters.csv")
     meta_path = os.path.join(ident_dir, "identification.json")
@@ -58,25 +79,38 @@ def _load_group(reg: str, sa_run: str, ident_dir: str, global_run: Optional[str]
             raise FileNotFoundError(f"{path}: missing; run parameter_identification.py first")
     with open(meta_path) as f:
         meta = json.load(f)
-    choice = pd.read_csv(csv_path, dtype={"pair_id": str})
-    sa_model, sa_cfg = runio.load_run(sa_run, expect_regularizer=reg, expect_sa=True)
-    global_run = global_run or meta["global_run"]
-    g_model, g_cfg = runio.load_run(global_run, expect_regularizer=reg, expect_sa=False)
     if meta["regularizer"] != reg:
         raise ValueError(f"{meta_path}: identification was done for the {meta['regularizer']} regularizer, "
                          f"not {reg}")
-    for run, cfg in ((sa_run, sa_cfg), (global_run, g_cfg)):
-        if cfg["data"] != meta["data"]:
-            raise ValueError(f"{csv_path}: identified on dataset {meta['data']}, but {run} was trained on "
-                             f"{cfg['data']}")
-    spec = runio.model_and_spec(sa_cfg)[1]
-    names = spec.names(sa_cfg["class_names"])
-    missing = [c for c in ["pair_id", *names] if c not in choice]
+    choice = pd.read_csv(csv_path, dtype={"pair_id": str})
+    missing = [c for c in ["pair_id", *sa_names] if c not in choice]
     if missing:
-        raise ValueError(f"{csv_path}: columns {missing} missing for the SA model {sa_run} "
-                         f"(classes {sa_cfg['class_names']})")
-    return {"reg": reg, "sa_run": sa_run, "global_run": global_run, "sa_model": sa_model, "sa_cfg": sa_cfg, "sa_names": names, "g_model": g_model,
-            "g_cfg": g_cfg, "choice": choice.set_index("pair_id"), "meta": meta, "csv": csv_path}
+        raise ValueError(f"{csv_path}: columns {missing} missing for the SA model (columns {sa_names})")
+    method = meta.get("method", "grid")
+    suffix = "" if method == "grid" else f" ({method}{'-' + meta['objective'] if meta.get('objective', 'dice') != 'dice' else ''})"
+    return {"csv": csv_path, "meta": meta, "choice": choice.set_index("pair_id"), "method": method,
+            "protocol": meta.get("protocol", "oracle"), "suffix": suffix}
+
+
+def _load_group(reg: str, sa_run: str, ident_dirs: Sequence[str], global_run: Optional[str]) -> Dict:
+    """Load and cross-check one regularizer's SA model, global model and identifications."""
+    from hypermorph_spatially_adaptive import runio
+
+    sa_model, sa_cfg = runio.load_run(sa_run, expect_regularizer=reg, expect_sa=True)
+    sa_names = runio.model_and_spec(sa_cfg)[1].names(sa_cfg["class_names"])
+    sources = [_read_identification(d, reg, sa_names) for d in ident_dirs]
+    global_run = global_run or sources[0]["meta"]["global_run"]
+    g_model, g_cfg = runio.load_run(global_run, expect_regularizer=reg, expect_sa=False)
+    for src in sources:
+        for run, cfg in ((sa_run, sa_cfg), (global_run, g_cfg)):
+            if cfg["data"] != src["meta"]["data"]:
+                raise ValueError(f"{src['csv']}: identified on dataset {src['meta']['data']}, but {run} was "
+                                 f"trained on {cfg['data']}")
+    labels = [(s["protocol"], s["suffix"]) for s in sources]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--{reg}-ident: two identification folders have the same protocol and method {labels}")
+    return {"reg": reg, "sa_run": sa_run, "global_run": global_run, "sa_model": sa_model, "sa_cfg": sa_cfg,
+            "sa_names": sa_names, "g_model": g_model, "g_cfg": g_cfg, "sources": sources}
 
 
 def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> None:
@@ -89,17 +123,20 @@ def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> Non
     os.makedirs(folder, exist_ok=True)
     for name, arr in (("warped", warped[..., 0].astype(np.float32)), ("warped_seg", warped_seg.astype(np.int16)),
                       ("disp_vox", disp.astype(np.float32))):
-        path = os.path.join(folder, f"{method}_{name}.nii.gz")
+        path = os.path.join(folder, f"{method.replace(' ', '_')}_{name}.nii.gz")
         atomic_save(path, lambda tmp, a=arr: nib.save(nib.Nifti1Image(a, affine), tmp))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
+    if args.refine < 0:
+        raise SystemExit("error: --refine must be >= 0")
     import numpy as np
     import pandas as pd
 
     import eval_metrics
     from hypermorph_spatially_adaptive import evaluation, figures, runio
+    from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
     from hypermorph_spatially_adaptive.registration import Registrar
     from parameter_identification import load_dataset
 
@@ -121,81 +158,125 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     dataset = load_dataset(cfg0, args.data_dir, args.label_dir)
     class_names = list(cfg0["class_names"])
     C = len(class_names)
-    split = groups[0]["meta"]["split"]
+    first = groups[0]["sources"][0]
+    split = first["meta"]["split"]
     split_ids = dataset.split_ids(split)
-    pair_ids = list(groups[0]["choice"].index)
+    pair_ids = list(first["choice"].index)
     for g in groups:
-        runio.check_compatible(g["csv"], g["sa_cfg"], dataset)
-        ids = list(g["choice"].index)
-        foreign = [p for p in ids if p not in split_ids]
-        if foreign:
-            raise ValueError(f"{g['csv']}: pair id(s) {foreign[:5]} are not in the {split} split of {dataset.name}")
-        if set(ids) != set(pair_ids):
-            raise ValueError(f"{g['csv']}: identified pairs differ from {groups[0]['csv']}")
+        runio.check_compatible(g["sa_run"], g["sa_cfg"], dataset)
+        for src in g["sources"]:
+            ids = list(src["choice"].index)
+            foreign = [p for p in ids if p not in split_ids]
+            if foreign or src["meta"]["split"] != split:
+                raise ValueError(f"{src['csv']}: pair id(s) {foreign[:5]} are not in the {split} split of "
+                                 f"{dataset.name}")
+            if set(ids) != set(pair_ids):
+                raise ValueError(f"{src['csv']}: identified pairs differ from {first['csv']}")
 
     pairs = [dataset.load_pair(p) for p in pair_ids]
     moving = np.stack([p.moving for p in pairs])
     fixed = np.stack([p.fixed for p in pairs])
+    fixed_seg = np.stack([p.fixed_seg for p in pairs])
+    n = len(pairs)
     os.makedirs(args.out, exist_ok=True)
-    print(f"[inference] {len(pairs)} {split} pairs of {dataset.name}; regularizers: "
-          f"{', '.join(g['reg'] for g in groups)}", flush=True)
+    print(f"[inference] {n} {split} pairs of {dataset.name}; regularizers: "
+          f"{', '.join(g['reg'] for g in groups)}; refinement: {args.refine} steps", flush=True)
 
     rows: List[Dict] = []
-    results: Dict[str, Dict[str, dict]] = {p.pair_id: {} for p in pairs}
+    results: Dict[str, Dict[str, dict]] = {p.pair_id: {} for p in pairs[: max(args.panels, 0)]}
     zero = np.zeros((*dataset.image_shape, len(dataset.image_shape)), np.float32)
     for pair in pairs:
-        rows.append({"pair_id": pair.pair_id, "method": "initial", "params": "",
+        rows.append({"pair_id": pair.pair_id, "protocol": "", "method": "initial", "params": "", "seconds": 0.0,
                      **evaluation.pair_metrics(pair, zero, C, class_names)})
+
+    def record(method: str, protocol: str, warped, disp, hyp, cols, seconds: float) -> None:
+        for k, pair in enumerate(pairs):
+            m = evaluation.pair_metrics(pair, disp[k], C, class_names)
+            params = json.dumps({c.replace("g_", ""): round(float(v), 4) for c, v in zip(cols, hyp[k])})
+            rows.append({"pair_id": pair.pair_id, "protocol": protocol, "method": method, "params": params,
+                         "seconds": seconds / n, **m})
+            warped_seg = None
+            if pair.pair_id in results and protocol == "oracle" or args.save_nifti:
+                warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[k])
+            if pair.pair_id in results and protocol == "oracle":
+                results[pair.pair_id][method] = {"warped": warped[k, ..., 0], "disp": disp[k], "warped_seg": warped_seg,
+                                                 "dice": m["mean_dice"], "negj": m["percent_neg_jac"]}
+            if args.save_nifti:
+                _save_nifti(os.path.join(args.out, "nifti", protocol, pair.pair_id), pair, method, warped[k],
+                            warped_seg, disp[k])
+        print(f"[inference] {protocol} {method}: mean Dice "
+              f"{np.mean([r['mean_dice'] for r in rows[-n:]]):.3f} ({seconds / n:.3f} s/pair)", flush=True)
+
     for g in groups:
         short = evaluation.SHORT[g["reg"]]
-        choice = g["choice"].loc[pair_ids]
         g_cols = ["g_lambda", "g_mu"] if g["reg"] == "elastic" else ["g_lambda"]
-        runs = [(f"{short}-g", g["g_model"], choice[g_cols].to_numpy(np.float32), g_cols),
-                (f"{short}-sas", g["sa_model"], choice[g["sa_names"]].to_numpy(np.float32), g["sa_names"])]
-        for method, model, hyp, cols in runs:
-            warped, disp = Registrar(model)(moving, fixed, hyp)
-            for k, pair in enumerate(pairs):
-                m = evaluation.pair_metrics(pair, disp[k], C, class_names)
-                params = json.dumps({c.replace("g_", ""): round(float(v), 4) for c, v in zip(cols, hyp[k])})
-                rows.append({"pair_id": pair.pair_id, "method": method, "params": params, **m})
-                warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[k])
-                results[pair.pair_id][method] = {"warped": warped[k, ..., 0], "disp": disp[k],
-                                                 "warped_seg": warped_seg, "dice": m["mean_dice"],
-                                                 "negj": m["percent_neg_jac"]}
-                if args.save_nifti:
-                    _save_nifti(os.path.join(args.out, "nifti", pair.pair_id), pair, method, warped[k], warped_seg, disp[k])
-            print(f"[inference] {method}: mean Dice "
-                  f"{np.mean([r['mean_dice'] for r in rows if r['method'] == method]):.3f}", flush=True)
+        registrars = {"g": Registrar(g["g_model"]), "sa": Registrar(g["sa_model"])}
+        refiners = {}
+        if args.refine:
+            for kind, cfg in (("g", g["g_cfg"]), ("sa", g["sa_cfg"])):
+                loss = cfg.get("loss", {})
+                refiners[kind] = Refiner(runio.model_and_spec(cfg)[1], loss.get("spacing"), loss.get("ncc_win", 9))
+        for src in g["sources"]:
+            choice = src["choice"].loc[pair_ids]
+            g_hyp = choice[g_cols].to_numpy(np.float32)
+            sa_hyp = choice[g["sa_names"]].to_numpy(np.float32)
+            runs = [(f"{short}-g", "g", g_hyp, g_cols), (f"{short}-sas", "sa", sa_hyp, g["sa_names"])]
+            if src["method"] == "grid":  # ablation: every class at the pair's -g values (SPEC section 9)
+                runs.append((f"{short}-sas@g", "sa", np.repeat(g_hyp, C + 1, axis=1), g["sa_names"]))
+            for name, kind, hyp, cols in runs:
+                t0 = time.time()
+                warped, disp = registrars[kind](moving, fixed, hyp)
+                seconds = time.time() - t0
+                record(name + src["suffix"], src["protocol"], warped, disp, hyp, cols, seconds)
+                if args.refine and src["method"] == "grid" and "@" not in name:
+                    t1 = time.time()
+                    u, before, after = refiners[kind](moving, fixed, disp, hyp, fixed_seg, args.refine, args.refine_lr)
+                    warped_io = linear_warp(moving, u).numpy()
+                    record(name + "+io", src["protocol"], warped_io, u, hyp, cols, seconds + time.time() - t1)
+                    print(f"[inference]   refinement loss {before.mean():.4f} -> {after.mean():.4f}", flush=True)
 
     per_pair = pd.DataFrame(rows)
     problem = evaluation.check_range(per_pair, class_names)
     if problem:
         raise FloatingPointError(f"metrics out of range: {problem}")
     numeric, markdown = evaluation.table1(per_pair, class_names)
+    comparison = evaluation.paired_comparison(per_pair, evaluation.default_comparisons(per_pair["method"]),
+                                              n_boot=args.bootstrap, seed=args.seed)
     runio.atomic_to_csv(per_pair, os.path.join(args.out, "per_pair_metrics.csv"))
     runio.atomic_to_csv(numeric, os.path.join(args.out, "table1.csv"))
-    header = (f"Table 1 on {dataset.name} ({len(pairs)} {split} pairs), mean(std) over pairs; "
-              f"class DSC order: {', '.join(class_names)}\n\n")
-    runio.atomic_write_text(os.path.join(args.out, "table1.md"), header + markdown)
+    runio.atomic_to_csv(comparison, os.path.join(args.out, "comparison.csv"))
+    header = (f"Table 1 on {dataset.name} ({n} {split} pairs), mean(std) over pairs; "
+              f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping\n\n")
+    comp_md = evaluation.comparison_markdown(comparison)
+    if comp_md:
+        comp_md = (f"\nPaired comparison (differences per pair; mean, seeded {args.bootstrap}-resample bootstrap "
+                   "95% CI, two-sided Wilcoxon signed-rank p):\n\n" + comp_md)
+    runio.atomic_write_text(os.path.join(args.out, "table1.md"), header + markdown + comp_md)
 
-    figures.plot_dice_boxplots(per_pair, class_names, os.path.join(args.out, "dice_boxplots.png"))
+    labelled = per_pair.assign(method=[m if p in ("", "oracle") else f"{m} [{p[:3]}]"
+                                       for m, p in zip(per_pair["method"], per_pair["protocol"])])
+    figures.plot_dice_boxplots(labelled, class_names, os.path.join(args.out, "dice_boxplots.png"))
     for pair in pairs[: max(args.panels, 0)]:
         for g in groups:
             short = evaluation.SHORT[g["reg"]]
-            res = {m: results[pair.pair_id][m] for m in (f"{short}-g", f"{short}-sas")}
+            res = {m: r for m, r in results[pair.pair_id].items() if m.startswith(short + "-")}
             figures.plot_registration_panel(pair.moving[..., 0], pair.fixed[..., 0], pair.fixed_seg, res,
                                             os.path.join(args.out, f"fig3_{short}_{pair.pair_id}.png"),
-                                            title=f"{pair.pair_id}: {short}-g vs {short}-sas",
+                                            title=f"{pair.pair_id}: {short} models (oracle protocol)",
                                             class_names=class_names)
     meta = {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sa_run"]), "global_run": os.path.abspath(g["global_run"]),
-                                  "identification": os.path.abspath(g["csv"])} for g in groups},
-            "dataset": cfg0["data"], "split": split, "n_pairs": len(pairs),
+                                  "identification": [os.path.abspath(s["csv"]) for s in g["sources"]]}
+                       for g in groups},
+            "dataset": cfg0["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,
+            "refine_lr": args.refine_lr, "bootstrap": args.bootstrap, "seed": args.seed,
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
     runio.atomic_write_text(os.path.join(args.out, "inference.json"), json.dumps(meta, indent=2))
-    print(header + markdown, flush=True)
+    print(header + markdown + comp_md, flush=True)
     print(f"[inference] table: {os.path.join(args.out, 'table1.md')}  figures: {args.out}/*.png", flush=True)
     return args.out
 
 
 if __name__ == "__main__":
-    main()
+    from hypermorph_spatially_adaptive.runio import cli_main
+
+    cli_main(main)

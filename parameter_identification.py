@@ -12,8 +12,17 @@ baseline (ties: larger regularization). Writes into ``--out``:
 - ``identification.json``        run folder, dataset options, grid, split, tie rule, timing
 - ``fig2_parameters.png``        identified parameters per tissue (paper Fig. 2)
 
+``--protocol population`` (SPEC section 9) searches the grid on the validation pairs instead,
+keeps one setting (per class the best mean class Dice over them) and writes it for every pair of
+``--split`` into ``<run>/identification_population``: the test labels then only score.
+
 The dataset is rebuilt from the run folder's config; ``--data-dir``/``--label-dir`` override
 its paths (e.g. when the data moved).
+
+``--method gradient --sa-run RUN`` identifies the SA model's own parameters by gradient descent
+(:mod:`hypermorph_spatially_adaptive.gradient_identification`) and writes the same CSV columns
+(Dice = hard Dice after the identified registration) plus ``objective_trace.csv`` into
+``<run>/identification_gradient`` (``_epe`` with ``--objective epe``).
 """
 from __future__ import annotations
 
@@ -28,21 +37,51 @@ import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hypermorph_spatially_adaptive import runio
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="run folder of a trained GLOBAL model (elastic or diffusion)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/identification)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="pairs to identify")
-    p.add_argument("--grid-steps", type=int, default=11,
+    p.add_argument("--protocol", default="oracle", choices=["oracle", "population"],
+                   help="oracle (the paper's): identify each pair of --split on its own labels; population "
+                        "(label-free at test time): search the grid on --population-split, keep per class the "
+                        "point with the best mean class Dice over its pairs (background and -g: best mean Dice) "
+                        "and apply that one setting to every pair of --split")
+    p.add_argument("--population-split", default="val", choices=["train", "val"],
+                   help="population protocol: the split whose labels choose the setting")
+    p.add_argument("--grid-steps", type=runio.arg_int(2), default=11,
                    help="grid values per parameter axis, equidistant in [0, 1] (11 -> step 0.1)")
     p.add_argument("--grid", type=float, nargs="+", default=None,
                    help="explicit grid values in [0, 1] (overrides --grid-steps)")
-    p.add_argument("--batch-size", type=int, default=0,
+    p.add_argument("--batch-size", type=runio.arg_int(0), default=0,
                    help="grid points per forward pass (0: as many as fit ~260k voxels, e.g. 16 at 128^2)")
     p.add_argument("--pairs", nargs="+", default=None, help="only these pair ids (default: the whole split)")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
     p.add_argument("--no-figure", action="store_true", help="skip the Fig. 2 scatter plot")
+    g = p.add_argument_group("method (SPEC sections 4 and 10)")
+    g.add_argument("--method", default="grid", choices=["grid", "gradient"],
+                   help="grid: grid search with the global model (the paper's proxy); gradient: Adam on the "
+                        "SA model's own hyperparameters (every class, background included) and on the global "
+                        "model's for the -g row")
+    g.add_argument("--sa-run", default=None, metavar="RUN",
+                   help="gradient: run folder of the trained SPATIALLY ADAPTIVE model (same regularizer and data "
+                        "as --run)")
+    g.add_argument("--init", default="grid", choices=["grid", "center"],
+                   help="gradient start point: the grid proxy's choice per pair (if a grid identification is "
+                        "found, see --init-from; else 0.5) or 0.5 for every parameter")
+    g.add_argument("--init-from", default=None, metavar="DIR",
+                   help="gradient, --init grid: folder with the grid method's identified_parameters.csv "
+                        "(default: <run>/identification)")
+    g.add_argument("--objective", default="dice", choices=["dice", "epe"],
+                   help="gradient: 1 - mean soft Dice over tissues (linearly warped one-hot labels), or the mean "
+                        "end-point error in mm against the true displacement in the body (synthetic data only)")
+    g.add_argument("--steps", type=int, default=50, help="gradient: maximum Adam steps (forward+backward passes)")
+    g.add_argument("--lr", type=float, default=0.05, help="gradient: Adam learning rate on z, h = sigmoid(z)")
+    g.add_argument("--patience", type=int, default=10,
+                   help="gradient: stop a pair after this many steps without improvement (0: never)")
     return p
 
 
@@ -78,35 +117,50 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         if unknown:
             raise ValueError(f"pair id(s) {unknown} are not in the {args.split} split of {dataset.name}")
         ids = list(args.pairs)
+    if args.method == "gradient":  # SPEC section 10; writes <run>/identification_gradient[_epe]
+        if getattr(args, "protocol", "oracle") != "oracle":
+            raise ValueError("--method gradient supports only the oracle protocol")
+        from hypermorph_spatially_adaptive import gradient_identification
+
+        return gradient_identification.run_cli(args, argv, model, config, dataset, ids)
     values = args.grid if args.grid is not None else ident.grid_values(args.grid_steps)
     grid = ident.make_grid(regularizer, values)
-    out = args.out or os.path.join(args.run, "identification")
+    population = args.protocol == "population"
+    out = args.out or os.path.join(args.run, "identification_population" if population else "identification")
     os.makedirs(out, exist_ok=True)
+    search_split = args.population_split if population else args.split
+    search_ids = dataset.split_ids(search_split) if population else ids
+    if not search_ids:
+        raise ValueError(f"the {search_split} split of {dataset.name} is empty: nothing to identify on")
 
     registrar = Registrar(model, batch_size=args.batch_size or None)
-    print(f"[identify {regularizer}] {len(ids)} {args.split} pairs x {len(grid)} grid points "
-          f"({len(values)} values per axis) with {args.run}", flush=True)
+    print(f"[identify {regularizer}] {args.protocol}: {len(search_ids)} {search_split} pairs x {len(grid)} grid "
+          f"points ({len(values)} values per axis) with {args.run}", flush=True)
     t0 = time.time()
     tables = []
-    for k, pid in enumerate(ids, 1):
+    for k, pid in enumerate(search_ids, 1):
         pair = dataset.load_pair(pid)
         tables.append(ident.grid_dice(registrar, pair, grid, class_names))
         best = tables[-1]["mean_dice"].max()
-        print(f"[identify {regularizer}] {k}/{len(ids)} {pid}: best mean Dice {best:.3f} "
+        print(f"[identify {regularizer}] {k}/{len(search_ids)} {pid}: best mean Dice {best:.3f} "
               f"({(time.time() - t0) / k:.2f} s/pair)", flush=True)
     grid_df = pd.concat(tables, ignore_index=True)
-    choice = ident.choose_parameters(grid_df, regularizer, class_names)
+    if population:
+        choice = ident.population_choice(grid_df, regularizer, class_names, ids)
+    else:
+        choice = ident.choose_parameters(grid_df, regularizer, class_names)
     choice.insert(1, "regularizer", regularizer)
     seconds = time.time() - t0
 
     runio.atomic_to_csv(grid_df, os.path.join(out, "grid_dice.csv"))
     runio.atomic_to_csv(choice, os.path.join(out, "identified_parameters.csv"))
     meta = {"global_run": os.path.abspath(args.run), "regularizer": regularizer, "class_names": class_names,
-            "data": config["data"], "split": args.split, "grid_values": [float(v) for v in values],
+            "data": config["data"], "split": args.split, "protocol": args.protocol, "method": "grid",
+            "identified_on": search_split, "grid_values": [float(v) for v in values],
             "n_grid_points": int(len(grid)), "pairs": ids,
             "tie_rule": "equal Dice -> larger regularization: larger lambda+mu (diffusion: weight), "
                         "then larger mu, then larger lambda; background and -g use the best mean Dice",
-            "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(ids), 1), 3),
+            "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(search_ids), 1), 3),
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
     runio.atomic_write_text(os.path.join(out, "identification.json"), json.dumps(meta, indent=2))
     if not args.no_figure:
@@ -118,4 +172,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from hypermorph_spatially_adaptive.runio import cli_main
+
+    cli_main(main)

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
 
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
-QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3,
+QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, "refine": 5,
          "arch": ["--enc-features", "8", "16", "16", "16", "--dec-features", "16", "16", "16", "16", "16", "8", "8",
                   "--hyp-units", "32", "--hyp-layers", "2"]}
 
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1, help="training batch size")
     g.add_argument("--grid-steps", type=int, default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=int, default=0, help="training seed (all four models)")
+    g.add_argument("--refine", type=int, default=100,
+                   help="instance optimization steps per test pair after the networks (the +io rows; 0: off)")
     g.add_argument("--panels", type=int, default=2, help="Fig. 3 panels for the first N test pairs")
     g.add_argument("--force", action="store_true", help="retrain even if a finished run with the same command exists")
     g.add_argument("--quick", action="store_true",
@@ -66,14 +68,35 @@ def _data_argv(args) -> List[str]:
     return out
 
 
-def _finished_with(run_dir: str, argv: List[str]) -> bool:
+def _run_state(run_dir: str, argv: List[str]) -> str:
+    """State of a training run folder for the training command ``argv``: ``"none"`` (no run),
+    ``"finished"`` / ``"unfinished"`` (a run whose latest command, ``--resume``/``--overwrite``
+    aside, equals ``argv``) or ``"changed"`` (a run made with another command)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
-        return False
+        return "none"
     with open(path) as f:
         cfg = json.load(f)
-    return bool(cfg.get("finished")) and cfg.get("command", [None])[1:] == argv \
-        and os.path.isfile(os.path.join(run_dir, "weights.h5"))
+    command = (cfg.get("resumed") or [cfg])[-1].get("command", [None])
+    if [a for a in command[1:] if a not in ("--resume", "--overwrite")] != argv:
+        return "changed"
+    done = bool(cfg.get("finished")) and os.path.isfile(os.path.join(run_dir, "weights.h5"))
+    return "finished" if done else "unfinished"
+
+
+def _check_inputs(args, common: List[str], runs: dict) -> None:
+    """Before anything is trained: every stage's options and every pair of every split (the test
+    split included: it must be non-empty and readable)."""
+    import datasets
+    import parameter_identification
+    from hypermorph_spatially_adaptive import trainer
+
+    targs = [trainer.build_parser(p).parse_args(common + ["--out", runs[p]]) for p in PRESETS]
+    for a in targs:
+        trainer.check_args(a)
+    parameter_identification.build_parser().parse_args(["--run", runs[PRESETS[0]], "--grid-steps", str(args.grid_steps)])
+    datasets.validate_dataset(datasets.dataset_from_args(args), require=("train", "val", "test"),
+                              multiple=2 ** len(targs[0].enc_features), log=lambda line: print(line, flush=True))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -85,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             args.image_size = QUICK["image_size"]
         if args.dataset == "synthetic" and args.num_pairs == 60:
             args.num_pairs = QUICK["num_pairs"]
-        args.steps, args.grid_steps = QUICK["steps"], QUICK["grid_steps"]
+        args.steps, args.grid_steps, args.refine = QUICK["steps"], QUICK["grid_steps"], QUICK["refine"]
     if args.dataset == "synthetic" and args.cache_dir is None and args.data_dir is None:
         args.cache_dir = os.path.join(".cache", "synthetic")
 
@@ -101,27 +124,45 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.quick:
         common += QUICK["arch"]
     common += shlex.split(args.train_args)
+    _check_inputs(args, common, runs)
     print(f"== stage 1/3: training 4 models ({args.steps} steps each) -> {args.out}/runs", flush=True)
     for k, preset in enumerate(PRESETS, 1):
         argv_p = common + ["--out", runs[preset]]
-        if not args.force and _finished_with(runs[preset], argv_p):
+        state = _run_state(runs[preset], argv_p)
+        if state != "none" and args.force:
+            print(f"-- [{k}/4] {preset}: --force: the run in {runs[preset]} is replaced (--overwrite)", flush=True)
+            trainer.main(preset, argv_p + ["--overwrite"])
+        elif state == "finished":
             print(f"-- [{k}/4] {preset}: finished run with the same command found, reused", flush=True)
-            continue
-        print(f"-- [{k}/4] {preset}", flush=True)
-        trainer.main(preset, argv_p)
+        elif state == "none":
+            print(f"-- [{k}/4] {preset}", flush=True)
+            trainer.main(preset, argv_p)
+        else:
+            print(f"-- [{k}/4] {preset}: " + ("unfinished run with the same command found, resuming it" if
+                  state == "unfinished" else f"{runs[preset]} holds a run made with another command; resuming it "
+                  "(refused unless only the step target or logging changed)"), flush=True)
+            try:
+                trainer.main(preset, argv_p + ["--resume"])
+            except ValueError as exc:
+                if "--resume refused" not in str(exc):
+                    raise
+                raise ValueError(f"{exc} [run_pipeline.py: --force retrains the four models]") from exc
 
-    print("== stage 2/3: parameter identification with the global models", flush=True)
+    print("== stage 2/3: parameter identification with the global models (oracle and population protocol)",
+          flush=True)
     ident = {}
     for reg in ("elastic", "diffusion"):
-        ident[reg] = os.path.join(args.out, "identification", reg)
-        parameter_identification.main(["--run", runs[f"{reg}_global"], "--out", ident[reg],
-                                       "--grid-steps", str(args.grid_steps)])
+        ident[reg] = []
+        for protocol, folder in (("oracle", "identification"), ("population", "identification_population")):
+            ident[reg].append(os.path.join(args.out, folder, reg))
+            parameter_identification.main(["--run", runs[f"{reg}_global"], "--out", ident[reg][-1],
+                                           "--grid-steps", str(args.grid_steps), "--protocol", protocol])
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
-    inference.main(["--out", results, "--panels", str(args.panels),
-                    "--elastic-sa", runs["elastic_sa"], "--elastic-ident", ident["elastic"],
-                    "--diffusion-sa", runs["diffusion_sa"], "--diffusion-ident", ident["diffusion"]])
+    inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine),
+                    "--elastic-sa", runs["elastic_sa"], "--elastic-ident", *ident["elastic"],
+                    "--diffusion-sa", runs["diffusion_sa"], "--diffusion-ident", *ident["diffusion"]])
     minutes = (time.time() - t0) / 60
     print(f"\nPipeline finished in {minutes:.1f} min.\n  Table 1: {results}/table1.md (and .csv)\n"
           f"  per-pair metrics: {results}/per_pair_metrics.csv\n  figures: {results}/*.png, "
@@ -130,4 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from hypermorph_spatially_adaptive.runio import cli_main
+
+    cli_main(main)

@@ -119,3 +119,23 @@ def choose_parameters(grid_df: pd.DataFrame, regularizer: str, class_names: Sequ
     missing = [n for n in sa_names if n not in out]
     assert not missing, missing
     return out
+
+
+def population_choice(grid_df: pd.DataFrame, regularizer: str, class_names: Sequence[str],
+                      pair_ids: Sequence[str]) -> pd.DataFrame:
+    """One parameter setting from a grid table over several pairs, applied to ``pair_ids``.
+
+    The label-free protocol of SPEC section 9: ``grid_df`` holds the grid of the *validation*
+    pairs; per grid point the class Dice and mean Dice are averaged over those pairs (NaN
+    skipped), then :func:`choose_parameters` picks per class the point with the best mean class
+    Dice and, for the background and the -g baseline, the best mean (over pairs) mean Dice,
+    with the same tie rule. Returns one identical row per id in ``pair_ids`` (the test pairs);
+    its ``dice_*``/``mean_dice`` columns are the validation means that chose the setting.
+    """
+    keys = ["lambda", "mu"] if "mu" in grid_df else ["lambda"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        agg = grid_df.drop(columns=["pair_id"]).groupby(keys, as_index=False, sort=True).mean()
+    agg.insert(0, "pair_id", "population")
+    one = choose_parameters(agg, regularizer, class_names).iloc[0].to_dict()
+    return pd.DataFrame([{**one, "pair_id": pid} for pid in pair_ids])

@@ -65,7 +65,7 @@ def test_table1_mean_std_and_layout():
     assert list(numeric["method"]) == ["initial", "elas-sas"]
     r = numeric.set_index("method").loc["elas-sas"]
     assert r["mean_dice_mean"] == pytest.approx(0.85) and r["mean_dice_std"] == pytest.approx(0.05)
-    assert "| initial | [0.600, 0.600, 0.600] | 0.600(0.100) | 6.000(1.000) | - | - |" in md
+    assert "| initial | [0.600, 0.600, 0.600] | 0.600(0.100) | 6.000(1.000) | - | - | 0 |" in md
     assert "TRE" not in md  # no keypoints -> no TRE column
 
 
@@ -82,17 +82,32 @@ def quick_run(tmp_path_factory):
 
 def test_quick_pipeline_table(quick_run):
     res = quick_run / "results"
-    t1 = pd.read_csv(res / "table1.csv")
-    assert list(t1["method"]) == ["initial", "diff-g", "diff-sas", "elas-g", "elas-sas"]
+    t1 = pd.read_csv(res / "table1.csv", keep_default_na=False, na_values=[""])
+    t1["protocol"] = t1["protocol"].fillna("")
+    block = ["diff-g", "diff-sas", "diff-sas@g", "diff-g+io", "diff-sas+io",
+             "elas-g", "elas-sas", "elas-sas@g", "elas-g+io", "elas-sas+io"]
+    assert list(t1["method"]) == ["initial"] + block + block
+    assert list(t1["protocol"]) == [""] + ["oracle"] * 10 + ["population"] * 10
     for c in [f"dice_{n}_mean" for n in CLASSES] + ["mean_dice_mean", "hd95_mean", "tre_mean",
-                                                    "percent_neg_jac_mean", "dense_epe_mean"]:
+                                                    "percent_neg_jac_mean", "dense_epe_mean"] + \
+            [f"dense_epe_{n}_mean" for n in CLASSES]:
         v = t1[c].to_numpy(float)
         assert np.all(np.isfinite(v)), c
+    comp = pd.read_csv(res / "comparison.csv")
+    assert set(comp["protocol"]) == {"oracle", "population"}
+    assert {"elas-sas - elas-g", "elas-sas@g - elas-g", "elas-sas+io - elas-g+io",
+            "diff-sas - diff-g"} <= set(comp["comparison"])
+    assert set(comp["metric"]) >= {"mean_dice", "hd95", "tre", "dense_epe"}
+    assert np.all(np.isfinite(comp[["mean_diff", "ci_low", "ci_high", "wilcoxon_p"]].to_numpy(float)))
+    assert (comp["ci_low"] <= comp["mean_diff"] + 1e-12).all() and (comp["mean_diff"] <= comp["ci_high"] + 1e-12).all()
+    # the population protocol gives every test pair the same parameters
+    pop = pd.read_csv(quick_run / "identification_population" / "elastic" / "identified_parameters.csv")
+    assert (pop.drop(columns="pair_id").nunique(dropna=False) <= 1).all()
     dice_means = t1[[c for c in t1 if c.startswith(("dice_", "mean_dice")) and c.endswith("_mean")]].to_numpy()
     assert dice_means.min() >= 0 and dice_means.max() <= 1
     assert (t1["mean_dice_mean"] <= 1).all() and (t1["percent_neg_jac_mean"] <= 100).all()
     md = (res / "table1.md").read_text()
-    assert md.count("\n| ") >= 6 and "elas-sas" in md
+    assert md.count("\n| initial |") == 2 and "population protocol" in md and "Paired comparison" in md
     for f in ["dice_boxplots.png", "per_pair_metrics.csv", "inference.json"]:
         assert (res / f).stat().st_size > 0
     assert len(list(res.glob("fig3_*.png"))) == 4
@@ -108,7 +123,7 @@ def test_quick_pipeline_sas_uses_identified_per_class_parameters(quick_run):
     choice["fallback"] = choice["fallback"].fillna("")  # CSV reads an empty string as NaN
     pd.testing.assert_frame_equal(choice.drop(columns=["regularizer"]), recomputed, check_dtype=False)
     per_pair = pd.read_csv(quick_run / "results" / "per_pair_metrics.csv", dtype={"pair_id": str})
-    sas = per_pair[per_pair["method"] == "elas-sas"].set_index("pair_id")
+    sas = per_pair[(per_pair["method"] == "elas-sas") & (per_pair["protocol"] == "oracle")].set_index("pair_id")
     differ = 0
     for pid, row in choice.iterrows():
         used = json.loads(sas.loc[pid, "params"])
