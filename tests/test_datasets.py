@@ -578,7 +578,7 @@ def test_synthetic_cache_and_determinism(tmp_path, fake_synth):
     assert pair.extras["lame"]["lung"][0] == 0.1 and pair.spacing == (1.0, 1.0)
     assert calls == [2 * 100003 + 7]
     files = os.listdir(tmp_path / "c1")
-    assert files == [f"synthetic_vtest1_16x12_m0.1_seed{2 * 100003 + 7}.npz"]  # no temp leftovers
+    assert files == [f"synthetic_vtest1_16x12_m0.05_seed{2 * 100003 + 7}.npz"]  # no temp leftovers
     # second load reads the cache
     def boom(seed, shape):
         raise AssertionError("generator must not run")
