@@ -1,0 +1,577 @@
+"""Direct identification of a model's hyperparameters by gradient descent (SPEC section 10).
+
+The grid method (:mod:`.identification`) searches the *global* model and hands each tissue's
+best grid point to the spatially adaptive (SA) model, a proxy. Both networks are differentiable
+in their hyperparameter input, so the SA model's own parameters (every class, background
+included) can be optimized directly:
+
+- variable ``z`` in R^P per pair, hyperparameters ``h = sigmoid(z)`` in (0, 1); start
+  ``z0 = logit(clip(h0, 1e-3, 1 - 1e-3))`` (``h0`` default 0.5);
+- objective ``'dice'``: ``1 - mean_c softDice_c`` over the tissue classes ``c = 1..C`` present
+  in the fixed or moving labels of that pair, with the moving one-hot labels warped by the
+  predicted displacement with *linear* interpolation (differentiable);
+  objective ``'epe'`` (synthetic data): mean end-point error in mm against the true
+  displacement inside a mask (default: the body, ``fixed_seg > 0``);
+- Adam on ``z``; all pairs of a batch in one forward + backward pass of the network with frozen
+  weights; the per-pair objectives are *summed*, so each pair's gradient is its own (the
+  networks have no batch coupling) and Adam, being elementwise, keeps the pairs independent;
+- the best iterate per pair (lowest objective among the evaluated iterates) is returned, so the
+  result is never worse than the start; a pair stops when its best objective has not improved
+  by more than ``min_delta`` for ``patience`` steps, the batch when all its pairs stopped.
+
+Conventions: channels-last; displacement ``disp [B, *spatial, D]`` in voxels, channel ``j`` =
+displacement along array axis ``j`` (voxelmorph 'ij'); ``warped(x) = moving(x + disp(x))``;
+sampling outside the image repeats the edge value (``scipy.ndimage`` ``mode='nearest'``, as
+:func:`eval_metrics.warp_image`).
+
+:func:`run_cli` is the ``--method gradient`` branch of ``parameter_identification.py``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .compat import import_voxelmorph
+
+tf, _vxm, _ne = import_voxelmorph()
+
+OBJECTIVES = ("dice", "epe")
+#: start values are clipped into [H_CLIP, 1 - H_CLIP] before the logit
+H_CLIP = 1e-3
+#: an objective must fall by more than this to count as an improvement (early stopping)
+MIN_DELTA = 1e-4
+#: voxels per gradient batch when the caller does not choose (2 pairs at 128^2, 16 at 64^2)
+GRADIENT_VOXEL_BUDGET = 2 ** 16
+
+
+# ----------------------------------------------------------------------------------------------
+# differentiable pieces
+# ----------------------------------------------------------------------------------------------
+def warp_linear(vol: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
+    """Warp ``vol [B, *spatial, K]`` by ``disp [B, *spatial, D]`` with (bi/tri)linear interpolation.
+
+    ``out(x) = vol(x + disp(x))``; sample positions are clamped to the image (edge values
+    repeat, like ``scipy.ndimage.map_coordinates(order=1, mode='nearest')``). Differentiable in
+    ``disp`` (and ``vol``). Static spatial shape required; every spatial size must be >= 2.
+    """
+    vol = tf.convert_to_tensor(vol, tf.float32)
+    disp = tf.convert_to_tensor(disp, tf.float32)
+    sizes = [int(s) for s in vol.shape[1:-1]]
+    nd = len(sizes)
+    if int(disp.shape[-1]) != nd or [int(s) for s in disp.shape[1:-1]] != sizes:
+        raise ValueError(f"disp {disp.shape} does not fit the volume {vol.shape}")
+    if min(sizes) < 2:
+        raise ValueError("warp_linear needs every spatial size >= 2")
+    k = int(vol.shape[-1])
+    n_vox = int(np.prod(sizes))
+    strides = [int(np.prod(sizes[j + 1:])) for j in range(nd)]
+    grid = tf.meshgrid(*[tf.range(s, dtype=tf.float32) for s in sizes], indexing="ij")
+    lo, frac = [], []
+    for j in range(nd):
+        loc = tf.clip_by_value(grid[j][None] + disp[..., j], 0.0, sizes[j] - 1.0)
+        base = tf.clip_by_value(tf.floor(loc), 0.0, sizes[j] - 2.0)
+        lo.append(tf.cast(base, tf.int32))
+        frac.append(loc - base)
+    flat = tf.reshape(vol, [-1, n_vox, k])
+    out = 0.0
+    for corner in itertools.product((0, 1), repeat=nd):
+        index = 0
+        weight = 1.0
+        for j, c in enumerate(corner):
+            index += (lo[j] + c) * strides[j]
+            weight *= frac[j] if c else 1.0 - frac[j]
+        vals = tf.gather(flat, tf.reshape(index, [-1, n_vox]), batch_dims=1)
+        out += tf.reshape(vals, tf.shape(vol)) * weight[..., None]
+    return out
+
+
+def soft_dice(fixed_onehot: tf.Tensor, warped_onehot: tf.Tensor, eps: float = 1e-6) -> tf.Tensor:
+    """Soft Dice per sample and class: ``2 sum(a b) / (sum a + sum b + eps)``.
+
+    Args:
+        fixed_onehot: ``[B, *spatial, K]`` fixed labels, one-hot (or soft) per class.
+        warped_onehot: ``[B, *spatial, K]`` warped moving labels (e.g. linearly interpolated).
+
+    Returns:
+        ``[B, K]``. On binary inputs it equals the hard Dice up to ``eps``; a class absent from
+        both is 0 (not NaN: callers mask absent classes themselves).
+    """
+    a = tf.convert_to_tensor(fixed_onehot, tf.float32)
+    b = tf.convert_to_tensor(warped_onehot, tf.float32)
+    axes = list(range(1, a.shape.rank - 1))
+    inter = tf.reduce_sum(a * b, axis=axes)
+    denom = tf.reduce_sum(a, axis=axes) + tf.reduce_sum(b, axis=axes)
+    return 2.0 * inter / (denom + eps)
+
+
+def tissue_onehot(seg, num_classes: int) -> tf.Tensor:
+    """``seg [B, *spatial]`` int labels 0..C -> ``[B, *spatial, C]`` one-hot of classes 1..C."""
+    return tf.one_hot(tf.cast(seg, tf.int32), num_classes + 1, dtype=tf.float32)[..., 1:]
+
+
+def dice_objective(fixed_oh: tf.Tensor, moving_oh: tf.Tensor, disp: tf.Tensor,
+                   present: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """``1 - mean_c softDice_c`` per sample over the classes flagged in ``present [B, C]``.
+
+    ``fixed_oh``/``moving_oh`` ``[B, *spatial, C]``; ``mask [B, *spatial]`` (optional) limits
+    the voxels counted. Returns ``[B]``.
+    """
+    warped = warp_linear(moving_oh, disp)
+    a = fixed_oh
+    if mask is not None:
+        a = a * mask[..., None]
+        warped = warped * mask[..., None]
+    dice = soft_dice(a, warped)
+    n = tf.maximum(tf.reduce_sum(present, axis=1), 1.0)
+    return 1.0 - tf.reduce_sum(dice * present, axis=1) / n
+
+
+def epe_objective(disp: tf.Tensor, disp_true: tf.Tensor, mask: tf.Tensor, spacing: Sequence[float]) -> tf.Tensor:
+    """Mean end-point error in mm inside ``mask [B, *spatial]`` per sample -> ``[B]``.
+
+    ``disp``/``disp_true`` ``[B, *spatial, D]`` in voxels; ``spacing`` mm per axis. A tiny
+    constant inside the square root keeps the gradient finite where the error is 0.
+    """
+    sp = tf.cast(tf.convert_to_tensor(spacing), tf.float32)
+    err = tf.sqrt(tf.reduce_sum(tf.square((disp - disp_true) * sp), axis=-1) + 1e-12)
+    axes = list(range(1, err.shape.rank))
+    return tf.reduce_sum(err * mask, axis=axes) / tf.maximum(tf.reduce_sum(mask, axis=axes), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GradientResult:
+    """Outcome of :func:`identify_by_gradient` for N pairs.
+
+    ``h [N, P]`` best iterate (in (0, 1)); ``best``/``start`` ``[N]`` objective at the best
+    iterate and at the start; ``traces`` one array per pair (objective of every evaluated
+    iterate, ``traces[n][0] == start[n]``); ``steps [N]`` forward + backward passes spent on
+    each pair; ``batch_passes`` batched forward + backward calls; ``seconds`` wall time
+    (tracing included).
+    """
+
+    h: np.ndarray
+    best: np.ndarray
+    start: np.ndarray
+    traces: List[np.ndarray]
+    steps: np.ndarray
+    batch_passes: int = 0
+    seconds: float = 0.0
+    objective: str = "dice"
+    extra: Dict = field(default_factory=dict)
+
+
+def logit_start(h0, n: int, num_params: int) -> np.ndarray:
+    """Start variable ``z0 [n, P]`` from ``h0`` (``None`` -> 0.5, ``[P]`` or ``[n, P]``)."""
+    if h0 is None:
+        h0 = np.full((n, num_params), 0.5)
+    h0 = np.asarray(h0, np.float64)
+    if h0.ndim == 1:
+        h0 = np.broadcast_to(h0[None], (n, h0.shape[0]))
+    if h0.shape != (n, num_params):
+        raise ValueError(f"h0 has shape {h0.shape}; expected [{n}, {num_params}] or [{num_params}]")
+    if not np.all(np.isfinite(h0)):
+        raise ValueError("h0 must be finite")
+    h0 = np.clip(h0, H_CLIP, 1.0 - H_CLIP)
+    return np.log(h0) - np.log1p(-h0)
+
+
+#: compiled steps per (live) model and objective
+_STEP_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _make_step(model, objective: str, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> Callable:
+    """One compiled Adam step on ``z`` (weights frozen), cached per model and objective.
+
+    ``step(z, m, v, t, lr, active, moving, fixed, a, b, present, mask, spacing)`` returns
+    ``(objective [B] at z, gradient finite [B], z', m', v')``; pairs with ``active = 0`` (or a
+    non-finite gradient) keep ``z``, ``m``, ``v``. For ``'dice'`` ``a``/``b`` are the fixed/moving
+    tissue one-hots ``[B, *spatial, C]`` and ``present [B, C]`` flags the classes that count; for
+    ``'epe'`` ``a`` is the true displacement ``[B, *spatial, D]`` (``b``, ``present`` unused).
+    ``t`` is the 1-based Adam step, ``spacing [D]`` mm per axis.
+    """
+    cache = _STEP_CACHE.setdefault(model, {})
+    if objective in cache:
+        return cache[objective]
+
+    @tf.function(autograph=False)
+    def step(z, m, v, t, lr, active, moving, fixed, a, b, present, mask, spacing):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            h = tf.sigmoid(z)
+            _, disp, _ = model([moving, fixed, h], training=False)
+            if objective == "dice":
+                obj = dice_objective(a, b, disp, present, mask)
+            else:
+                obj = epe_objective(disp, a, mask, spacing)
+            total = tf.reduce_sum(obj)
+        g = tape.gradient(total, z)
+        finite = tf.reduce_all(tf.math.is_finite(g), axis=1)
+        keep = tf.logical_or(active[:, None] < 0.5, tf.logical_not(finite)[:, None])
+        keep = tf.broadcast_to(keep, tf.shape(z))
+        g = tf.where(keep, tf.zeros_like(g), g)
+        m2 = beta1 * m + (1.0 - beta1) * g
+        v2 = beta2 * v + (1.0 - beta2) * tf.square(g)
+        mhat = m2 / (1.0 - tf.pow(beta1, t))
+        vhat = v2 / (1.0 - tf.pow(beta2, t))
+        z2 = z - lr * mhat / (tf.sqrt(vhat) + eps)
+        return obj, finite, tf.where(keep, z, z2), tf.where(keep, m, m2), tf.where(keep, v, v2)
+
+    cache[objective] = step
+    return step
+
+
+def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, steps: int = 50,
+                         lr: float = 0.05, patience: Optional[int] = 10, objective: str = "dice",
+                         disp_true=None, mask=None, spacing: Optional[Sequence[float]] = None,
+                         num_classes: Optional[int] = None, min_delta: float = MIN_DELTA,
+                         pair_ids: Optional[Sequence[str]] = None) -> GradientResult:
+    """Optimize the hyperparameter input of ``model`` per pair by Adam on ``z`` (``h = sigmoid(z)``).
+
+    Args:
+        model: Keras model ``[moving, fixed, hyp] -> (warped, disp, svf)`` (global or SA; see
+            :mod:`.models`), weights frozen.
+        moving, fixed: ``[N, *spatial, 1]`` float images.
+        fixed_seg, moving_seg: ``[N, *spatial]`` int labels 0..C (needed for 'dice'; for 'epe'
+            ``fixed_seg`` gives the default mask ``fixed_seg > 0``).
+        h0: start ``[N, P]`` or ``[P]`` in [0, 1]; ``None`` = 0.5 everywhere.
+        steps: maximum forward + backward passes per pair (the objective is evaluated at each
+            iterate before its update; the last update is not evaluated, so it is not kept).
+        lr: Adam step size on ``z``.
+        patience: stop a pair after this many steps without an improvement > ``min_delta``
+            (``None`` or 0: never stop early).
+        objective: ``'dice'`` or ``'epe'``.
+        disp_true: ``[N, *spatial, D]`` true displacement in voxels ('epe' only).
+        mask: ``[N, *spatial]`` voxels where the objective is evaluated (default: all voxels for
+            'dice', ``fixed_seg > 0`` for 'epe').
+        spacing: mm per axis for 'epe' (default 1).
+        num_classes: C (default: the largest label in the segmentations).
+        pair_ids: names used in error messages.
+
+    Returns:
+        :class:`GradientResult`. Raises ``FloatingPointError`` if an objective or gradient is
+        not finite (nothing is returned then).
+    """
+    t_start = time.perf_counter()
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    moving = np.asarray(moving, np.float32)
+    fixed = np.asarray(fixed, np.float32)
+    n = moving.shape[0]
+    shape = tuple(moving.shape[1:-1])
+    nd = len(shape)
+    ids = list(pair_ids) if pair_ids is not None else [f"#{k}" for k in range(n)]
+    num_params = int(model.inputs[2].shape[-1])
+    z = logit_start(h0, n, num_params).astype(np.float32)
+
+    fseg = None if fixed_seg is None else np.asarray(fixed_seg)
+    if objective == "dice":
+        if fseg is None or moving_seg is None:
+            raise ValueError("objective 'dice' needs the fixed and moving segmentations")
+        mseg = np.asarray(moving_seg)
+        C = int(num_classes) if num_classes else int(max(fseg.max(), mseg.max()))
+        if C < 1:
+            raise ValueError(f"pairs {ids}: no tissue labels (all background); the Dice objective needs labels")
+        a = tissue_onehot(fseg, C).numpy()
+        b = tissue_onehot(mseg, C).numpy()
+        present = ((a.reshape(n, -1, C).sum(1) + b.reshape(n, -1, C).sum(1)) > 0).astype(np.float32)
+        empty = [ids[k] for k in range(n) if present[k].sum() == 0]
+        if empty:
+            raise ValueError(f"pair(s) {empty}: no tissue labels in fixed or moving segmentation; "
+                             "the Dice objective needs labels")
+        msk = np.ones((n, *shape), np.float32) if mask is None else np.asarray(mask, np.float32)
+        spc = np.ones(nd, np.float32)
+    else:
+        if disp_true is None:
+            raise ValueError("objective 'epe' needs the true displacement (synthetic data only)")
+        a = np.asarray(disp_true, np.float32)
+        if a.shape != (n, *shape, nd):
+            raise ValueError(f"disp_true has shape {a.shape}, expected {(n, *shape, nd)}")
+        if mask is None:
+            if fseg is None:
+                raise ValueError("objective 'epe' needs a mask or the fixed segmentation (body = labels > 0)")
+            mask = fseg > 0
+        msk = np.asarray(mask, np.float32)
+        if np.any(msk.reshape(n, -1).sum(1) == 0):
+            raise ValueError(f"pairs {ids}: empty EPE mask (no body voxels)")
+        b = np.zeros((n, 1), np.float32)
+        present = np.zeros((n, 1), np.float32)
+        spc = np.asarray(spacing if spacing is not None else (1.0,) * nd, np.float32)
+
+    step = _make_step(model, objective)
+    m = np.zeros_like(z)
+    v = np.zeros_like(z)
+    active = np.ones(n, np.float32)
+    best = np.full(n, np.inf)
+    best_z = z.copy()
+    since = np.zeros(n, int)
+    traces: List[List[float]] = [[] for _ in range(n)]
+    used = np.zeros(n, int)
+    passes = 0
+    args_fixed = [tf.constant(x) for x in (moving, fixed, a, b, present, msk, spc)]
+    lr_t = tf.constant(lr, tf.float32)
+    for k in range(steps):
+        obj, finite, z_new, m, v = step(tf.constant(z), tf.constant(m), tf.constant(v),
+                                        tf.constant(float(k + 1)), lr_t, tf.constant(active), *args_fixed)
+        passes += 1
+        obj = obj.numpy().astype(np.float64)
+        finite = finite.numpy()
+        for i in np.flatnonzero(active):
+            if not (np.isfinite(obj[i]) and finite[i]):
+                what = "objective" if not np.isfinite(obj[i]) else "gradient"
+                raise FloatingPointError(
+                    f"pair {ids[i]}: the {objective} {what} became non-finite at step {k} "
+                    f"(h = {np.round(1 / (1 + np.exp(-z[i])), 4).tolist()}); try a smaller --lr")
+            traces[i].append(float(obj[i]))
+            used[i] += 1
+            if obj[i] < best[i] - min_delta or k == 0:
+                since[i] = 0
+            else:
+                since[i] += 1
+            if obj[i] < best[i]:
+                best[i] = obj[i]
+                best_z[i] = z[i]
+            if patience and since[i] >= patience:
+                active[i] = 0.0
+        if not active.any():
+            break
+        z = z_new.numpy()
+        m = m.numpy()
+        v = v.numpy()
+    h = 1.0 / (1.0 + np.exp(-best_z.astype(np.float64)))
+    return GradientResult(h=h, best=best, start=np.array([t[0] for t in traces]),
+                          traces=[np.asarray(t) for t in traces], steps=used, batch_passes=passes,
+                          seconds=time.perf_counter() - t_start, objective=objective)
+
+
+def identify_in_batches(model, pairs, batch_size: int, objective: str, h0: Optional[np.ndarray], **kw) -> GradientResult:
+    """:func:`identify_by_gradient` over ``pairs`` (``RegistrationPair`` list) in chunks.
+
+    ``h0 [N, P]`` or ``None``; returns one :class:`GradientResult` for all pairs in order.
+    """
+    parts = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        truth = None
+        if objective == "epe":
+            truth = np.stack([p.extras["disp_true"] for p in chunk])
+        parts.append(identify_by_gradient(
+            model, np.stack([p.moving for p in chunk]), np.stack([p.fixed for p in chunk]),
+            np.stack([p.fixed_seg for p in chunk]), np.stack([p.moving_seg for p in chunk]),
+            h0=None if h0 is None else h0[i:i + batch_size], objective=objective, disp_true=truth,
+            spacing=chunk[0].spacing, pair_ids=[p.pair_id for p in chunk], **kw))
+    return GradientResult(h=np.concatenate([r.h for r in parts]), best=np.concatenate([r.best for r in parts]),
+                          start=np.concatenate([r.start for r in parts]),
+                          traces=[t for r in parts for t in r.traces], steps=np.concatenate([r.steps for r in parts]),
+                          batch_passes=sum(r.batch_passes for r in parts), seconds=sum(r.seconds for r in parts),
+                          objective=objective)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter_identification.py --method gradient
+# ----------------------------------------------------------------------------------------------
+def _check_pair(pair, objective: str) -> None:
+    """Fail clearly on a pair the objective cannot use."""
+    for name in ("fixed_seg", "moving_seg"):
+        seg = getattr(pair, name, None)
+        if seg is None or not np.any(np.asarray(seg) > 0):
+            raise ValueError(f"pair {pair.pair_id}: {name} has no tissue labels; gradient identification "
+                             "needs the labels of both images (Dice objective, body mask, final Dice)")
+    if objective == "epe" and (pair.extras or {}).get("disp_true") is None:
+        raise ValueError(f"pair {pair.pair_id}: the dataset provides no true displacement "
+                         "(pair.extras['disp_true']); --objective epe works on synthetic data only")
+
+
+def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_names: Sequence[str],
+                  g_names: Sequence[str]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], str]:
+    """Start points ``(h0_sa [N, P_sa], h0_g [N, P_g], description)`` (``None`` = 0.5)."""
+    import pandas as pd
+
+    if init == "center":
+        return None, None, "center (0.5)"
+    path = os.path.join(init_dir, "identified_parameters.csv") if init_dir else None
+    if path is None or not os.path.isfile(path):
+        print(f"[identify gradient] --init grid: no grid identification at {path}; starting at 0.5", flush=True)
+        return None, None, "center (0.5; no grid identification found)"
+    df = pd.read_csv(path, dtype={"pair_id": str}).set_index("pair_id")
+    cols = list(sa_names) + list(g_names)
+    missing_cols = [c for c in cols if c not in df]
+    missing_ids = [p for p in ids if p not in df.index]
+    if missing_cols or missing_ids:
+        raise ValueError(f"{path}: cannot start from it: columns {missing_cols} / pairs {missing_ids[:5]} missing")
+    rows = df.loc[list(ids)]
+    return (rows[list(sa_names)].to_numpy(np.float64), rows[list(g_names)].to_numpy(np.float64),
+            f"grid proxy ({os.path.abspath(path)})")
+
+
+def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int) -> np.ndarray:
+    """Hard class Dice ``[N, C]`` after registering each pair with its ``hyp [N, P]``."""
+    import eval_metrics
+
+    from .registration import Registrar
+
+    _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp)
+    return np.stack([eval_metrics.dice_per_class(p.fixed_seg, eval_metrics.warp_labels(p.moving_seg, disp[k]),
+                                                 num_classes) for k, p in enumerate(pairs)])
+
+
+def stiffness_spearman(mu: np.ndarray, true_mu: np.ndarray) -> float:
+    """Spearman rank correlation between identified and true per-class values (NaN if constant)."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(mu) == 0 or np.ptp(true_mu) == 0:
+        return float("nan")
+    return float(spearmanr(mu, true_mu).statistic)
+
+
+def stiffness_order_summary(pairs, h_sa: np.ndarray, class_names: Sequence[str], elastic: bool) -> Dict:
+    """Per pair: Spearman between identified and true per-tissue Lamé values (synthetic data).
+
+    Uses ``pair.extras['lame'] = {class: (lambda, mu)}``; tissue classes 1..C (background
+    excluded; its row ``'*_with_background'`` includes it). Identified values are ``mu_<class>``
+    (elastic) or the diffusion weight ``w_<class>`` compared with the true ``mu``.
+    """
+    C = len(class_names)
+    k = C + 1
+    out: Dict[str, Dict[str, float]] = {}
+    for p, h in zip(pairs, h_sa):
+        lame = {int(c): v for c, v in (p.extras or {}).get("lame", {}).items()}
+        if not all(c in lame for c in range(k)):
+            return {}
+        true_lam = np.array([lame[c][0] for c in range(k)], float)
+        true_mu = np.array([lame[c][1] for c in range(k)], float)
+        ident_mu = h[k:2 * k] if elastic else h[:k]
+        row = {"mu": stiffness_spearman(ident_mu[1:], true_mu[1:]),
+               "mu_with_background": stiffness_spearman(ident_mu, true_mu)}
+        if elastic:
+            row["lambda"] = stiffness_spearman(h[1:k], true_lam[1:])
+        out[p.pair_id] = row
+    return out
+
+
+def _summarize(values: Sequence[float]) -> Dict[str, float]:
+    v = np.asarray([x for x in values if np.isfinite(x)], float)
+    if v.size == 0:
+        return {"n": 0}
+    return {"n": int(v.size), "mean": round(float(v.mean()), 3), "median": round(float(np.median(v)), 3),
+            "min": round(float(v.min()), 3), "fraction_perfect": round(float(np.mean(v > 0.999)), 3)}
+
+
+def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) -> str:
+    """``parameter_identification.py --method gradient``: identify, then write all files at once.
+
+    ``args`` are the parsed options (``sa_run``, ``init``, ``init_from``, ``objective``,
+    ``steps``, ``lr``, ``patience``, ``batch_size``, ``out``, ``run``, ``no_figure``);
+    ``g_model``/``g_config`` the global run, ``dataset``/``ids`` the pairs to identify.
+    Returns the output folder.
+    """
+    import pandas as pd
+
+    from . import runio
+    from .models import ParamSpec
+    from .registration import auto_batch_size
+
+    if args.sa_run is None:
+        raise ValueError("--method gradient needs --sa-run (the spatially adaptive run folder)")
+    regularizer = g_config["model"]["regularizer"]
+    class_names = list(g_config["class_names"])
+    C = len(class_names)
+    sa_model, sa_config = runio.load_run(args.sa_run, expect_regularizer=regularizer, expect_sa=True)
+    if sa_config["data"] != g_config["data"] or list(sa_config["class_names"]) != class_names:
+        raise ValueError(f"{args.sa_run} and {args.run} were trained on different datasets/classes")
+    runio.check_compatible(args.sa_run, sa_config, dataset)
+    sa_names = ParamSpec(regularizer, True, C).names(class_names)
+    g_names = ParamSpec(regularizer, False, C).names()
+    out = args.out or os.path.join(args.run, "identification_gradient"
+                                   + ("" if args.objective == "dice" else f"_{args.objective}"))
+    init_dir = args.init_from or os.path.join(args.run, "identification")
+
+    pairs = [dataset.load_pair(pid) for pid in ids]
+    for p in pairs:
+        _check_pair(p, args.objective)
+    h0_sa, h0_g, init_desc = _start_points(args.init, init_dir if args.init == "grid" else None, ids,
+                                           sa_names, [f"g_{n}" for n in g_names])
+    bs = args.batch_size or auto_batch_size(dataset.image_shape, len(pairs), GRADIENT_VOXEL_BUDGET)
+    kw = dict(steps=args.steps, lr=args.lr, patience=args.patience, num_classes=C)
+    print(f"[identify gradient {regularizer}] {len(ids)} pairs, objective {args.objective}, <= {args.steps} "
+          f"steps, lr {args.lr}, start {init_desc}; SA {args.sa_run}, global {args.run}", flush=True)
+    t0 = time.time()
+    res_sa = identify_in_batches(sa_model, pairs, bs, args.objective, h0_sa, **kw)
+    print(f"[identify gradient {regularizer}] SA: objective {np.mean(res_sa.start):.4f} -> {np.mean(res_sa.best):.4f} "
+          f"(mean over pairs), {res_sa.seconds:.1f} s", flush=True)
+    res_g = identify_in_batches(g_model, pairs, bs, args.objective, h0_g, **kw)
+    print(f"[identify gradient {regularizer}] -g: objective {np.mean(res_g.start):.4f} -> {np.mean(res_g.best):.4f}, "
+          f"{res_g.seconds:.1f} s", flush=True)
+    seconds = time.time() - t0
+    dice_sa = _hard_dice(sa_model, pairs, res_sa.h, C)
+    dice_g = _hard_dice(g_model, pairs, res_g.h, C)
+
+    def nanmean(x):
+        x = np.asarray(x, float)
+        return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+
+    rows, trace_rows = [], []
+    for k, p in enumerate(pairs):
+        row: Dict = {"pair_id": p.pair_id, "regularizer": regularizer}
+        row.update({n: float(v) for n, v in zip(sa_names, res_sa.h[k])})
+        row.update({f"dice_{n}": float(dice_sa[k, c]) for c, n in enumerate(class_names)})
+        row["mean_dice"] = nanmean(dice_sa[k])
+        row.update({f"g_{n}": float(v) for n, v in zip(g_names, res_g.h[k])})
+        row["g_mean_dice"] = nanmean(dice_g[k])
+        absent = [n for c, n in enumerate(class_names, 1) if not (np.any(p.fixed_seg == c) or np.any(p.moving_seg == c))]
+        row["fallback"] = ";".join(absent)
+        row.update({"objective": float(res_sa.best[k]), "start_objective": float(res_sa.start[k]),
+                    "g_objective": float(res_g.best[k]), "g_start_objective": float(res_g.start[k]),
+                    "steps": int(res_sa.steps[k]), "g_steps": int(res_g.steps[k])})
+        rows.append(row)
+        for model_name, res in (("sa", res_sa), ("g", res_g)):
+            trace_rows += [{"pair_id": p.pair_id, "model": model_name, "step": s, "objective": float(o)}
+                           for s, o in enumerate(res.traces[k])]
+    choice = pd.DataFrame(rows)
+    traces = pd.DataFrame(trace_rows)
+    meta = {"method": "gradient", "objective": args.objective, "protocol": "oracle", "global_run": os.path.abspath(args.run),
+            "sa_run": os.path.abspath(args.sa_run), "regularizer": regularizer, "class_names": class_names,
+            "data": g_config["data"], "split": args.split, "pairs": list(ids), "init": args.init,
+            "init_description": init_desc, "steps": args.steps, "lr": args.lr, "patience": args.patience,
+            "min_delta": MIN_DELTA, "pairs_per_batch": int(bs),
+            "parametrization": "h = sigmoid(z), Adam on z, best iterate per pair kept",
+            "forward_backward_passes": {"sa": int(res_sa.steps.sum()), "g": int(res_g.steps.sum())},
+            "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(ids), 1), 3),
+            "seconds_sa": round(res_sa.seconds, 2), "seconds_g": round(res_g.seconds, 2),
+            "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
+    if args.objective == "epe":
+        per_pair = stiffness_order_summary(pairs, res_sa.h, class_names, regularizer == "elastic")
+        if per_pair:
+            summary = {key: _summarize([r[key] for r in per_pair.values()]) for key in next(iter(per_pair.values()))}
+            meta["stiffness_order_spearman"] = {"summary": summary, "per_pair": per_pair}
+            print(f"[identify gradient {regularizer}] stiffness order, Spearman(identified, true) per pair over "
+                  f"tissues {class_names}:", flush=True)
+            for key, s in summary.items():
+                print(f"    {key:20s} {json.dumps(s)}", flush=True)
+
+    runio.atomic_to_csv(choice, os.path.join(out, "identified_parameters.csv"))
+    runio.atomic_to_csv(traces, os.path.join(out, "objective_trace.csv"))
+    runio.atomic_write_text(os.path.join(out, "identification.json"), json.dumps(meta, indent=2))
+    if not args.no_figure:
+        from . import figures
+
+        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, "fig2_parameters.png"),
+                                       jitter=0.0)  # continuous values: no grid clusters to spread
+    print(f"[identify gradient {regularizer}] SA mean Dice {choice['mean_dice'].mean():.3f}, -g "
+          f"{choice['g_mean_dice'].mean():.3f}; done in {seconds:.1f} s -> {out}/identified_parameters.csv", flush=True)
+    return out
