@@ -99,11 +99,23 @@ Dataset layouts (``--data-dir``)
     header row is tolerated) and optional ``split`` (train/val/test; without it 70/15/15 in row
     order). Relative paths are relative to the CSV's folder. Images are NIfTI, min-max scaled to
     [0, 1] (optionally after clipping at ``--clip-percentiles LO HI``). ``num_classes`` = the
-    largest label in the fixed label maps unless ``--num-classes`` is given. Spacing from the
-    fixed image header. A 2D NIfTI, or a 3D one with exactly one singleton axis, gives a 2D
-    pair (keypoint files may have 2 columns or 3, the singleton axis' column is dropped);
-    ``--ndim 2`` on 3D volumes takes the middle slice along ``--slice-axis`` (default 2, no
-    keypoints). All pairs must have the same preprocessed shape.
+    largest label in the fixed and moving label maps unless ``--num-classes``/``--class-names``
+    declare the classes: declared classes make any other label an error (fixed or moving);
+    inferred ones warn about classes with no voxels in any label map (a stray label 7 would
+    otherwise silently create empty classes 4..6). Spacing from the fixed image header. A 2D
+    NIfTI, or a 3D one with exactly one singleton axis, gives a 2D pair (keypoint files may
+    have 2 columns or 3, the singleton axis' column is dropped); ``--ndim 2`` on 3D volumes
+    takes the middle slice along ``--slice-axis`` (default 2, no keypoints). A 3D volume in a
+    dataset whose first image is 2D is an error unless ``--ndim 2`` asks for its middle slice.
+    All pairs must have the same preprocessed shape. No resampling: for training the image
+    size must be divisible by 16 (:func:`validate_dataset` refuses other sizes).
+
+Validation before training
+--------------------------
+:func:`validate_dataset` reads every pair of every split once (headers, shapes, intensities,
+label sets, keypoints), checks that the required splits are non-empty and the image size fits
+the U-Net, and prints a one-line summary; the trainer and ``run_pipeline.py`` call it before
+anything is trained.
 """
 from __future__ import annotations
 
@@ -138,6 +150,8 @@ __all__ = [
     "dataset_options",
     "make_tf_dataset",
     "validate_pair",
+    "validate_dataset",
+    "atomic_write_npz",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -559,6 +573,79 @@ def _check_same_shape(a: np.ndarray, path_a: str, b: np.ndarray, path_b: str) ->
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {path_a} has shape {a.shape} but {path_b} has "
                          f"shape {b.shape}")
+
+
+def atomic_write_npz(path: str, payload: dict) -> None:
+    """``np.savez_compressed(path, **payload)`` atomically and durably, with the permissions of
+    a plain file (``0o666 & ~umask``): the one writer for dataset caches (shared temp-file
+    helper :func:`hypermorph_spatially_adaptive.runio.atomic_save`)."""
+    from hypermorph_spatially_adaptive.runio import atomic_save
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_save(path, write)
+
+
+def validate_dataset(dataset: RegistrationDataset, require=("train",), multiple: int | None = None,
+                     log=print) -> dict:
+    """Read every pair of every split once and fail before any training if something is wrong.
+
+    Checks: the splits in ``require`` are non-empty; the image size is divisible by
+    ``multiple`` (the U-Net's 2^levels; None: no check); every pair of every split loads and
+    validates (NIfTI headers and data, shapes, finite intensities, labels within the classes,
+    keypoints). Train and val arrays stay cached in memory for training. Warns when pairs have
+    different voxel spacings (the loss uses the first training pair's). Prints (``log``) one
+    summary line and returns ``{"sizes", "image_shape", "spacing", "classes", "seconds"}``.
+    Raises ``ValueError``/``FileNotFoundError`` naming the split, pair or file.
+    """
+    import time
+
+    t0 = time.time()
+    table = dataset._splits()
+    sizes = {split: len(table[split]) for split in SPLITS}
+    for split in require:
+        if not sizes[split]:
+            raise ValueError(f"dataset {dataset.name!r}: the {split} split is empty (split sizes {sizes}, "
+                             f"{sum(sizes.values())} pairs); add pairs or fix the split column")
+    shape = tuple(dataset.image_shape)
+    if multiple:
+        bad = [ax for ax, n in enumerate(shape) if int(n) % int(multiple)]
+        if bad:
+            fix = " x ".join(str(int(-(-n // multiple) * multiple)) for n in shape)
+            where = f" ({dataset.pairs_csv})" if isinstance(dataset, FolderDataset) else ""
+            raise ValueError(
+                f"dataset {dataset.name!r}{where}: image size {' x '.join(map(str, shape))} is not divisible by "
+                f"{multiple} along axis {', '.join(map(str, bad))} (the U-Net halves the image "
+                f"{int(multiple).bit_length() - 1} times); crop or pad the images, e.g. to {fix}")
+    spacings = {}
+    for split in SPLITS:
+        ids = table[split]
+        if not ids:
+            continue
+        if split in ("train", "val"):
+            dataset.arrays(split)  # loads and validates every pair, kept for training
+            for pid in ids[:1]:
+                spacings[pid] = tuple(float(v) for v in dataset.load_pair(pid).spacing)
+        else:
+            for pid in ids:
+                spacings[pid] = tuple(float(v) for v in dataset.load_pair(pid).spacing)
+    first = next(iter(spacings.values()))
+    odd = [pid for pid, sp in spacings.items() if not np.allclose(sp, first, rtol=1e-3)]
+    if odd:
+        warnings.warn(f"dataset {dataset.name!r}: pairs {odd[:5]} have a voxel spacing other than "
+                      f"{first} mm; the loss uses {first}", stacklevel=2)
+    seconds = time.time() - t0
+    if log is not None:
+        log(f"[data] {dataset.name}: {sum(sizes.values())} pairs checked in {seconds:.1f} s (train "
+            f"{sizes['train']}, val {sizes['val']}, test {sizes['test']}), {len(shape)}D "
+            f"{' x '.join(map(str, shape))}, spacing {first} mm, {dataset.num_classes} classes "
+            f"({', '.join(dataset.class_names)})")
+    return {"sizes": sizes, "image_shape": shape, "spacing": first, "classes": list(dataset.class_names),
+            "seconds": seconds}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1275,12 +1362,21 @@ class FolderDataset(RegistrationDataset):
         if self._given_num_classes is not None:
             n = self._given_num_classes
         else:
-            n = 0
+            found: set = set()
             for entry in self._rows.values():
-                n = max(n, int(_load_labels(entry["fixed_seg"], None, "fixed label map").max()))
+                for key in ("fixed_seg", "moving_seg"):
+                    found.update(np.unique(_load_labels(entry[key], None, key.replace("_seg", " label map"))).tolist())
+            n = max(found)
             if n == 0:
                 raise ValueError(f"no foreground labels in the fixed label maps of "
                                  f"{self.pairs_csv}; pass --num-classes")
+            empty = [c for c in range(1, n + 1) if c not in found]
+            if empty:
+                warnings.warn(
+                    f"folder dataset {self.pairs_csv}: classes {', '.join(f'class{c}' for c in empty)} have no "
+                    f"voxels in any label map (labels found: {sorted(found)}); the class count {n} comes from "
+                    f"the largest label. Declare the classes with --num-classes/--class-names (other labels "
+                    f"are then an error) or fix the label maps", stacklevel=2)
         return tuple(f"class{c}" for c in range(1, n + 1))
 
     def _normalize(self, img: np.ndarray, path: str) -> np.ndarray:
@@ -1296,6 +1392,12 @@ class FolderDataset(RegistrationDataset):
     def _prepare(self, img_path: str, seg_path: str, what: str):
         img, affine, zooms = _load_image(img_path, f"{what} image")
         img = _as_3d(img, img_path, f"{what} image")
+        lay = self._layout
+        if lay["mode"] == "squeeze" and img.shape[lay["drop"]] > 1 and self._requested_ndim != 2:
+            first = next(iter(self._rows.values()))["fixed"]
+            raise ValueError(f"{what} image {img_path} is a 3D volume {img.shape} but the dataset is 2D "
+                             f"(its first image {first} is 2D); pass --ndim 2 to use the middle slice "
+                             f"along axis {lay['drop']}, or list only 2D images")
         lab = _as_3d(_load_labels(seg_path, self.num_classes, f"{what} label map"), seg_path,
                      "label map")
         _check_same_shape(img, img_path, lab, seg_path)

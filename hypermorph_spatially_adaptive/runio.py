@@ -3,11 +3,19 @@
 A run folder holds::
 
     config.json        architecture (ModelConfig), preset, loss and data options, seed,
-                       versions, command line
+                       versions, command line; ``resumed``: one dated entry per ``--resume``
     weights.h5         final weights (written atomically)
     checkpoints/       periodic tf.train checkpoints (model, optimizer, step, data iterator)
     train_log.csv      step, losses, validation loss, seconds per step
     tensorboard/       TensorBoard scalars
+
+Every file written through :func:`atomic_save` (and so :func:`atomic_write_text`,
+:func:`atomic_to_csv`) gets the permissions of a plain ``open(path, "w")``: ``0o666 & ~umask``
+(0644 under the usual umask 022), not the 0600 of a bare ``tempfile.mkstemp``.
+
+:func:`cli_main` is the ``if __name__ == "__main__":`` entry of every script: a user error
+(bad option, missing or unreadable file, refused run folder) prints one ``error: ...`` line
+and exits with status 1; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -17,41 +25,77 @@ import platform
 import shutil
 import sys
 import tempfile
-from typing import Dict, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.h5"
+CHECKPOINT_DIR = "checkpoints"
+
+#: exceptions that mean "the input is wrong", reported as one ``error:`` line by :func:`cli_main`
+USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_suffix(name: str) -> str:
+    """The extension a writer may rely on: ``.nii.gz``/``.tar.gz`` kept whole, else the last one."""
+    for double in (".nii.gz", ".tar.gz"):
+        if name.endswith(double):
+            return double
+    return os.path.splitext(name)[1]
+
+
+def atomic_save(path: str, writer: Callable[[str], None]) -> None:
+    """Call ``writer(tmp_path)``, then give the file ``0o666 & ~umask`` and rename it to ``path``.
+
+    The temporary file lives in the destination folder (same file system, so the rename is
+    atomic) and keeps the destination's extension (h5py, numpy and nibabel choose the format
+    from it). A reader sees the old file or the complete new one, never a partial file; on any
+    error the temporary file is removed and ``path`` is untouched.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_save(path: str, writer) -> None:
-    """Call ``writer(tmp_path)`` then rename to ``path``; the temp name keeps the extension."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base, ext = os.path.splitext(os.path.basename(path))
-    tmp = os.path.join(folder, f".tmp-{base}-{os.getpid()}{ext}")
+    name = os.path.basename(path)
+    suffix = _file_suffix(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name[: len(name) - len(suffix)]}-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
         writer(tmp)
+        if os.path.isfile(tmp):
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_save`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_save(path, write)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (fsync before the rename)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_save(path, write)
 
 
 def atomic_to_csv(df, path: str, **kwargs) -> None:
@@ -87,6 +131,55 @@ def load_config(run_dir: str) -> Dict:
             raise ValueError(f"{path}: unreadable run config ({e})") from e
 
 
+def latest_checkpoint(run_dir: str) -> Optional[Tuple[str, int]]:
+    """``(checkpoint prefix, step)`` named by ``<run>/checkpoints/latest``, or ``None``.
+
+    A ``latest`` that names a missing checkpoint raises ``FileNotFoundError`` naming both.
+    """
+    ckpt_dir = os.path.join(run_dir, CHECKPOINT_DIR)
+    path = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    prefix = os.path.join(ckpt_dir, name, "ckpt")
+    if not os.path.isfile(prefix + ".index"):
+        raise FileNotFoundError(f"{path} names {name}, but {prefix}.index is missing")
+    try:
+        step = int(name.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"{path}: unexpected checkpoint name {name!r}") from None
+    return prefix, step
+
+
+def _short(exc: BaseException) -> str:
+    """First line of an exception message, with its type."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def load_weights(model, run_dir: str, config: Dict) -> None:
+    """``model.load_weights(<run>/weights.h5)``; any failure (truncated file, weights of another
+    preset or architecture) raises a ``ValueError`` naming the file and the checkpoint that can
+    rewrite it."""
+    weights = os.path.join(run_dir, WEIGHTS_NAME)
+    try:
+        model.load_weights(weights)
+    except Exception as exc:  # h5py OSError, Keras shape ValueError, ...
+        try:
+            latest = latest_checkpoint(run_dir)
+        except (OSError, ValueError):
+            latest = None
+        if latest is None:
+            hint = f"no checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)} can replace it: retrain the run"
+        else:
+            hint = (f"checkpoint {os.path.dirname(latest[0])} (step {latest[1]}) is intact: delete {weights} "
+                    f"and rerun the run's training command (\"command\" in {os.path.join(run_dir, CONFIG_NAME)}) "
+                    f"with --resume to rewrite it from that checkpoint")
+        raise ValueError(f"{weights}: cannot load the weights of this {config.get('preset', 'run')} model "
+                         f"({_short(exc)}); the file is truncated, corrupt or from another run; {hint}") from exc
+
+
 def load_run(run_dir: str, expect_regularizer: str = None, expect_sa: bool = None):
     """Rebuild a trained model from its run folder alone.
 
@@ -106,7 +199,7 @@ def load_run(run_dir: str, expect_regularizer: str = None, expect_sa: bool = Non
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights}: no final weights (training unfinished? resume it with --resume)")
     model = build_model(mc)
-    model.load_weights(weights)
+    load_weights(model, run_dir, config)
     return model, config
 
 
@@ -126,3 +219,68 @@ def model_and_spec(config: Dict) -> Tuple:
 
     mc = ModelConfig.from_dict(config["model"])
     return mc, mc.spec
+
+
+def cli_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
+    """Run a script's ``main(argv)`` for the command line.
+
+    A user error (:data:`USER_ERRORS`: bad value, missing/unreadable file, refused run folder)
+    prints one line ``error: <message>`` to stderr and exits with status 1; with ``--debug``
+    anywhere in the arguments (removed before ``main`` sees them) the traceback is shown
+    instead. Other exceptions (bugs) always show their traceback. Ctrl-C exits with 130.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        msg = " ".join(msg.split()) or type(exc).__name__
+        print(f"error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+# ---- argparse value checks (shared by the scripts) -------------------------------------------
+def arg_int(minimum: int, odd: bool = False) -> Callable[[str], int]:
+    """argparse ``type``: an integer >= ``minimum`` (and odd with ``odd``), else a clear error."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if odd and value % 2 == 0:
+            raise argparse.ArgumentTypeError(f"must be odd (a window centred on its voxel), got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def arg_float(minimum: float = 0.0, maximum: Optional[float] = None, inclusive: bool = False) -> Callable[[str], float]:
+    """argparse ``type``: a finite float > ``minimum`` (>= with ``inclusive``), <= ``maximum``."""
+    import argparse
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        low_ok = value >= minimum if inclusive else value > minimum
+        if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
+            rng = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse

@@ -4,6 +4,19 @@ Each script is a preset (regularizer + global/SA); everything else is shared: th
 pipeline, per-sample hyperparameter sampling, the compiled train step (``tf.function``), the
 ``tf.distribute`` strategy, validation, logs, atomic checkpoints and ``--resume``.
 
+Run folders never lie and never vanish:
+
+- training into a folder that holds anything refuses unless ``--resume`` (continue the run in
+  it) or ``--overwrite`` (delete it, derived outputs such as ``identification/`` included);
+  a non-empty folder without ``config.json`` is never deleted;
+- ``--resume`` refuses any change of the options that decide the weights (data, loss,
+  optimizer, architecture, seed, batch size; :data:`RESUME_MAY_CHANGE` lists those that may
+  change: the step target ``--steps``/``--epochs`` may grow, logging/validation/checkpoint
+  intervals, strategy, devices) and names each changed option; the original ``command`` stays
+  in ``config.json`` and every resume adds a dated entry to ``resumed``;
+- every argument is checked at parse time and the dataset (every pair of every split) before
+  the first model is built (:func:`datasets.validate_dataset`).
+
 Determinism: for a given ``--seed`` the data order, the hyperparameters of every sample (drawn
 with stateless RNG from ``(seed, step)``) and the weight initialization are fixed, and TF op
 determinism is enabled, so a run is reproducible and a resumed run continues exactly where
@@ -13,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import json
 import math
 import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .compat import apply as _apply_shims
 
@@ -31,11 +46,27 @@ PRESETS = {
     "diffusion_sa": ("diffusion", True),
 }
 
+#: config.json entries (dotted) that ``--resume`` may change; any other difference is refused
+RESUME_MAY_CHANGE = ("training.steps", "training.epochs", "training.strategy", "training.val_every",
+                     "training.log_every", "training.checkpoint_every", "training.determinism")
+
+#: command-line option behind a config.json entry, for refusal messages (default: --<key>)
+_OPTION_NAMES = {"data.name": "--dataset", "training.n_train_pairs": "number of training pairs (dataset)",
+                 "training.optimizer": "optimizer", "loss.spacing": "voxel spacing (dataset)",
+                 "loss.hyp_sampling": "hyperparameter sampling", "model.image_shape": "image size (dataset)",
+                 "model.num_classes": "number of classes (dataset)", "class_names": "class names (dataset)",
+                 "hyperparameters": "hyperparameter names (classes)", "preset": "preset (training script)",
+                 "model.regularizer": "preset (training script)",
+                 "model.spatially_adaptive": "preset (training script)"}
+
 LOG_FIELDS = ["step", "loss", "similarity", "regularization", "ncc", "val_loss", "val_ncc", "sec_per_step"]
 
 
 def build_parser(preset: str) -> argparse.ArgumentParser:
+    """The command line of one preset (every value checked at parse time)."""
     import datasets
+
+    from .runio import arg_float, arg_int
 
     reg, sa = PRESETS[preset]
     p = argparse.ArgumentParser(
@@ -45,38 +76,45 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
     datasets.add_dataset_args(p)
     g = p.add_argument_group("training")
     g.add_argument("--out", default=os.path.join("runs", preset), help="run folder to write")
-    g.add_argument("--steps", type=int, default=2000, help="number of optimizer steps")
-    g.add_argument("--epochs", type=float, default=None,
+    g.add_argument("--steps", type=arg_int(1), default=2000, help="number of optimizer steps")
+    g.add_argument("--epochs", type=arg_float(0.0), default=None,
                    help="train for this many passes over the training split instead of --steps")
-    g.add_argument("--batch-size", type=int, default=1, help="global batch size")
-    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    g.add_argument("--ncc-win", type=int, default=9, help="local NCC window per axis")
+    g.add_argument("--batch-size", type=arg_int(1), default=1, help="global batch size")
+    g.add_argument("--lr", type=arg_float(0.0), default=1e-4, help="Adam learning rate")
+    g.add_argument("--ncc-win", type=arg_int(1, odd=True), default=9, help="local NCC window per axis (odd)")
     g.add_argument("--reg-field", choices=["disp", "svf"], default="disp",
                    help="field the regularizer acts on: integrated displacement (paper) or the SVF")
-    g.add_argument("--oversample-endpoints", type=float, default=0.0, metavar="P",
+    g.add_argument("--oversample-endpoints", type=arg_float(0.0, 1.0, inclusive=True), default=0.0, metavar="P",
                    help="probability that a sampled hyperparameter is replaced by 0 or 1 "
                         "(HyperMorph's endpoint oversampling; the paper uses 0)")
-    g.add_argument("--seed", type=int, default=0, help="seed for data order, hyperparameters and init")
-    g.add_argument("--val-every", type=int, default=200, help="validation loss every N steps (0: never)")
-    g.add_argument("--log-every", type=int, default=20, help="log/progress every N steps")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps")
+    g.add_argument("--seed", type=arg_int(0), default=0, help="seed for data order, hyperparameters and init")
+    g.add_argument("--val-every", type=arg_int(0), default=200, help="validation loss every N steps (0: never)")
+    g.add_argument("--log-every", type=arg_int(1), default=20, help="log/progress every N steps")
+    g.add_argument("--checkpoint-every", type=arg_int(1), default=500, help="checkpoint every N steps")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in --out (same optimizer state and step)")
+                   help="continue the run in --out from its last checkpoint (same optimizer state and step); "
+                        "refused if a data, loss, optimizer or architecture option differs from its config.json "
+                        "(the step target --steps may grow)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: delete its weights, checkpoints, logs and derived outputs "
+                        "(e.g. identification/) first; without it (or --resume) a non-empty --out is refused")
+    g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     g.add_argument("--strategy", choices=["default", "mirrored", "multiworker"], default="default",
                    help="tf.distribute strategy: one device, MirroredStrategy over local GPUs, or "
                         "MultiWorkerMirroredStrategy configured by TF_CONFIG")
-    g.add_argument("--cpu-replicas", type=int, default=0,
+    g.add_argument("--cpu-replicas", type=arg_int(0), default=0,
                    help="split the CPU into N logical devices (to try --strategy mirrored without GPUs)")
     g.add_argument("--no-determinism", action="store_true",
                    help="do not enable TF op determinism (may be faster on GPU)")
     m = p.add_argument_group("model (HyperVxmDense)")
-    m.add_argument("--enc-features", type=int, nargs="+", default=[16, 32, 32, 32], help="U-Net encoder features")
-    m.add_argument("--dec-features", type=int, nargs="+", default=[32, 32, 32, 32, 32, 16, 16],
+    m.add_argument("--enc-features", type=arg_int(1), nargs="+", default=[16, 32, 32, 32],
+                   help="U-Net encoder features (image sizes must be divisible by 2^levels, 16 by default)")
+    m.add_argument("--dec-features", type=arg_int(1), nargs="+", default=[32, 32, 32, 32, 32, 16, 16],
                    help="U-Net decoder features")
-    m.add_argument("--int-steps", type=int, default=7, help="scaling-and-squaring steps")
-    m.add_argument("--int-resolution", type=int, default=2, help="relative voxel size of the integration")
-    m.add_argument("--hyp-layers", type=int, default=6, help="dense layers of the hypernetwork")
-    m.add_argument("--hyp-units", type=int, default=128, help="units per hypernetwork layer")
+    m.add_argument("--int-steps", type=arg_int(0), default=7, help="scaling-and-squaring steps")
+    m.add_argument("--int-resolution", type=arg_int(1), default=2, help="relative voxel size of the integration")
+    m.add_argument("--hyp-layers", type=arg_int(1), default=6, help="dense layers of the hypernetwork")
+    m.add_argument("--hyp-units", type=arg_int(1), default=128, help="units per hypernetwork layer")
     return p
 
 
@@ -118,12 +156,6 @@ def sample_hyperparameters(seed: int, step, batch: int, num_params: int, oversam
     return u
 
 
-def _dataset_spacing(dataset, split: str) -> List[float]:
-    """Voxel spacing (mm) used by the loss: that of the split's first pair. The loaders put all
-    pairs of a dataset on one preprocessed grid, so this is the spacing of every pair."""
-    pair = dataset.load_pair(dataset.split_ids(split)[0])
-    return [float(s) for s in pair.spacing]
-
 
 class _Progress:
     def __init__(self, name: str, total: int):
@@ -156,16 +188,125 @@ def _write_checkpoint(ckpt, ckpt_dir: str, step: int, keep: int = 2) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
 
 
-def _latest_checkpoint(ckpt_dir: str) -> Optional[str]:
-    path = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        name = f.read().strip()
-    prefix = os.path.join(ckpt_dir, name, "ckpt")
-    if not os.path.isfile(prefix + ".index"):
-        raise FileNotFoundError(f"{ckpt_dir}/latest names {name}, but {prefix}.index is missing")
-    return prefix
+def _flatten(d: Dict, prefix: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def option_name(key: str) -> str:
+    """The command-line option behind a dotted config.json key (``loss.ncc_win`` -> ``--ncc-win``)."""
+    return _OPTION_NAMES.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
+
+
+def changed_options(old: Dict, new: Dict) -> Dict[str, Tuple[object, object]]:
+    """``{dotted key: (old, new)}`` for the result-deciding entries of ``new`` that differ in ``old``
+    (entries in :data:`RESUME_MAY_CHANGE` and bookkeeping are ignored)."""
+    skip = ("command", "versions", "finished", "final_step", "train_seconds", "resumed")
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), v) for k, v in b.items()
+            if not k.startswith(skip) and k not in RESUME_MAY_CHANGE and a.get(k) != v}
+
+
+def _refuse_changes(run_dir: str, old: Dict, new: Dict) -> None:
+    """ValueError naming every option whose value differs from the run being resumed."""
+    diff = changed_options(old, new)
+    if not diff:
+        return
+    by_option: Dict[str, List[str]] = {}
+    for key, (a, b) in diff.items():
+        by_option.setdefault(option_name(key), []).append(f"{json.dumps(a)} -> {json.dumps(b)}")
+    what = "; ".join(f"{opt} {', '.join(v)}" for opt, v in by_option.items())
+    raise ValueError(
+        f"{run_dir}: --resume refused: changed {what} (config.json records what produced the run's "
+        f"weights; its command: {' '.join(old.get('command', []))}). Resume with the original options, "
+        f"or start over with --overwrite or another --out")
+
+
+def _folder_state(run_dir: str):
+    """``("empty", None)``, ``("run", config)`` or ``("foreign", entries)`` for ``run_dir``."""
+    from . import runio
+
+    entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if not entries:
+        return "empty", None
+    if os.path.isfile(os.path.join(run_dir, runio.CONFIG_NAME)):
+        return "run", runio.load_config(run_dir)
+    return "foreign", entries
+
+
+def _describe(config: Dict) -> str:
+    """``a finished elastic_sa run (2000 steps)`` / ``an unfinished ... (target N steps)``."""
+    if config.get("finished"):
+        return f"a finished {config.get('preset')} run ({config.get('final_step')} steps)"
+    return f"an unfinished {config.get('preset')} run (target {config.get('training', {}).get('steps')} steps)"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks of parsed options that argparse types cannot express (ValueError naming them)."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+    if len(args.dec_features) < len(args.enc_features):
+        raise ValueError(f"--dec-features needs at least as many values as --enc-features "
+                         f"({len(args.enc_features)}), got {len(args.dec_features)}")
+
+
+def _check_folder(args: argparse.Namespace):
+    """Refuse a run folder that must not be touched; returns ``(state, old config or None)``."""
+    run_dir = args.out
+    state, info = _folder_state(run_dir)
+    if state == "foreign":
+        raise ValueError(f"{run_dir} is not empty ({', '.join(info[:5])}{', ...' if len(info) > 5 else ''}) "
+                         f"and holds no run (no config.json); refusing to write into it or delete it: "
+                         f"choose another --out")
+    if state == "run" and not (args.resume or args.overwrite):
+        raise ValueError(f"{run_dir} already holds {_describe(info)}; use --resume to continue it, "
+                         f"--overwrite to replace it (deletes its weights, checkpoints, logs and outputs "
+                         f"derived from it such as identification/), or another --out")
+    return state, (info if state == "run" else None)
+
+
+def _clear_run_folder(run_dir: str) -> List[str]:
+    """Delete everything inside a run folder (the caller checked that it holds config.json)."""
+    removed = sorted(os.listdir(run_dir))
+    for name in removed:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return removed
+
+
+def _args_config(preset: str, args: argparse.Namespace) -> Dict:
+    """The part of config.json that follows from the command line alone (no data read)."""
+    import datasets
+
+    reg, sa = PRESETS[preset]
+    return {
+        "preset": preset,
+        "model": {"regularizer": reg, "spatially_adaptive": sa, "enc_features": list(args.enc_features),
+                  "dec_features": list(args.dec_features), "int_steps": args.int_steps,
+                  "int_resolution": args.int_resolution, "hyp_layers": args.hyp_layers, "hyp_units": args.hyp_units},
+        "loss": {"ncc_win": args.ncc_win, "reg_field": args.reg_field, "hyp_sampling": "per-sample U(0,1)",
+                 "oversample_endpoints": args.oversample_endpoints},
+        "training": {"batch_size": args.batch_size, "lr": args.lr, "optimizer": "Adam", "strategy": args.strategy,
+                     "epochs": args.epochs, "val_every": args.val_every, "log_every": args.log_every,
+                     "checkpoint_every": args.checkpoint_every, "determinism": not args.no_determinism},
+        "data": datasets.dataset_options(args), "seed": args.seed,
+    }
+
+
+def _merge(base: Dict, extra: Dict) -> Dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _read_log(path: str, upto: int) -> List[Dict]:
@@ -223,7 +364,84 @@ def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: in
 
 
 def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> str:
-    """Train ``preset`` with parsed ``args``; returns the run folder."""
+    """Train ``preset`` with parsed ``args``; returns the run folder.
+
+    Order: refuse an untouchable ``--out`` and (``--resume``) changed options, validate the whole
+    dataset, only then delete an ``--overwrite``-n run, import TensorFlow and build the model.
+    """
+    import datasets
+
+    from . import runio
+
+    run_dir = args.out
+    check_args(args)
+    state, old = _check_folder(args)
+    resuming = bool(args.resume and old is not None)
+    if args.resume and old is None:
+        print(f"[{preset}] --resume: {run_dir} holds no run yet, starting a new one", flush=True)
+    if resuming:  # options known before reading any data
+        _refuse_changes(run_dir, old, _args_config(preset, args))
+
+    dataset = datasets.dataset_from_args(args)
+    levels = len(args.enc_features)
+    summary = datasets.validate_dataset(dataset, require=("train", "val") if args.val_every > 0 else ("train",),
+                                        multiple=2 ** levels, log=lambda line: print(line, flush=True))
+    n_train = summary["sizes"]["train"]
+    steps = args.steps if args.epochs is None else int(math.ceil(args.epochs * n_train / args.batch_size))
+    spacing = [float(s) for s in summary["spacing"]]
+    from .models import ModelConfig, ParamSpec
+
+    reg, sa = PRESETS[preset]
+    mc = ModelConfig(image_shape=tuple(dataset.image_shape), regularizer=reg, spatially_adaptive=sa,
+                     num_classes=dataset.num_classes, enc_features=tuple(args.enc_features),
+                     dec_features=tuple(args.dec_features), int_steps=args.int_steps,
+                     int_resolution=args.int_resolution, hyp_layers=args.hyp_layers, hyp_units=args.hyp_units)
+    mc.validate()
+    spec: ParamSpec = mc.spec
+    config = _merge(_args_config(preset, args), {
+        "model": mc.to_dict(), "hyperparameters": spec.names(dataset.class_names),
+        "class_names": list(dataset.class_names), "loss": {"spacing": spacing},
+        "training": {"steps": steps, "n_train_pairs": n_train}})
+    command = [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])
+
+    start_step, session = 0, None
+    if resuming:
+        _refuse_changes(run_dir, old, config)
+        latest = runio.latest_checkpoint(run_dir)
+        start_step = latest[1] if latest else 0
+        if start_step > steps:
+            raise ValueError(f"{run_dir}: --resume with --steps {steps} (or --epochs), but the run's checkpoint "
+                             f"is at step {start_step}; the step target can only grow")
+        if old.get("finished") and old.get("final_step") == steps and \
+                os.path.isfile(os.path.join(run_dir, runio.WEIGHTS_NAME)):
+            print(f"[{preset}] {run_dir} is already finished at step {steps}; nothing to do", flush=True)
+            return run_dir
+        allowed = {k: v for k, v in _flatten(config).items()
+                   if k in RESUME_MAY_CHANGE and _flatten(old).get(k) != v}
+        session = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   "command": command, "from_step": start_step, "steps": steps,
+                   "changed": {option_name(k): [_flatten(old).get(k), v] for k, v in allowed.items()}}
+        if runio.versions() != old.get("versions"):
+            session["versions"] = runio.versions()
+        config = _merge(old, {"training": {k.split(".", 1)[1]: v for k, v in allowed.items()}})
+        config["resumed"] = list(old.get("resumed", [])) + [session]
+        config["finished"] = False
+        print(f"[{preset}] resuming {run_dir} at step {start_step} of {steps}"
+              + (f" (changed: {', '.join(session['changed'])})" if session["changed"] else ""), flush=True)
+    else:
+        config.update(versions=runio.versions(), command=command, finished=False)
+    if state == "run" and args.overwrite:
+        removed = _clear_run_folder(run_dir)
+        print(f"[{preset}] --overwrite: deleted {_describe(old)} in {run_dir} "
+              f"({', '.join(removed)})", flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    runio.save_config(run_dir, config)
+    return _train(preset, args, run_dir, config, dataset, mc, spec, steps, start_step, spacing)
+
+
+def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, dataset, mc, spec, steps: int,
+           resume_from: int, spacing: List[float]) -> str:
+    """The TensorFlow part of :func:`run` (folder and data already checked, config written)."""
     _setup_devices(args)
     import numpy as np
     import tensorflow as tf
@@ -232,54 +450,13 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
 
     from . import runio
     from .losses import loss_terms
-    from .models import ModelConfig, build_model
+    from .models import build_model
 
-    reg, sa = PRESETS[preset]
     tf.keras.utils.set_random_seed(args.seed)
     if not args.no_determinism:
         tf.config.experimental.enable_op_determinism()
-    run_dir = args.out
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-
-    dataset = datasets.dataset_from_args(args)
-    n_train = len(dataset.split_ids("train"))
-    steps = args.steps if args.epochs is None else int(math.ceil(args.epochs * n_train / args.batch_size))
-    spacing = _dataset_spacing(dataset, "train")
-    mc = ModelConfig(image_shape=tuple(dataset.image_shape), regularizer=reg, spatially_adaptive=sa,
-                     num_classes=dataset.num_classes, enc_features=tuple(args.enc_features),
-                     dec_features=tuple(args.dec_features), int_steps=args.int_steps,
-                     int_resolution=args.int_resolution, hyp_layers=args.hyp_layers, hyp_units=args.hyp_units)
-    mc.validate()
-    spec = mc.spec
-    config = {
-        "preset": preset, "model": mc.to_dict(),
-        "hyperparameters": spec.names(dataset.class_names), "class_names": list(dataset.class_names),
-        "loss": {"ncc_win": args.ncc_win, "reg_field": args.reg_field, "spacing": spacing,
-                 "hyp_sampling": "per-sample U(0,1)", "oversample_endpoints": args.oversample_endpoints},
-        "training": {"steps": steps, "batch_size": args.batch_size, "lr": args.lr, "optimizer": "Adam",
-                     "strategy": args.strategy, "n_train_pairs": n_train},
-        "data": datasets.dataset_options(args), "seed": args.seed, "versions": runio.versions(),
-        "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:]),
-        "finished": False,
-    }
-
-    resume_prefix = None
-    if args.resume:
-        resume_prefix = _latest_checkpoint(ckpt_dir)
-        if resume_prefix is None:
-            print(f"[{preset}] --resume: no checkpoint in {ckpt_dir}, starting from scratch", flush=True)
-        else:
-            old = runio.load_config(run_dir)
-            if old["preset"] != preset or old["model"] != config["model"]:
-                raise ValueError(f"{run_dir}: --resume with a different preset or architecture "
-                                 f"(saved {old['preset']} {old['model']}, now {preset} {config['model']})")
-    elif os.path.isfile(os.path.join(run_dir, runio.CONFIG_NAME)):
-        print(f"[{preset}] {run_dir} already holds a run; it is overwritten (use --resume to continue it)",
-              flush=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
-    os.makedirs(run_dir, exist_ok=True)
-    runio.save_config(run_dir, config)
+    ckpt_dir = os.path.join(run_dir, runio.CHECKPOINT_DIR)
+    n_train = config["training"]["n_train_pairs"]
 
     strategy = _strategy(args.strategy)
     replicas = strategy.num_replicas_in_sync
@@ -290,7 +467,9 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
         optimizer = make_optimizer(model, args.lr)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
-    if resume_prefix is not None:
+    resume_prefix = None
+    if resume_from:
+        resume_prefix = runio.latest_checkpoint(run_dir)[0]
         ckpt.read(resume_prefix).assert_existing_objects_matched()
         print(f"[{preset}] resumed from {resume_prefix} at step {int(step_var.numpy())}", flush=True)
     start = int(step_var.numpy())
@@ -378,7 +557,11 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     writer.flush()
     _write_checkpoint(ckpt, ckpt_dir, steps)
     runio.atomic_save(os.path.join(run_dir, runio.WEIGHTS_NAME), lambda tmp: model.save_weights(tmp))
-    config.update(finished=True, final_step=steps, train_seconds=round(time.time() - t0, 1))
+    seconds = round(time.time() - t0, 1)
+    if config.get("resumed"):
+        config["resumed"][-1]["seconds"] = seconds
+    # seconds of every session that reached its end (a killed session's time is unknown)
+    config.update(finished=True, final_step=steps, train_seconds=round(float(config.get("train_seconds", 0.0)) + seconds, 1))
     runio.save_config(run_dir, config)
     print(f"[{preset}] done in {time.time() - t0:.0f} s -> {run_dir}", flush=True)
     return run_dir

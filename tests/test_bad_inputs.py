@@ -1,0 +1,427 @@
+"""Bad inputs are caught early and clearly; run folders never lie and never vanish (issue #12).
+
+Every case is one row of :data:`CASES`: ``(case, kind, argv/setup, expected message substring)``.
+``kind`` picks the runner (``_run_<kind>``), which asserts the exact behaviour: the message, and
+where it matters that nothing was written, the old run survived, or it failed before training.
+The README's "Bad inputs" table lists the same cases.
+
+Data: tiny 2D folder datasets (32 x 32 NIfTI written here with nibabel, 5 pairs split 3/1/1);
+models: the ``--quick`` architecture with 1-2 steps. One run is trained per module (and one more
+for ``--overwrite``); every other refusal happens before a model is built.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import datasets as D  # noqa: E402
+from hypermorph_spatially_adaptive import runio, trainer  # noqa: E402
+from run_pipeline import QUICK  # noqa: E402
+
+nib = pytest.importorskip("nibabel")
+
+PRESET = "elastic_global"
+SPLITS5 = ["train", "train", "train", "val", "test"]
+
+
+# ------------------------------------------------------------------------------------------
+# tiny folder datasets
+# ------------------------------------------------------------------------------------------
+def _save(path, arr) -> None:
+    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4)), str(path))
+
+
+def make_dataset(root, n=5, size=(32, 32), split=SPLITS5, seed=0) -> str:
+    """``n`` 2D pairs (smooth images, labels 1..3 as boxes) and their pairs CSV; returns its path."""
+    rng = np.random.default_rng(seed)
+    img_dir = root / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in size], indexing="ij")
+    lines = ["pair_id,fixed,moving,fixed_seg,moving_seg" + (",split" if split else "")]
+    for i in range(n):
+        row = [f"p{i}"]
+        for role in ("fixed", "moving"):
+            c = np.array(size) / 2 + rng.uniform(-2, 2, 2)
+            img = np.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / (2 * (size[0] / 5) ** 2)) + 0.1 * rng.random(size)
+            lab = np.zeros(size, np.uint8)
+            h, w = size[0] // 4, size[1] // 4
+            lab[h:2 * h, w:3 * w], lab[2 * h:3 * h, w:2 * w], lab[2 * h:3 * h, 2 * w:3 * w] = 1, 2, 3
+            _save(img_dir / f"{role}{i}.nii.gz", img.astype(np.float32))
+            _save(img_dir / f"{role}{i}_seg.nii.gz", lab)
+        row += [f"img/fixed{i}.nii.gz", f"img/moving{i}.nii.gz", f"img/fixed{i}_seg.nii.gz", f"img/moving{i}_seg.nii.gz"]
+        lines.append(",".join(row + ([split[i]] if split else [])))
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return str(root / "pairs.csv")
+
+
+def data_argv(csv_path: str) -> list:
+    return ["--dataset", "folder", "--pairs-csv", csv_path]
+
+
+def train_argv(csv_path: str, out, steps: int = 2, extra=()) -> list:
+    return data_argv(csv_path) + QUICK["arch"] + ["--out", str(out), "--steps", str(steps), "--val-every", "1",
+                                                  "--log-every", "1", "--checkpoint-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A dataset and one finished 2-step run of PRESET trained on it (never modified by tests)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    csv_path = make_dataset(root / "data")
+    run = root / "run"
+    trainer.main(PRESET, train_argv(csv_path, run))
+    return {"root": root, "csv": csv_path, "run": run}
+
+
+def copy_run(base, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(base["run"], dst)
+    return dst
+
+
+def snapshot(folder) -> dict:
+    """Every file under ``folder`` -> its bytes (to prove a refused command changed nothing)."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the table
+# ------------------------------------------------------------------------------------------
+CASES = [
+    # --- 3/6: arguments refused at parse time (nothing written, no TensorFlow model) --------
+    ("steps 0", "parse", "train --steps 0", "argument --steps: must be >= 1, got 0"),
+    ("steps -5", "parse", "train --steps -5", "argument --steps: must be >= 1, got -5"),
+    ("epochs 0", "parse", "train --epochs 0", "argument --epochs: must be a finite number > 0, got 0"),
+    ("lr -1", "parse", "train --lr -1", "argument --lr: must be a finite number > 0, got -1"),
+    ("ncc-win 0", "parse", "train --ncc-win 0", "argument --ncc-win: must be >= 1, got 0"),
+    ("ncc-win even", "parse", "train --ncc-win 8", "argument --ncc-win: must be odd (a window centred on its voxel), got 8"),
+    ("checkpoint-every 0", "parse", "train --checkpoint-every 0", "argument --checkpoint-every: must be >= 1, got 0"),
+    ("log-every 0", "parse", "train --log-every 0", "argument --log-every: must be >= 1, got 0"),
+    ("batch-size 0", "parse", "train --batch-size 0", "argument --batch-size: must be >= 1, got 0"),
+    ("identification batch-size -1", "parse", "identify --run x --batch-size -1",
+     "argument --batch-size: must be >= 0, got -1"),
+    ("identification grid-steps 1", "parse", "identify --run x --grid-steps 1",
+     "argument --grid-steps: must be >= 2, got 1"),
+    ("inference panels -1", "parse", "infer --panels -1", "argument --panels: must be >= 0, got -1"),
+    # --- 2: run folders are never destroyed silently -------------------------------------------
+    ("train into a finished run", "folder", "",
+     "already holds a finished elastic_global run (2 steps); use --resume to continue it, --overwrite"),
+    ("train into an unfinished run", "folder", "unfinished",
+     "already holds an unfinished elastic_global run (target 2 steps); use --resume to continue it"),
+    ("train into a folder that is no run", "folder", "foreign",
+     "is not empty (notes.txt) and holds no run (no config.json); refusing to write into it or delete it"),
+    ("--overwrite a folder that is no run", "folder", "foreign --overwrite", "holds no run (no config.json)"),
+    ("--resume with --overwrite", "folder", "--resume --overwrite", "--resume and --overwrite exclude each other"),
+    # --- 1: --resume refuses changed options, naming each ----------------------------------
+    ("resume, other --lr", "resume", "--lr 1e-3", "--resume refused: changed --lr 0.0001 -> 0.001"),
+    ("resume, other --ncc-win", "resume", "--ncc-win 7", "--resume refused: changed --ncc-win 9 -> 7"),
+    ("resume, other dataset", "resume", "other-csv", "--resume refused: changed --pairs-csv"),
+    ("resume, other architecture", "resume", "--hyp-units 16", "--resume refused: changed --hyp-units 32 -> 16"),
+    ("resume, other seed and batch", "resume", "--seed 3 --batch-size 2", "--resume refused: changed --batch-size 1 -> 2; --seed 0 -> 3"),
+    ("resume, fewer steps", "resume", "--steps 1", "the run's checkpoint is at step 2; the step target can only grow"),
+    ("resume, same options, finished", "resume-ok", "", "is already finished at step 2; nothing to do"),
+    # --- 4/5: the dataset is validated before training --------------------------------------
+    ("fixed label outside --num-classes", "data", "fixed-label-7 --num-classes 3",
+     "fixed label map {d}/img/fixed1_seg.nii.gz has labels outside 0..3: [0, 1, 2, 3, 7]"),
+    ("moving label outside --num-classes", "data", "moving-label-7 --num-classes 3",
+     "moving label map {d}/img/moving1_seg.nii.gz has labels outside 0..3: [0, 1, 2, 3, 7]"),
+    ("undeclared stray label (warning)", "warn", "fixed-label-5",
+     "classes class4 have no voxels in any label map (labels found: [0, 1, 2, 3, 5])"),
+    ("3D file in a 2D dataset", "data", "moving-3d",
+     "moving image {d}/img/moving2.nii.gz is a 3D volume (32, 32, 5) but the dataset is 2D"),
+    ("size not divisible by 16", "data", "size-24",
+     "image size 24 x 24 is not divisible by 16 along axis 0, 1 (the U-Net halves the image 4 times); "
+     "crop or pad the images, e.g. to 32 x 32"),
+    ("corrupt test file", "data", "corrupt-test", "cannot read NIfTI fixed image {d}/img/fixed4.nii.gz"),
+    ("corrupt test file (pipeline)", "pipeline", "corrupt-test", "cannot read NIfTI fixed image {d}/img/fixed4.nii.gz"),
+    ("empty test split (pipeline)", "pipeline", "no-test", "the test split is empty"),
+    # --- 6: weights that cannot be loaded ----------------------------------------------------
+    ("truncated weights.h5", "weights", "truncate",
+     "{run}/weights.h5: cannot load the weights of this elastic_global model"),
+    ("weights of another architecture", "weights", "other-arch",
+     "{run}/weights.h5: cannot load the weights of this elastic_global model"),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _setup_data(tmp_path, setup: str):
+    """Dataset variants named in the table; returns (csv path, extra argv)."""
+    words = setup.split()
+    what, extra = words[0], words[1:]
+    d = tmp_path / "data"
+    if what == "size-24":
+        return make_dataset(d, size=(24, 24)), extra
+    if what == "no-test":
+        return make_dataset(d, split=["train", "train", "train", "val", "val"]), extra
+    csv_path = make_dataset(d)
+    if what in ("fixed-label-7", "moving-label-7", "fixed-label-5"):
+        role, value = what.split("-")[0], int(what[-1])
+        path = d / "img" / f"{role}1_seg.nii.gz"
+        lab = np.asarray(nib.load(str(path)).dataobj).copy()
+        lab[0, 0] = value
+        _save(path, lab)
+    elif what == "moving-3d":
+        _save(d / "img" / "moving2.nii.gz", np.random.default_rng(0).random((32, 32, 5)).astype(np.float32))
+    elif what == "corrupt-test":
+        path = d / "img" / "fixed4.nii.gz"
+        path.write_bytes(path.read_bytes()[:100])
+    return csv_path, extra
+
+
+# ------------------------------------------------------------------------------------------
+# runners
+# ------------------------------------------------------------------------------------------
+def _parser(script: str):
+    import inference
+    import parameter_identification
+
+    return {"train": lambda: trainer.build_parser(PRESET), "identify": parameter_identification.build_parser,
+            "infer": inference.build_parser}[script]()
+
+
+def _run_parse(case, setup, expected, tmp_path, capsys, request):
+    script, *argv = setup.split()
+    with pytest.raises(SystemExit) as exc:
+        _parser(script).parse_args(argv)
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def _run_folder(case, setup, expected, tmp_path, capsys, request):
+    b = request.getfixturevalue("base")
+    run = copy_run(b, tmp_path)
+    extra = setup.split()
+    if extra[:1] == ["unfinished"]:
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["finished"] = False
+        (run / "config.json").write_text(json.dumps(cfg))
+        extra = extra[1:]
+    if extra[:1] == ["foreign"]:
+        shutil.rmtree(run)
+        run.mkdir()
+        (run / "notes.txt").write_text("my notes")
+        extra = extra[1:]
+    before = snapshot(run)
+    with pytest.raises(ValueError) as exc:
+        trainer.main(PRESET, train_argv(b["csv"], run, extra=extra))
+    assert expected in str(exc.value)
+    assert snapshot(run) == before  # the old run (or the foreign folder) survives untouched
+
+
+def _run_resume(case, setup, expected, tmp_path, capsys, request):
+    b = request.getfixturevalue("base")
+    run = copy_run(b, tmp_path)
+    csv_path = b["csv"]
+    extra = setup.split()
+    if extra == ["other-csv"]:
+        csv_path, extra = make_dataset(tmp_path / "other", seed=1), []
+    before = snapshot(run)
+    with pytest.raises(ValueError) as exc:
+        trainer.main(PRESET, train_argv(csv_path, run, extra=["--resume", *extra]))
+    assert expected in str(exc.value)
+    if case != "resume, fewer steps":
+        assert "Resume with the original options, or start over with --overwrite" in str(exc.value)
+    assert snapshot(run) == before
+
+
+def _run_resume_ok(case, setup, expected, tmp_path, capsys, request):
+    b = request.getfixturevalue("base")
+    run = copy_run(b, tmp_path)
+    before = snapshot(run)
+    # --log-every/--val-every may differ: they do not change the weights
+    trainer.main(PRESET, train_argv(b["csv"], run, extra=["--resume", "--log-every", "2"]))
+    assert expected in capsys.readouterr().out
+    assert snapshot(run) == before
+
+
+def _run_data(case, setup, expected, tmp_path, capsys, request):
+    csv_path, extra = _setup_data(tmp_path, setup)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as exc:
+        trainer.main(PRESET, train_argv(csv_path, out, extra=extra))
+    assert expected.format(d=os.path.dirname(csv_path)) in str(exc.value)
+    assert not out.exists()  # refused before anything was written
+
+
+def _run_warn(case, setup, expected, tmp_path, capsys, request):
+    csv_path, extra = _setup_data(tmp_path, setup)
+    with pytest.warns(UserWarning) as rec:
+        ds = D.get_dataset("folder", None, pairs_csv=csv_path)
+        assert ds.class_names == ("class1", "class2", "class3", "class4", "class5")
+    assert any(expected in str(w.message) for w in rec), [str(w.message) for w in rec]
+    # declared classes turn the same label into an error
+    ds3 = D.get_dataset("folder", None, pairs_csv=csv_path, num_classes=3)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        D.validate_dataset(ds3, log=None)
+
+
+def _run_pipeline(case, setup, expected, tmp_path, capsys, request):
+    import run_pipeline
+
+    csv_path, extra = _setup_data(tmp_path, setup)
+    out = tmp_path / "pipe"
+    t0 = time.time()
+    with pytest.raises(ValueError) as exc:
+        run_pipeline.main(data_argv(csv_path) + ["--quick", "--out", str(out)])
+    assert expected.format(d=os.path.dirname(csv_path)) in str(exc.value)
+    assert not (out / "runs").exists()  # nothing trained
+    assert time.time() - t0 < 60
+
+
+def _run_weights(case, setup, expected, tmp_path, capsys, request):
+    b = request.getfixturevalue("base")
+    run = copy_run(b, tmp_path)
+    weights = run / "weights.h5"
+    if setup == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:  # weights.h5 of a model with another hypernetwork width
+        from hypermorph_spatially_adaptive.models import ModelConfig, build_model
+
+        cfg = json.loads((run / "config.json").read_text())["model"]
+        other = build_model(ModelConfig.from_dict(dict(cfg, hyp_units=8)))
+        other.save_weights(str(weights))
+    with pytest.raises(ValueError) as exc:
+        runio.load_run(str(run))
+    msg = str(exc.value)
+    assert expected.format(run=run) in msg
+    assert f"checkpoint {run}/checkpoints/step_00000002 (step 2) is intact" in msg
+    assert "with --resume to rewrite it from that checkpoint" in msg
+
+
+@pytest.mark.parametrize("case,kind,setup,expected", CASES, ids=IDS)
+def test_bad_input(case, kind, setup, expected, tmp_path, capsys, request):
+    globals()[f"_run_{kind.replace('-', '_')}"](case, setup, expected, tmp_path, capsys, request)
+
+
+# ------------------------------------------------------------------------------------------
+# behaviour that is not a refusal
+# ------------------------------------------------------------------------------------------
+def test_overwrite_removes_derived_outputs_and_files_are_0644(base, tmp_path):
+    """--overwrite replaces the run and its identification/; every file it writes is 0644 under umask 022."""
+    run = copy_run(base, tmp_path)
+    (run / "identification").mkdir()
+    (run / "identification" / "identified_parameters.csv").write_text("stale")
+    old = os.umask(0o022)
+    try:
+        trainer.main(PRESET, train_argv(base["csv"], run, steps=1, extra=["--overwrite", "--val-every", "0"]))
+    finally:
+        os.umask(old)
+    assert not (run / "identification").exists()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["finished"] and cfg["final_step"] == 1 and "--overwrite" in cfg["command"]
+    for rel in ("config.json", "weights.h5", "train_log.csv", "checkpoints/latest"):
+        assert oct((run / rel).stat().st_mode & 0o777) == "0o644", rel
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_atomic_writers_respect_umask(tmp_path, umask, mode):
+    import pandas as pd
+
+    old = os.umask(umask)
+    try:
+        runio.atomic_write_text(str(tmp_path / "a.json"), "{}")
+        runio.atomic_write_bytes(str(tmp_path / "b.bin"), b"x")
+        runio.atomic_to_csv(pd.DataFrame({"x": [1]}), str(tmp_path / "c.csv"))
+        runio.atomic_save(str(tmp_path / "d.nii.gz"),
+                          lambda p: nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), p))
+        D.atomic_write_npz(str(tmp_path / "e.npz"), {"x": np.arange(3)})
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.bin", "c.csv", "d.nii.gz", "e.npz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    assert nib.load(str(tmp_path / "d.nii.gz")).shape == (4, 4)
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.bin", "c.csv", "d.nii.gz", "e.npz"]  # no temp files left
+
+
+def test_resume_with_more_steps_records_a_dated_entry(base, tmp_path):
+    """Extending the step target is allowed; the original command stays, the resume is recorded."""
+    run = copy_run(base, tmp_path)
+    old = json.loads((run / "config.json").read_text())
+    trainer.main(PRESET, train_argv(base["csv"], run, steps=3, extra=["--resume", "--val-every", "0"]))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["command"] == old["command"]
+    assert cfg["finished"] and cfg["final_step"] == 3 and cfg["training"]["steps"] == 3
+    (entry,) = cfg["resumed"]
+    assert entry["from_step"] == 2 and entry["steps"] == 3 and "--resume" in entry["command"]
+    assert entry["changed"] == {"--steps": [2, 3], "--val-every": [1, 0]}
+    assert entry["date"][:4].isdigit()
+    assert cfg["training"]["lr"] == old["training"]["lr"] and cfg["model"] == old["model"]
+
+
+def test_cli_prints_one_error_line(capsys):
+    def main(argv):
+        raise FileNotFoundError(f"pairs CSV not found: /x/{argv[0]}.csv")
+
+    with pytest.raises(SystemExit) as exc:
+        runio.cli_main(main, ["mine"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err == "error: pairs CSV not found: /x/mine.csv (--debug shows the traceback)\n"
+    with pytest.raises(FileNotFoundError):
+        runio.cli_main(main, ["mine", "--debug"])
+
+
+def test_script_error_is_one_line_without_tensorflow_noise(base, tmp_path):
+    """A real script run: the only stderr output is the one error line (TF start-up noise filtered)."""
+    run = copy_run(base, tmp_path)
+    (run / "weights.h5").write_bytes((run / "weights.h5").read_bytes()[:1000])
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    r = subprocess.run([sys.executable, "parameter_identification.py", "--run", str(run), "--out", str(tmp_path / "i")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run}/weights.h5: cannot load the weights"), r.stderr
+
+
+def test_pipeline_resumes_unfinished_runs(tmp_path, monkeypatch, capsys):
+    """run_pipeline passes --resume for an unfinished run with the same command and says so."""
+    import run_pipeline
+
+    csv_path = make_dataset(tmp_path / "data")
+    out = tmp_path / "pipe"
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(preset, argv):
+        calls.append((preset, list(argv)))
+        run = argv[argv.index("--out") + 1]
+        os.makedirs(run, exist_ok=True)
+        cfg = {"preset": preset, "finished": False, "command": ["train.py", *[a for a in argv if a != "--resume"]]}
+        runio.save_config(run, cfg)
+        return run
+
+    def stop(argv):
+        raise Stop()
+
+    monkeypatch.setattr(trainer, "main", fake_train)
+    import parameter_identification
+
+    monkeypatch.setattr(parameter_identification, "main", stop)
+    argv = data_argv(csv_path) + ["--quick", "--out", str(out)]
+    with pytest.raises(Stop):
+        run_pipeline.main(argv)
+    assert all("--resume" not in a for _, a in calls) and len(calls) == 4
+    calls.clear()
+    with pytest.raises(Stop):
+        run_pipeline.main(argv)  # the "killed" runs are resumed, not retrained
+    assert [p for p, _ in calls] == run_pipeline.PRESETS
+    assert all(a[-1] == "--resume" for _, a in calls)
+    assert capsys.readouterr().out.count("unfinished run with the same command found, resuming it") == 4
