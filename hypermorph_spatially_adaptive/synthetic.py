@@ -3,24 +3,43 @@
 Purpose: a dataset in which the tissues *really* differ in stiffness, so that the question
 "do tissue-specific elastic parameters help registration" has a ground truth.
 
-Pipeline of :func:`generate_pair` (everything deterministic for a seed):
+Pipeline of :func:`generate_pair` (everything deterministic for a seed; generator version
+:data:`GENERATOR_VERSION`, part of the dataset cache key):
 
 1. :func:`make_phantom` draws a thorax-like phantom on the FIXED grid: label map
    (0 background = everything that is not a tissue, 1 "lung" soft, 2 "bone" stiff, 3 "liver"
-   medium; the class order of :data:`CLASS_NAMES` matches the NLST order [lung, bone, liver])
-   and a textured image in [0, 1].
-2. Lamé maps ``lambda(x), mu(x)`` are read from the FIXED labels (:func:`lame_maps`).
-3. :func:`random_body_force` draws a smooth body force (Gaussian blobs + a breathing-like push
-   of the lungs) and :func:`solve_navier_cauchy` solves the heterogeneous linear-elastic
-   equilibrium ``div sigma(u) + f = 0`` with ``u = 0`` on the image border.
-   The problem is linear, so the solution (and the force) is rescaled afterwards to the
-   requested maximum displacement; ``solve_navier_cauchy(lam, mu, pair["force"])`` reproduces
+   medium; the class order of :data:`CLASS_NAMES` matches the NLST order [lung, bone, liver]),
+   a textured image in [0, 1] and the body mask.
+2. Lamé maps ``lambda(x), mu(x)`` are read from the FIXED labels and the body mask
+   (:func:`lame_maps`): label 0 inside the body is soft tissue (``DEFAULT_LAME[0]``, stiffer
+   than lung), label 0 outside the body is air (:data:`DEFAULT_AIR_LAME`, mu = 1e-2 x lung: it
+   transmits almost no stress but keeps the system positive definite).
+3. :func:`random_body_force` draws a smooth body force (wide Gaussian blobs + a breathing-like
+   push of the lungs), confined to the body and self-equilibrated (no net force or torque:
+   :func:`equilibrate_force`), and :func:`solve_navier_cauchy` solves the heterogeneous
+   linear-elastic equilibrium ``div sigma(u) + f = 0`` on the image padded with
+   ``ceil(max_disp)`` voxels of air, ``u = 0`` on the padded border (so the body never presses
+   the air against a wall; the solution is cropped back). The problem is linear, so the solution
+   (and the force) is rescaled to the requested peak displacement, and further down if the 95th
+   percentile of the lung principal strain would exceed ``max_lung_strain``;
+   ``solve_navier_cauchy`` of ``pair["force"]`` (same maps and padding) reproduces
    ``pair["disp"]`` (up to float32 rounding).
 4. The moving image is built so that ``moving(x + disp(x)) = fixed(x)`` (the registration
-   convention: ``warped(x) = moving(x + disp(x))`` should match ``fixed``): the inverse field
-   ``v(y) = -disp(y + v(y))`` is computed by fixed-point iteration and
+   convention: ``warped(x) = moving(x + disp(x))`` should match ``fixed``): the inverse
+   ``v(y)`` with ``y + v(y) + disp(y + v(y)) = y`` is computed by a few fixed-point steps and
+   damped Newton iteration to 1e-6 voxel (:func:`invert_displacement`), then
    ``moving = fixed o (id + v)`` (image: linear interpolation, or cubic with ``image_order=3``;
-   labels: nearest neighbour). Keypoints: ``moving_kp = fixed_kp + disp(fixed_kp)``.
+   labels: nearest neighbour). The inverse residual ``|v(y) + disp(y + v(y))|`` is checked at
+   every moving-grid point that comes from the body; a pair above :data:`RESIDUAL_BOUND`
+   (0.05 voxel) raises :class:`SyntheticPairError` naming the seed. Keypoints:
+   ``moving_kp = fixed_kp + disp(fixed_kp)`` (exact by construction). ``pair["meta"]`` records
+   the residuals, the minimum Jacobian and the lung strain.
+
+Motion (``motion`` = peak displacement / mean image size, see :func:`motion_to_max_disp`):
+measured on 64^2 and 128^2, seeds 0-59, the default 0.05 gives lung principal strain p95 of
+0.14-0.25 (capped at 0.25, breathing-like), min Jacobian in the body >= 0.65 and an initial
+mean Dice (lung, bone, liver) of 0.78 (64^2) / 0.79 (128^2); the "stress" preset 0.1 gives
+p95 up to 0.5, min Jacobian >= 0.31 and initial mean Dice 0.63 / 0.64 (see the README).
 
 Conventions: arrays are indexed ``[*shape]``; a displacement has shape ``[*shape, D]`` and
 channel ``j`` is the displacement along array axis ``j`` in voxel units (voxelmorph 'ij').
@@ -78,6 +97,9 @@ __all__ = [
     "lame_from_shear_poisson", "lame_maps", "assemble_elasticity", "elastic_energy",
     "solve_navier_cauchy", "strain_norm", "make_phantom", "random_body_force", "warp",
     "invert_displacement", "sample_keypoints", "generate_pair",
+    "GENERATOR_VERSION", "DEFAULT_AIR_LAME", "RESIDUAL_BOUND", "MOTION_PRESETS", "DEFAULT_MOTION",
+    "LUNG_STRAIN_PER_MOTION", "displacement_gradient", "principal_strain", "jacobian_determinant",
+    "equilibrate_force", "inverse_consistency", "motion_to_max_disp", "SyntheticPairError",
 ]
 
 #: Tissue classes 1..3 (label 0 is background). Same order as the NLST classes [lung, bone, liver].
