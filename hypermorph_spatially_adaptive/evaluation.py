@@ -250,14 +250,24 @@ def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
 
 
 def comparison_markdown(comp: pd.DataFrame) -> str:
-    """Paired comparison as a Markdown table (mean difference [95% CI], Wilcoxon p, n)."""
+    """Paired comparison as a Markdown table: one row per (protocol, comparison), one cell per
+    metric with ``mean difference [95% CI] p=<Wilcoxon p>``; ``*`` marks a CI that excludes 0."""
     if comp.empty:
         return ""
-    lines = ["| protocol | comparison | metric | mean diff [95% CI] | Wilcoxon p | n | favours |",
-             "|---|---|---|---|---|---|---|"]
-    for r in comp.itertuples(index=False):
-        lines.append(f"| {r.protocol} | {r.comparison} | {r.metric} | {r.mean_diff:+.4f} [{r.ci_low:+.4f}, "
-                     f"{r.ci_high:+.4f}] | {r.wilcoxon_p:.3g} | {r.n} | {r.better} |")
+    metrics = [m for m in COMPARED if m in set(comp["metric"])]
+    lines = ["| protocol | a - b | n | " + " | ".join(f"d {m}" for m in metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
+    for (protocol, name), df in comp.groupby(["protocol", "comparison"], sort=False):
+        cells = []
+        by = df.set_index("metric")
+        for m in metrics:
+            if m not in by.index:
+                cells.append("-")
+                continue
+            r = by.loc[m]
+            star = "*" if (r["ci_low"] > 0 or r["ci_high"] < 0) else ""
+            cells.append(f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{star} p={r['wilcoxon_p']:.2g}")
+        lines.append(f"| {protocol} | {name} | {int(df['n'].max())} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,8 @@ for runs trained with ``--reg-field svf``.
 
 All pairs run as one batch; each pair's loss only depends on its own displacement, so the
 summed loss gives every pair its own gradient (Adam's update is elementwise, so pairs do not
-interact). Zero steps return ``u0`` unchanged.
+interact). Each pair keeps its best iterate, so the returned loss is never above the start;
+zero steps return ``u0`` unchanged.
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ class Refiner:
 
     def loss(self, moving, fixed, u, hyp, fixed_seg) -> tf.Tensor:
         """Per-pair training loss ``[N]`` of displacement ``u`` (see :func:`.losses.loss_terms`)."""
+        moving, fixed = tf.convert_to_tensor(moving, tf.float32), tf.convert_to_tensor(fixed, tf.float32)
+        hyp, u = tf.convert_to_tensor(hyp, tf.float32), tf.convert_to_tensor(u, tf.float32)
         warped = linear_warp(moving, u)
         return loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing, self.win)["loss"]
 
@@ -108,19 +111,29 @@ class Refiner:
         if steps == 0:
             return u0.copy(), start, start.copy()
         opt = tf.keras.optimizers.Adam(learning_rate=float(lr))
+        best_u = tf.Variable(u0)
+        best = tf.Variable(start)
+        expand = [-1] + [1] * (len(u0.shape) - 1)
 
         @tf.function(autograph=False)
         def step():
             with tf.GradientTape() as tape:
                 per_pair = self.loss(moving, fixed, u, hyp, seg)
                 total = tf.reduce_sum(per_pair)
-            opt.apply_gradients([(tape.gradient(total, u), u)])
+            grad = tape.gradient(total, u)
+            better = per_pair < best  # keep each pair's best iterate: never worse than the start
+            best_u.assign(tf.where(tf.reshape(better, expand), u, best_u))
+            best.assign(tf.where(better, per_pair, best))
+            opt.apply_gradients([(grad, u)])
             return per_pair
 
         for _ in range(int(steps)):
             step()
-        u_np = u.numpy()
-        if not np.all(np.isfinite(u_np)):
-            raise FloatingPointError("refinement diverged (non-finite displacement); lower --refine-lr")
-        end = self.loss(moving, fixed, u, hyp, seg).numpy()
+        last = self.loss(moving, fixed, u, hyp, seg)
+        better = last < best
+        best_u.assign(tf.where(tf.reshape(better, expand), u, best_u))
+        best.assign(tf.where(better, last, best))
+        u_np, end = best_u.numpy(), best.numpy()
+        if not (np.all(np.isfinite(u_np)) and np.all(np.isfinite(end))):
+            raise FloatingPointError("refinement diverged (non-finite displacement or loss); lower --refine-lr")
         return u_np, start, end

@@ -86,3 +86,16 @@ def test_bad_inputs_are_refused():
         r(moving, fixed, u0, np.full((1, 2), 0.5), np.zeros((1, 32, 32), np.int32), steps=1)
     with pytest.raises(ValueError, match="u0 has shape"):
         r(moving, fixed, u0[..., :1], np.full((1, 8), 0.5), np.zeros((1, 32, 32), np.int32), steps=1)
+
+
+def test_never_ends_above_the_start():
+    """lambda = mu = 1: the NCC weight 2 - lambda - mu is 0 and the loss is the energy alone; Adam's
+    first steps move every voxel by about lr and can raise it, the best iterate is kept."""
+    moving, fixed = _pair()
+    u0 = ndi.gaussian_filter(np.random.default_rng(4).normal(0, 1.0, (1, 32, 32, 2)), (0, 3, 3, 0)).astype(np.float32)
+    r = Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], win=5)
+    for steps in (1, 3, 30):
+        u, before, after = r(moving, fixed, u0, np.array([[1.0, 1.0]], np.float32), steps=steps, lr=0.5)
+        assert after[0] <= before[0]
+        recomputed = r.loss(moving, fixed, u, np.array([[1.0, 1.0]], np.float32), None).numpy()
+        assert recomputed[0] == pytest.approx(after[0], rel=1e-5, abs=1e-7)
