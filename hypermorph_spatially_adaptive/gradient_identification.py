@@ -278,6 +278,10 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
     ids = list(pair_ids) if pair_ids is not None else [f"#{k}" for k in range(n)]
     num_params = int(model.inputs[2].shape[-1])
     z = logit_start(h0, n, num_params).astype(np.float32)
+    for name, img in (("moving", moving), ("fixed", fixed)):
+        bad = [ids[k] for k in range(n) if not np.all(np.isfinite(img[k]))]
+        if bad:
+            raise ValueError(f"pair(s) {bad}: the {name} image has non-finite values")
 
     fseg = None if fixed_seg is None else np.asarray(fixed_seg)
     if objective == "dice":
@@ -326,8 +330,12 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
     args_fixed = [tf.constant(x) for x in (moving, fixed, a, b, present, msk, spc)]
     lr_t = tf.constant(lr, tf.float32)
     for k in range(steps):
-        obj, finite, z_new, m, v = step(tf.constant(z), tf.constant(m), tf.constant(v),
-                                        tf.constant(float(k + 1)), lr_t, tf.constant(active), *args_fixed)
+        try:
+            obj, finite, z_new, m, v = step(tf.constant(z), tf.constant(m), tf.constant(v),
+                                            tf.constant(float(k + 1)), lr_t, tf.constant(active), *args_fixed)
+        except tf.errors.InvalidArgumentError as e:  # e.g. NaN displacement -> invalid gather index
+            raise FloatingPointError(f"pairs {ids}: the network failed at step {k} (non-finite displacement?); "
+                                     f"try a smaller --lr. TensorFlow: {e.message.splitlines()[0]}") from e
         passes += 1
         obj = obj.numpy().astype(np.float64)
         finite = finite.numpy()
