@@ -126,7 +126,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -821,16 +820,7 @@ class SyntheticDataset(RegistrationDataset):
         payload = {k: np.asarray(rec[k]) for k in self._KEYS}
         payload["lame_json"] = np.array(json.dumps(_encode(rec["lame"])))
         payload["meta_json"] = np.array(json.dumps(_encode(rec.get("meta", {}))))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=self.cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, **payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write_npz(path, payload)
 
     def _generate(self, seed: int) -> dict:
         # peak displacement: `motion` x mean image size, varied by +-25 % between pairs; the

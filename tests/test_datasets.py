@@ -571,7 +571,13 @@ def test_synthetic_cache_and_determinism(tmp_path, fake_synth):
                        num_pairs=10, data_seed=2)
     assert ds.ndim == 2 and ds.image_shape == (16, 12) and ds.num_classes == 3
     ids = check_splits(ds, (7, 2, 1))
-    pair = ds.load_pair(ids["val"][0])
+    old_umask = os.umask(0o022)
+    try:
+        pair = ds.load_pair(ids["val"][0])
+    finally:
+        os.umask(old_umask)
+    # a shared cache: the file gets a plain file's permissions (not a temp file's 0600)
+    assert os.stat(ds.cache_path(ids["val"][0])).st_mode & 0o777 == 0o644
     check_pair_basics(pair, ds)
     assert pair.extras["seed"] == 2 * 100003 + 7
     assert pair.extras["disp_true"].shape == (16, 12, 2)
