@@ -24,13 +24,14 @@ from typing import List, Optional, Sequence
 import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
 
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
-QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, "refine": 5,
+QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, "refine": 5, "gradient_steps": 3,
          "arch": ["--enc-features", "8", "16", "16", "16", "--dec-features", "16", "16", "16", "16", "16", "8", "8",
                   "--hyp-units", "32", "--hyp-layers", "2"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
     import datasets
+    from hypermorph_spatially_adaptive.runio import arg_float, arg_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -38,12 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(num_pairs=60)  # synthetic: 42 train / 9 val / 9 test pairs
     g = p.add_argument_group("pipeline")
     g.add_argument("--out", default="outputs/demo", help="folder for runs, identification and results")
-    g.add_argument("--steps", type=int, default=1000, help="training steps per model")
+    g.add_argument("--steps", type=arg_int(1), default=2500,
+                   help="training steps per model (the demo's learning curves plateau by about 2500 steps at lr 1e-3)")
+    g.add_argument("--lr", type=arg_float(0.0), default=1e-3,
+                   help="Adam learning rate of the four trainings (the training scripts' own default is 1e-4)")
     g.add_argument("--batch-size", type=int, default=1, help="training batch size")
     g.add_argument("--grid-steps", type=int, default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=int, default=0, help="training seed (all four models)")
-    g.add_argument("--refine", type=int, default=100,
+    g.add_argument("--refine", type=arg_int(0), default=100,
                    help="instance optimization steps per test pair after the networks (the +io rows; 0: off)")
+    g.add_argument("--gradient-steps", type=arg_int(0), default=50,
+                   help="gradient identification (oracle protocol, started from the grid's choice): Adam steps per "
+                        "pair on the SA and global models' hyperparameters, the '(gradient)' rows; 0: off")
     g.add_argument("--panels", type=int, default=2, help="Fig. 3 panels for the first N test pairs")
     g.add_argument("--force", action="store_true", help="retrain even if a finished run with the same command exists")
     g.add_argument("--quick", action="store_true",
@@ -99,6 +106,19 @@ def _check_inputs(args, common: List[str], runs: dict) -> None:
                               multiple=2 ** len(targs[0].enc_features), log=lambda line: print(line, flush=True))
 
 
+def _plot_training_curves(runs: dict, out_png: str) -> None:
+    """Training loss/NCC and validation NCC of the four runs in one figure (``train_log.csv``)."""
+    import pandas as pd
+
+    from hypermorph_spatially_adaptive.figures import plot_training_curves
+
+    logs = {p: pd.read_csv(os.path.join(folder, "train_log.csv")) for p, folder in runs.items()
+            if os.path.exists(os.path.join(folder, "train_log.csv"))}
+    if logs:
+        plot_training_curves(logs, out_png)
+        print(f"-- training curves: {out_png}", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     import shlex
 
@@ -109,6 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         if args.dataset == "synthetic" and args.num_pairs == 60:
             args.num_pairs = QUICK["num_pairs"]
         args.steps, args.grid_steps, args.refine = QUICK["steps"], QUICK["grid_steps"], QUICK["refine"]
+        args.gradient_steps = min(args.gradient_steps, QUICK["gradient_steps"])
     if args.dataset == "synthetic" and args.cache_dir is None and args.data_dir is None:
         args.cache_dir = os.path.join(".cache", "synthetic")
 
@@ -118,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     t0 = time.time()
     runs = {p: os.path.join(args.out, "runs", p) for p in PRESETS}
-    common = _data_argv(args) + ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
+    common = _data_argv(args) + ["--steps", str(args.steps), "--lr", repr(args.lr), "--batch-size", str(args.batch_size),
                                  "--seed", str(args.seed), "--log-every", str(max(1, min(50, args.steps // 10))),
                                  "--val-every", str(max(1, args.steps // 4))]
     if args.quick:
@@ -148,7 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                     raise
                 raise ValueError(f"{exc} [run_pipeline.py: --force retrains the four models]") from exc
 
-    print("== stage 2/3: parameter identification with the global models (oracle and population protocol)",
+    _plot_training_curves(runs, os.path.join(args.out, "training_curves.png"))
+
+    print("== stage 2/3: parameter identification (grid: oracle and population protocol; gradient: oracle)",
           flush=True)
     ident = {}
     for reg in ("elastic", "diffusion"):
@@ -157,6 +180,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             ident[reg].append(os.path.join(args.out, folder, reg))
             parameter_identification.main(["--run", runs[f"{reg}_global"], "--out", ident[reg][-1],
                                            "--grid-steps", str(args.grid_steps), "--protocol", protocol])
+        if args.gradient_steps:  # SPEC section 10: start from the grid's choice, Adam on the models' own inputs
+            ident[reg].append(os.path.join(args.out, "identification_gradient", reg))
+            parameter_identification.main(["--run", runs[f"{reg}_global"], "--sa-run", runs[f"{reg}_sa"],
+                                           "--method", "gradient", "--init", "grid", "--init-from", ident[reg][0],
+                                           "--steps", str(args.gradient_steps), "--out", ident[reg][-1]])
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
@@ -166,7 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     minutes = (time.time() - t0) / 60
     print(f"\nPipeline finished in {minutes:.1f} min.\n  Table 1: {results}/table1.md (and .csv)\n"
           f"  per-pair metrics: {results}/per_pair_metrics.csv\n  figures: {results}/*.png, "
-          f"{args.out}/identification/*/fig2_parameters.png\n  models: {args.out}/runs/", flush=True)
+          f"{args.out}/identification/*/fig2_parameters.png, {args.out}/training_curves.png\n"
+          f"  models: {args.out}/runs/", flush=True)
     return results
 
 

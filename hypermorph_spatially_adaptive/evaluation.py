@@ -238,12 +238,16 @@ def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, s
 
 
 def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
-    """The comparisons of SPEC section 9 that the given methods allow, per regularizer."""
+    """The comparisons of SPEC section 9 that the given methods allow, per regularizer, as
+    (a, b) method names (a - b is reported); rows of a gradient identification add
+    ``sas (gradient) - g (gradient)`` and ``sas (gradient) - sas`` (gradient vs grid proxy)."""
     present = set(methods)
     out = []
     for s in ("diff", "elas"):
         for a, b in ((f"{s}-sas", f"{s}-g"), (f"{s}-sas@g", f"{s}-g"), (f"{s}-sas", f"{s}-sas@g"),
-                     (f"{s}-sas+io", f"{s}-g+io")):
+                     (f"{s}-sas+io", f"{s}-g+io"),
+                     # gradient identification (SPEC section 10): -sas vs -g, and vs the grid proxy
+                     (f"{s}-sas (gradient)", f"{s}-g (gradient)"), (f"{s}-sas (gradient)", f"{s}-sas")):
             if a in present and b in present:
                 out.append((a, b))
     return out

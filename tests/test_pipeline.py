@@ -86,8 +86,9 @@ def test_quick_pipeline_table(quick_run):
     t1["protocol"] = t1["protocol"].fillna("")
     block = ["diff-g", "diff-sas", "diff-sas@g", "diff-g+io", "diff-sas+io",
              "elas-g", "elas-sas", "elas-sas@g", "elas-g+io", "elas-sas+io"]
-    assert list(t1["method"]) == ["initial"] + block + block
-    assert list(t1["protocol"]) == [""] + ["oracle"] * 10 + ["population"] * 10
+    gradient = ["diff-g (gradient)", "diff-sas (gradient)", "elas-g (gradient)", "elas-sas (gradient)"]
+    assert list(t1["method"]) == ["initial"] + block + gradient + block
+    assert list(t1["protocol"]) == [""] + ["oracle"] * 14 + ["population"] * 10
     for c in [f"dice_{n}_mean" for n in CLASSES] + ["mean_dice_mean", "hd95_mean", "tre_mean",
                                                     "percent_neg_jac_mean", "dense_epe_mean"] + \
             [f"dense_epe_{n}_mean" for n in CLASSES]:
@@ -96,7 +97,11 @@ def test_quick_pipeline_table(quick_run):
     comp = pd.read_csv(res / "comparison.csv")
     assert set(comp["protocol"]) == {"oracle", "population"}
     assert {"elas-sas - elas-g", "elas-sas@g - elas-g", "elas-sas+io - elas-g+io",
-            "diff-sas - diff-g"} <= set(comp["comparison"])
+            "diff-sas - diff-g", "elas-sas (gradient) - elas-g (gradient)",
+            "diff-sas (gradient) - diff-sas"} <= set(comp["comparison"])
+    # the gradient identification starts from the grid's choice and records where it came from
+    gmeta = json.loads((quick_run / "identification_gradient" / "elastic" / "identification.json").read_text())
+    assert gmeta["method"] == "gradient" and gmeta["protocol"] == "oracle"
     assert set(comp["metric"]) >= {"mean_dice", "hd95", "tre", "dense_epe"}
     assert np.all(np.isfinite(comp[["mean_diff", "ci_low", "ci_high", "wilcoxon_p"]].to_numpy(float)))
     assert (comp["ci_low"] <= comp["mean_diff"] + 1e-12).all() and (comp["mean_diff"] <= comp["ci_high"] + 1e-12).all()
@@ -112,6 +117,7 @@ def test_quick_pipeline_table(quick_run):
         assert (res / f).stat().st_size > 0
     assert len(list(res.glob("fig3_*.png"))) == 4
     assert (quick_run / "identification" / "elastic" / "fig2_parameters.png").stat().st_size > 0
+    assert (quick_run / "training_curves.png").stat().st_size > 0
 
 
 def test_quick_pipeline_sas_uses_identified_per_class_parameters(quick_run):
