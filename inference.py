@@ -35,8 +35,6 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
-
 REGS = ("elastic", "diffusion")
 
 

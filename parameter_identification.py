@@ -33,8 +33,6 @@ import sys
 import time
 from typing import Optional, Sequence
 
-import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
-
 
 def build_parser() -> argparse.ArgumentParser:
     from hypermorph_spatially_adaptive import runio

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
-import hypermorph_spatially_adaptive  # noqa: F401  (Keras-2 shim before TensorFlow loads)
+import tf_compat  # noqa: F401  (Keras-2 shim before TensorFlow loads; bottom floor)
 import tensorflow as tf
 
 TensorLike = Union[tf.Tensor, float, Sequence[float]]

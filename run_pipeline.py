@@ -21,8 +21,6 @@ import os
 import time
 from typing import List, Optional, Sequence
 
-import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
-
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, "refine": 5, "gradient_steps": 3,
          "arch": ["--enc-features", "8", "16", "16", "16", "--dec-features", "16", "16", "16", "16", "16", "8", "8",

@@ -36,8 +36,6 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hypermorph_spatially_adaptive  # noqa: E402,F401
-
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -143,7 +141,7 @@ def compare_gradient(args) -> None:
     from hypermorph_spatially_adaptive import gradient_identification as gid
     from hypermorph_spatially_adaptive import identification as ident
     from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.models import ParamSpec
+    from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.registration import Registrar
     from parameter_identification import load_dataset
 

@@ -292,7 +292,7 @@ def _setup(job: Dict):
     """Import the stack (shims first), set determinism and seeds, make the input tensors."""
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
-    from hypermorph_spatially_adaptive.compat import import_voxelmorph
+    from tf_compat import import_voxelmorph
 
     tf, vxm, _ne = import_voxelmorph()
     if job["determinism"]:
@@ -318,8 +318,8 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
         # ---- ours: same computation as trainer.run's per_replica / train_step ----
         from hypermorph_spatially_adaptive import losses as hm_losses
         from hypermorph_spatially_adaptive.losses import loss_terms
-        from hypermorph_spatially_adaptive.models import (ModelConfig, build_model,
-                                                          regularization_parameters)
+        from hypermorph_spatially_adaptive.models import ModelConfig, build_model
+        from hypermorph_spatially_adaptive.params import regularization_parameters
         from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
         import regularizers
 

@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .compat import import_voxelmorph
+from tf_compat import import_voxelmorph
 
 tf, _vxm, _ne = import_voxelmorph()
 
@@ -491,7 +491,7 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
     import pandas as pd
 
     from . import runio
-    from .models import ParamSpec
+    from .params import ParamSpec
     from .registration import auto_batch_size
 
     if args.sa_run is None:

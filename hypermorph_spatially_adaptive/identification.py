@@ -30,7 +30,7 @@ import pandas as pd
 
 import eval_metrics
 
-from .models import ParamSpec
+from .params import ParamSpec
 
 
 def make_grid(regularizer: str, values: Sequence[float]) -> np.ndarray:

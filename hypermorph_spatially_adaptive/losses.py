@@ -15,14 +15,11 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
-from .compat import apply as _apply_shims
+import tensorflow as tf
 
-_apply_shims()
-import tensorflow as tf  # noqa: E402
+import regularizers
 
-import regularizers  # noqa: E402
-
-from .models import ParamSpec, regularization_parameters  # noqa: E402
+from .params import ParamSpec, regularization_parameters
 
 
 def ncc_map(fixed: tf.Tensor, warped: tf.Tensor, win: int = 9, eps: float = 1e-5) -> tf.Tensor:

@@ -25,14 +25,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import tensorflow as tf
 
-from .compat import apply as _apply_shims
-
-_apply_shims()
-import tensorflow as tf  # noqa: E402
-
-from .losses import loss_terms  # noqa: E402
-from .models import ParamSpec  # noqa: E402
+from .losses import loss_terms
+from .params import ParamSpec
 
 
 def linear_warp(image: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:

@@ -35,9 +35,6 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .compat import apply as _apply_shims
-
-_apply_shims()
 
 PRESETS = {
     "elastic_global": ("elastic", False),
@@ -389,7 +386,8 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     n_train = summary["sizes"]["train"]
     steps = args.steps if args.epochs is None else int(math.ceil(args.epochs * n_train / args.batch_size))
     spacing = [float(s) for s in summary["spacing"]]
-    from .models import ModelConfig, ParamSpec
+    from .models import ModelConfig
+    from .params import ParamSpec
 
     reg, sa = PRESETS[preset]
     mc = ModelConfig(image_shape=tuple(dataset.image_shape), regularizer=reg, spatially_adaptive=sa,
