@@ -83,23 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_dataset(config: dict, data_dir: Optional[str] = None, label_dir: Optional[str] = None):
-    """Rebuild the dataset a run was trained on (optionally with moved folders)."""
-    import datasets
-
-    opts = dict(config["data"])
-    if data_dir is not None:
-        opts["data_dir"] = data_dir
-    if label_dir is not None:
-        opts["label_dir"] = label_dir
-    name = opts.pop("name")
-    return datasets.get_dataset(name, **opts)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
     import pandas as pd
 
+    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import identification as ident
     from hypermorph_spatially_adaptive import runio
     from hypermorph_spatially_adaptive.registration import Registrar
@@ -107,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     model, config = runio.load_run(args.run, expect_sa=False)
     regularizer = config["model"]["regularizer"]
     class_names = list(config["class_names"])
-    dataset = load_dataset(config, args.data_dir, args.label_dir)
+    dataset = art.load_dataset(config, args.data_dir, args.label_dir)
     runio.check_compatible(args.run, config, dataset)
     ids = dataset.split_ids(args.split)
     if args.pairs:
@@ -124,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     values = args.grid if args.grid is not None else ident.grid_values(args.grid_steps)
     grid = ident.make_grid(regularizer, values)
     population = args.protocol == "population"
-    out = args.out or os.path.join(args.run, "identification_population" if population else "identification")
+    out = args.out or os.path.join(args.run, art.IDENTIFICATION_DIRS[args.protocol])
     os.makedirs(out, exist_ok=True)
     search_split = args.population_split if population else args.split
     search_ids = dataset.split_ids(search_split) if population else ids
@@ -147,11 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         choice = ident.population_choice(grid_df, regularizer, class_names, ids)
     else:
         choice = ident.choose_parameters(grid_df, regularizer, class_names)
-    choice.insert(1, "regularizer", regularizer)
+    choice.insert(1, art.REGULARIZER, regularizer)
     seconds = time.time() - t0
 
-    runio.atomic_to_csv(grid_df, os.path.join(out, "grid_dice.csv"))
-    runio.atomic_to_csv(choice, os.path.join(out, "identified_parameters.csv"))
+    runio.atomic_to_csv(grid_df, os.path.join(out, art.GRID_DICE))
+    runio.atomic_to_csv(choice, os.path.join(out, art.IDENTIFIED_PARAMETERS))
     meta = {"global_run": os.path.abspath(args.run), "regularizer": regularizer, "class_names": class_names,
             "data": config["data"], "split": args.split, "protocol": args.protocol, "method": "grid",
             "identified_on": search_split, "grid_values": [float(v) for v in values],
@@ -160,12 +148,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                         "then larger mu, then larger lambda; background and -g use the best mean Dice",
             "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(search_ids), 1), 3),
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
-    runio.atomic_write_text(os.path.join(out, "identification.json"), json.dumps(meta, indent=2))
+    runio.atomic_write_text(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from hypermorph_spatially_adaptive import figures
 
-        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, "fig2_parameters.png"))
-    print(f"[identify {regularizer}] done in {seconds:.1f} s -> {out}/identified_parameters.csv", flush=True)
+        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, art.FIG2))
+    print(f"[identify {regularizer}] done in {seconds:.1f} s -> {out}/{art.IDENTIFIED_PARAMETERS}", flush=True)
     return out
 
 

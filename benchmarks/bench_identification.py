@@ -143,7 +143,7 @@ def compare_gradient(args) -> None:
     from hypermorph_spatially_adaptive import runio
     from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.registration import Registrar
-    from parameter_identification import load_dataset
+    from hypermorph_spatially_adaptive.artifacts import load_dataset
 
     if not (args.run and args.sa_run):
         raise SystemExit("--compare-gradient needs --run (global) and --sa-run (SA)")

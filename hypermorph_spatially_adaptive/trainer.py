@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .artifacts import TENSORBOARD, TRAIN_LOG
+
 
 PRESETS = {
     "elastic_global": ("elastic", False),
@@ -514,9 +516,9 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
             nccs.append(c.numpy())
         return float(np.mean(np.concatenate(losses))), float(np.mean(np.concatenate(nccs)))
 
-    log_path = os.path.join(run_dir, "train_log.csv")
+    log_path = os.path.join(run_dir, TRAIN_LOG)
     rows = _read_log(log_path, start) if resume_prefix else []
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, TENSORBOARD))
     progress = _Progress(preset, steps)
     acc: Dict[str, List[float]] = {}
     t_last, n_last = time.time(), 0

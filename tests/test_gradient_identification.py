@@ -97,7 +97,7 @@ def tiny_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_runs):
-    from parameter_identification import load_dataset
+    from hypermorph_spatially_adaptive.artifacts import load_dataset
 
     root, runs = tiny_runs
     sa, cfg = runio.load_run(runs["elastic_sa"])
