@@ -198,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             g_hyp = choice[g_cols].to_numpy(np.float32)
             sa_hyp = choice[g["sa_names"]].to_numpy(np.float32)
             runs = [(f"{short}-g", "g", g_hyp, g_cols), (f"{short}-sas", "sa", sa_hyp, g["sa_names"])]
-            if src.method == "grid":  # ablation: every class at the pair's -g values (SPEC section 9)
+            if src.method == "grid":  # ablation: every class at the pair's -g values (README "How to read the comparison")
                 runs.append((f"{short}-sas@g", "sa", np.repeat(g_hyp, C + 1, axis=1), g["sa_names"]))
             for name, kind, hyp, cols in runs:
                 t0 = time.time()

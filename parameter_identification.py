@@ -12,7 +12,7 @@ baseline (ties: larger regularization). Writes into ``--out``:
 - ``identification.json``        run folder, dataset options, grid, split, tie rule, timing
 - ``fig2_parameters.png``        identified parameters per tissue (paper Fig. 2)
 
-``--protocol population`` (SPEC section 9) searches the grid on the validation pairs instead,
+``--protocol population`` (README "How to read the comparison") searches the grid on the validation pairs instead,
 keeps one setting (per class the best mean class Dice over them) and writes it for every pair of
 ``--split`` into ``<run>/identification_population``: the test labels then only score.
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
     p.add_argument("--no-figure", action="store_true", help="skip the Fig. 2 scatter plot")
-    g = p.add_argument_group("method (SPEC sections 4 and 10)")
+    g = p.add_argument_group("method (grid: paper sec. 2.2; gradient: README, Gradient identification)")
     g.add_argument("--method", default="grid", choices=["grid", "gradient"],
                    help="grid: grid search with the global model (the paper's proxy); gradient: Adam on the "
                         "SA model's own hyperparameters (every class, background included) and on the global "
@@ -103,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         if unknown:
             raise ValueError(f"pair id(s) {unknown} are not in the {args.split} split of {dataset.name}")
         ids = list(args.pairs)
-    if args.method == "gradient":  # SPEC section 10; writes <run>/identification_gradient[_epe]
+    if args.method == "gradient":  # README "Gradient identification"; writes <run>/identification_gradient[_epe]
         if getattr(args, "protocol", "oracle") != "oracle":
             raise ValueError("--method gradient supports only the oracle protocol")
         from hypermorph_spatially_adaptive import gradient_identification

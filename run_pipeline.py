@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS[protocol], reg))
             parameter_identification.main(["--run", runs[f"{reg}_global"], "--out", ident[reg][-1],
                                            "--grid-steps", str(args.grid_steps), "--protocol", protocol])
-        if args.gradient_steps:  # SPEC section 10: start from the grid's choice, Adam on the models' own inputs
+        if args.gradient_steps:  # README "Gradient identification": start from the grid's choice, Adam on the models' own inputs
             ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS["gradient"], reg))
             parameter_identification.main(["--run", runs[f"{reg}_global"], "--sa-run", runs[f"{reg}_sa"],
                                            "--method", "gradient", "--init", "grid", "--init-from", ident[reg][0],

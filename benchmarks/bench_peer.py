@@ -11,8 +11,7 @@ inference.py output folder so one table holds our models and the peer.
 
 Conventions
 -----------
-* Our displacement ``u`` lives on the FIXED grid, in voxels; channel ``j`` is the displacement
-  along array axis ``j``; ``warped(x) = moving(x + u(x))``.
+* Our displacement ``u``: CONVENTIONS.md (fixed grid, voxels, channel ``j`` along array axis ``j``).
 * The arrays go to ANTs with ``ants.from_numpy`` with origin 0, identity direction and the
   pair's voxel spacing (mm per array axis), so ITK index axis ``j`` == array axis ``j`` and a
   physical point is ``index * spacing``. ANTs' forward transforms (``fwdtransforms``: the SyN

@@ -1,4 +1,4 @@
-"""Direct identification of a model's hyperparameters by gradient descent (SPEC section 10).
+"""Direct identification of a model's hyperparameters by gradient descent (README "Gradient identification").
 
 The grid method (:mod:`.identification`) searches the *global* model and hands each tissue's
 best grid point to the spatially adaptive (SA) model, a proxy. Both networks are differentiable
@@ -19,9 +19,7 @@ included) can be optimized directly:
   result is never worse than the start; a pair stops when its best objective has not improved
   by more than ``min_delta`` for ``patience`` steps, the batch when all its pairs stopped.
 
-Conventions: channels-last; displacement ``disp [B, *spatial, D]`` in voxels, channel ``j`` =
-displacement along array axis ``j`` (voxelmorph 'ij'); ``warped(x) = moving(x + disp(x))``;
-sampling outside the image repeats the edge value (``scipy.ndimage`` ``mode='nearest'``, as
+Conventions: CONVENTIONS.md (``disp [B, *spatial, D]``); sampling outside the image repeats the edge value (``scipy.ndimage`` ``mode='nearest'``, as
 :func:`eval_metrics.warp_image`).
 
 :func:`run_cli` is the ``--method gradient`` branch of ``parameter_identification.py``.

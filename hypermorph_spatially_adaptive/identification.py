@@ -1,4 +1,4 @@
-"""Per-pair, per-tissue parameter identification with a trained *global* model (SPEC section 4).
+"""Per-pair, per-tissue parameter identification with a trained *global* model (paper sec. 2.2).
 
 For every test pair all grid points run through the global model as batched forward passes;
 the moving labels are warped (nearest neighbour) with each displacement and class Dice and mean
@@ -124,7 +124,7 @@ def population_choice(grid_df: pd.DataFrame, regularizer: str, class_names: Sequ
                       pair_ids: Sequence[str]) -> pd.DataFrame:
     """One parameter setting from a grid table over several pairs, applied to ``pair_ids``.
 
-    The label-free protocol of SPEC section 9: ``grid_df`` holds the grid of the *validation*
+    The label-free protocol of the README "How to read the comparison": ``grid_df`` holds the grid of the *validation*
     pairs; per grid point the class Dice and mean Dice are averaged over those pairs (NaN
     skipped), then :func:`choose_parameters` picks per class the point with the best mean class
     Dice and, for the background and the -g baseline, the best mean (over pairs) mean Dice,

@@ -1,4 +1,4 @@
-"""Loss assembly of SPEC section 3 / paper eq. (1). Every loss returns one value per sample.
+"""Loss assembly of paper eq. (1). Every loss returns one value per sample.
 
 With ``cc(x)`` the local NCC map (window ``win`` per axis) between fixed and warped moving
 image, and ``Lambda, Gamma`` (elastic) or ``W`` (diffusion) either per-sample constants

@@ -1,6 +1,6 @@
 """Global and spatially adaptive HyperMorph models (voxelmorph 0.2 ``HyperVxmDense``).
 
-Model I/O (both variants, 2D and 3D, channels-last):
+Model I/O (both variants, 2D and 3D; layout, units and warp direction: CONVENTIONS.md):
 
 - inputs:  ``moving [B, *spatial, 1]``, ``fixed [B, *spatial, 1]``, ``hyp [B, P]`` in [0, 1]
 - outputs: ``warped [B, *spatial, 1]`` (moving warped by ``disp``),
