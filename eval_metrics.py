@@ -1,20 +1,11 @@
-"""Evaluation metrics for image registration (SPEC section 5). Pure numpy / scipy.
+"""Evaluation metrics for image registration (the metrics of the paper's Table 1, sec. 3.3). Pure numpy / scipy.
 
-Conventions (every public function follows them)
--------------------------------------------------
-* Arrays are channels-last.  ``D`` (2 or 3) is the number of spatial dimensions.
-* A displacement field ``disp`` has shape ``[*spatial, D]`` (``len(spatial) == D``), in
-  VOXEL units.  Channel ``j`` is the displacement along array axis ``j`` (voxelmorph's
-  'ij' convention: channel 0 moves along axis 0, not along "x" of a plotted image).
-* ``disp`` lives on the FIXED image grid.  The warped moving image is
-  ``warped(x) = moving(x + disp(x))``, so a fixed point ``x`` corresponds to the moving
-  point ``x + disp(x)``.  Moving and fixed arrays must have the same spatial shape.
-* ``spacing`` is a length-``D`` sequence of positive voxel sizes in mm, in array-axis order.
-* Keypoints are float arrays ``[K, D]`` in voxel index coordinates (axis order = array
-  axis order, voxel centres at integer coordinates).
-* Label maps are integer(-valued) arrays ``[*spatial]``: 0 = background, classes 1..C.
-  Float label arrays are accepted if all values are integral (e.g. NIfTI ``get_fdata``).
-* Invalid input raises ``ValueError`` with a message naming the problem.
+Conventions: CONVENTIONS.md (channels-last, flow channel j along array axis j in voxels,
+``warped(x) = moving(x + disp(x))`` on the fixed grid, spacing in mm, class 0 = background).
+Here arrays are single pairs without batch axis: ``disp [*spatial, D]``, label maps
+``[*spatial]`` (float arrays accepted if integral, e.g. NIfTI ``get_fdata``), keypoints
+``[K, D]`` in voxel index coordinates (voxel centres at integer coordinates). Moving and fixed
+arrays must have the same spatial shape. Invalid input raises ``ValueError`` naming the problem.
 
 Metric definitions
 ------------------
@@ -31,7 +22,7 @@ Metric definitions
   A class that is empty in either map gives NaN, never 0.
 * TRE (mm): ``|| (p_F + u(p_F) - p_M) * spacing ||_2`` per keypoint, with ``u(p_F)`` sampled
   by linear interpolation (Learn2Reg's convention; their script samples with scipy's default
-  cubic spline, we use linear as SPEC section 5 asks).
+  cubic spline, we use linear interpolation).
 * Jacobian determinant of ``phi(x) = x + u(x)``: ``det(I + grad u)`` with ``np.gradient``
   (central differences inside, one-sided at the border), voxel units.  %negJ is the
   percentage (0..100) of voxels with ``det <= 0``.
@@ -493,7 +484,7 @@ def registration_metrics(
     hd95_mode: str = "pooled",
     sdlogj_convention: str = "standard",
 ) -> dict:
-    """All SPEC section 5 metrics for one pair.
+    """All Table 1 metrics (paper sec. 3.3) for one pair.
 
     ``moving_seg`` is warped with ``disp`` (nearest neighbour) and compared to ``fixed_seg``.
     The "initial" (unregistered) metrics are obtained by passing ``np.zeros_like(disp)``.

@@ -35,8 +35,6 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
-
 REGS = ("elastic", "diffusion")
 
 
@@ -68,45 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_identification(ident_dir: str, reg: str, sa_names: List[str]) -> Dict:
-    """One identification folder: its choice table (indexed by pair id) and metadata."""
-    import pandas as pd
-
-    csv_path = os.path.join(ident_dir, "identified_parameters.csv")
-    meta_path = os.path.join(ident_dir, "identification.json")
-    for path in (csv_path, meta_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: missing; run parameter_identification.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta["regularizer"] != reg:
-        raise ValueError(f"{meta_path}: identification was done for the {meta['regularizer']} regularizer, "
-                         f"not {reg}")
-    choice = pd.read_csv(csv_path, dtype={"pair_id": str})
-    missing = [c for c in ["pair_id", *sa_names] if c not in choice]
-    if missing:
-        raise ValueError(f"{csv_path}: columns {missing} missing for the SA model (columns {sa_names})")
-    method = meta.get("method", "grid")
-    suffix = "" if method == "grid" else f" ({method}{'-' + meta['objective'] if meta.get('objective', 'dice') != 'dice' else ''})"
-    return {"csv": csv_path, "meta": meta, "choice": choice.set_index("pair_id"), "method": method,
-            "protocol": meta.get("protocol", "oracle"), "suffix": suffix}
-
-
 def _load_group(reg: str, sa_run: str, ident_dirs: Sequence[str], global_run: Optional[str]) -> Dict:
     """Load and cross-check one regularizer's SA model, global model and identifications."""
+    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import runio
 
     sa_model, sa_cfg = runio.load_run(sa_run, expect_regularizer=reg, expect_sa=True)
-    sa_names = runio.model_and_spec(sa_cfg)[1].names(sa_cfg["class_names"])
-    sources = [_read_identification(d, reg, sa_names) for d in ident_dirs]
-    global_run = global_run or sources[0]["meta"]["global_run"]
+    sa_names = art.sa_columns(reg, sa_cfg["class_names"])
+    sources = [art.read_identification(d, reg, sa_names) for d in ident_dirs]
+    global_run = global_run or sources[0].global_run
     g_model, g_cfg = runio.load_run(global_run, expect_regularizer=reg, expect_sa=False)
     for src in sources:
         for run, cfg in ((sa_run, sa_cfg), (global_run, g_cfg)):
-            if cfg["data"] != src["meta"]["data"]:
-                raise ValueError(f"{src['csv']}: identified on dataset {src['meta']['data']}, but {run} was "
+            if cfg["data"] != src.data:
+                raise ValueError(f"{src.csv}: identified on dataset {src.data}, but {run} was "
                                  f"trained on {cfg['data']}")
-    labels = [(s["protocol"], s["suffix"]) for s in sources]
+    labels = [(s.protocol, s.suffix) for s in sources]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--{reg}-ident: two identification folders have the same protocol and method {labels}")
     return {"reg": reg, "sa_run": sa_run, "global_run": global_run, "sa_model": sa_model, "sa_cfg": sa_cfg,
@@ -135,10 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     import pandas as pd
 
     import eval_metrics
+    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import evaluation, figures, runio
     from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
     from hypermorph_spatially_adaptive.registration import Registrar
-    from parameter_identification import load_dataset
 
     groups = []
     for reg in REGS:
@@ -155,23 +130,23 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     for g in groups[1:]:
         if g["sa_cfg"]["data"] != cfg0["data"]:
             raise ValueError(f"the {groups[0]['reg']} and {g['reg']} models were trained on different datasets")
-    dataset = load_dataset(cfg0, args.data_dir, args.label_dir)
+    dataset = art.load_dataset(cfg0, args.data_dir, args.label_dir)
     class_names = list(cfg0["class_names"])
     C = len(class_names)
     first = groups[0]["sources"][0]
-    split = first["meta"]["split"]
+    split = first.split
     split_ids = dataset.split_ids(split)
-    pair_ids = list(first["choice"].index)
+    pair_ids = first.pair_ids
     for g in groups:
         runio.check_compatible(g["sa_run"], g["sa_cfg"], dataset)
         for src in g["sources"]:
-            ids = list(src["choice"].index)
+            ids = src.pair_ids
             foreign = [p for p in ids if p not in split_ids]
-            if foreign or src["meta"]["split"] != split:
-                raise ValueError(f"{src['csv']}: pair id(s) {foreign[:5]} are not in the {split} split of "
+            if foreign or src.split != split:
+                raise ValueError(f"{src.csv}: pair id(s) {foreign[:5]} are not in the {split} split of "
                                  f"{dataset.name}")
             if set(ids) != set(pair_ids):
-                raise ValueError(f"{src['csv']}: identified pairs differ from {first['csv']}")
+                raise ValueError(f"{src.csv}: identified pairs differ from {first.csv}")
 
     pairs = [dataset.load_pair(p) for p in pair_ids]
     moving = np.stack([p.moving for p in pairs])
@@ -192,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     def record(method: str, protocol: str, warped, disp, hyp, cols, seconds: float) -> None:
         for k, pair in enumerate(pairs):
             m = evaluation.pair_metrics(pair, disp[k], C, class_names)
-            params = json.dumps({c.replace("g_", ""): round(float(v), 4) for c, v in zip(cols, hyp[k])})
+            params = json.dumps({c.replace(art.G_PREFIX, ""): round(float(v), 4) for c, v in zip(cols, hyp[k])})
             rows.append({"pair_id": pair.pair_id, "protocol": protocol, "method": method, "params": params,
                          "seconds": seconds / n, **m})
             warped_seg = None
@@ -209,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     for g in groups:
         short = evaluation.SHORT[g["reg"]]
-        g_cols = ["g_lambda", "g_mu"] if g["reg"] == "elastic" else ["g_lambda"]
+        g_cols = art.global_columns(g["reg"])
         registrars = {"g": Registrar(g["g_model"]), "sa": Registrar(g["sa_model"])}
         for kind, model in (("g", g["g_model"]), ("sa", g["sa_model"])):  # trace once, outside the timings
             registrars[kind](moving[:1], fixed[:1], np.full((1, int(model.inputs[2].shape[-1])), 0.5, np.float32))
@@ -219,22 +194,22 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 loss = cfg.get("loss", {})
                 refiners[kind] = Refiner(runio.model_and_spec(cfg)[1], loss.get("spacing"), loss.get("ncc_win", 9))
         for src in g["sources"]:
-            choice = src["choice"].loc[pair_ids]
+            choice = src.table.loc[pair_ids]
             g_hyp = choice[g_cols].to_numpy(np.float32)
             sa_hyp = choice[g["sa_names"]].to_numpy(np.float32)
             runs = [(f"{short}-g", "g", g_hyp, g_cols), (f"{short}-sas", "sa", sa_hyp, g["sa_names"])]
-            if src["method"] == "grid":  # ablation: every class at the pair's -g values (SPEC section 9)
+            if src.method == "grid":  # ablation: every class at the pair's -g values (README "How to read the comparison")
                 runs.append((f"{short}-sas@g", "sa", np.repeat(g_hyp, C + 1, axis=1), g["sa_names"]))
             for name, kind, hyp, cols in runs:
                 t0 = time.time()
                 warped, disp = registrars[kind](moving, fixed, hyp)
                 seconds = time.time() - t0
-                record(name + src["suffix"], src["protocol"], warped, disp, hyp, cols, seconds)
-                if args.refine and src["method"] == "grid" and "@" not in name:
+                record(name + src.suffix, src.protocol, warped, disp, hyp, cols, seconds)
+                if args.refine and src.method == "grid" and "@" not in name:
                     t1 = time.time()
                     u, before, after = refiners[kind](moving, fixed, disp, hyp, fixed_seg, args.refine, args.refine_lr)
                     warped_io = linear_warp(moving, u).numpy()
-                    record(name + "+io", src["protocol"], warped_io, u, hyp, cols, seconds + time.time() - t1)
+                    record(name + "+io", src.protocol, warped_io, u, hyp, cols, seconds + time.time() - t1)
                     print(f"[inference]   refinement loss {before.mean():.4f} -> {after.mean():.4f}", flush=True)
 
     per_pair = pd.DataFrame(rows)
@@ -244,9 +219,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     numeric, markdown = evaluation.table1(per_pair, class_names)
     comparison = evaluation.paired_comparison(per_pair, evaluation.default_comparisons(per_pair["method"]),
                                               n_boot=args.bootstrap, seed=args.seed)
-    runio.atomic_to_csv(per_pair, os.path.join(args.out, "per_pair_metrics.csv"))
-    runio.atomic_to_csv(numeric, os.path.join(args.out, "table1.csv"))
-    runio.atomic_to_csv(comparison, os.path.join(args.out, "comparison.csv"))
+    runio.atomic_to_csv(per_pair, os.path.join(args.out, art.PER_PAIR_METRICS))
+    runio.atomic_to_csv(numeric, os.path.join(args.out, art.TABLE1_CSV))
+    runio.atomic_to_csv(comparison, os.path.join(args.out, art.COMPARISON))
     header = (f"Table 1 on {dataset.name} ({n} {split} pairs), mean(std) over pairs; "
               f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping\n\n")
     comp_md = evaluation.comparison_markdown(comparison)
@@ -254,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         comp_md = (f"\nPaired comparison, a - b per pair: mean [seeded {args.bootstrap}-resample bootstrap 95% CI] "
                    "and two-sided Wilcoxon signed-rank p; * = CI excludes 0. Dice: > 0 favours a; HD95, TRE, "
                    "EPE (mm): < 0 favours a.\n\n" + comp_md)
-    runio.atomic_write_text(os.path.join(args.out, "table1.md"), header + markdown + comp_md)
+    runio.atomic_write_text(os.path.join(args.out, art.TABLE1_MD), header + markdown + comp_md)
 
     labelled = per_pair.assign(method=[m if p in ("", "oracle") else f"{m} [{p[:3]}]"
                                        for m, p in zip(per_pair["method"], per_pair["protocol"])])
@@ -268,14 +243,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                             title=f"{pair.pair_id}: {short} models (oracle protocol)",
                                             class_names=class_names)
     meta = {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sa_run"]), "global_run": os.path.abspath(g["global_run"]),
-                                  "identification": [os.path.abspath(s["csv"]) for s in g["sources"]]}
+                                  "identification": [os.path.abspath(s.csv) for s in g["sources"]]}
                        for g in groups},
             "dataset": cfg0["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,
             "refine_lr": args.refine_lr, "bootstrap": args.bootstrap, "seed": args.seed,
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
-    runio.atomic_write_text(os.path.join(args.out, "inference.json"), json.dumps(meta, indent=2))
+    runio.atomic_write_text(os.path.join(args.out, art.INFERENCE_META), json.dumps(meta, indent=2))
     print(header + markdown + comp_md, flush=True)
-    print(f"[inference] table: {os.path.join(args.out, 'table1.md')}  figures: {args.out}/*.png", flush=True)
+    print(f"[inference] table: {os.path.join(args.out, art.TABLE1_MD)}  figures: {args.out}/*.png", flush=True)
     return args.out
 
 

@@ -12,7 +12,7 @@ baseline (ties: larger regularization). Writes into ``--out``:
 - ``identification.json``        run folder, dataset options, grid, split, tie rule, timing
 - ``fig2_parameters.png``        identified parameters per tissue (paper Fig. 2)
 
-``--protocol population`` (SPEC section 9) searches the grid on the validation pairs instead,
+``--protocol population`` (README "How to read the comparison") searches the grid on the validation pairs instead,
 keeps one setting (per class the best mean class Dice over them) and writes it for every pair of
 ``--split`` into ``<run>/identification_population``: the test labels then only score.
 
@@ -32,8 +32,6 @@ import os
 import sys
 import time
 from typing import Optional, Sequence
-
-import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
     p.add_argument("--no-figure", action="store_true", help="skip the Fig. 2 scatter plot")
-    g = p.add_argument_group("method (SPEC sections 4 and 10)")
+    g = p.add_argument_group("method (grid: paper sec. 2.2; gradient: README, Gradient identification)")
     g.add_argument("--method", default="grid", choices=["grid", "gradient"],
                    help="grid: grid search with the global model (the paper's proxy); gradient: Adam on the "
                         "SA model's own hyperparameters (every class, background included) and on the global "
@@ -85,23 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_dataset(config: dict, data_dir: Optional[str] = None, label_dir: Optional[str] = None):
-    """Rebuild the dataset a run was trained on (optionally with moved folders)."""
-    import datasets
-
-    opts = dict(config["data"])
-    if data_dir is not None:
-        opts["data_dir"] = data_dir
-    if label_dir is not None:
-        opts["label_dir"] = label_dir
-    name = opts.pop("name")
-    return datasets.get_dataset(name, **opts)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
     import pandas as pd
 
+    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import identification as ident
     from hypermorph_spatially_adaptive import runio
     from hypermorph_spatially_adaptive.registration import Registrar
@@ -109,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     model, config = runio.load_run(args.run, expect_sa=False)
     regularizer = config["model"]["regularizer"]
     class_names = list(config["class_names"])
-    dataset = load_dataset(config, args.data_dir, args.label_dir)
+    dataset = art.load_dataset(config, args.data_dir, args.label_dir)
     runio.check_compatible(args.run, config, dataset)
     ids = dataset.split_ids(args.split)
     if args.pairs:
@@ -117,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         if unknown:
             raise ValueError(f"pair id(s) {unknown} are not in the {args.split} split of {dataset.name}")
         ids = list(args.pairs)
-    if args.method == "gradient":  # SPEC section 10; writes <run>/identification_gradient[_epe]
+    if args.method == "gradient":  # README "Gradient identification"; writes <run>/identification_gradient[_epe]
         if getattr(args, "protocol", "oracle") != "oracle":
             raise ValueError("--method gradient supports only the oracle protocol")
         from hypermorph_spatially_adaptive import gradient_identification
@@ -126,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     values = args.grid if args.grid is not None else ident.grid_values(args.grid_steps)
     grid = ident.make_grid(regularizer, values)
     population = args.protocol == "population"
-    out = args.out or os.path.join(args.run, "identification_population" if population else "identification")
+    out = args.out or os.path.join(args.run, art.IDENTIFICATION_DIRS[args.protocol])
     os.makedirs(out, exist_ok=True)
     search_split = args.population_split if population else args.split
     search_ids = dataset.split_ids(search_split) if population else ids
@@ -149,11 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         choice = ident.population_choice(grid_df, regularizer, class_names, ids)
     else:
         choice = ident.choose_parameters(grid_df, regularizer, class_names)
-    choice.insert(1, "regularizer", regularizer)
+    choice.insert(1, art.REGULARIZER, regularizer)
     seconds = time.time() - t0
 
-    runio.atomic_to_csv(grid_df, os.path.join(out, "grid_dice.csv"))
-    runio.atomic_to_csv(choice, os.path.join(out, "identified_parameters.csv"))
+    runio.atomic_to_csv(grid_df, os.path.join(out, art.GRID_DICE))
+    runio.atomic_to_csv(choice, os.path.join(out, art.IDENTIFIED_PARAMETERS))
     meta = {"global_run": os.path.abspath(args.run), "regularizer": regularizer, "class_names": class_names,
             "data": config["data"], "split": args.split, "protocol": args.protocol, "method": "grid",
             "identified_on": search_split, "grid_values": [float(v) for v in values],
@@ -162,12 +148,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                         "then larger mu, then larger lambda; background and -g use the best mean Dice",
             "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(search_ids), 1), 3),
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
-    runio.atomic_write_text(os.path.join(out, "identification.json"), json.dumps(meta, indent=2))
+    runio.atomic_write_text(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from hypermorph_spatially_adaptive import figures
 
-        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, "fig2_parameters.png"))
-    print(f"[identify {regularizer}] done in {seconds:.1f} s -> {out}/identified_parameters.csv", flush=True)
+        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, art.FIG2))
+    print(f"[identify {regularizer}] done in {seconds:.1f} s -> {out}/{art.IDENTIFIED_PARAMETERS}", flush=True)
     return out
 
 

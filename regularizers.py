@@ -1,15 +1,12 @@
 """Linear elastic and diffusion regularizers of a displacement field (TensorFlow).
 
-Conventions (used throughout the codebase)
-------------------------------------------
-- ``disp``: displacement ``u`` of shape ``[batch, *spatial, D]`` (channels-last, D = 2 or 3),
-  in **voxel units**; channel ``j`` is the displacement along tensor spatial axis ``j``
-  (voxelmorph's ``'ij'`` indexing).
-- ``spacing``: length-D sequence of voxel sizes in mm along the spatial axes (all > 0).
-  Derivatives are taken in physical units: the field is converted to mm
-  (``u_j * spacing[j]``) and forward differences along axis ``i`` are divided by
-  ``spacing[i]``. Strains are therefore dimensionless, and with unit spacing everything is
-  plain voxel arithmetic.
+Array layout, flow channels, voxel/mm units: CONVENTIONS.md. Here in particular:
+
+- ``disp``: displacement ``u`` ``[batch, *spatial, D]`` in voxels, D = 2 or 3.
+- ``spacing``: voxel sizes in mm (all > 0). Derivatives are taken in physical units: the field
+  is converted to mm (``u_j * spacing[j]``) and forward differences along axis ``i`` are divided
+  by ``spacing[i]``; strains are dimensionless, and with unit spacing everything is plain voxel
+  arithmetic.
 - Forward differences: ``d_i u_j(x) = (u_j(x + e_i) - u_j(x)) / h_i``; where ``x + e_i`` lies
   outside the image the difference is 0 (it contributes nothing to the energy).
 - ``d_i u_j`` = derivative along spatial axis ``i`` of component ``j``.
@@ -27,7 +24,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
-import hypermorph_spatially_adaptive  # noqa: F401  (Keras-2 shim before TensorFlow loads)
+import tf_compat  # noqa: F401  (Keras-2 shim before TensorFlow loads; bottom floor)
 import tensorflow as tf
 
 TensorLike = Union[tf.Tensor, float, Sequence[float]]

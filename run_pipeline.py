@@ -16,12 +16,9 @@ with tissues of known stiffness); any dataset works with ``--dataset``/``--data-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import List, Optional, Sequence
-
-import hypermorph_spatially_adaptive  # noqa: F401  (shims before TensorFlow)
 
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, "refine": 5, "gradient_steps": 3,
@@ -79,15 +76,15 @@ def _run_state(run_dir: str, argv: List[str]) -> str:
     """State of a training run folder for the training command ``argv``: ``"none"`` (no run),
     ``"finished"`` / ``"unfinished"`` (a run whose latest command, ``--resume``/``--overwrite``
     aside, equals ``argv``) or ``"changed"`` (a run made with another command)."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    if not os.path.isfile(os.path.join(run_dir, art.CONFIG)):
         return "none"
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = art.read_config(run_dir)
     command = (cfg.get("resumed") or [cfg])[-1].get("command", [None])
     if [a for a in command[1:] if a not in ("--resume", "--overwrite")] != argv:
         return "changed"
-    done = bool(cfg.get("finished")) and os.path.isfile(os.path.join(run_dir, "weights.h5"))
+    done = bool(cfg.get("finished")) and os.path.isfile(os.path.join(run_dir, art.WEIGHTS))
     return "finished" if done else "unfinished"
 
 
@@ -110,10 +107,11 @@ def _plot_training_curves(runs: dict, out_png: str) -> None:
     """Training loss/NCC and validation NCC of the four runs in one figure (``train_log.csv``)."""
     import pandas as pd
 
+    from hypermorph_spatially_adaptive.artifacts import TRAIN_LOG
     from hypermorph_spatially_adaptive.figures import plot_training_curves
 
-    logs = {p: pd.read_csv(os.path.join(folder, "train_log.csv")) for p, folder in runs.items()
-            if os.path.exists(os.path.join(folder, "train_log.csv"))}
+    logs = {p: pd.read_csv(os.path.join(folder, TRAIN_LOG)) for p, folder in runs.items()
+            if os.path.exists(os.path.join(folder, TRAIN_LOG))}
     if logs:
         plot_training_curves(logs, out_png)
         print(f"-- training curves: {out_png}", flush=True)
@@ -133,6 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.dataset == "synthetic" and args.cache_dir is None and args.data_dir is None:
         args.cache_dir = os.path.join(".cache", "synthetic")
 
+    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import trainer
     import inference
     import parameter_identification
@@ -176,12 +175,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     ident = {}
     for reg in ("elastic", "diffusion"):
         ident[reg] = []
-        for protocol, folder in (("oracle", "identification"), ("population", "identification_population")):
-            ident[reg].append(os.path.join(args.out, folder, reg))
+        for protocol in ("oracle", "population"):
+            ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS[protocol], reg))
             parameter_identification.main(["--run", runs[f"{reg}_global"], "--out", ident[reg][-1],
                                            "--grid-steps", str(args.grid_steps), "--protocol", protocol])
-        if args.gradient_steps:  # SPEC section 10: start from the grid's choice, Adam on the models' own inputs
-            ident[reg].append(os.path.join(args.out, "identification_gradient", reg))
+        if args.gradient_steps:  # README "Gradient identification": start from the grid's choice, Adam on the models' own inputs
+            ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS["gradient"], reg))
             parameter_identification.main(["--run", runs[f"{reg}_global"], "--sa-run", runs[f"{reg}_sa"],
                                            "--method", "gradient", "--init", "grid", "--init-from", ident[reg][0],
                                            "--steps", str(args.gradient_steps), "--out", ident[reg][-1]])
@@ -192,9 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                     "--elastic-sa", runs["elastic_sa"], "--elastic-ident", *ident["elastic"],
                     "--diffusion-sa", runs["diffusion_sa"], "--diffusion-ident", *ident["diffusion"]])
     minutes = (time.time() - t0) / 60
-    print(f"\nPipeline finished in {minutes:.1f} min.\n  Table 1: {results}/table1.md (and .csv)\n"
-          f"  per-pair metrics: {results}/per_pair_metrics.csv\n  figures: {results}/*.png, "
-          f"{args.out}/identification/*/fig2_parameters.png, {args.out}/training_curves.png\n"
+    print(f"\nPipeline finished in {minutes:.1f} min.\n  Table 1: {results}/{art.TABLE1_MD} (and .csv)\n"
+          f"  per-pair metrics: {results}/{art.PER_PAIR_METRICS}\n  figures: {results}/*.png, "
+          f"{args.out}/{art.IDENTIFICATION_DIRS['oracle']}/*/{art.FIG2}, {args.out}/training_curves.png\n"
           f"  models: {args.out}/runs/", flush=True)
     return results
 

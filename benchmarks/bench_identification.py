@@ -12,7 +12,7 @@ Weights are random (speed does not depend on them) unless ``--run`` names a trai
 
 ``--compare-gradient`` (needs trained ``--run`` GLOBAL and ``--sa-run`` SA runs of the same data)
 instead compares, per test pair and in one process, the two ways to choose the SA model's
-parameters (SPEC sections 4 and 10):
+parameters (paper sec. 2.2 and README "Gradient identification"):
 
 - grid proxy:  all grid points through the global model + hard Dice per point + per-class choice
   (``grid points`` forward passes), the choice handed to the SA model;
@@ -35,8 +35,6 @@ import time
 from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import hypermorph_spatially_adaptive  # noqa: E402,F401
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -143,9 +141,9 @@ def compare_gradient(args) -> None:
     from hypermorph_spatially_adaptive import gradient_identification as gid
     from hypermorph_spatially_adaptive import identification as ident
     from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.models import ParamSpec
+    from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.registration import Registrar
-    from parameter_identification import load_dataset
+    from hypermorph_spatially_adaptive.artifacts import load_dataset
 
     if not (args.run and args.sa_run):
         raise SystemExit("--compare-gradient needs --run (global) and --sa-run (SA)")

@@ -11,8 +11,7 @@ inference.py output folder so one table holds our models and the peer.
 
 Conventions
 -----------
-* Our displacement ``u`` lives on the FIXED grid, in voxels; channel ``j`` is the displacement
-  along array axis ``j``; ``warped(x) = moving(x + u(x))``.
+* Our displacement ``u``: CONVENTIONS.md (fixed grid, voxels, channel ``j`` along array axis ``j``).
 * The arrays go to ANTs with ``ants.from_numpy`` with origin 0, identity direction and the
   pair's voxel spacing (mm per array axis), so ITK index axis ``j`` == array axis ``j`` and a
   physical point is ``index * spacing``. ANTs' forward transforms (``fwdtransforms``: the SyN
@@ -290,7 +289,9 @@ def read_merge(results_dir: str, pair_ids: Sequence[str]):
     must all contain; checked before any registration runs."""
     import pandas as pd
 
-    path = os.path.join(results_dir, "per_pair_metrics.csv")
+    from hypermorph_spatially_adaptive.artifacts import PER_PAIR_METRICS
+
+    path = os.path.join(results_dir, PER_PAIR_METRICS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; give an inference.py output folder to --merge")
     theirs = pd.read_csv(path, dtype={"pair_id": str, "params": str})
@@ -350,6 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     ants = import_ants(args.threads, args.seed)
     import pandas as pd
 
+    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import evaluation, runio
 
     dataset, data_opts = load_dataset(args)
@@ -408,9 +410,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     footer = f"\n{METHOD}: {sec.mean():.2f}({sec.std(ddof=0):.2f}) s per pair (registration + field composition)\n"
 
     os.makedirs(args.out, exist_ok=True)
-    runio.atomic_to_csv(per_pair, os.path.join(args.out, "per_pair_metrics.csv"))
-    runio.atomic_to_csv(numeric, os.path.join(args.out, "table1.csv"))
-    runio.atomic_write_text(os.path.join(args.out, "table1.md"), header + markdown + footer)
+    runio.atomic_to_csv(per_pair, os.path.join(args.out, art.PER_PAIR_METRICS))
+    runio.atomic_to_csv(numeric, os.path.join(args.out, art.TABLE1_CSV))
+    runio.atomic_write_text(os.path.join(args.out, art.TABLE1_MD), header + markdown + footer)
     meta = {"method": METHOD, "antspyx": version, "type_of_transform": args.transform, "seed": args.seed,
             "threads": args.threads, "dataset": data_opts, "data_version": data_version(dataset, ids[0]),
             "split": args.split, "pairs": ids, "from_run": os.path.abspath(args.from_run) if args.from_run else None,

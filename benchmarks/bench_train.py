@@ -33,8 +33,7 @@ seeded, so every subprocess sees the same data.
 
 ``--breakdown`` additionally times, per model, the compiled forward pass, forward + loss,
 forward + loss + gradient, and the loss pieces alone (NCC, regularizer, each with its backward)
-on fixed tensors, next to benchmark-local alternative implementations (separable box filter for
-the NCC, slicing instead of ``tf.gather`` for the finite differences) to show what would help.
+on fixed tensors; for our models also voxelmorph's NCC on the same tensors, for comparison.
 
 Examples::
 
@@ -210,66 +209,6 @@ def _make_inputs(ndim: int, size: int, batch: int, num_params_ours: int, seed: i
     return moving, fixed, seg, hyp_all
 
 
-# benchmark-local alternative loss implementations (for the breakdown only) -------------------
-
-def _ncc_separable(tf, fixed, warped, win: int, eps: float = 1e-5):
-    """Same value as ``losses.ncc_map`` but the win^D box mean as D one-axis average pools."""
-    ndim = fixed.shape.rank - 2
-    f, w = tf.cast(fixed, tf.float32), tf.cast(warped, tf.float32)
-    m = tf.concat([f, w, f * f, w * w, f * w], axis=-1)
-    pool = tf.nn.avg_pool2d if ndim == 2 else tf.nn.avg_pool3d
-    for ax in range(ndim):
-        k = [1] * ndim
-        k[ax] = win
-        m = pool(m, ksize=k, strides=1, padding="SAME")
-    mf, mw, mff, mww, mfw = [m[..., k] for k in range(5)]
-    cross = mfw - mf * mw
-    var_f = tf.maximum(mff - mf * mf, 0.0)
-    var_w = tf.maximum(mww - mw * mw, 0.0)
-    return cross * cross / (var_f * var_w + eps / float(win ** (2 * ndim)))
-
-
-def _fd_slices(tf, u, spacing):
-    """Forward differences by slicing + pad (instead of tf.gather); same values as
-    ``regularizers.forward_gradients``."""
-    ndim = u.shape.rank - 2
-    u = u * tf.constant(spacing, dtype=u.dtype)
-    out = []
-    for i in range(ndim):
-        ax = i + 1
-        hi = [slice(None)] * (ndim + 2)
-        lo = [slice(None)] * (ndim + 2)
-        hi[ax], lo[ax] = slice(1, None), slice(None, -1)
-        pad = [[0, 0]] * (ndim + 2)
-        pad[ax] = [0, 1]
-        out.append(tf.pad(u[tuple(hi)] - u[tuple(lo)], pad) / spacing[i])
-    return out
-
-
-def _bcast(tf, p, ndim):
-    p = tf.convert_to_tensor(p, tf.float32)
-    return tf.reshape(p, [-1] + [1] * ndim) if p.shape.rank == 1 else p
-
-
-def _elastic_slices(tf, disp, lam, mu, spacing):
-    ndim = disp.shape.rank - 2
-    g = _fd_slices(tf, disp, spacing)
-    div = tf.add_n([g[i][..., i] for i in range(ndim)])
-    shear = tf.add_n([4.0 * tf.square(g[i][..., i]) for i in range(ndim)])
-    for i in range(ndim):
-        for j in range(i + 1, ndim):
-            shear += 2.0 * tf.square(g[i][..., j] + g[j][..., i])
-    dens = _bcast(tf, mu, ndim) / 4.0 * shear + _bcast(tf, lam, ndim) / 2.0 * tf.square(div)
-    return tf.reduce_mean(dens, axis=list(range(1, ndim + 1)))
-
-
-def _diffusion_slices(tf, disp, w, spacing):
-    ndim = disp.shape.rank - 2
-    g = _fd_slices(tf, disp, spacing)
-    dens = _bcast(tf, w, ndim) * tf.add_n([tf.reduce_sum(tf.square(gi), axis=-1) for gi in g])
-    return tf.reduce_mean(dens, axis=list(range(1, ndim + 1)))
-
-
 def _value_and_grad_fn(tf, f, n_watch: int):
     """Compiled ``f(*watched, *rest)`` forward + backward w.r.t. the first n_watch args;
     returns the summed value (gradients forced by a control dependency)."""
@@ -292,7 +231,7 @@ def _setup(job: Dict):
     """Import the stack (shims first), set determinism and seeds, make the input tensors."""
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
-    from hypermorph_spatially_adaptive.compat import import_voxelmorph
+    from tf_compat import import_voxelmorph
 
     tf, vxm, _ne = import_voxelmorph()
     if job["determinism"]:
@@ -313,13 +252,13 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
     win, spacing = int(job["ncc_win"]), [1.0] * ndim
     moving, fixed, fixed_seg, hyp_np = data["moving"], data["fixed"], data["fixed_seg"], data["hyp_all"]
 
-    pieces, check = {}, {}  # extra compiled callables for --breakdown
+    pieces = {}  # extra compiled callables for --breakdown
     if MODELS[name][0] != "plain":
         # ---- ours: same computation as trainer.run's per_replica / train_step ----
         from hypermorph_spatially_adaptive import losses as hm_losses
         from hypermorph_spatially_adaptive.losses import loss_terms
-        from hypermorph_spatially_adaptive.models import (ModelConfig, build_model,
-                                                          regularization_parameters)
+        from hypermorph_spatially_adaptive.models import ModelConfig, build_model
+        from hypermorph_spatially_adaptive.params import regularization_parameters
         from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
         import regularizers
 
@@ -375,16 +314,6 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
                     return regularizers.elastic_regularizer(d, lam, mu, spacing)
                 return regularizers.diffusion_regularizer(d, lam, spacing)
 
-            def reg_slices(d, h, s):
-                lam, mu = regularization_parameters(spec, h, s)
-                if spec.regularizer == "elastic":
-                    return _elastic_slices(tf, d, lam, mu, spacing)
-                return _diffusion_slices(tf, d, lam, spacing)
-
-            # sanity: the alternative implementations compute the same values
-            chk_reg = float(tf.reduce_max(tf.abs(reg_ours(disp0, hyp, fixed_seg) - reg_slices(disp0, hyp, fixed_seg))))
-            chk_ncc = float(tf.reduce_max(tf.abs(hm_losses.ncc_map(fixed, warped0, win)
-                                                 - _ncc_separable(tf, fixed, warped0, win))))
             pm = tf.function(lambda h, s: regularization_parameters(spec, h, s))
             pieces = {
                 "forward": lambda: [t.numpy() for t in fwd(batch)],
@@ -396,15 +325,11 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
                     (warped0, disp0, fixed, hyp, fixed_seg)),
                 "ncc ours fwd+bwd": (_value_and_grad_fn(
                     tf, lambda w, f: hm_losses.ncc_map(f, w, win), 1), (warped0, fixed)),
-                "ncc separable fwd+bwd [alt]": (_value_and_grad_fn(
-                    tf, lambda w, f: _ncc_separable(tf, f, w, win), 1), (warped0, fixed)),
-                "ncc vxm fwd+bwd [alt]": (_value_and_grad_fn(
+                "ncc vxm fwd+bwd": (_value_and_grad_fn(
                     tf, lambda w, f: vxm.losses.NCC(win=[win] * ndim).loss(f, w), 1), (warped0, fixed)),
                 "reg ours fwd+bwd": (_value_and_grad_fn(tf, reg_ours, 1), (disp0, hyp, fixed_seg)),
-                "reg slicing fwd+bwd [alt]": (_value_and_grad_fn(tf, reg_slices, 1), (disp0, hyp, fixed_seg)),
                 "param maps fwd": (pm, (hyp, fixed_seg)),
             }
-            check = {"reg_slicing_max_abs_diff": chk_reg, "ncc_separable_max_abs_diff": chk_ncc}
     else:
         # ---- plain voxelmorph HyperMorph step: nothing of ours ----
         model = vxm.networks.HyperVxmDense(shape, nb_hyp_params=1, int_steps=7, int_resolution=2,
@@ -460,12 +385,11 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
                 "loss_terms fwd+bwd": (_value_and_grad_fn(
                     tf, lambda w, d, f, h: (1.0 - h[:, 0]) * ncc_loss(f, w) + h[:, 0] * grad_loss(None, d), 2),
                     (warped0, flow0, fixed, hyp)),
-                "ncc vxm fwd+bwd [alt]": (_value_and_grad_fn(tf, lambda w, f: ncc_loss(f, w), 1), (warped0, fixed)),
+                "ncc vxm fwd+bwd": (_value_and_grad_fn(tf, lambda w, f: ncc_loss(f, w), 1), (warped0, fixed)),
                 "grad vxm (half-res svf) fwd+bwd": (_value_and_grad_fn(tf, lambda d: grad_loss(None, d), 1), (flow0,)),
             }
-            check = {}
 
-    return {"step": step, "model": model, "pieces": pieces, "check": check}
+    return {"step": step, "model": model, "pieces": pieces}
 
 
 def _time_pieces(tf, pieces: Dict, steps: int) -> Dict[str, float]:
@@ -498,7 +422,6 @@ def run_single(job: Dict) -> Dict:
     }
     if job["breakdown"]:
         result["breakdown"] = _time_pieces(tf, built["pieces"], int(job["breakdown_steps"]))
-        result["breakdown_check"] = built["check"]
     return result
 
 
@@ -765,8 +688,7 @@ def _run_and_print_paired(args, job_for, agg) -> List[Dict]:
 
 def _print_breakdown(keys, results, args) -> None:
     print()
-    print("breakdown (median seconds per compiled call; [alt] = benchmark-local alternative, not used "
-          "by the library):")
+    print("breakdown (median seconds per compiled call):")
     for cfg in args.configs:
         cols = [(m, results[(cfg, m, False)]) for m in args.models if (cfg, m, False) in results]
         cols = [(m, [r for r in rs if "breakdown" in r]) for m, rs in cols]
@@ -792,10 +714,6 @@ def _print_breakdown(keys, results, args) -> None:
         print("  " + " " * w + "".join(f"{m:>17}" for m, _ in cols))
         for k in items:
             print("  " + f"{k:<{w}}" + "".join(f"{_fmt(med[m].get(k), 4):>17}" for m, _ in cols))
-        for m, rs in cols:
-            chk = rs[0].get("breakdown_check") or {}
-            if chk:
-                print(f"  check {m}: " + ", ".join(f"{k} {v:.2e}" for k, v in chk.items()))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
 
     import pandas as pd
 
+    from hypermorph_spatially_adaptive.artifacts import CONFIG
+
     args = build_parser().parse_args(argv)
     folders = []
     for spec in args.runs:
@@ -70,16 +72,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
         argv_run = shlex.split(args.train_args) + [
             "--steps", str(args.steps), "--lr", lr, "--seed", str(args.seed), "--val-every", str(args.val_every),
             "--log-every", str(args.val_every), "--checkpoint-every", str(2 * args.val_every), "--out", folder]
-        if os.path.exists(os.path.join(folder, "config.json")):
+        if os.path.exists(os.path.join(folder, CONFIG)):
             argv_run.append("--resume")
         print(f"== {preset} lr {lr} -> {folder}", flush=True)
         trainer.main(preset, argv_run)
 
+    from hypermorph_spatially_adaptive.artifacts import TRAIN_LOG
     from hypermorph_spatially_adaptive.figures import plot_training_curves
 
     logs = {}
     for name, folder in folders:
-        path = os.path.join(folder, "train_log.csv")
+        path = os.path.join(folder, TRAIN_LOG)
         if not os.path.exists(path):
             print(f"{name}: no {path}, skipped", flush=True)
             continue

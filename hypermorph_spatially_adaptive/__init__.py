@@ -1,17 +1,18 @@
 """Tissue- and subject-specific elastic regularization with HyperMorph (TensorFlow).
 
-Importing the package installs the compatibility shims of :mod:`.compat` (it does not import
-TensorFlow). Submodules:
+Importing the package applies the compatibility shims of the top-level :mod:`tf_compat` (it does
+not import TensorFlow); submodules rely on that and do not re-apply them. Import floors and
+array conventions: CONVENTIONS.md. Submodules:
 
-- :mod:`.models`     HyperVxmDense builders (global and spatially adaptive) and parameter maps
-- :mod:`.losses`     loss assembly of SPEC section 3 (NCC + elastic / diffusion)
+- :mod:`.params`     hyperparameter layout (ParamSpec) and SA parameter maps; no voxelmorph
+- :mod:`.models`     HyperVxmDense builders (global and spatially adaptive)
+- :mod:`.losses`     training loss, paper eq. (1) (NCC + elastic / diffusion)
 - :mod:`.trainer`    the shared trainer behind the four ``train_hypermorph_*`` scripts
 - :mod:`.unrolled`   per-sample voxelmorph/neurite layers unrolled for static batches (speed)
-- :mod:`.runio`      run folders: config JSON, weights, atomic writes
+- :mod:`.artifacts`  names of run-folder and stage files; typed readers (RunInfo, Identification)
+- :mod:`.runio`      run folders: config JSON, weights, atomic writes, CLI helpers
 - :mod:`.synthetic`  phantoms with known Lamé parameters and a Navier-Cauchy solver
 """
-from . import compat as _compat
-
-_compat.apply()
+import tf_compat  # noqa: F401  (applies the shims on import)
 
 __version__ = "0.1.0"

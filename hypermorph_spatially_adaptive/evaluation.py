@@ -1,6 +1,6 @@
-"""Per-pair metrics, the paper's Table 1 layout and paired comparisons (SPEC sections 5 and 9).
+"""Per-pair metrics, the paper's Table 1 layout and paired comparisons (paper sec. 3.3; README "How to read the comparison").
 
-Method names follow the paper, with the additions of SPEC section 9 and issue-driven rows:
+Method names follow the paper, with the additions of the README "How to read the comparison" and issue-driven rows:
 
 - ``initial``                  no registration
 - ``diff-g`` / ``elas-g``      global model, the pair's best mean-Dice grid point
@@ -238,7 +238,7 @@ def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, s
 
 
 def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
-    """The comparisons of SPEC section 9 that the given methods allow, per regularizer, as
+    """The comparisons of the README "How to read the comparison" that the given methods allow, per regularizer, as
     (a, b) method names (a - b is reported); rows of a gradient identification add
     ``sas (gradient) - g (gradient)`` and ``sas (gradient) - sas`` (gradient vs grid proxy)."""
     present = set(methods)
@@ -246,7 +246,7 @@ def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
     for s in ("diff", "elas"):
         for a, b in ((f"{s}-sas", f"{s}-g"), (f"{s}-sas@g", f"{s}-g"), (f"{s}-sas", f"{s}-sas@g"),
                      (f"{s}-sas+io", f"{s}-g+io"),
-                     # gradient identification (SPEC section 10): -sas vs -g, and vs the grid proxy
+                     # gradient identification (README "Gradient identification"): -sas vs -g, and vs the grid proxy
                      (f"{s}-sas (gradient)", f"{s}-g (gradient)"), (f"{s}-sas (gradient)", f"{s}-sas")):
             if a in present and b in present:
                 out.append((a, b))

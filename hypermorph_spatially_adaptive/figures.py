@@ -11,16 +11,13 @@ Rendering uses matplotlib's Agg canvas explicitly (``matplotlib.figure.Figure`` 
 the global pyplot state of a notebook that imports this module is left alone, and every figure is
 freed when the function returns.
 
-Conventions (the same as :mod:`eval_metrics`)
----------------------------------------------
+Conventions: CONVENTIONS.md (single pairs, no batch axis: ``disp [*spatial, D]``). In addition:
+
 * Images are 2D ``[H, W]`` or 3D ``[X, Y, Z]`` arrays. For 3D inputs the panel shows the middle
   slice along the **last** axis (index ``Z // 2``) and the two in-plane displacement components
   (channels 0 and 1).
-* A displacement ``disp`` has shape ``[*spatial, D]`` in voxel units; channel ``j`` is the
-  displacement along array axis ``j``; ``warped(x) = moving(x + disp(x))``.
 * Arrays are drawn as stored: array axis 0 runs down the rows of the picture, axis 1 to the
   right (``imshow`` with ``origin='upper'``); no transposes or flips.
-* Label maps are integer-valued: 0 = background, 1..C tissue classes.
 
 Functions
 ---------

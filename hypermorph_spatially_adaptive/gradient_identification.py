@@ -1,4 +1,4 @@
-"""Direct identification of a model's hyperparameters by gradient descent (SPEC section 10).
+"""Direct identification of a model's hyperparameters by gradient descent (README "Gradient identification").
 
 The grid method (:mod:`.identification`) searches the *global* model and hands each tissue's
 best grid point to the spatially adaptive (SA) model, a proxy. Both networks are differentiable
@@ -19,9 +19,7 @@ included) can be optimized directly:
   result is never worse than the start; a pair stops when its best objective has not improved
   by more than ``min_delta`` for ``patience`` steps, the batch when all its pairs stopped.
 
-Conventions: channels-last; displacement ``disp [B, *spatial, D]`` in voxels, channel ``j`` =
-displacement along array axis ``j`` (voxelmorph 'ij'); ``warped(x) = moving(x + disp(x))``;
-sampling outside the image repeats the edge value (``scipy.ndimage`` ``mode='nearest'``, as
+Conventions: CONVENTIONS.md (``disp [B, *spatial, D]``); sampling outside the image repeats the edge value (``scipy.ndimage`` ``mode='nearest'``, as
 :func:`eval_metrics.warp_image`).
 
 :func:`run_cli` is the ``--method gradient`` branch of ``parameter_identification.py``.
@@ -40,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .compat import import_voxelmorph
+from tf_compat import import_voxelmorph
 
 tf, _vxm, _ne = import_voxelmorph()
 
@@ -412,11 +410,13 @@ def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_nam
 
     if init == "center":
         return None, None, "center (0.5)"
-    path = os.path.join(init_dir, "identified_parameters.csv") if init_dir else None
+    from .artifacts import IDENTIFIED_PARAMETERS, PAIR_ID
+
+    path = os.path.join(init_dir, IDENTIFIED_PARAMETERS) if init_dir else None
     if path is None or not os.path.isfile(path):
         print(f"[identify gradient] --init grid: no grid identification at {path}; starting at 0.5", flush=True)
         return None, None, "center (0.5; no grid identification found)"
-    df = pd.read_csv(path, dtype={"pair_id": str}).set_index("pair_id")
+    df = pd.read_csv(path, dtype={PAIR_ID: str}).set_index(PAIR_ID)
     cols = list(sa_names) + list(g_names)
     missing_cols = [c for c in cols if c not in df]
     missing_ids = [p for p in ids if p not in df.index]
@@ -490,8 +490,8 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
     """
     import pandas as pd
 
+    from . import artifacts as art
     from . import runio
-    from .models import ParamSpec
     from .registration import auto_batch_size
 
     if args.sa_run is None:
@@ -503,17 +503,17 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
     if sa_config["data"] != g_config["data"] or list(sa_config["class_names"]) != class_names:
         raise ValueError(f"{args.sa_run} and {args.run} were trained on different datasets/classes")
     runio.check_compatible(args.sa_run, sa_config, dataset)
-    sa_names = ParamSpec(regularizer, True, C).names(class_names)
-    g_names = ParamSpec(regularizer, False, C).names()
-    out = args.out or os.path.join(args.run, "identification_gradient"
+    sa_names = art.sa_columns(regularizer, class_names)
+    g_cols = art.global_columns(regularizer)
+    out = args.out or os.path.join(args.run, art.IDENTIFICATION_DIRS["gradient"]
                                    + ("" if args.objective == "dice" else f"_{args.objective}"))
-    init_dir = args.init_from or os.path.join(args.run, "identification")
+    init_dir = args.init_from or os.path.join(args.run, art.IDENTIFICATION_DIRS["oracle"])
 
     pairs = [dataset.load_pair(pid) for pid in ids]
     for p in pairs:
         _check_pair(p, args.objective)
     h0_sa, h0_g, init_desc = _start_points(args.init, init_dir if args.init == "grid" else None, ids,
-                                           sa_names, [f"g_{n}" for n in g_names])
+                                           sa_names, g_cols)
     bs = args.batch_size or auto_batch_size(dataset.image_shape, len(pairs), GRADIENT_VOXEL_BUDGET)
     kw = dict(steps=args.steps, lr=args.lr, patience=args.patience, num_classes=C)
     print(f"[identify gradient {regularizer}] {len(ids)} pairs, objective {args.objective}, <= {args.steps} "
@@ -535,12 +535,12 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
 
     rows, trace_rows = [], []
     for k, p in enumerate(pairs):
-        row: Dict = {"pair_id": p.pair_id, "regularizer": regularizer}
+        row: Dict = {art.PAIR_ID: p.pair_id, art.REGULARIZER: regularizer}
         row.update({n: float(v) for n, v in zip(sa_names, res_sa.h[k])})
         row.update({f"dice_{n}": float(dice_sa[k, c]) for c, n in enumerate(class_names)})
         row["mean_dice"] = nanmean(dice_sa[k])
-        row.update({f"g_{n}": float(v) for n, v in zip(g_names, res_g.h[k])})
-        row["g_mean_dice"] = nanmean(dice_g[k])
+        row.update({c: float(v) for c, v in zip(g_cols, res_g.h[k])})
+        row[art.G_MEAN_DICE] = nanmean(dice_g[k])
         absent = [n for c, n in enumerate(class_names, 1) if not (np.any(p.fixed_seg == c) or np.any(p.moving_seg == c))]
         row["fallback"] = ";".join(absent)
         row.update({"objective": float(res_sa.best[k]), "start_objective": float(res_sa.start[k]),
@@ -548,7 +548,7 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
                     "steps": int(res_sa.steps[k]), "g_steps": int(res_g.steps[k])})
         rows.append(row)
         for model_name, res in (("sa", res_sa), ("g", res_g)):
-            trace_rows += [{"pair_id": p.pair_id, "model": model_name, "step": s, "objective": float(o)}
+            trace_rows += [{art.PAIR_ID: p.pair_id, "model": model_name, "step": s, "objective": float(o)}
                            for s, o in enumerate(res.traces[k])]
     choice = pd.DataFrame(rows)
     traces = pd.DataFrame(trace_rows)
@@ -572,14 +572,15 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
             for key, s in summary.items():
                 print(f"    {key:20s} {json.dumps(s)}", flush=True)
 
-    runio.atomic_to_csv(choice, os.path.join(out, "identified_parameters.csv"))
-    runio.atomic_to_csv(traces, os.path.join(out, "objective_trace.csv"))
-    runio.atomic_write_text(os.path.join(out, "identification.json"), json.dumps(meta, indent=2))
+    runio.atomic_to_csv(choice, os.path.join(out, art.IDENTIFIED_PARAMETERS))
+    runio.atomic_to_csv(traces, os.path.join(out, art.OBJECTIVE_TRACE))
+    runio.atomic_write_text(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from . import figures
 
-        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, "fig2_parameters.png"),
+        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, art.FIG2),
                                        jitter=0.0)  # continuous values: no grid clusters to spread
     print(f"[identify gradient {regularizer}] SA mean Dice {choice['mean_dice'].mean():.3f}, -g "
-          f"{choice['g_mean_dice'].mean():.3f}; done in {seconds:.1f} s -> {out}/identified_parameters.csv", flush=True)
+          f"{choice[art.G_MEAN_DICE].mean():.3f}; done in {seconds:.1f} s -> {out}/{art.IDENTIFIED_PARAMETERS}",
+          flush=True)
     return out

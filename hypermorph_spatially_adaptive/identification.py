@@ -1,4 +1,4 @@
-"""Per-pair, per-tissue parameter identification with a trained *global* model (SPEC section 4).
+"""Per-pair, per-tissue parameter identification with a trained *global* model (paper sec. 2.2).
 
 For every test pair all grid points run through the global model as batched forward passes;
 the moving labels are warped (nearest neighbour) with each displacement and class Dice and mean
@@ -30,7 +30,7 @@ import pandas as pd
 
 import eval_metrics
 
-from .models import ParamSpec
+from .artifacts import G_MEAN_DICE, PAIR_ID, global_columns, sa_columns
 
 
 def make_grid(regularizer: str, values: Sequence[float]) -> np.ndarray:
@@ -62,7 +62,7 @@ def grid_dice(registrar, pair, grid: np.ndarray, class_names: Sequence[str]) -> 
     for g in range(len(grid)):
         warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[g])
         dice[g] = eval_metrics.dice_per_class(pair.fixed_seg, warped_seg, C)
-    df = pd.DataFrame({"pair_id": pair.pair_id, "lambda": grid[:, 0]})
+    df = pd.DataFrame({PAIR_ID: pair.pair_id, "lambda": grid[:, 0]})
     if grid.shape[1] == 2:
         df["mu"] = grid[:, 1]
     for c, name in enumerate(class_names):
@@ -87,14 +87,14 @@ def _best_row(df: pd.DataFrame, col: str) -> Optional[pd.Series]:
 def choose_parameters(grid_df: pd.DataFrame, regularizer: str, class_names: Sequence[str]) -> pd.DataFrame:
     """One row per pair with the identified per-class and global-baseline parameters."""
     elastic = regularizer == "elastic"
-    sa_names = ParamSpec(regularizer, True, len(class_names)).names(class_names)
+    sa_names = sa_columns(regularizer, class_names)
     rows: List[Dict] = []
-    for pair_id, df in grid_df.groupby("pair_id", sort=False):
+    for pair_id, df in grid_df.groupby(PAIR_ID, sort=False):
         best_mean = _best_row(df, "mean_dice")
         if best_mean is None:
             raise ValueError(f"pair {pair_id}: every class is empty in fixed and warped labels; "
                              "no parameter can be identified")
-        row: Dict = {"pair_id": pair_id}
+        row: Dict = {PAIR_ID: pair_id}
         chosen = {"background": best_mean}
         fallback = []
         for name in class_names:
@@ -109,10 +109,9 @@ def choose_parameters(grid_df: pd.DataFrame, regularizer: str, class_names: Sequ
         for name in class_names:
             row[f"dice_{name}"] = float(chosen[name][f"dice_{name}"])
         row["mean_dice"] = float(best_mean["mean_dice"])
-        row["g_lambda"] = float(best_mean["lambda"])
-        if elastic:
-            row["g_mu"] = float(best_mean["mu"])
-        row["g_mean_dice"] = float(best_mean["mean_dice"])
+        for col, field in zip(global_columns(regularizer), ("lambda", "mu")):
+            row[col] = float(best_mean[field])
+        row[G_MEAN_DICE] = float(best_mean["mean_dice"])
         row["fallback"] = ";".join(fallback)
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -125,7 +124,7 @@ def population_choice(grid_df: pd.DataFrame, regularizer: str, class_names: Sequ
                       pair_ids: Sequence[str]) -> pd.DataFrame:
     """One parameter setting from a grid table over several pairs, applied to ``pair_ids``.
 
-    The label-free protocol of SPEC section 9: ``grid_df`` holds the grid of the *validation*
+    The label-free protocol of the README "How to read the comparison": ``grid_df`` holds the grid of the *validation*
     pairs; per grid point the class Dice and mean Dice are averaged over those pairs (NaN
     skipped), then :func:`choose_parameters` picks per class the point with the best mean class
     Dice and, for the background and the -g baseline, the best mean (over pairs) mean Dice,
@@ -135,7 +134,7 @@ def population_choice(grid_df: pd.DataFrame, regularizer: str, class_names: Sequ
     keys = ["lambda", "mu"] if "mu" in grid_df else ["lambda"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        agg = grid_df.drop(columns=["pair_id"]).groupby(keys, as_index=False, sort=True).mean()
-    agg.insert(0, "pair_id", "population")
+        agg = grid_df.drop(columns=[PAIR_ID]).groupby(keys, as_index=False, sort=True).mean()
+    agg.insert(0, PAIR_ID, "population")
     one = choose_parameters(agg, regularizer, class_names).iloc[0].to_dict()
-    return pd.DataFrame([{**one, "pair_id": pid} for pid in pair_ids])
+    return pd.DataFrame([{**one, PAIR_ID: pid} for pid in pair_ids])

@@ -1,4 +1,4 @@
-"""Loss assembly of SPEC section 3 / paper eq. (1). Every loss returns one value per sample.
+"""Loss assembly of paper eq. (1). Every loss returns one value per sample.
 
 With ``cc(x)`` the local NCC map (window ``win`` per axis) between fixed and warped moving
 image, and ``Lambda, Gamma`` (elastic) or ``W`` (diffusion) either per-sample constants
@@ -15,14 +15,11 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
-from .compat import apply as _apply_shims
+import tensorflow as tf
 
-_apply_shims()
-import tensorflow as tf  # noqa: E402
+import regularizers
 
-import regularizers  # noqa: E402
-
-from .models import ParamSpec, regularization_parameters  # noqa: E402
+from .params import ParamSpec, regularization_parameters
 
 
 def ncc_map(fixed: tf.Tensor, warped: tf.Tensor, win: int = 9, eps: float = 1e-5) -> tf.Tensor:

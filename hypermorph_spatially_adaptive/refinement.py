@@ -8,9 +8,8 @@ model the per-class values become voxelwise maps from the **fixed** segmentation
 training), so the refinement is regularized by the tissue- and subject-specific energy; for a
 global model the maps are constant.
 
-Conventions: channels-last; ``u`` is ``[N, *spatial, D]`` in voxels on the fixed grid, channel
-``j`` = displacement along array axis ``j``, ``warped(x) = moving(x + u(x))`` with (bi/tri)linear
-interpolation and coordinates clamped to the image (voxelmorph's ``SpatialTransformer`` with
+Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is (bi/tri)linear with coordinates
+clamped to the image (voxelmorph's ``SpatialTransformer`` with
 ``fill_value=None``). The result is a displacement in the same convention, so every metric
 applies unchanged. The refinement always regularizes the displacement (the paper's field), also
 for runs trained with ``--reg-field svf``.
@@ -25,14 +24,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import tensorflow as tf
 
-from .compat import apply as _apply_shims
-
-_apply_shims()
-import tensorflow as tf  # noqa: E402
-
-from .losses import loss_terms  # noqa: E402
-from .models import ParamSpec  # noqa: E402
+from .losses import loss_terms
+from .params import ParamSpec
 
 
 def linear_warp(image: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:

@@ -10,9 +10,6 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .compat import apply as _apply_shims
-
-_apply_shims()
 
 
 def auto_batch_size(image_shape, n: int, voxel_budget: int = 2 ** 18) -> int:

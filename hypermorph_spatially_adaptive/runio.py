@@ -1,13 +1,9 @@
 """Run folders: one JSON config next to the weights, atomic writes, loading with no flags.
 
-A run folder holds::
-
-    config.json        architecture (ModelConfig), preset, loss and data options, seed,
-                       versions, command line; ``resumed``: one dated entry per ``--resume``
-    weights.h5         final weights (written atomically)
-    checkpoints/       periodic tf.train checkpoints (model, optimizer, step, data iterator)
-    train_log.csv      step, losses, validation loss, seconds per step
-    tensorboard/       TensorBoard scalars
+The names of the files in a run folder (and of every other stage's files) and the typed
+readers live in :mod:`.artifacts`; ``config.json`` records the architecture (ModelConfig),
+preset, loss and data options, seed, versions, command line and, in ``resumed``, one dated
+entry per ``--resume``.
 
 Every file written through :func:`atomic_save` (and so :func:`atomic_write_text`,
 :func:`atomic_to_csv`) gets the permissions of a plain ``open(path, "w")``: ``0o666 & ~umask``
@@ -27,9 +23,10 @@ import sys
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "weights.h5"
-CHECKPOINT_DIR = "checkpoints"
+from .artifacts import CHECKPOINTS as CHECKPOINT_DIR
+from .artifacts import CONFIG as CONFIG_NAME
+from .artifacts import WEIGHTS as WEIGHTS_NAME
+from .artifacts import read_config as load_config
 
 #: exceptions that mean "the input is wrong", reported as one ``error:`` line by :func:`cli_main`
 USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
@@ -120,17 +117,6 @@ def save_config(run_dir: str, config: Dict) -> None:
     atomic_write_text(os.path.join(run_dir, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True))
 
 
-def load_config(run_dir: str) -> Dict:
-    path = os.path.join(run_dir, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no run config; is {run_dir!r} a training run folder?")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: unreadable run config ({e})") from e
-
-
 def latest_checkpoint(run_dir: str) -> Optional[Tuple[str, int]]:
     """``(checkpoint prefix, step)`` named by ``<run>/checkpoints/latest``, or ``None``.
 
@@ -186,21 +172,15 @@ def load_run(run_dir: str, expect_regularizer: str = None, expect_sa: bool = Non
     Returns ``(model, config)``. ``expect_*`` make a mismatched folder fail with a message that
     names the folder and the mismatch (e.g. an SA run given where a global run is needed).
     """
+    from .artifacts import read_run
     from .models import ModelConfig, build_model
 
-    config = load_config(run_dir)
-    mc = ModelConfig.from_dict(config["model"])
-    kind = lambda sa: "spatially adaptive" if sa else "global"  # noqa: E731
-    if expect_regularizer is not None and mc.regularizer != expect_regularizer:
-        raise ValueError(f"{run_dir}: run uses the {mc.regularizer} regularizer, expected {expect_regularizer}")
-    if expect_sa is not None and mc.spatially_adaptive != expect_sa:
-        raise ValueError(f"{run_dir}: run is a {kind(mc.spatially_adaptive)} model, expected a {kind(expect_sa)} one")
-    weights = os.path.join(run_dir, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights}: no final weights (training unfinished? resume it with --resume)")
-    model = build_model(mc)
-    load_weights(model, run_dir, config)
-    return model, config
+    info = read_run(run_dir, expect_regularizer, expect_sa)
+    if not os.path.isfile(info.weights):
+        raise FileNotFoundError(f"{info.weights}: no final weights (training unfinished? resume it with --resume)")
+    model = build_model(ModelConfig.from_dict(info.config["model"]))
+    load_weights(model, run_dir, info.config)
+    return model, info.config
 
 
 def check_compatible(run_dir: str, config: Dict, dataset) -> None:

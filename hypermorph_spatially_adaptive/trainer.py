@@ -35,9 +35,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .compat import apply as _apply_shims
+from .artifacts import TENSORBOARD, TRAIN_LOG
 
-_apply_shims()
 
 PRESETS = {
     "elastic_global": ("elastic", False),
@@ -389,7 +388,8 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     n_train = summary["sizes"]["train"]
     steps = args.steps if args.epochs is None else int(math.ceil(args.epochs * n_train / args.batch_size))
     spacing = [float(s) for s in summary["spacing"]]
-    from .models import ModelConfig, ParamSpec
+    from .models import ModelConfig
+    from .params import ParamSpec
 
     reg, sa = PRESETS[preset]
     mc = ModelConfig(image_shape=tuple(dataset.image_shape), regularizer=reg, spatially_adaptive=sa,
@@ -516,9 +516,9 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
             nccs.append(c.numpy())
         return float(np.mean(np.concatenate(losses))), float(np.mean(np.concatenate(nccs)))
 
-    log_path = os.path.join(run_dir, "train_log.csv")
+    log_path = os.path.join(run_dir, TRAIN_LOG)
     rows = _read_log(log_path, start) if resume_prefix else []
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, TENSORBOARD))
     progress = _Progress(preset, steps)
     acc: Dict[str, List[float]] = {}
     t_last, n_last = time.time(), 0

@@ -24,7 +24,7 @@ from typing import Callable, List
 
 import tensorflow as tf
 
-from .compat import import_voxelmorph
+from tf_compat import import_voxelmorph
 
 #: largest static batch that is unrolled; bigger batches keep ``tf.map_fn``. Measured on 2 CPU
 #: cores with ``benchmarks/bench_train.py`` (2D 128^2, SA elastic): batch 1 unrolled traces and

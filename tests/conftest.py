@@ -6,4 +6,4 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import hypermorph_spatially_adaptive  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TF)
+import tf_compat  # noqa: E402,F401  (shims before TensorFlow: TF_USE_LEGACY_KERAS, getargspec)

@@ -38,7 +38,7 @@ def test_installed_versions_match_pins():
 
 
 def test_shim_makes_voxelmorph_importable_with_keras2():
-    from hypermorph_spatially_adaptive.compat import import_voxelmorph
+    from tf_compat import import_voxelmorph
 
     tf, vxm, ne = import_voxelmorph()
     assert hasattr(inspect, "getargspec")

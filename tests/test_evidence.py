@@ -1,4 +1,4 @@
-"""Evidence tools of SPEC section 9: population protocol, paired statistics, lost classes."""
+"""Evidence tools of README "How to read the comparison": population protocol, paired statistics, lost classes."""
 import numpy as np
 import pandas as pd
 import pytest

@@ -1,4 +1,4 @@
-"""Gradient-based identification (SPEC section 10): soft Dice, linear warp, optimizer, CLI, inference."""
+"""Gradient-based identification (README "Gradient identification"): soft Dice, linear warp, optimizer, CLI, inference."""
 import json
 import os
 
@@ -97,7 +97,7 @@ def tiny_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_runs):
-    from parameter_identification import load_dataset
+    from hypermorph_spatially_adaptive.artifacts import load_dataset
 
     root, runs = tiny_runs
     sa, cfg = runio.load_run(runs["elastic_sa"])

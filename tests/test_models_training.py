@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 from hypermorph_spatially_adaptive import losses, runio
-from hypermorph_spatially_adaptive.models import ModelConfig, ParamSpec, build_model, parameter_maps, \
-    regularization_parameters
+from hypermorph_spatially_adaptive.models import ModelConfig, build_model
+from hypermorph_spatially_adaptive.params import ParamSpec, parameter_maps, regularization_parameters
 from hypermorph_spatially_adaptive.trainer import main as train_main, sample_hyperparameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from hypermorph_spatially_adaptive.models import ParamSpec
+from hypermorph_spatially_adaptive.params import ParamSpec
 from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
 
 

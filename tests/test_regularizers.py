@@ -1,4 +1,4 @@
-"""Analytic checks of the elastic and diffusion regularizers (SPEC section 3)."""
+"""Analytic checks of the elastic and diffusion regularizers (paper eq. (1); CONVENTIONS.md)."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -49,7 +49,7 @@ def test_rotation_and_translation_have_no_energy(shape, spacing):
     e = R.elastic_regularizer(_disp_from_physical(trans, spacing), 1.0, 1.0, spacing).numpy()
     assert e.shape == (1,) and abs(e[0]) < 1e-10
     # a rotation is strain free wherever both forward neighbours exist (interior); on the last
-    # slices the missing neighbour zeroes one of the two shear terms (SPEC boundary rule)
+    # slices the missing neighbour zeroes one of the two shear terms (the zero-outside boundary rule, CONVENTIONS.md)
     dens = R.elastic_energy_density(_disp_from_physical(rot, spacing), 1.0, 1.0, spacing).numpy()
     assert np.abs(_interior(dens, d)).max() < 1e-9
     assert dens.max() > 1e-6  # the boundary rule is real, not an accident of the test field

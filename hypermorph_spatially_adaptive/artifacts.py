@@ -1,0 +1,209 @@
+"""The files the stages hand over, by name, and typed readers for them.
+
+Every stage writes and reads its neighbours' files through the names below instead of spelling
+them. Imports neither TensorFlow nor voxelmorph (pandas only inside the readers that need it).
+
+Training run folder (``train_hypermorph_*.py``)::
+
+    config.json        architecture, preset, loss/data/training options, seed, versions, command
+    weights.h5         final weights
+    checkpoints/       periodic tf.train checkpoints (``checkpoints/latest`` names the newest)
+    train_log.csv      step, losses, validation loss, seconds per step
+    tensorboard/       TensorBoard scalars
+
+Identification folder (``parameter_identification.py``; default ``<run>/identification``,
+``identification_population`` or ``identification_gradient[_epe]``)::
+
+    identified_parameters.csv  one row per pair: pair_id, regularizer, the SA model's
+                               hyperparameters (ParamSpec.names), their Dice, the global
+                               baseline g_lambda[, g_mu], g_mean_dice
+    identification.json        method, protocol, split, global run, data options, timing, ...
+    grid_dice.csv              grid method: the whole grid per pair
+    objective_trace.csv        gradient method: objective per step and pair
+    fig2_parameters.png        identified parameters per tissue
+
+Results folder (``inference.py``): per_pair_metrics.csv, table1.csv, table1.md, comparison.csv,
+inference.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from .params import ParamSpec
+
+# ---- training run folder ----------------------------------------------------------------------
+CONFIG = "config.json"
+WEIGHTS = "weights.h5"
+CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.csv"
+TENSORBOARD = "tensorboard"
+
+# ---- identification folder --------------------------------------------------------------------
+IDENTIFIED_PARAMETERS = "identified_parameters.csv"
+IDENTIFICATION_META = "identification.json"
+GRID_DICE = "grid_dice.csv"
+OBJECTIVE_TRACE = "objective_trace.csv"
+FIG2 = "fig2_parameters.png"
+#: default identification folder (inside the global run, or per regularizer in run_pipeline's --out)
+IDENTIFICATION_DIRS = {"oracle": "identification", "population": "identification_population",
+                       "gradient": "identification_gradient"}
+
+#: columns of identified_parameters.csv besides the SA hyperparameters
+PAIR_ID = "pair_id"
+REGULARIZER = "regularizer"
+G_PREFIX = "g_"
+G_MEAN_DICE = "g_mean_dice"
+
+# ---- results folder (inference.py) ------------------------------------------------------------
+PER_PAIR_METRICS = "per_pair_metrics.csv"
+TABLE1_CSV = "table1.csv"
+TABLE1_MD = "table1.md"
+COMPARISON = "comparison.csv"
+INFERENCE_META = "inference.json"
+
+
+def global_columns(regularizer: str) -> List[str]:
+    """The -g baseline's columns: ``['g_lambda', 'g_mu']`` (elastic) or ``['g_lambda']``."""
+    return [G_PREFIX + n for n in ParamSpec(regularizer, False, 1).names()]
+
+
+def sa_columns(regularizer: str, class_names: Sequence[str]) -> List[str]:
+    """The SA model's hyperparameter columns (``lambda_background`` ... ``mu_<last class>``)."""
+    return ParamSpec(regularizer, True, len(class_names)).names(class_names)
+
+
+def read_config(run_dir: str) -> Dict:
+    """``<run>/config.json`` as a dict; a clear error if it is missing or unreadable."""
+    path = os.path.join(run_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no run config; is {run_dir!r} a training run folder?")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: unreadable run config ({e})") from e
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A training run folder, read without building the model."""
+
+    folder: str
+    config: Dict = field(repr=False)
+    preset: str
+    regularizer: str
+    spatially_adaptive: bool
+    num_classes: int
+    class_names: List[str]
+    weights: str            # path of weights.h5 (may not exist yet)
+    finished: bool          # training finished and weights.h5 present
+
+    @property
+    def spec(self) -> ParamSpec:
+        return ParamSpec(self.regularizer, self.spatially_adaptive, self.num_classes)
+
+    @property
+    def data(self) -> Dict:
+        return self.config["data"]
+
+    @property
+    def kind(self) -> str:
+        return "spatially adaptive" if self.spatially_adaptive else "global"
+
+
+def read_run(folder: str, expect_regularizer: Optional[str] = None, expect_sa: Optional[bool] = None) -> RunInfo:
+    """Read a run folder's config; ``expect_*`` make a mismatched folder fail naming the mismatch."""
+    config = read_config(folder)
+    model = config["model"]
+    sa = bool(model["spatially_adaptive"])
+    kind = lambda s: "spatially adaptive" if s else "global"  # noqa: E731
+    if expect_regularizer is not None and model["regularizer"] != expect_regularizer:
+        raise ValueError(f"{folder}: run uses the {model['regularizer']} regularizer, expected {expect_regularizer}")
+    if expect_sa is not None and sa != expect_sa:
+        raise ValueError(f"{folder}: run is a {kind(sa)} model, expected a {kind(expect_sa)} one")
+    weights = os.path.join(folder, WEIGHTS)
+    return RunInfo(folder=folder, config=config, preset=config.get("preset", ""), regularizer=model["regularizer"],
+                   spatially_adaptive=sa, num_classes=int(model["num_classes"]),
+                   class_names=list(config.get("class_names", [])), weights=weights,
+                   finished=bool(config.get("finished")) and os.path.isfile(weights))
+
+
+@dataclass(frozen=True)
+class Identification:
+    """An identification folder: its per-pair parameter table and metadata."""
+
+    folder: str
+    meta: Dict = field(repr=False)
+    table: "object" = field(repr=False)   # pandas DataFrame indexed by pair_id
+    method: str             # 'grid' | 'gradient'
+    protocol: str           # 'oracle' | 'population'
+    objective: str          # 'dice' | 'epe' (gradient method; 'dice' for the grid)
+    regularizer: str
+    split: str
+    global_run: Optional[str]
+    class_names: List[str]
+
+    @property
+    def csv(self) -> str:
+        return os.path.join(self.folder, IDENTIFIED_PARAMETERS)
+
+    @property
+    def data(self) -> Dict:
+        return self.meta["data"]
+
+    @property
+    def pair_ids(self) -> List[str]:
+        return list(self.table.index)
+
+    @property
+    def suffix(self) -> str:
+        """Row-name suffix in Table 1: '' (grid), ' (gradient)', ' (gradient-epe)'."""
+        if self.method == "grid":
+            return ""
+        return f" ({self.method}{'-' + self.objective if self.objective != 'dice' else ''})"
+
+
+def read_identification(folder: str, regularizer: Optional[str] = None,
+                        columns: Sequence[str] = ()) -> Identification:
+    """Read ``identified_parameters.csv`` and ``identification.json`` of ``folder``.
+
+    ``regularizer`` and ``columns`` (e.g. :func:`sa_columns`) make a folder of another
+    regularizer or without those columns fail with a message naming the file.
+    """
+    import pandas as pd
+
+    csv_path = os.path.join(folder, IDENTIFIED_PARAMETERS)
+    meta_path = os.path.join(folder, IDENTIFICATION_META)
+    for path in (csv_path, meta_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing; run parameter_identification.py first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if regularizer is not None and meta["regularizer"] != regularizer:
+        raise ValueError(f"{meta_path}: identification was done for the {meta['regularizer']} regularizer, "
+                         f"not {regularizer}")
+    table = pd.read_csv(csv_path, dtype={PAIR_ID: str})
+    missing = [c for c in [PAIR_ID, *columns] if c not in table]
+    if missing:
+        raise ValueError(f"{csv_path}: columns {missing} missing for the SA model (columns {list(columns)})")
+    return Identification(folder=folder, meta=meta, table=table.set_index(PAIR_ID),
+                          method=meta.get("method", "grid"), protocol=meta.get("protocol", "oracle"),
+                          objective=meta.get("objective", "dice"), regularizer=meta["regularizer"],
+                          split=meta.get("split", ""), global_run=meta.get("global_run"),
+                          class_names=list(meta.get("class_names", [])))
+
+
+def load_dataset(config: Dict, data_dir: Optional[str] = None, label_dir: Optional[str] = None):
+    """Rebuild the dataset a run was trained on (``config['data']``), optionally with moved folders."""
+    import datasets
+
+    opts = dict(config["data"])
+    if data_dir is not None:
+        opts["data_dir"] = data_dir
+    if label_dir is not None:
+        opts["label_dir"] = label_dir
+    name = opts.pop("name")
+    return datasets.get_dataset(name, **opts)
