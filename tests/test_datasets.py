@@ -554,7 +554,7 @@ def fake_synthetic_module(calls):
 def fake_synth(monkeypatch):
     calls = []
     mod = fake_synthetic_module(calls)
-    monkeypatch.setattr(D, "_synthetic_module", lambda: mod)
+    monkeypatch.setattr(D.synthetic, "_synthetic_module", lambda: mod)
     return mod, calls
 
 
@@ -689,7 +689,7 @@ def test_import_is_light():
     code = ("import sys, datasets; "
             "assert 'tensorflow' not in sys.modules and 'nibabel' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True,
-                   cwd=os.path.dirname(os.path.abspath(D.__file__)))
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(D.__file__))))
 
 
 # ------------------------------------------------------------------------------------------
