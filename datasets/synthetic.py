@@ -1,19 +1,17 @@
 """The ``synthetic`` dataset: phantoms from the generator, cached as one compressed ``.npz`` per
 pair, and the ``--motion`` presets.
 
-``synthetic``
-    ``hypermorph_spatially_adaptive.synthetic.generate_pair(seed, shape)`` with
-    ``seed = data_seed * 100003 + index``; ``num_pairs`` pairs (default 40) split 70/15/15.
-    Each pair is cached as one compressed ``.npz`` in ``cache_dir`` (default ``<data_dir>`` if
-    given, else ``./.cache/synthetic``), named ``synthetic_<version>_<shape>_seed<seed>.npz``
-    where ``<version>`` combines the generator's ``GENERATOR_VERSION``/``VERSION``/``__version__``
-    attribute (if any) with a hash of its source file, so a changed generator never reuses old
-    phantoms. Writes are atomic (temp file + ``os.replace``); unreadable cache files are
-    regenerated with a warning. Spacing 1 mm, identity affine, keypoints from the generator,
-    ``extras = {"disp_true": float32 [*shape, D], "lame": {class: (lambda, mu)}, "seed": int,
-    "meta": {...}}`` (``meta``: the generator's checks, e.g. inverse residual, min Jacobian, lung
-    strain p95, air Lamé parameters; ``{}`` for generators without it). ``--motion``: peak
-    displacement / mean image size (or a preset, see :class:`SyntheticDataset`).
+Pairs come from :func:`datasets.phantoms.generate_pair` with ``seed = data_seed * 100003 +
+index``; ``num_pairs`` pairs (default 40) split 70/15/15. Each pair is cached as one compressed
+``.npz`` in ``cache_dir`` (default ``<data_dir>`` if given, else ``./.cache/synthetic``), named
+``synthetic_<version>_<shape>_m<motion>_seed<seed>.npz`` where ``<version>`` combines the
+generator's ``GENERATOR_VERSION`` with a hash of its source file (:mod:`datasets.cache`), so a
+changed generator never reuses old phantoms. Writes are atomic; unreadable cache files are
+regenerated with a warning. Spacing 1 mm, identity affine, keypoints from the generator,
+``extras = {"disp_true": float32 [*shape, D], "lame": {class: (lambda, mu)}, "seed": int,
+"meta": {...}}`` (``meta``: the generator's checks, e.g. inverse residual, min Jacobian, lung
+strain p95, air Lamé parameters; ``{}`` for generators without it). ``--motion``: peak
+displacement / mean image size (or a preset, see :class:`SyntheticDataset`).
 """
 from __future__ import annotations
 
@@ -33,9 +31,9 @@ SYNTHETIC_SEED_STRIDE = 100003
 
 def _synthetic_module():
     """The phantom generator module (a function so tests can substitute it)."""
-    from hypermorph_spatially_adaptive import synthetic
+    from . import phantoms
 
-    return synthetic
+    return phantoms
 
 
 SYNTHETIC_MOTION_PRESETS = {"default": 0.05, "stress": 0.1}
@@ -64,7 +62,7 @@ def _motion_arg(text: str) -> float:
 
 
 class SyntheticDataset(RegistrationDataset):
-    """Phantoms from ``hypermorph_spatially_adaptive.synthetic`` (see the module docstring).
+    """Phantoms from :mod:`datasets.phantoms` (see the module docstring).
 
     ``motion``: peak displacement as a fraction of the mean image size (+-25 % per pair), with
     the 95th percentile of the lung principal strain capped at 5 x motion (the real generator's

@@ -8,7 +8,6 @@ TensorFlow). Submodules:
 - :mod:`.trainer`    the shared trainer behind the four ``train_hypermorph_*`` scripts
 - :mod:`.unrolled`   per-sample voxelmorph/neurite layers unrolled for static batches (speed)
 - :mod:`.runio`      run folders: config JSON, weights, atomic writes
-- :mod:`.synthetic`  phantoms with known Lamé parameters and a Navier-Cauchy solver
 """
 from . import compat as _compat
 

@@ -624,12 +624,12 @@ def test_synthetic_3d_and_data_dir_cache(tmp_path, fake_synth):
         D.get_dataset("synthetic", None, ndim=3, image_size=[6, 6])
 
 
-real_synth = importlib.util.find_spec("hypermorph_spatially_adaptive.synthetic") is not None
+real_synth = importlib.util.find_spec("datasets.phantoms") is not None
 
 
-@pytest.mark.skipif(not real_synth, reason="hypermorph_spatially_adaptive.synthetic not present")
+@pytest.mark.skipif(not real_synth, reason="datasets.phantoms not present")
 def test_synthetic_real_generator(tmp_path, monkeypatch):
-    from hypermorph_spatially_adaptive import synthetic
+    from datasets import phantoms as synthetic
 
     ds = D.get_dataset("synthetic", None, cache_dir=str(tmp_path), image_size=[32, 32],
                        num_pairs=3)
