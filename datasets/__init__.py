@@ -66,7 +66,7 @@ anything is trained.
 from __future__ import annotations
 
 from .acdc import ACDCDataset
-from .atomic import atomic_write_npz
+from .atomic import atomic_write
 from .base import (SPLITS, PairNotFoundError, RegistrationDataset, RegistrationPair, _split_sizes,
                    validate_dataset, validate_pair)
 from .cache import _generator_version
@@ -97,5 +97,5 @@ __all__ = [
     "synthetic_motion",
     "validate_pair",
     "validate_dataset",
-    "atomic_write_npz",
+    "atomic_write",
 ]

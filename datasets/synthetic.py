@@ -24,7 +24,7 @@ import numpy as np
 
 from .base import RegistrationDataset, RegistrationPair
 from .cache import _decode, _encode, _generator_version, _roundtrip
-from .atomic import atomic_write_npz
+from .atomic import atomic_write
 
 SYNTHETIC_SEED_STRIDE = 100003
 
@@ -150,7 +150,14 @@ class SyntheticDataset(RegistrationDataset):
         payload = {k: np.asarray(rec[k]) for k in self._KEYS}
         payload["lame_json"] = np.array(json.dumps(_encode(rec["lame"])))
         payload["meta_json"] = np.array(json.dumps(_encode(rec.get("meta", {}))))
-        atomic_write_npz(path, payload)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        atomic_write(path, write)
 
     def _generate(self, seed: int) -> dict:
         # peak displacement: `motion` x mean image size, varied by +-25 % between pairs; the
