@@ -89,13 +89,7 @@ def load_dataset(config: dict, data_dir: Optional[str] = None, label_dir: Option
     """Rebuild the dataset a run was trained on (optionally with moved folders)."""
     import datasets
 
-    opts = dict(config["data"])
-    if data_dir is not None:
-        opts["data_dir"] = data_dir
-    if label_dir is not None:
-        opts["label_dir"] = label_dir
-    name = opts.pop("name")
-    return datasets.get_dataset(name, **opts)
+    return datasets.dataset_from_config(config["data"], data_dir, label_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:

@@ -25,8 +25,10 @@ Where things are
 ``learn2reg``       ``nlst`` and ``l2r-lung`` loaders
 ``acdc``            ``acdc`` loader
 ``folder``          ``folder`` loader (pairs CSV)
-``cli``             :func:`get_dataset`, :func:`add_dataset_args`, :func:`dataset_options`,
-                    :func:`dataset_from_args`
+``options``         :class:`~datasets.options.Option`: each dataset declares its options once
+``cli``             :func:`get_dataset`, :func:`add_dataset_args`, :func:`dataset_options`
+                    (config.json), :func:`dataset_argv` (pipeline), :func:`dataset_from_args`,
+                    :func:`dataset_from_config`
 ``tfdata``          :func:`make_tf_dataset` (the only TensorFlow code)
 ``atomic``          the atomic file writer
 ==================  ===============================================================================
@@ -70,7 +72,8 @@ from .atomic import atomic_write
 from .base import (SPLITS, PairNotFoundError, RegistrationDataset, RegistrationPair, _split_sizes,
                    validate_dataset, validate_pair)
 from .cache import _generator_version
-from .cli import DATASET_NAMES, add_dataset_args, dataset_from_args, dataset_options, get_dataset
+from .cli import (DATASET_NAMES, add_dataset_args, dataset_argv, dataset_class, dataset_from_args,
+                  dataset_from_config, dataset_options, get_dataset)
 from .folder import FolderDataset
 from .learn2reg import L2RLungDataset, NLSTDataset
 from .synthetic import (SYNTHETIC_MOTION_PRESETS, SYNTHETIC_SEED_STRIDE, SyntheticDataset,
@@ -93,6 +96,9 @@ __all__ = [
     "add_dataset_args",
     "dataset_from_args",
     "dataset_options",
+    "dataset_argv",
+    "dataset_class",
+    "dataset_from_config",
     "make_tf_dataset",
     "synthetic_motion",
     "validate_pair",

@@ -10,7 +10,7 @@
     min-max scale to [0, 1]. In-plane resampling to isotropic spacing (default: the smaller
     in-plane spacing; ``--target-spacing``) with a diagonal ``scipy.ndimage.affine_transform``
     (linear for images, nearest for labels): output voxel ``o`` samples raw voxel
-    ``o * target / spacing``, so the output spacing is exactly the target. Then a 128 x 128
+    ``o * target / spacing``, so the output spacing is exactly the target. Then a 128 x 128 (``--crop-size``)
     window centred on the centre of mass of the fixed labels > 0 (padded with 0 where it leaves
     the image; image centre if the fixed slice has no labels, with a warning). Labels 1 RV,
     2 myocardium, 3 LV blood pool. 2D only, no keypoints, correct affine. Split 50/20/30 in
@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 
 from .base import RegistrationDataset, RegistrationPair
+from .options import NDIM, Option
 from .nifti import (_as_3d, _check_same_shape, _find_nifti, _load_image, _load_labels,
                     _require_dir, _require_file, _window)
 
@@ -52,6 +53,14 @@ class ACDCDataset(RegistrationDataset):
     name = "acdc"
     split_ratios = (50, 20, 30)
     CLASS_NAMES = ("RV", "myocardium", "LV_blood_pool")
+    OPTIONS = (
+        NDIM,
+        Option("target_spacing", type=float,
+               help="acdc: in-plane spacing in mm after resampling (if not given: the smaller in-plane "
+                    "spacing of each image)"),
+        Option("crop_size", type=int, nargs=2, metavar=("H", "W"),
+               help="acdc: size of the window around the heart (if not given: 128 128, the paper's)"),
+    )
 
     def __init__(self, data_dir=None, ndim=None, target_spacing=None, crop_size=(128, 128),
                  image_size=None):
@@ -62,7 +71,7 @@ class ACDCDataset(RegistrationDataset):
         if ndim is not None and int(ndim) != 2:
             raise ValueError("dataset 'acdc' is 2D only (middle slices); use --ndim 2")
         if image_size is not None:
-            warnings.warn("--image-size is ignored for dataset 'acdc' (crop 128 x 128)",
+            warnings.warn(f"--image-size is ignored for dataset 'acdc' (crop {' x '.join(map(str, crop_size))})",
                           stacklevel=3)
         self.ndim = 2
         self.target_spacing = None if target_spacing is None else float(target_spacing)

@@ -70,6 +70,15 @@ class RegistrationDataset:
     name: str = "base"
     ndim: int = 2
     split_ratios: tuple = (70, 15, 15)
+    #: the options this dataset takes (:class:`datasets.options.Option`), declared once: the
+    #: keyword arguments of ``__init__`` besides ``data_dir``, the command line and config.json
+    OPTIONS: tuple = ()
+
+    @classmethod
+    def config_options(cls, data_dir, values: dict) -> dict:
+        """``config.json["data"]`` entries for the option ``values`` (``{key: value or None}``);
+        subclasses may resolve defaults here."""
+        return {opt.key: opt.to_config(values.get(opt.key)) for opt in cls.OPTIONS}
 
     def __init__(self) -> None:
         self._image_shape: tuple | None = None

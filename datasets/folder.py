@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 
 from .base import SPLITS, RegistrationDataset, RegistrationPair
+from .options import NDIM, SLICE_AXIS, Option
 from .nifti import (_as_3d, _check_same_shape, _load_image, _load_keypoints, _load_labels,
                     _nifti_shape, _points_to_grid, _require_file, _slice_matrix, _warn_outside)
 
@@ -36,6 +37,18 @@ class FolderDataset(RegistrationDataset):
     name = "folder"
     split_ratios = (70, 15, 15)
     REQUIRED = ("pair_id", "fixed", "moving", "fixed_seg", "moving_seg")
+    OPTIONS = (
+        Option("pairs_csv", path=True,
+               help="folder dataset: CSV with columns pair_id,fixed,moving,fixed_seg,moving_seg"
+                    "[,fixed_kp,moving_kp][,split], paths relative to the CSV"),
+        NDIM,
+        Option("num_classes", type=int,
+               help="folder: number of tissue classes (if not given: largest fixed label)"),
+        Option("class_names", help="folder: comma-separated class names (if not given: class1, class2, ...)"),
+        Option("clip_percentiles", type=float, nargs=2, metavar=("LO", "HI"),
+               help="folder: clip intensities at these percentiles before min-max scaling"),
+        SLICE_AXIS,
+    )
 
     def __init__(self, data_dir=None, pairs_csv=None, ndim=None, num_classes=None,
                  class_names=None, clip_percentiles=None, slice_axis=None, image_size=None):

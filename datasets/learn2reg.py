@@ -41,6 +41,7 @@ import warnings
 import numpy as np
 
 from .base import RegistrationDataset, RegistrationPair
+from .options import NDIM, SLICE_AXIS, Option
 from .nifti import (_as_3d, _check_same_shape, _find_nifti, _load_image, _load_keypoints,
                     _load_labels, _nifti_shape, _nifti_stem, _points_to_grid, _require_dir,
                     _require_file, _slice_matrix, _translation, _warn_outside, _window)
@@ -54,6 +55,13 @@ class _Learn2RegCT(RegistrationDataset):
     default_ndim = 2
     default_slice_axis = 1
     CLASS_NAMES = ("lung", "bone", "liver")
+    OPTIONS = (
+        Option("label_dir", path=True,
+               help="nlst/l2r-lung: folder of tissue label maps named like the images (0 background, "
+                    "1 lung, 2 bone, 3 liver; e.g. from TotalSegmentator)"),
+        NDIM,
+        SLICE_AXIS,
+    )
 
     def __init__(self, data_dir=None, label_dir=None, ndim=None, slice_axis=None,
                  image_size=None):

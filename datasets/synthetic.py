@@ -24,6 +24,7 @@ import numpy as np
 
 from .base import RegistrationDataset, RegistrationPair
 from .cache import _decode, _encode, _generator_version, _roundtrip
+from .options import IMAGE_SIZE, NDIM, Option
 from .atomic import atomic_write
 
 SYNTHETIC_SEED_STRIDE = 100003
@@ -73,6 +74,22 @@ class SyntheticDataset(RegistrationDataset):
 
     name = "synthetic"
     split_ratios = (70, 15, 15)
+    # (this order is the order run_pipeline.py passes them on, kept for its "same command" check)
+    OPTIONS = (
+        NDIM,
+        Option("num_pairs", type=int, default=40, help="synthetic: total number of pairs, split 70/15/15"),
+        Option("data_seed", type=int, default=0,
+               help="synthetic: base seed; pair i uses seed data_seed*100003+i"),
+        Option("motion", type=_motion_arg, default=SYNTHETIC_MOTION_PRESETS["default"],
+               help="synthetic: peak displacement as a fraction of the mean image size (varied by +-25%% "
+                    "between pairs), with the 95th percentile of the lung principal strain capped at "
+                    "5 x motion; or a preset: 'default' = 0.05 (lung strain p95 <= 0.25, breathing-like; "
+                    "initial mean Dice ~0.78 at 64^2), 'stress' = 0.1 (lung strain p95 up to 0.5, min "
+                    "Jacobian >= 0.3, initial mean Dice ~0.63)"),
+        Option("cache_dir", path=True,
+               help="synthetic: cache folder (if not given: --data-dir, else ./.cache/synthetic)"),
+        IMAGE_SIZE,
+    )
     _KEYS = ("fixed", "moving", "fixed_seg", "moving_seg", "disp", "fixed_kp", "moving_kp")
 
     def __init__(self, data_dir=None, ndim=None, image_size=None, num_pairs=40, data_seed=0,
@@ -104,6 +121,13 @@ class SyntheticDataset(RegistrationDataset):
                                                                             "synthetic")
         self.cache_dir = os.path.abspath(cache_dir)
         self._module = None
+
+    @classmethod
+    def config_options(cls, data_dir, values: dict) -> dict:
+        """The resolved values: ndim, image size, motion and the absolute cache folder."""
+        probe = cls(data_dir=data_dir, **{k: v for k, v in values.items() if v is not None})
+        return {"ndim": probe.ndim, "image_size": list(probe.image_shape), "num_pairs": probe.num_pairs,
+                "data_seed": probe.data_seed, "motion": probe.motion, "cache_dir": probe.cache_dir}
 
     @property
     def module(self):
