@@ -1,5 +1,6 @@
 """The ``tf.data`` adapter :func:`make_tf_dataset`, the only TensorFlow code on the data side.
-TensorFlow is imported inside the function, never when this module is imported.
+TensorFlow is imported inside the function, never when this module is imported; the model
+package is never imported.
 """
 from __future__ import annotations
 
@@ -20,12 +21,9 @@ def make_tf_dataset(dataset: RegistrationDataset, split: str, batch_size: int, s
     are gathered from the in-memory :meth:`RegistrationDataset.arrays` (no copy of the whole
     split into the TF graph), then ``prefetch(AUTOTUNE)``."""
     if "tensorflow" not in sys.modules:
-        try:  # Keras-2 / neurite shims must be in place before TensorFlow is first imported
-            from hypermorph_spatially_adaptive import compat
-
-            compat.apply()
-        except ImportError:
-            os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+        # voxelmorph/neurite need Keras 2, chosen before TensorFlow is first imported (the model
+        # package's compat shims do the same; the data side never imports the model package)
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tensorflow as tf
 
     if int(batch_size) < 1:
