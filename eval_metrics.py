@@ -1,14 +1,12 @@
-"""Evaluation metrics for image registration (SPEC section 5). Pure numpy / scipy.
+"""Evaluation metrics for image registration: the metrics of the paper's Table 1 (Sec. 3.3: class
+Dice, mean Dice, HD95, TRE, %negJ) plus SDlogJ (README "Conventions", Metrics). Pure numpy / scipy.
 
 Conventions (every public function follows them)
 -------------------------------------------------
-* Arrays are channels-last.  ``D`` (2 or 3) is the number of spatial dimensions.
-* A displacement field ``disp`` has shape ``[*spatial, D]`` (``len(spatial) == D``), in
-  VOXEL units.  Channel ``j`` is the displacement along array axis ``j`` (voxelmorph's
-  'ij' convention: channel 0 moves along axis 0, not along "x" of a plotted image).
-* ``disp`` lives on the FIXED image grid.  The warped moving image is
-  ``warped(x) = moving(x + disp(x))``, so a fixed point ``x`` corresponds to the moving
-  point ``x + disp(x)``.  Moving and fixed arrays must have the same spatial shape.
+* Registration conventions (channels-last, flow channel ``j`` = displacement along array axis
+  ``j`` in voxels, ``disp`` on the FIXED grid, ``warped(x) = moving(x + disp(x))``): see
+  ``CONVENTIONS.md``. ``D`` (2 or 3) is the number of spatial dimensions; moving and fixed
+  arrays must have the same spatial shape.
 * ``spacing`` is a length-``D`` sequence of positive voxel sizes in mm, in array-axis order.
 * Keypoints are float arrays ``[K, D]`` in voxel index coordinates (axis order = array
   axis order, voxel centres at integer coordinates).
@@ -31,7 +29,7 @@ Metric definitions
   A class that is empty in either map gives NaN, never 0.
 * TRE (mm): ``|| (p_F + u(p_F) - p_M) * spacing ||_2`` per keypoint, with ``u(p_F)`` sampled
   by linear interpolation (Learn2Reg's convention; their script samples with scipy's default
-  cubic spline, we use linear as SPEC section 5 asks).
+  cubic spline; we use linear, like every other sampling of ``u`` in this codebase).
 * Jacobian determinant of ``phi(x) = x + u(x)``: ``det(I + grad u)`` with ``np.gradient``
   (central differences inside, one-sided at the border), voxel units.  %negJ is the
   percentage (0..100) of voxels with ``det <= 0``.
@@ -493,7 +491,7 @@ def registration_metrics(
     hd95_mode: str = "pooled",
     sdlogj_convention: str = "standard",
 ) -> dict:
-    """All SPEC section 5 metrics for one pair.
+    """All metrics of this module (paper Table 1 plus SDlogJ) for one pair.
 
     ``moving_seg`` is warped with ``disp`` (nearest neighbour) and compared to ``fixed_seg``.
     The "initial" (unregistered) metrics are obtained by passing ``np.zeros_like(disp)``.
