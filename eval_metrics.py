@@ -1,11 +1,18 @@
-"""Evaluation metrics for image registration (the metrics of the paper's Table 1, sec. 3.3). Pure numpy / scipy.
+"""Evaluation metrics for image registration: the metrics of the paper's Table 1 (Sec. 3.3: class
+Dice, mean Dice, HD95, TRE, %negJ) plus SDlogJ (README "Conventions", Metrics). Pure numpy / scipy.
 
-Conventions: CONVENTIONS.md (channels-last, flow channel j along array axis j in voxels,
-``warped(x) = moving(x + disp(x))`` on the fixed grid, spacing in mm, class 0 = background).
-Here arrays are single pairs without batch axis: ``disp [*spatial, D]``, label maps
-``[*spatial]`` (float arrays accepted if integral, e.g. NIfTI ``get_fdata``), keypoints
-``[K, D]`` in voxel index coordinates (voxel centres at integer coordinates). Moving and fixed
-arrays must have the same spatial shape. Invalid input raises ``ValueError`` naming the problem.
+Conventions (every public function follows them)
+-------------------------------------------------
+* Registration conventions (channels-last, flow channel ``j`` = displacement along array axis
+  ``j`` in voxels, ``disp`` on the FIXED grid, ``warped(x) = moving(x + disp(x))``): see
+  ``CONVENTIONS.md``. ``D`` (2 or 3) is the number of spatial dimensions; moving and fixed
+  arrays must have the same spatial shape.
+* ``spacing`` is a length-``D`` sequence of positive voxel sizes in mm, in array-axis order.
+* Keypoints are float arrays ``[K, D]`` in voxel index coordinates (axis order = array
+  axis order, voxel centres at integer coordinates).
+* Label maps are integer(-valued) arrays ``[*spatial]``: 0 = background, classes 1..C.
+  Float label arrays are accepted if all values are integral (e.g. NIfTI ``get_fdata``).
+* Invalid input raises ``ValueError`` with a message naming the problem.
 
 Metric definitions
 ------------------
@@ -22,7 +29,7 @@ Metric definitions
   A class that is empty in either map gives NaN, never 0.
 * TRE (mm): ``|| (p_F + u(p_F) - p_M) * spacing ||_2`` per keypoint, with ``u(p_F)`` sampled
   by linear interpolation (Learn2Reg's convention; their script samples with scipy's default
-  cubic spline, we use linear interpolation).
+  cubic spline; we use linear, like every other sampling of ``u`` in this codebase).
 * Jacobian determinant of ``phi(x) = x + u(x)``: ``det(I + grad u)`` with ``np.gradient``
   (central differences inside, one-sided at the border), voxel units.  %negJ is the
   percentage (0..100) of voxels with ``det <= 0``.
@@ -484,7 +491,7 @@ def registration_metrics(
     hd95_mode: str = "pooled",
     sdlogj_convention: str = "standard",
 ) -> dict:
-    """All Table 1 metrics (paper sec. 3.3) for one pair.
+    """All metrics of this module (paper Table 1 plus SDlogJ) for one pair.
 
     ``moving_seg`` is warped with ``disp`` (nearest neighbour) and compared to ``fixed_seg``.
     The "initial" (unregistered) metrics are obtained by passing ``np.zeros_like(disp)``.

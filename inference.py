@@ -92,14 +92,14 @@ def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> Non
     import nibabel as nib
     import numpy as np
 
-    from hypermorph_spatially_adaptive.runio import atomic_save
+    from datasets.atomic import atomic_write
 
     affine = pair.affine if pair.affine is not None else np.diag([*pair.spacing, *[1.0] * (4 - len(pair.spacing))])
     os.makedirs(folder, exist_ok=True)
     for name, arr in (("warped", warped[..., 0].astype(np.float32)), ("warped_seg", warped_seg.astype(np.int16)),
                       ("disp_vox", disp.astype(np.float32))):
         path = os.path.join(folder, f"{method.replace(' ', '_')}_{name}.nii.gz")
-        atomic_save(path, lambda tmp, a=arr: nib.save(nib.Nifti1Image(a, affine), tmp))
+        atomic_write(path, lambda tmp, a=arr: nib.save(nib.Nifti1Image(a, affine), tmp))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -219,9 +219,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     numeric, markdown = evaluation.table1(per_pair, class_names)
     comparison = evaluation.paired_comparison(per_pair, evaluation.default_comparisons(per_pair["method"]),
                                               n_boot=args.bootstrap, seed=args.seed)
-    runio.atomic_to_csv(per_pair, os.path.join(args.out, art.PER_PAIR_METRICS))
-    runio.atomic_to_csv(numeric, os.path.join(args.out, art.TABLE1_CSV))
-    runio.atomic_to_csv(comparison, os.path.join(args.out, art.COMPARISON))
+    from datasets.atomic import atomic_write
+    atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), lambda tmp: per_pair.to_csv(tmp, index=False))
+    atomic_write(os.path.join(args.out, art.TABLE1_CSV), lambda tmp: numeric.to_csv(tmp, index=False))
+    atomic_write(os.path.join(args.out, art.COMPARISON), lambda tmp: comparison.to_csv(tmp, index=False))
     header = (f"Table 1 on {dataset.name} ({n} {split} pairs), mean(std) over pairs; "
               f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping\n\n")
     comp_md = evaluation.comparison_markdown(comparison)
@@ -229,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         comp_md = (f"\nPaired comparison, a - b per pair: mean [seeded {args.bootstrap}-resample bootstrap 95% CI] "
                    "and two-sided Wilcoxon signed-rank p; * = CI excludes 0. Dice: > 0 favours a; HD95, TRE, "
                    "EPE (mm): < 0 favours a.\n\n" + comp_md)
-    runio.atomic_write_text(os.path.join(args.out, art.TABLE1_MD), header + markdown + comp_md)
+    atomic_write(os.path.join(args.out, art.TABLE1_MD), header + markdown + comp_md)
 
     labelled = per_pair.assign(method=[m if p in ("", "oracle") else f"{m} [{p[:3]}]"
                                        for m, p in zip(per_pair["method"], per_pair["protocol"])])
@@ -248,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             "dataset": cfg0["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,
             "refine_lr": args.refine_lr, "bootstrap": args.bootstrap, "seed": args.seed,
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
-    runio.atomic_write_text(os.path.join(args.out, art.INFERENCE_META), json.dumps(meta, indent=2))
+    atomic_write(os.path.join(args.out, art.INFERENCE_META), json.dumps(meta, indent=2))
     print(header + markdown + comp_md, flush=True)
     print(f"[inference] table: {os.path.join(args.out, art.TABLE1_MD)}  figures: {args.out}/*.png", flush=True)
     return args.out

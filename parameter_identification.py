@@ -138,8 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     choice.insert(1, art.REGULARIZER, regularizer)
     seconds = time.time() - t0
 
-    runio.atomic_to_csv(grid_df, os.path.join(out, art.GRID_DICE))
-    runio.atomic_to_csv(choice, os.path.join(out, art.IDENTIFIED_PARAMETERS))
+    from datasets.atomic import atomic_write
+    atomic_write(os.path.join(out, art.GRID_DICE), lambda tmp: grid_df.to_csv(tmp, index=False))
+    atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), lambda tmp: choice.to_csv(tmp, index=False))
     meta = {"global_run": os.path.abspath(args.run), "regularizer": regularizer, "class_names": class_names,
             "data": config["data"], "split": args.split, "protocol": args.protocol, "method": "grid",
             "identified_on": search_split, "grid_values": [float(v) for v in values],
@@ -148,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                         "then larger mu, then larger lambda; background and -g use the best mean Dice",
             "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(search_ids), 1), 3),
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
-    runio.atomic_write_text(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
+    atomic_write(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from hypermorph_spatially_adaptive import figures
 

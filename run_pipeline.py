@@ -58,18 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _data_argv(args) -> List[str]:
-    """Re-serialize the data options for the training scripts."""
-    out: List[str] = ["--dataset", args.dataset]
-    for key in ("data_dir", "label_dir", "ndim", "num_pairs", "data_seed", "motion", "pairs_csv", "cache_dir",
-                "slice_axis", "num_classes", "class_names", "target_spacing"):
-        val = getattr(args, key, None)
-        if val is not None:
-            out += [f"--{key.replace('_', '-')}", str(val)]
-    for key in ("image_size", "clip_percentiles"):
-        val = getattr(args, key, None)
-        if val is not None:
-            out += [f"--{key.replace('_', '-')}", *[str(v) for v in val]]
-    return out
+    """The data options for the training scripts (derived from the datasets' declarations)."""
+    import datasets
+
+    return datasets.dataset_argv(args)
 
 
 def _run_state(run_dir: str, argv: List[str]) -> str:

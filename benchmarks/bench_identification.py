@@ -141,6 +141,7 @@ def compare_gradient(args) -> None:
     from hypermorph_spatially_adaptive import gradient_identification as gid
     from hypermorph_spatially_adaptive import identification as ident
     from hypermorph_spatially_adaptive import runio
+    from datasets.atomic import atomic_write
     from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.registration import Registrar
     from hypermorph_spatially_adaptive.artifacts import load_dataset
@@ -211,7 +212,7 @@ def compare_gradient(args) -> None:
               f"Dice {row['refine_dice']:.4f}", flush=True)
     df = pd.DataFrame(rows)
     if args.csv:
-        runio.atomic_to_csv(df, args.csv)
+        atomic_write(args.csv, lambda tmp: df.to_csv(tmp, index=False))
     ratio = df["grad_s"].mean() / df["grid_s"].mean()
     print(f"\nmean over {len(df)} pairs (SA hard mean Dice; seconds per pair, tracing excluded):")
     print(f"  {'method':16s} {'seconds':>8s} {'passes':>14s} {'SA mean Dice':>13s}")

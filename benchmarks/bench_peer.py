@@ -351,8 +351,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     ants = import_ants(args.threads, args.seed)
     import pandas as pd
 
+    from datasets.atomic import atomic_write
     from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import evaluation, runio
+    from hypermorph_spatially_adaptive import evaluation
 
     dataset, data_opts = load_dataset(args)
     ids = select_ids(dataset, args)
@@ -410,9 +411,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     footer = f"\n{METHOD}: {sec.mean():.2f}({sec.std(ddof=0):.2f}) s per pair (registration + field composition)\n"
 
     os.makedirs(args.out, exist_ok=True)
-    runio.atomic_to_csv(per_pair, os.path.join(args.out, art.PER_PAIR_METRICS))
-    runio.atomic_to_csv(numeric, os.path.join(args.out, art.TABLE1_CSV))
-    runio.atomic_write_text(os.path.join(args.out, art.TABLE1_MD), header + markdown + footer)
+    atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), lambda tmp: per_pair.to_csv(tmp, index=False))
+    atomic_write(os.path.join(args.out, art.TABLE1_CSV), lambda tmp: numeric.to_csv(tmp, index=False))
+    atomic_write(os.path.join(args.out, art.TABLE1_MD), header + markdown + footer)
     meta = {"method": METHOD, "antspyx": version, "type_of_transform": args.transform, "seed": args.seed,
             "threads": args.threads, "dataset": data_opts, "data_version": data_version(dataset, ids[0]),
             "split": args.split, "pairs": ids, "from_run": os.path.abspath(args.from_run) if args.from_run else None,
@@ -420,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
             "seconds_per_pair": round(float(sec.mean()), 3), "seconds_total": round(total, 2),
             "versions": _versions(version),
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
-    runio.atomic_write_text(os.path.join(args.out, "bench_peer.json"), json.dumps(meta, indent=2))
+    atomic_write(os.path.join(args.out, "bench_peer.json"), json.dumps(meta, indent=2))
     print(header + markdown + footer, flush=True)
     print(f"[bench_peer] wrote {args.out}/per_pair_metrics.csv, table1.md, table1.csv, bench_peer.json", flush=True)
     return args.out

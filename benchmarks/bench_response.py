@@ -38,7 +38,7 @@ def response(run: str, split: str = "test", num_pairs: int = 3) -> Dict[str, flo
     from hypermorph_spatially_adaptive import runio
     from hypermorph_spatially_adaptive.models import ModelConfig
     from hypermorph_spatially_adaptive.registration import Registrar
-    from parameter_identification import load_dataset
+    from hypermorph_spatially_adaptive.artifacts import load_dataset
 
     model, config = runio.load_run(run)
     mc = ModelConfig.from_dict(config["model"])

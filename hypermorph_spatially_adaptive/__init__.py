@@ -10,8 +10,7 @@ array conventions: CONVENTIONS.md. Submodules:
 - :mod:`.trainer`    the shared trainer behind the four ``train_hypermorph_*`` scripts
 - :mod:`.unrolled`   per-sample voxelmorph/neurite layers unrolled for static batches (speed)
 - :mod:`.artifacts`  names of run-folder and stage files; typed readers (RunInfo, Identification)
-- :mod:`.runio`      run folders: config JSON, weights, atomic writes, CLI helpers
-- :mod:`.synthetic`  phantoms with known Lamé parameters and a Navier-Cauchy solver
+- :mod:`.runio`      run folders: config JSON, weights, CLI helpers
 """
 import tf_compat  # noqa: F401  (applies the shims on import)
 

@@ -200,10 +200,4 @@ def load_dataset(config: Dict, data_dir: Optional[str] = None, label_dir: Option
     """Rebuild the dataset a run was trained on (``config['data']``), optionally with moved folders."""
     import datasets
 
-    opts = dict(config["data"])
-    if data_dir is not None:
-        opts["data_dir"] = data_dir
-    if label_dir is not None:
-        opts["label_dir"] = label_dir
-    name = opts.pop("name")
-    return datasets.get_dataset(name, **opts)
+    return datasets.dataset_from_config(config["data"], data_dir, label_dir)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
@@ -83,20 +82,10 @@ def _check_out_png(out_png) -> str:
 
 
 def _save_png_atomic(fig: Figure, out_png: str, dpi: int = DPI) -> str:
-    """Save ``fig`` to a temp PNG in the destination folder, then ``os.replace`` it."""
-    folder = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(out_png)
-    # a unique hidden name in the same folder (same file system, so os.replace is atomic);
-    # not mkstemp: that creates the file with mode 0600 and the PNG would keep it.
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out_png
+    """Save ``fig`` as a PNG with the one atomic writer (:func:`datasets.atomic.atomic_write`)."""
+    from datasets.atomic import atomic_write
+
+    return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def _require_columns(df: pd.DataFrame, columns: Sequence[str], name: str) -> None:

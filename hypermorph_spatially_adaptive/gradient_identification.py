@@ -572,9 +572,10 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
             for key, s in summary.items():
                 print(f"    {key:20s} {json.dumps(s)}", flush=True)
 
-    runio.atomic_to_csv(choice, os.path.join(out, art.IDENTIFIED_PARAMETERS))
-    runio.atomic_to_csv(traces, os.path.join(out, art.OBJECTIVE_TRACE))
-    runio.atomic_write_text(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
+    from datasets.atomic import atomic_write
+    atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), lambda tmp: choice.to_csv(tmp, index=False))
+    atomic_write(os.path.join(out, art.OBJECTIVE_TRACE), lambda tmp: traces.to_csv(tmp, index=False))
+    atomic_write(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from . import figures
 

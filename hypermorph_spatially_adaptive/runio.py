@@ -1,13 +1,12 @@
-"""Run folders: one JSON config next to the weights, atomic writes, loading with no flags.
+"""Run folders: one JSON config next to the weights, loading with no flags.
 
 The names of the files in a run folder (and of every other stage's files) and the typed
 readers live in :mod:`.artifacts`; ``config.json`` records the architecture (ModelConfig),
 preset, loss and data options, seed, versions, command line and, in ``resumed``, one dated
 entry per ``--resume``.
 
-Every file written through :func:`atomic_save` (and so :func:`atomic_write_text`,
-:func:`atomic_to_csv`) gets the permissions of a plain ``open(path, "w")``: ``0o666 & ~umask``
-(0644 under the usual umask 022), not the 0600 of a bare ``tempfile.mkstemp``.
+Files are written with the one atomic writer :func:`datasets.atomic.atomic_write` (permissions
+``0o666 & ~umask``, never a partial file).
 
 :func:`cli_main` is the ``if __name__ == "__main__":`` entry of every script: a user error
 (bad option, missing or unreadable file, refused run folder) prints one ``error: ...`` line
@@ -18,10 +17,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from datasets.atomic import atomic_write
 
 from .artifacts import CHECKPOINTS as CHECKPOINT_DIR
 from .artifacts import CONFIG as CONFIG_NAME
@@ -30,74 +29,6 @@ from .artifacts import read_config as load_config
 
 #: exceptions that mean "the input is wrong", reported as one ``error:`` line by :func:`cli_main`
 USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _file_suffix(name: str) -> str:
-    """The extension a writer may rely on: ``.nii.gz``/``.tar.gz`` kept whole, else the last one."""
-    for double in (".nii.gz", ".tar.gz"):
-        if name.endswith(double):
-            return double
-    return os.path.splitext(name)[1]
-
-
-def atomic_save(path: str, writer: Callable[[str], None]) -> None:
-    """Call ``writer(tmp_path)``, then give the file ``0o666 & ~umask`` and rename it to ``path``.
-
-    The temporary file lives in the destination folder (same file system, so the rename is
-    atomic) and keeps the destination's extension (h5py, numpy and nibabel choose the format
-    from it). A reader sees the old file or the complete new one, never a partial file; on any
-    error the temporary file is removed and ``path`` is untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    name = os.path.basename(path)
-    suffix = _file_suffix(name)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name[: len(name) - len(suffix)]}-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        writer(tmp)
-        if os.path.isfile(tmp):
-            os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_save`)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_save(path, write)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (fsync before the rename)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_save(path, write)
-
-
-def atomic_to_csv(df, path: str, **kwargs) -> None:
-    """pandas DataFrame -> CSV, atomically."""
-    atomic_save(path, lambda tmp: df.to_csv(tmp, index=False, **kwargs))
 
 
 def versions() -> Dict[str, str]:
@@ -114,7 +45,7 @@ def versions() -> Dict[str, str]:
 
 
 def save_config(run_dir: str, config: Dict) -> None:
-    atomic_write_text(os.path.join(run_dir, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True))
+    atomic_write(os.path.join(run_dir, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True))
 
 
 def latest_checkpoint(run_dir: str) -> Optional[Tuple[str, int]]:

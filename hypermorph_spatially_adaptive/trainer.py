@@ -171,7 +171,7 @@ class _Progress:
 
 def _write_checkpoint(ckpt, ckpt_dir: str, step: int, keep: int = 2) -> None:
     """tf.train.Checkpoint into a temp folder, renamed into place, then ``latest`` updated."""
-    from .runio import atomic_write_text
+    from datasets.atomic import atomic_write
 
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_dir, name)
@@ -181,7 +181,7 @@ def _write_checkpoint(ckpt, ckpt_dir: str, step: int, keep: int = 2) -> None:
     ckpt.write(os.path.join(tmp, "ckpt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    atomic_write_text(os.path.join(ckpt_dir, "latest"), name + "\n")
+    atomic_write(os.path.join(ckpt_dir, "latest"), name + "\n")
     old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and d != name)
     for d in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
@@ -449,6 +449,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     import datasets
 
     from . import runio
+    from datasets.atomic import atomic_write
     from .losses import loss_terms
     from .models import build_model
 
@@ -548,7 +549,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
                 for k in ("loss", "similarity", "regularization", "ncc", "val_loss", "val_ncc"):
                     if row[k] != "":
                         tf.summary.scalar(k, row[k])
-            runio.atomic_save(log_path, lambda tmp: _write_log(tmp, rows))
+            atomic_write(log_path, lambda tmp: _write_log(tmp, rows))
             val_txt = f" val {row['val_loss']:.4f}" if row["val_loss"] != "" else ""
             progress.update(step, f"loss {row['loss']:.4f} (ncc {row['ncc']:.3f} reg {row['regularization']:.4f}){val_txt}", sps)
             acc, t_last, n_last = {}, time.time(), 0
@@ -556,7 +557,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
             _write_checkpoint(ckpt, ckpt_dir, step)
     writer.flush()
     _write_checkpoint(ckpt, ckpt_dir, steps)
-    runio.atomic_save(os.path.join(run_dir, runio.WEIGHTS_NAME), lambda tmp: model.save_weights(tmp))
+    atomic_write(os.path.join(run_dir, runio.WEIGHTS_NAME), lambda tmp: model.save_weights(tmp))
     seconds = round(time.time() - t0, 1)
     if config.get("resumed"):
         config["resumed"][-1]["seconds"] = seconds

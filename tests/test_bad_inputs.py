@@ -333,14 +333,16 @@ def test_overwrite_removes_derived_outputs_and_files_are_0644(base, tmp_path):
 def test_atomic_writers_respect_umask(tmp_path, umask, mode):
     import pandas as pd
 
+    from datasets.atomic import atomic_write
+
     old = os.umask(umask)
     try:
-        runio.atomic_write_text(str(tmp_path / "a.json"), "{}")
-        runio.atomic_write_bytes(str(tmp_path / "b.bin"), b"x")
-        runio.atomic_to_csv(pd.DataFrame({"x": [1]}), str(tmp_path / "c.csv"))
-        runio.atomic_save(str(tmp_path / "d.nii.gz"),
-                          lambda p: nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), p))
-        D.atomic_write_npz(str(tmp_path / "e.npz"), {"x": np.arange(3)})
+        atomic_write(str(tmp_path / "a.json"), "{}")
+        atomic_write(str(tmp_path / "b.bin"), b"x")
+        atomic_write(str(tmp_path / "c.csv"), lambda tmp: pd.DataFrame({"x": [1]}).to_csv(tmp, index=False))
+        atomic_write(str(tmp_path / "d.nii.gz"),
+                     lambda p: nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), p))
+        atomic_write(str(tmp_path / "e.npz"), lambda p: np.savez_compressed(p, x=np.arange(3)))
     finally:
         os.umask(old)
     for name in ("a.json", "b.bin", "c.csv", "d.nii.gz", "e.npz"):

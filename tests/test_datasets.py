@@ -554,7 +554,7 @@ def fake_synthetic_module(calls):
 def fake_synth(monkeypatch):
     calls = []
     mod = fake_synthetic_module(calls)
-    monkeypatch.setattr(D, "_synthetic_module", lambda: mod)
+    monkeypatch.setattr(D.synthetic, "_synthetic_module", lambda: mod)
     return mod, calls
 
 
@@ -624,12 +624,12 @@ def test_synthetic_3d_and_data_dir_cache(tmp_path, fake_synth):
         D.get_dataset("synthetic", None, ndim=3, image_size=[6, 6])
 
 
-real_synth = importlib.util.find_spec("hypermorph_spatially_adaptive.synthetic") is not None
+real_synth = importlib.util.find_spec("datasets.phantoms") is not None
 
 
-@pytest.mark.skipif(not real_synth, reason="hypermorph_spatially_adaptive.synthetic not present")
+@pytest.mark.skipif(not real_synth, reason="datasets.phantoms not present")
 def test_synthetic_real_generator(tmp_path, monkeypatch):
-    from hypermorph_spatially_adaptive import synthetic
+    from datasets import phantoms as synthetic
 
     ds = D.get_dataset("synthetic", None, cache_dir=str(tmp_path), image_size=[32, 32],
                        num_pairs=3)
@@ -689,7 +689,7 @@ def test_import_is_light():
     code = ("import sys, datasets; "
             "assert 'tensorflow' not in sys.modules and 'nibabel' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True,
-                   cwd=os.path.dirname(os.path.abspath(D.__file__)))
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(D.__file__))))
 
 
 # ------------------------------------------------------------------------------------------

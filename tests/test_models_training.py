@@ -188,7 +188,8 @@ def test_save_load_roundtrip_identical_predictions(tmp_path):
     cfg = ModelConfig(image_shape=(32, 32), regularizer="elastic", spatially_adaptive=True, num_classes=3, **SMALL)
     model = build_model(cfg)
     runio.save_config(str(tmp_path), {"model": cfg.to_dict()})
-    runio.atomic_save(str(tmp_path / runio.WEIGHTS_NAME), lambda p: model.save_weights(p))
+    from datasets.atomic import atomic_write
+    atomic_write(str(tmp_path / runio.WEIGHTS_NAME), lambda p: model.save_weights(p))
     loaded, _ = runio.load_run(str(tmp_path))
     rng = np.random.default_rng(4)
     x = rng.random((2, 32, 32, 1)).astype(np.float32)

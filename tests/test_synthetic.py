@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from hypermorph_spatially_adaptive import synthetic as S
+from datasets import phantoms as S
 
 
 # ----------------------------------------------------------------------------- helpers

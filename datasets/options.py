@@ -1,0 +1,92 @@
+"""Dataset options, declared once.
+
+Every dataset class lists the options it takes in its ``OPTIONS`` attribute, as :class:`Option`
+objects (an option several datasets share, like ``--ndim``, is one object defined here). From
+that one declaration :mod:`datasets.cli` derives
+
+* the command line (:func:`datasets.add_dataset_args`: ``--<key with hyphens>``),
+* the JSON dict saved as ``config.json["data"]`` (:func:`datasets.dataset_options`; keys = the
+  option keys = the dataset's keyword arguments, so ``get_dataset(**dict)`` rebuilds it), and
+* the argv the pipeline passes on to the training scripts (:func:`datasets.dataset_argv`).
+
+Standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+
+@dataclass(frozen=True)
+class Option:
+    """One data option: ``key`` is the dataset keyword argument, the ``config.json["data"]`` key
+    and (with ``_`` -> ``-``) the command-line flag. ``type``/``nargs``/``choices``/``metavar``/
+    ``default`` are those of ``argparse``; ``path``: saved as an absolute path."""
+
+    key: str
+    help: str
+    type: Optional[Callable[[str], Any]] = None
+    nargs: Any = None
+    default: Any = None
+    choices: Optional[tuple] = None
+    metavar: Any = None
+    path: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    def add_to(self, group) -> None:
+        """Add the argument to an ``argparse`` parser or argument group."""
+        kwargs = {"default": self.default, "help": self.help}
+        for name in ("type", "nargs", "choices", "metavar"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        group.add_argument(self.flag, **kwargs)
+
+    def to_config(self, value):
+        """The JSON value saved in ``config.json["data"]`` (``None``: not saved)."""
+        if value is None:
+            return None
+        if self.path:
+            return os.path.abspath(value)
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return value
+
+    def to_argv(self, value) -> List[str]:
+        """Command-line tokens giving ``value`` (``[]`` for ``None``)."""
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)):
+            return [self.flag, *[str(v) for v in value]]
+        return [self.flag, str(value)]
+
+
+def arg_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert`` for argparse: its ``ValueError`` becomes a usage error naming the problem."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+# ---- options several datasets share ------------------------------------------------------------
+NDIM = Option("ndim", type=int, choices=(2, 3),
+              help="2D or 3D (if not given: synthetic/nlst/acdc 2, l2r-lung 3, folder: as the images)")
+IMAGE_SIZE = Option("image_size", type=int, nargs="+",
+                    help="synthetic image size, e.g. 64 64 (one value = cube; default 64 per axis); "
+                         "ignored by the other datasets")
+SLICE_AXIS = Option("slice_axis", type=int, choices=(0, 1, 2),
+                    help="2D slices of 3D volumes: array axis to slice (if not given: nlst/l2r-lung 1 "
+                         "= coronal, folder 2)")
+
+#: options every dataset accepts (``get_dataset`` warns where the dataset fixes them)
+ACCEPTED_BY_ALL = ("ndim", "image_size")
