@@ -97,12 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     class_names = list(config["class_names"])
     dataset = art.load_dataset(config, args.data_dir, args.label_dir)
     runio.check_compatible(args.run, config, dataset)
-    ids = dataset.split_ids(args.split)
-    if args.pairs:
-        unknown = [p for p in args.pairs if p not in ids]
-        if unknown:
-            raise ValueError(f"pair id(s) {unknown} are not in the {args.split} split of {dataset.name}")
-        ids = list(args.pairs)
+    ids = dataset.select_ids(args.split, args.pairs)
     if args.method == "gradient":  # README "Gradient identification"; writes <run>/identification_gradient[_epe]
         if getattr(args, "protocol", "oracle") != "oracle":
             raise ValueError("--method gradient supports only the oracle protocol")

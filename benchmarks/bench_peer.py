@@ -132,12 +132,7 @@ def load_dataset(args: argparse.Namespace) -> Tuple[Any, Dict]:
 
 
 def select_ids(dataset, args: argparse.Namespace) -> List[str]:
-    ids = dataset.split_ids(args.split)
-    if args.pairs:
-        unknown = [p for p in args.pairs if p not in ids]
-        if unknown:
-            raise ValueError(f"pair id(s) {unknown} are not in the {args.split} split of {dataset.name}")
-        ids = list(args.pairs)
+    ids = dataset.select_ids(args.split, args.pairs)
     if args.max_pairs is not None:
         if args.max_pairs < 1:
             raise ValueError(f"--max-pairs must be >= 1, got {args.max_pairs}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -31,6 +31,25 @@ class RegistrationPair:
     moving_kp: np.ndarray | None = None  # float [K, D] in the preprocessed moving grid
     affine: np.ndarray | None = None  # 4x4 voxel -> world of the preprocessed fixed grid
     extras: dict = field(default_factory=dict)
+
+
+def assemble_pair(pair_id: str, fixed: tuple, moving: tuple, spacing: tuple, affine: np.ndarray,
+                  keypoints: tuple = (None, None)) -> RegistrationPair:
+    """The NIfTI loaders' last step: check the keypoint counts and build the pair.
+
+    ``fixed`` / ``moving`` are ``(path, image [*spatial], labels [*spatial])`` of the same shape
+    (the loaders check it first); ``keypoints`` is ``(fixed_kp, moving_kp)``, each ``[K, D]`` or
+    None. Raises ``ValueError`` naming the files when the keypoint counts differ.
+    """
+    (fpath, fimg, flab), (mpath, mimg, mlab) = fixed, moving
+    fkp, mkp = keypoints
+    if fkp is not None and len(fkp) != len(mkp):
+        raise ValueError(f"pair {pair_id}: {len(fkp)} fixed keypoints but {len(mkp)} moving keypoints "
+                         f"(keypoint files of {fpath} and {mpath})")
+    return RegistrationPair(pair_id=pair_id, moving=mimg[..., None], fixed=fimg[..., None],
+                            moving_seg=mlab, fixed_seg=flab, spacing=spacing, fixed_kp=fkp,
+                            moving_kp=mkp, affine=affine,
+                            extras={"fixed_path": fpath, "moving_path": mpath})
 
 
 class PairNotFoundError(KeyError, ValueError):
@@ -145,6 +164,16 @@ class RegistrationDataset:
                 f"{sum(sizes.values())} pairs in total): add more pairs or use another split"
             )
         return list(ids)
+
+    def select_ids(self, split: str, pair_ids: Sequence[str] | None = None) -> list[str]:
+        """``split_ids(split)``, or the given ``pair_ids`` after checking that all are in it."""
+        ids = self.split_ids(split)
+        if pair_ids:
+            unknown = [p for p in pair_ids if p not in ids]
+            if unknown:
+                raise ValueError(f"pair id(s) {unknown} are not in the {split} split of {self.name}")
+            ids = list(pair_ids)
+        return ids
 
     # ---- loading ------------------------------------------------------------------------------
     def _load_pair(self, pair_id: str) -> RegistrationPair:  # pragma: no cover - abstract

@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from .base import SPLITS, RegistrationDataset, RegistrationPair
+from .base import SPLITS, RegistrationDataset, RegistrationPair, assemble_pair
 from .options import NDIM, SLICE_AXIS, Option
 from .nifti import (_as_3d, _check_same_shape, _load_image, _load_keypoints, _load_labels,
                     _nifti_shape, _points_to_grid, _require_file, _slice_matrix, _warn_outside)
@@ -246,20 +246,7 @@ class FolderDataset(RegistrationDataset):
         if self._layout["mode"] == "slice" and e["fixed_kp"] is not None:
             warnings.warn(f"pair {pair_id}: keypoints are dropped for 2D slices of 3D volumes",
                           stacklevel=3)
-        fkp = self._keypoints(e["fixed_kp"], fmap, fimg.shape)
-        mkp = self._keypoints(e["moving_kp"], mmap, mimg.shape)
-        if fkp is not None and len(fkp) != len(mkp):
-            raise ValueError(f"pair {pair_id}: {len(fkp)} fixed keypoints ({e['fixed_kp']}) but "
-                             f"{len(mkp)} moving keypoints ({e['moving_kp']})")
-        return RegistrationPair(
-            pair_id=pair_id,
-            moving=mimg[..., None],
-            fixed=fimg[..., None],
-            moving_seg=mlab,
-            fixed_seg=flab,
-            spacing=spacing,
-            fixed_kp=fkp,
-            moving_kp=mkp,
-            affine=faff @ fmap,
-            extras={"fixed_path": e["fixed"], "moving_path": e["moving"]},
-        )
+        keypoints = (self._keypoints(e["fixed_kp"], fmap, fimg.shape),
+                     self._keypoints(e["moving_kp"], mmap, mimg.shape))
+        return assemble_pair(pair_id, (e["fixed"], fimg, flab), (e["moving"], mimg, mlab), spacing,
+                             faff @ fmap, keypoints)

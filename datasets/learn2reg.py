@@ -40,7 +40,7 @@ import warnings
 
 import numpy as np
 
-from .base import RegistrationDataset, RegistrationPair
+from .base import RegistrationDataset, RegistrationPair, assemble_pair
 from .options import NDIM, SLICE_AXIS, Option
 from .nifti import (_as_3d, _check_same_shape, _find_nifti, _load_image, _load_keypoints,
                     _load_labels, _nifti_shape, _nifti_stem, _points_to_grid, _require_dir,
@@ -211,22 +211,10 @@ class _Learn2RegCT(RegistrationDataset):
         if fimg.shape != mimg.shape:
             raise ValueError(f"shape mismatch: fixed {fixed_path} gives {fimg.shape} but moving "
                              f"{moving_path} gives {mimg.shape}")
-        fkp = self._keypoints(fixed_path, f_map, fimg.shape, "fixed")
-        mkp = self._keypoints(moving_path, m_map, mimg.shape, "moving")
-        if fkp is not None and len(fkp) != len(mkp):
-            raise ValueError(f"pair {pair_id}: {len(fkp)} fixed but {len(mkp)} moving keypoints")
-        return RegistrationPair(
-            pair_id=pair_id,
-            moving=mimg[..., None],
-            fixed=fimg[..., None],
-            moving_seg=mlab,
-            fixed_seg=flab,
-            spacing=spacing,
-            fixed_kp=fkp,
-            moving_kp=mkp,
-            affine=f_aff @ f_map,
-            extras={"fixed_path": fixed_path, "moving_path": moving_path},
-        )
+        keypoints = (self._keypoints(fixed_path, f_map, fimg.shape, "fixed"),
+                     self._keypoints(moving_path, m_map, mimg.shape, "moving"))
+        return assemble_pair(pair_id, (fixed_path, fimg, flab), (moving_path, mimg, mlab), spacing,
+                             f_aff @ f_map, keypoints)
 
 
 class NLSTDataset(_Learn2RegCT):

@@ -718,3 +718,17 @@ def test_make_tf_dataset(tmp_path, fake_synth):
     assert [len(b["fixed"]) for b in one_pass] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate([b["fixed"].numpy() for b in one_pass]),
                                   arr["fixed"])
+
+
+def test_folder_keypoint_count_mismatch_and_pair_selection(tmp_path):
+    csv_path, info = make_folder_tree(tmp_path, n=4)
+    kp_file = csv_path.parent / "img" / "moving2_kp.csv"
+    kp = info[("case2", "moving")]["kp"][:3]  # one keypoint fewer than the fixed file
+    np.savetxt(kp_file, kp, delimiter=",", fmt="%.1f", header="x,y,z", comments="")
+    ds = D.get_dataset("folder", None, pairs_csv=str(csv_path))
+    with pytest.raises(ValueError, match=r"case2: 4 fixed keypoints but 3 moving keypoints .*moving2\.nii\.gz"):
+        ds.load_pair("case2")
+    assert ds.select_ids("train") == ["case0", "case1"]
+    assert ds.select_ids("train", ["case1"]) == ["case1"]
+    with pytest.raises(ValueError, match=r"\['case3'\] are not in the train split"):
+        ds.select_ids("train", ["case3"])
