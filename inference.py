@@ -112,6 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     import eval_metrics
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import evaluation, figures, runio
+    from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
     from hypermorph_spatially_adaptive.registration import Registrar
 
@@ -192,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         if args.refine:
             for kind, cfg in (("g", g["g_cfg"]), ("sa", g["sa_cfg"])):
                 loss = cfg.get("loss", {})
-                refiners[kind] = Refiner(runio.model_and_spec(cfg)[1], loss.get("spacing"), loss.get("ncc_win", 9))
+                refiners[kind] = Refiner(ParamSpec.from_model_config(cfg["model"]), loss.get("spacing"), loss.get("ncc_win", 9))
         for src in g["sources"]:
             choice = src.table.loc[pair_ids]
             g_hyp = choice[g_cols].to_numpy(np.float32)
@@ -220,9 +221,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     comparison = evaluation.paired_comparison(per_pair, evaluation.default_comparisons(per_pair["method"]),
                                               n_boot=args.bootstrap, seed=args.seed)
     from datasets.atomic import atomic_write
-    atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), lambda tmp: per_pair.to_csv(tmp, index=False))
-    atomic_write(os.path.join(args.out, art.TABLE1_CSV), lambda tmp: numeric.to_csv(tmp, index=False))
-    atomic_write(os.path.join(args.out, art.COMPARISON), lambda tmp: comparison.to_csv(tmp, index=False))
+    atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), per_pair)
+    atomic_write(os.path.join(args.out, art.TABLE1_CSV), numeric)
+    atomic_write(os.path.join(args.out, art.COMPARISON), comparison)
     header = (f"Table 1 on {dataset.name} ({n} {split} pairs), mean(std) over pairs; "
               f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping\n\n")
     comp_md = evaluation.comparison_markdown(comparison)

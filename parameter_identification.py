@@ -133,8 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     seconds = time.time() - t0
 
     from datasets.atomic import atomic_write
-    atomic_write(os.path.join(out, art.GRID_DICE), lambda tmp: grid_df.to_csv(tmp, index=False))
-    atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), lambda tmp: choice.to_csv(tmp, index=False))
+    atomic_write(os.path.join(out, art.GRID_DICE), grid_df)
+    atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), choice)
     meta = {"global_run": os.path.abspath(args.run), "regularizer": regularizer, "class_names": class_names,
             "data": config["data"], "split": args.split, "protocol": args.protocol, "method": "grid",
             "identified_on": search_split, "grid_values": [float(v) for v in values],

@@ -55,15 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true",
                    help="CI smoke mode: 32 x 32 synthetic images, 12 pairs, 30 steps, small nets, 3 x 3 grid")
     g.add_argument("--train-args", default="",
-                   help="extra options passed to every training script, e.g. \"--lr 3e-4 --ncc-win 7\"")
+                   help="extra options passed to every training script, e.g. \"--ncc-win 7 --oversample-endpoints 0.2\"")
     return p
-
-
-def _data_argv(args) -> List[str]:
-    """The data options for the training scripts (derived from the datasets' declarations)."""
-    import datasets
-
-    return datasets.dataset_argv(args)
 
 
 def _run_state(run_dir: str, argv: List[str]) -> str:
@@ -99,13 +92,10 @@ def _check_inputs(args, common: List[str], runs: dict) -> None:
 
 def _plot_training_curves(runs: dict, out_png: str) -> None:
     """Training loss/NCC and validation NCC of the four runs in one figure (``train_log.csv``)."""
-    import pandas as pd
-
-    from hypermorph_spatially_adaptive.artifacts import TRAIN_LOG
+    from hypermorph_spatially_adaptive.artifacts import read_train_logs
     from hypermorph_spatially_adaptive.figures import plot_training_curves
 
-    logs = {p: pd.read_csv(os.path.join(folder, TRAIN_LOG)) for p, folder in runs.items()
-            if os.path.exists(os.path.join(folder, TRAIN_LOG))}
+    logs = read_train_logs(runs)
     if logs:
         plot_training_curves(logs, out_png)
         print(f"-- training curves: {out_png}", flush=True)
@@ -125,14 +115,15 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.dataset == "synthetic" and args.cache_dir is None and args.data_dir is None:
         args.cache_dir = os.path.join(".cache", "synthetic")
 
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import trainer
+    import datasets
     import inference
     import parameter_identification
+    from hypermorph_spatially_adaptive import artifacts as art
+    from hypermorph_spatially_adaptive import trainer
 
     t0 = time.time()
     runs = {p: os.path.join(args.out, "runs", p) for p in PRESETS}
-    common = _data_argv(args) + ["--steps", str(args.steps), "--lr", repr(args.lr), "--batch-size", str(args.batch_size),
+    common = datasets.dataset_argv(args) + ["--steps", str(args.steps), "--lr", repr(args.lr), "--batch-size", str(args.batch_size),
                                  "--seed", str(args.seed), "--log-every", str(max(1, min(50, args.steps // 10))),
                                  "--val-every", str(max(1, args.steps // 4))]
     if args.quick:

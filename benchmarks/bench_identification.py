@@ -212,7 +212,7 @@ def compare_gradient(args) -> None:
               f"Dice {row['refine_dice']:.4f}", flush=True)
     df = pd.DataFrame(rows)
     if args.csv:
-        atomic_write(args.csv, lambda tmp: df.to_csv(tmp, index=False))
+        atomic_write(args.csv, df)
     ratio = df["grad_s"].mean() / df["grid_s"].mean()
     print(f"\nmean over {len(df)} pairs (SA hard mean Dice; seconds per pair, tracing excluded):")
     print(f"  {'method':16s} {'seconds':>8s} {'passes':>14s} {'SA mean Dice':>13s}")

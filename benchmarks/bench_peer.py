@@ -115,9 +115,9 @@ def load_dataset(args: argparse.Namespace) -> Tuple[Any, Dict]:
     import datasets
 
     if args.from_run:
-        from hypermorph_spatially_adaptive import runio
+        from hypermorph_spatially_adaptive.artifacts import read_config
 
-        opts = dict(runio.load_config(args.from_run)["data"])
+        opts = dict(read_config(args.from_run)["data"])
         if args.data_dir is not None:
             opts["data_dir"] = os.path.abspath(args.data_dir)
         if args.label_dir is not None:
@@ -406,8 +406,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     footer = f"\n{METHOD}: {sec.mean():.2f}({sec.std(ddof=0):.2f}) s per pair (registration + field composition)\n"
 
     os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), lambda tmp: per_pair.to_csv(tmp, index=False))
-    atomic_write(os.path.join(args.out, art.TABLE1_CSV), lambda tmp: numeric.to_csv(tmp, index=False))
+    atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), per_pair)
+    atomic_write(os.path.join(args.out, art.TABLE1_CSV), numeric)
     atomic_write(os.path.join(args.out, art.TABLE1_MD), header + markdown + footer)
     meta = {"method": METHOD, "antspyx": version, "type_of_transform": args.transform, "seed": args.seed,
             "threads": args.threads, "dataset": data_opts, "data_version": data_version(dataset, ids[0]),

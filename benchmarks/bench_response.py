@@ -36,23 +36,22 @@ PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 def response(run: str, split: str = "test", num_pairs: int = 3) -> Dict[str, float]:
     """Displacement response of the model in ``run`` to its hyperparameters (voxels)."""
     from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.models import ModelConfig
-    from hypermorph_spatially_adaptive.registration import Registrar
     from hypermorph_spatially_adaptive.artifacts import load_dataset
+    from hypermorph_spatially_adaptive.registration import Registrar
 
     model, config = runio.load_run(run)
-    mc = ModelConfig.from_dict(config["model"])
+    sa, num_classes = bool(config["model"]["spatially_adaptive"]), int(config["model"]["num_classes"])
     pairs = list(itertools.islice(load_dataset(config).pairs(split), num_pairs))
     if not pairs:
         raise ValueError(f"{run}: the {split} split is empty")
     reg = Registrar(model)
     P = reg.num_params
-    k = mc.num_classes + 1 if mc.spatially_adaptive else 1
+    k = num_classes + 1 if sa else 1
     rows: List[Dict[str, float]] = []
     for pair in pairs:
         moving, fixed = pair.moving, pair.fixed  # [*spatial, 1]
         hyp = [np.zeros(P), np.ones(P), np.full(P, 0.5), np.full(P, 0.4), np.full(P, 0.6)]
-        if mc.spatially_adaptive:  # class c (all its fields) at 0 and at 1, the others at 0.5
+        if sa:  # class c (all its fields) at 0 and at 1, the others at 0.5
             for c in range(k):
                 for v in (0.0, 1.0):
                     h = np.full(P, 0.5)
@@ -62,7 +61,7 @@ def response(run: str, split: str = "test", num_pairs: int = 3) -> Dict[str, flo
         mag = lambda d: float(np.linalg.norm(d, axis=-1).mean())  # noqa: E731
         row = {"|u|": mag(disp[2]), "|u(0)-u(1)|": mag(disp[0] - disp[1]),
                "|u(.5)-u(.5+-.1)|": 0.5 * (mag(disp[2] - disp[3]) + mag(disp[2] - disp[4]))}
-        if mc.spatially_adaptive:
+        if sa:
             seg = np.asarray(pair.fixed_seg)
             for c in range(k):
                 d = np.linalg.norm(disp[5 + 2 * c] - disp[6 + 2 * c], axis=-1)

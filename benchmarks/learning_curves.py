@@ -52,8 +52,6 @@ def plateau_step(log, tol: float) -> Optional[int]:
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     import shlex
 
-    import pandas as pd
-
     from hypermorph_spatially_adaptive.artifacts import CONFIG
 
     args = build_parser().parse_args(argv)
@@ -76,16 +74,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
         print(f"== {preset} lr {lr} -> {folder}", flush=True)
         trainer.main(preset, argv_run)
 
-    from hypermorph_spatially_adaptive.artifacts import TRAIN_LOG
+    from hypermorph_spatially_adaptive.artifacts import read_train_logs
     from hypermorph_spatially_adaptive.figures import plot_training_curves
 
-    logs = {}
+    logs = read_train_logs(dict(folders))
     for name, folder in folders:
-        path = os.path.join(folder, TRAIN_LOG)
-        if not os.path.exists(path):
-            print(f"{name}: no {path}, skipped", flush=True)
-            continue
-        logs[name] = pd.read_csv(path)
+        if name not in logs:
+            print(f"{name}: no training log in {folder}, skipped", flush=True)
     if not logs:
         raise SystemExit("error: no training logs to plot")
     png = args.png or os.path.join(args.out, "learning_curves.png")

@@ -42,12 +42,13 @@ def _write_data(tmp: str, data: Union[bytes, str]) -> None:
         os.fsync(fh.fileno())
 
 
-def atomic_write(path: str, data: Union[bytes, str, Writer]) -> str:
+def atomic_write(path: str, data: Union[bytes, str, Writer, object]) -> str:
     """Write ``path`` atomically and return it.
 
-    ``data`` is ``bytes`` (written as is), ``str`` (written as UTF-8 text) or a writer
+    ``data`` is ``bytes`` (written as is), ``str`` (written as UTF-8 text), a table with a
+    pandas-style ``to_csv`` (written as CSV without its index), or a writer
     ``callable(tmp_path)`` that creates the file at ``tmp_path`` itself, e.g.
-    ``lambda tmp: df.to_csv(tmp, index=False)``, ``lambda tmp: np.savez_compressed(tmp, **arrays)``,
+    ``lambda tmp: np.savez_compressed(tmp, **arrays)``,
     ``lambda tmp: nib.save(img, tmp)``, ``lambda tmp: model.save_weights(tmp)``. Bytes and text
     are fsynced before the rename.
 
@@ -56,9 +57,12 @@ def atomic_write(path: str, data: Union[bytes, str, Writer]) -> str:
     numpy, pandas and nibabel choose the format from it). The destination folder is created if
     needed. A writer that raises leaves ``path`` as it was and no temporary file behind.
     """
+    if hasattr(data, "to_csv") and not callable(data):  # a pandas DataFrame (no pandas import here)
+        table = data
+        data = lambda tmp: table.to_csv(tmp, index=False)  # noqa: E731
     if not (isinstance(data, (bytes, bytearray, memoryview, str)) or callable(data)):
-        raise TypeError(f"atomic_write({path!r}): data must be bytes, str or a writer callable(tmp_path), "
-                        f"got {type(data).__name__}")
+        raise TypeError(f"atomic_write({path!r}): data must be bytes, str or a writer callable(tmp_path) "
+                        f"(or a DataFrame), got {type(data).__name__}")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     name = os.path.basename(path)

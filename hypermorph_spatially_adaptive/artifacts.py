@@ -87,6 +87,10 @@ def read_config(run_dir: str) -> Dict:
             raise ValueError(f"{path}: unreadable run config ({e})") from e
 
 
+def _kind(spatially_adaptive: bool) -> str:
+    return "spatially adaptive" if spatially_adaptive else "global"
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """A training run folder, read without building the model."""
@@ -103,7 +107,7 @@ class RunInfo:
 
     @property
     def spec(self) -> ParamSpec:
-        return ParamSpec(self.regularizer, self.spatially_adaptive, self.num_classes)
+        return ParamSpec.from_model_config(self.config["model"])
 
     @property
     def data(self) -> Dict:
@@ -111,7 +115,7 @@ class RunInfo:
 
     @property
     def kind(self) -> str:
-        return "spatially adaptive" if self.spatially_adaptive else "global"
+        return _kind(self.spatially_adaptive)
 
 
 def read_run(folder: str, expect_regularizer: Optional[str] = None, expect_sa: Optional[bool] = None) -> RunInfo:
@@ -119,16 +123,24 @@ def read_run(folder: str, expect_regularizer: Optional[str] = None, expect_sa: O
     config = read_config(folder)
     model = config["model"]
     sa = bool(model["spatially_adaptive"])
-    kind = lambda s: "spatially adaptive" if s else "global"  # noqa: E731
     if expect_regularizer is not None and model["regularizer"] != expect_regularizer:
         raise ValueError(f"{folder}: run uses the {model['regularizer']} regularizer, expected {expect_regularizer}")
     if expect_sa is not None and sa != expect_sa:
-        raise ValueError(f"{folder}: run is a {kind(sa)} model, expected a {kind(expect_sa)} one")
+        raise ValueError(f"{folder}: run is a {_kind(sa)} model, expected a {_kind(expect_sa)} one")
     weights = os.path.join(folder, WEIGHTS)
     return RunInfo(folder=folder, config=config, preset=config.get("preset", ""), regularizer=model["regularizer"],
                    spatially_adaptive=sa, num_classes=int(model["num_classes"]),
                    class_names=list(config.get("class_names", [])), weights=weights,
                    finished=bool(config.get("finished")) and os.path.isfile(weights))
+
+
+def read_train_logs(folders: Dict[str, str]) -> Dict:
+    """``{name: train_log.csv as a DataFrame}`` for the run folders ``{name: folder}`` that have one
+    (columns step, loss, similarity, regularization, ncc, val_loss, val_ncc, sec_per_step)."""
+    import pandas as pd
+
+    return {name: pd.read_csv(os.path.join(folder, TRAIN_LOG)) for name, folder in folders.items()
+            if os.path.isfile(os.path.join(folder, TRAIN_LOG))}
 
 
 @dataclass(frozen=True)

@@ -573,8 +573,8 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
                 print(f"    {key:20s} {json.dumps(s)}", flush=True)
 
     from datasets.atomic import atomic_write
-    atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), lambda tmp: choice.to_csv(tmp, index=False))
-    atomic_write(os.path.join(out, art.OBJECTIVE_TRACE), lambda tmp: traces.to_csv(tmp, index=False))
+    atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), choice)
+    atomic_write(os.path.join(out, art.OBJECTIVE_TRACE), traces)
     atomic_write(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from . import figures

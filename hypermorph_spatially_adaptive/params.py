@@ -21,7 +21,7 @@ Spatially adaptive (SA) parameter maps are built from the **fixed** segmentation
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 REGULARIZERS = ("elastic", "diffusion")
 
@@ -33,6 +33,11 @@ class ParamSpec:
     regularizer: str            # 'elastic' | 'diffusion'
     spatially_adaptive: bool
     num_classes: int            # C tissue classes (background excluded)
+
+    @classmethod
+    def from_model_config(cls, model: Mapping) -> "ParamSpec":
+        """The spec of a saved model configuration (``config.json["model"]``)."""
+        return cls(model["regularizer"], bool(model["spatially_adaptive"]), int(model["num_classes"]))
 
     def __post_init__(self):
         if self.regularizer not in REGULARIZERS:

@@ -22,10 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from datasets.atomic import atomic_write
 
-from .artifacts import CHECKPOINTS as CHECKPOINT_DIR
-from .artifacts import CONFIG as CONFIG_NAME
-from .artifacts import WEIGHTS as WEIGHTS_NAME
-from .artifacts import read_config as load_config
+from .artifacts import CHECKPOINTS, CONFIG, WEIGHTS
 
 #: exceptions that mean "the input is wrong", reported as one ``error:`` line by :func:`cli_main`
 USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
@@ -45,7 +42,7 @@ def versions() -> Dict[str, str]:
 
 
 def save_config(run_dir: str, config: Dict) -> None:
-    atomic_write(os.path.join(run_dir, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True))
+    atomic_write(os.path.join(run_dir, CONFIG), json.dumps(config, indent=2, sort_keys=True))
 
 
 def latest_checkpoint(run_dir: str) -> Optional[Tuple[str, int]]:
@@ -53,7 +50,7 @@ def latest_checkpoint(run_dir: str) -> Optional[Tuple[str, int]]:
 
     A ``latest`` that names a missing checkpoint raises ``FileNotFoundError`` naming both.
     """
-    ckpt_dir = os.path.join(run_dir, CHECKPOINT_DIR)
+    ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
     path = os.path.join(ckpt_dir, "latest")
     if not os.path.isfile(path):
         return None
@@ -79,7 +76,7 @@ def load_weights(model, run_dir: str, config: Dict) -> None:
     """``model.load_weights(<run>/weights.h5)``; any failure (truncated file, weights of another
     preset or architecture) raises a ``ValueError`` naming the file and the checkpoint that can
     rewrite it."""
-    weights = os.path.join(run_dir, WEIGHTS_NAME)
+    weights = os.path.join(run_dir, WEIGHTS)
     try:
         model.load_weights(weights)
     except Exception as exc:  # h5py OSError, Keras shape ValueError, ...
@@ -88,10 +85,10 @@ def load_weights(model, run_dir: str, config: Dict) -> None:
         except (OSError, ValueError):
             latest = None
         if latest is None:
-            hint = f"no checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)} can replace it: retrain the run"
+            hint = f"no checkpoint in {os.path.join(run_dir, CHECKPOINTS)} can replace it: retrain the run"
         else:
             hint = (f"checkpoint {os.path.dirname(latest[0])} (step {latest[1]}) is intact: delete {weights} "
-                    f"and rerun the run's training command (\"command\" in {os.path.join(run_dir, CONFIG_NAME)}) "
+                    f"and rerun the run's training command (\"command\" in {os.path.join(run_dir, CONFIG)}) "
                     f"with --resume to rewrite it from that checkpoint")
         raise ValueError(f"{weights}: cannot load the weights of this {config.get('preset', 'run')} model "
                          f"({_short(exc)}); the file is truncated, corrupt or from another run; {hint}") from exc
@@ -123,13 +120,6 @@ def check_compatible(run_dir: str, config: Dict, dataset) -> None:
     if tuple(mc["image_shape"]) != tuple(dataset.image_shape):
         raise ValueError(f"{run_dir}: model image size {tuple(mc['image_shape'])} != dataset image "
                          f"size {tuple(dataset.image_shape)}")
-
-
-def model_and_spec(config: Dict) -> Tuple:
-    from .models import ModelConfig
-
-    mc = ModelConfig.from_dict(config["model"])
-    return mc, mc.spec
 
 
 def cli_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:

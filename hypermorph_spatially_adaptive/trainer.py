@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .artifacts import TENSORBOARD, TRAIN_LOG
+from . import artifacts as art
 
 
 PRESETS = {
@@ -229,13 +229,11 @@ def _refuse_changes(run_dir: str, old: Dict, new: Dict) -> None:
 
 def _folder_state(run_dir: str):
     """``("empty", None)``, ``("run", config)`` or ``("foreign", entries)`` for ``run_dir``."""
-    from . import runio
-
     entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
     if not entries:
         return "empty", None
-    if os.path.isfile(os.path.join(run_dir, runio.CONFIG_NAME)):
-        return "run", runio.load_config(run_dir)
+    if os.path.isfile(os.path.join(run_dir, art.CONFIG)):
+        return "run", art.read_config(run_dir)
     return "foreign", entries
 
 
@@ -413,7 +411,7 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
             raise ValueError(f"{run_dir}: --resume with --steps {steps} (or --epochs), but the run's checkpoint "
                              f"is at step {start_step}; the step target can only grow")
         if old.get("finished") and old.get("final_step") == steps and \
-                os.path.isfile(os.path.join(run_dir, runio.WEIGHTS_NAME)):
+                os.path.isfile(os.path.join(run_dir, art.WEIGHTS)):
             print(f"[{preset}] {run_dir} is already finished at step {steps}; nothing to do", flush=True)
             return run_dir
         allowed = {k: v for k, v in _flatten(config).items()
@@ -456,7 +454,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     tf.keras.utils.set_random_seed(args.seed)
     if not args.no_determinism:
         tf.config.experimental.enable_op_determinism()
-    ckpt_dir = os.path.join(run_dir, runio.CHECKPOINT_DIR)
+    ckpt_dir = os.path.join(run_dir, art.CHECKPOINTS)
     n_train = config["training"]["n_train_pairs"]
 
     strategy = _strategy(args.strategy)
@@ -517,9 +515,9 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
             nccs.append(c.numpy())
         return float(np.mean(np.concatenate(losses))), float(np.mean(np.concatenate(nccs)))
 
-    log_path = os.path.join(run_dir, TRAIN_LOG)
+    log_path = os.path.join(run_dir, art.TRAIN_LOG)
     rows = _read_log(log_path, start) if resume_prefix else []
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, TENSORBOARD))
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, art.TENSORBOARD))
     progress = _Progress(preset, steps)
     acc: Dict[str, List[float]] = {}
     t_last, n_last = time.time(), 0
@@ -557,7 +555,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
             _write_checkpoint(ckpt, ckpt_dir, step)
     writer.flush()
     _write_checkpoint(ckpt, ckpt_dir, steps)
-    atomic_write(os.path.join(run_dir, runio.WEIGHTS_NAME), lambda tmp: model.save_weights(tmp))
+    atomic_write(os.path.join(run_dir, art.WEIGHTS), lambda tmp: model.save_weights(tmp))
     seconds = round(time.time() - t0, 1)
     if config.get("resumed"):
         config["resumed"][-1]["seconds"] = seconds

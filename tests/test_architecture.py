@@ -162,3 +162,15 @@ def test_atomic_write_replaces_and_keeps_double_extension(tmp_path):
     atomic_write(str(target), writer)
     assert target.read_bytes() == b"new" and suffixes[0].endswith(".nii.gz")
     _no_temp_files(tmp_path, ["img.nii.gz"])
+
+
+def test_atomic_write_writes_a_dataframe_as_csv_without_index(tmp_path):
+    import pandas as pd
+
+    from datasets.atomic import atomic_write
+
+    df = pd.DataFrame({"pair_id": ["a", "b"], "dice": [0.5, 0.75]}, index=[7, 9])
+    target = tmp_path / "t.csv"
+    atomic_write(str(target), df)
+    assert target.read_text().splitlines() == ["pair_id,dice", "a,0.5", "b,0.75"]
+    _no_temp_files(tmp_path, ["t.csv"])

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from hypermorph_spatially_adaptive import artifacts as art
 from hypermorph_spatially_adaptive import losses, runio
 from hypermorph_spatially_adaptive.models import ModelConfig, build_model
 from hypermorph_spatially_adaptive.params import ParamSpec, parameter_maps, regularization_parameters
@@ -189,7 +190,7 @@ def test_save_load_roundtrip_identical_predictions(tmp_path):
     model = build_model(cfg)
     runio.save_config(str(tmp_path), {"model": cfg.to_dict()})
     from datasets.atomic import atomic_write
-    atomic_write(str(tmp_path / runio.WEIGHTS_NAME), lambda p: model.save_weights(p))
+    atomic_write(str(tmp_path / art.WEIGHTS), lambda p: model.save_weights(p))
     loaded, _ = runio.load_run(str(tmp_path))
     rng = np.random.default_rng(4)
     x = rng.random((2, 32, 32, 1)).astype(np.float32)
