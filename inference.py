@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_energy_scales(configs: Dict[str, Dict]) -> float:
+    """The common energy scale ``K`` of runs ``{run folder: config}`` (``K = 1`` where unrecorded);
+    ValueError naming the runs if they differ: a hyperparameter means another regularization
+    strength under another ``K``, so identified values do not transfer between such models."""
+    scales = {run: float(cfg.get("loss", {}).get("energy_scale", 1.0)) for run, cfg in configs.items()}
+    if len(set(scales.values())) > 1:
+        what = ", ".join(f"{run}: {k:g}" for run, k in scales.items())
+        raise ValueError(f"the runs were trained with different --energy-scale ({what}); identified parameters do "
+                         f"not transfer between them: train them with the same --energy-scale")
+    return next(iter(scales.values()))
+
+
 def _load_group(reg: str, sa_run: str, ident_dirs: Sequence[str], global_run: Optional[str]) -> Dict:
     """Load and cross-check one regularizer's SA model, global model and identifications."""
     from hypermorph_spatially_adaptive import artifacts as art
@@ -81,6 +93,7 @@ def _load_group(reg: str, sa_run: str, ident_dirs: Sequence[str], global_run: Op
             if cfg["data"] != src.data:
                 raise ValueError(f"{src.csv}: identified on dataset {src.data}, but {run} was "
                                  f"trained on {cfg['data']}")
+    check_energy_scales({sa_run: sa_cfg, global_run: g_cfg})
     labels = [(s.protocol, s.suffix) for s in sources]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--{reg}-ident: two identification folders have the same protocol and method {labels}")
@@ -112,7 +125,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     import eval_metrics
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import evaluation, figures, runio
-    from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
     from hypermorph_spatially_adaptive.registration import Registrar
 
@@ -192,8 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         refiners = {}
         if args.refine:
             for kind, cfg in (("g", g["g_cfg"]), ("sa", g["sa_cfg"])):
-                loss = cfg.get("loss", {})
-                refiners[kind] = Refiner(ParamSpec.from_model_config(cfg["model"]), loss.get("spacing"), loss.get("ncc_win", 9))
+                refiners[kind] = Refiner.from_config(cfg)
         for src in g["sources"]:
             choice = src.table.loc[pair_ids]
             g_hyp = choice[g_cols].to_numpy(np.float32)

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=arg_float(0.0), default=1e-4,
                    help="Adam learning rate of the four trainings. 1e-3 plateaus sooner in validation NCC but its "
                         "networks learn to ignore their hyperparameters (README 'Training budget')")
+    g.add_argument("--energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
+                   help="factor K on the regularization energy of the four models' loss (1 = the paper's eq. 1); "
+                        "refinement uses the same K (README 'Calibrated energy')")
     g.add_argument("--batch-size", type=int, default=1, help="training batch size")
     g.add_argument("--grid-steps", type=int, default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=int, default=0, help="training seed (all four models)")
@@ -126,6 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     common = datasets.dataset_argv(args) + ["--steps", str(args.steps), "--lr", repr(args.lr), "--batch-size", str(args.batch_size),
                                  "--seed", str(args.seed), "--log-every", str(max(1, min(50, args.steps // 10))),
                                  "--val-every", str(max(1, args.steps // 4))]
+    if args.energy_scale != 1.0:  # K = 1 leaves the command (and so reuse of older runs) as it was
+        common += ["--energy-scale", repr(args.energy_scale)]
     if args.quick:
         common += QUICK["arch"]
     common += shlex.split(args.train_args)

@@ -4,8 +4,14 @@ With ``cc(x)`` the local NCC map (window ``win`` per axis) between fixed and war
 image, and ``Lambda, Gamma`` (elastic) or ``W`` (diffusion) either per-sample constants
 (global models) or voxelwise maps from the fixed segmentation (SA models):
 
-- elastic:   ``mean_x[(2 - Lambda - Gamma) * (-cc)] + mean_x[elastic density(u; Lambda, Gamma)]``
-- diffusion: ``mean_x[(1 - W) * (-cc)] + mean_x[W * |grad u|^2]``
+- elastic:   ``mean_x[(2 - Lambda - Gamma) * (-cc)] + K * mean_x[elastic density(u; Lambda, Gamma)]``
+- diffusion: ``mean_x[(1 - W) * (-cc)] + K * mean_x[W * |grad u|^2]``
+
+``K`` is the energy scale (``--energy-scale``, ``config["loss"]["energy_scale"]``); ``K = 1`` is the
+paper's eq. (1) exactly. On breathing-like motion the paper's energy is ~1/100 of the weighted
+NCC term over most of the hyperparameter box, so the best field hardly depends on the
+hyperparameters; ``K`` brings the two terms to the same order (README "Calibrated energy",
+``benchmarks/calibrate_energy.py`` estimates it on a dataset).
 
 Shapes: images ``[B, *spatial, 1]``, field ``[B, *spatial, D]`` in voxels; all outputs ``[B]``.
 Units: ``cc`` is dimensionless in [0, 1]; the regularizer is in squared strain (see
@@ -64,7 +70,8 @@ def _weighted_mean(weight, values: tf.Tensor) -> tf.Tensor:
 
 def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.Tensor,
                hyp: tf.Tensor, fixed_seg: Optional[tf.Tensor] = None,
-               spacing: Optional[Sequence[float]] = None, win: int = 9) -> Dict[str, tf.Tensor]:
+               spacing: Optional[Sequence[float]] = None, win: int = 9,
+               energy_scale: float = 1.0) -> Dict[str, tf.Tensor]:
     """Per-sample loss terms for any of the four presets.
 
     Args:
@@ -75,10 +82,11 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
         fixed_seg: ``[B, *spatial]`` labels 0..C (needed for SA models).
         spacing: voxel size in mm.
         win: NCC window per axis.
+        energy_scale: factor ``K >= 0`` on the regularization energy (1 = paper's eq. 1).
 
     Returns:
-        dict with ``loss``, ``similarity`` (weighted -NCC), ``regularization`` and ``ncc``
-        (unweighted mean NCC), each ``[B]``.
+        dict with ``loss``, ``similarity`` (weighted -NCC), ``regularization`` (the scaled
+        energy ``K * E``, the term that enters ``loss``) and ``ncc`` (unweighted mean NCC), each ``[B]``.
     """
     cc = ncc_map(fixed, warped, win)
     lam, mu = regularization_parameters(spec, hyp, fixed_seg)
@@ -88,6 +96,8 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
     else:
         sim_weight = 1.0 - lam
         reg = regularizers.diffusion_regularizer(field, lam, spacing)
+    if energy_scale != 1.0:
+        reg = float(energy_scale) * reg
     sim = _weighted_mean(sim_weight, -cc)
     return {"loss": sim + reg, "similarity": sim, "regularization": reg,
             "ncc": tf.reduce_mean(cc, axis=list(range(1, cc.shape.rank)))}

@@ -3,7 +3,7 @@
 Starting from the displacement ``u0`` a trained HyperMorph model predicts for a pair, the
 displacement itself is optimized with Adam for ``steps`` iterations on the very loss the
 network was trained with (paper eq. 1, :func:`.losses.loss_terms`): weighted local NCC plus the
-elastic or diffusion energy, with the pair's hyperparameters. For a spatially adaptive (SA)
+elastic or diffusion energy (times the run's energy scale ``K``), with the pair's hyperparameters. For a spatially adaptive (SA)
 model the per-class values become voxelwise maps from the **fixed** segmentation (exactly as in
 training), so the refinement is regularized by the tissue- and subject-specific energy; for a
 global model the maps are constant.
@@ -66,22 +66,33 @@ def linear_warp(image: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
 class Refiner:
     """Compiled per-pair refinement for one model's loss (``spec``, spacing, NCC window).
 
-    ``Refiner(spec, spacing, win)(moving, fixed, u0, hyp, fixed_seg, steps, lr)`` returns
+    ``Refiner(spec, spacing, win, energy_scale)(moving, fixed, u0, hyp, fixed_seg, steps, lr)`` returns
     ``(u, loss_start, loss_end)``: the refined displacement ``[N, *spatial, D]`` (numpy, voxels)
     and the per-pair loss ``[N]`` before and after (the loss of the returned ``u``).
     """
 
-    def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9):
+    def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9,
+                 energy_scale: float = 1.0):
         self.spec = spec
         self.spacing = None if spacing is None else [float(s) for s in spacing]
         self.win = int(win)
+        self.energy_scale = float(energy_scale)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Refiner":
+        """The refiner of a saved run (``config.json``): its spec, spacing, NCC window and energy
+        scale ``K`` (runs made before ``--energy-scale`` existed: ``K = 1``)."""
+        loss = config.get("loss", {})
+        return cls(ParamSpec.from_model_config(config["model"]), loss.get("spacing"), loss.get("ncc_win", 9),
+                   loss.get("energy_scale", 1.0))
 
     def loss(self, moving, fixed, u, hyp, fixed_seg) -> tf.Tensor:
         """Per-pair training loss ``[N]`` of displacement ``u`` (see :func:`.losses.loss_terms`)."""
         moving, fixed = tf.convert_to_tensor(moving, tf.float32), tf.convert_to_tensor(fixed, tf.float32)
         hyp, u = tf.convert_to_tensor(hyp, tf.float32), tf.convert_to_tensor(u, tf.float32)
         warped = linear_warp(moving, u)
-        return loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing, self.win)["loss"]
+        return loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing, self.win,
+                          self.energy_scale)["loss"]
 
     def __call__(self, moving: np.ndarray, fixed: np.ndarray, u0: np.ndarray, hyp: np.ndarray,
                  fixed_seg: Optional[np.ndarray] = None, steps: int = 100,

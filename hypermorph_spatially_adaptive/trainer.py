@@ -83,6 +83,11 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
     g.add_argument("--ncc-win", type=arg_int(1, odd=True), default=9, help="local NCC window per axis (odd)")
     g.add_argument("--reg-field", choices=["disp", "svf"], default="disp",
                    help="field the regularizer acts on: integrated displacement (paper) or the SVF")
+    g.add_argument("--energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
+                   help="factor K on the regularization energy in the loss (1 = the paper's eq. 1). The paper's "
+                        "energy is ~1/100 of the similarity term on breathing-like motion, so the networks barely "
+                        "respond to their hyperparameters; benchmarks/calibrate_energy.py proposes K for a dataset "
+                        "(README 'Calibrated energy'). Saved in config.json; refinement uses the run's K")
     g.add_argument("--oversample-endpoints", type=arg_float(0.0, 1.0, inclusive=True), default=0.0, metavar="P",
                    help="probability that a sampled hyperparameter is replaced by 0 or 1 "
                         "(HyperMorph's endpoint oversampling; the paper uses 0)")
@@ -233,7 +238,10 @@ def _folder_state(run_dir: str):
     if not entries:
         return "empty", None
     if os.path.isfile(os.path.join(run_dir, art.CONFIG)):
-        return "run", art.read_config(run_dir)
+        config = art.read_config(run_dir)
+        if isinstance(config.get("loss"), dict):  # runs made before --energy-scale existed used K = 1
+            config["loss"].setdefault("energy_scale", 1.0)
+        return "run", config
     return "foreign", entries
 
 
@@ -291,7 +299,7 @@ def _args_config(preset: str, args: argparse.Namespace) -> Dict:
                   "dec_features": list(args.dec_features), "int_steps": args.int_steps,
                   "int_resolution": args.int_resolution, "hyp_layers": args.hyp_layers, "hyp_units": args.hyp_units},
         "loss": {"ncc_win": args.ncc_win, "reg_field": args.reg_field, "hyp_sampling": "per-sample U(0,1)",
-                 "oversample_endpoints": args.oversample_endpoints},
+                 "oversample_endpoints": args.oversample_endpoints, "energy_scale": args.energy_scale},
         "training": {"batch_size": args.batch_size, "lr": args.lr, "optimizer": "Adam", "strategy": args.strategy,
                      "epochs": args.epochs, "val_every": args.val_every, "log_every": args.log_every,
                      "checkpoint_every": args.checkpoint_every, "determinism": not args.no_determinism},
@@ -327,7 +335,7 @@ def make_optimizer(model, lr: float):
 
 
 def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: int, use_svf: bool,
-                    global_batch: int):
+                    global_batch: int, energy_scale: float = 1.0):
     """The compiled training step: ``train_step(batch) -> {term: scalar}``.
 
     ``batch`` is a (distributed) dict ``moving, fixed, fixed_seg, hyp``. Each replica sums its
@@ -343,7 +351,7 @@ def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: in
         with tf.GradientTape() as tape:
             warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
             terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
-                               batch["fixed_seg"], spacing, win)
+                               batch["fixed_seg"], spacing, win, energy_scale)
             loss = tf.reduce_sum(terms["loss"]) / global_batch
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -490,7 +498,8 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     use_svf = args.reg_field == "svf"
     win = int(args.ncc_win)
 
-    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf, bsz)
+    energy_scale = float(config["loss"].get("energy_scale", 1.0))
+    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf, bsz, energy_scale)
 
     # validation: every val pair with fixed hyperparameters (seeded), one compiled forward pass
     val_ids = dataset.split_ids("val") if args.val_every > 0 else []
@@ -499,7 +508,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     @tf.function(autograph=False)
     def eval_batch(moving, fixed, seg, hyp):
         warped, disp, svf = model([moving, fixed, hyp], training=False)
-        t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win)
+        t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win, energy_scale)
         return t["loss"], t["ncc"]
 
     def validate():

@@ -1,0 +1,109 @@
+"""The energy scale K of the loss (``--energy-scale``): K = 1 is the paper's eq. (1) exactly, K
+multiplies the energy and nothing else, runs record their K and every later stage uses it."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import inference
+import regularizers
+from hypermorph_spatially_adaptive import losses
+from hypermorph_spatially_adaptive.params import ParamSpec
+from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+from hypermorph_spatially_adaptive.trainer import main as train_main
+
+SPECS = [ParamSpec("elastic", False, 3), ParamSpec("elastic", True, 3), ParamSpec("diffusion", False, 3),
+         ParamSpec("diffusion", True, 3)]
+
+
+def _case(spec, seed=0, shape=(32, 32)):
+    rng = np.random.default_rng(seed)
+    fixed = rng.random((2, *shape, 1)).astype(np.float32)
+    warped = rng.random((2, *shape, 1)).astype(np.float32)
+    field = rng.normal(0, 0.5, (2, *shape, 2)).astype(np.float32)
+    hyp = rng.random((2, spec.num_params)).astype(np.float32)
+    seg = rng.integers(0, 4, (2, *shape)).astype(np.int32)
+    return fixed, warped, field, hyp, seg
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.regularizer}-{'sa' if s.spatially_adaptive else 'g'}")
+def test_k1_is_the_paper_loss_and_k_scales_only_the_energy(spec):
+    fixed, warped, field, hyp, seg = _case(spec)
+    fixed, warped, field = tf.constant(fixed), tf.constant(warped), tf.constant(field)
+    spacing = [1.5, 0.8]
+    t1 = losses.loss_terms(spec, fixed, warped, field, hyp, seg, spacing, 5)
+    # eq. (1) computed independently from the regularizers and the NCC map
+    cc = losses.ncc_map(fixed, warped, 5).numpy()
+    k = spec.num_classes + 1
+    if spec.spatially_adaptive:
+        lam = hyp[np.arange(2)[:, None, None], seg]
+        mu = hyp[np.arange(2)[:, None, None], k + seg] if spec.regularizer == "elastic" else None
+    else:
+        lam = hyp[:, 0][:, None, None] * np.ones_like(cc)
+        mu = hyp[:, 1][:, None, None] * np.ones_like(cc) if spec.regularizer == "elastic" else None
+    if spec.regularizer == "elastic":
+        sim = np.mean((2 - lam - mu) * -cc, axis=(1, 2))
+        energy = regularizers.elastic_regularizer(field, tf.constant(lam, tf.float32), tf.constant(mu, tf.float32), spacing).numpy()
+    else:
+        sim = np.mean((1 - lam) * -cc, axis=(1, 2))
+        energy = regularizers.diffusion_regularizer(field, tf.constant(lam, tf.float32), spacing).numpy()
+    assert np.all(energy > 0)
+    np.testing.assert_allclose(t1["similarity"].numpy(), sim, rtol=1e-5)
+    np.testing.assert_allclose(t1["regularization"].numpy(), energy, rtol=1e-5)
+    np.testing.assert_allclose(t1["loss"].numpy(), sim + energy, rtol=1e-5)
+    # the default is K = 1, bit for bit
+    t_default = losses.loss_terms(spec, fixed, warped, field, hyp, seg, spacing, 5, energy_scale=1.0)
+    for key in t1:
+        np.testing.assert_array_equal(t1[key].numpy(), t_default[key].numpy())
+    t30 = losses.loss_terms(spec, fixed, warped, field, hyp, seg, spacing, 5, energy_scale=30.0)
+    np.testing.assert_array_equal(t30["similarity"].numpy(), t1["similarity"].numpy())
+    np.testing.assert_array_equal(t30["ncc"].numpy(), t1["ncc"].numpy())
+    np.testing.assert_allclose(t30["regularization"].numpy(), 30 * energy, rtol=1e-5)
+    np.testing.assert_allclose(t30["loss"].numpy(), sim + 30 * energy, rtol=1e-5)
+
+
+def test_refiner_uses_the_runs_energy_scale():
+    spec = ParamSpec("elastic", False, 3)
+    cfg = {"model": {"regularizer": "elastic", "spatially_adaptive": False, "num_classes": 3},
+           "loss": {"spacing": [1.0, 1.0], "ncc_win": 5, "energy_scale": 30.0}}
+    r30 = Refiner.from_config(cfg)
+    assert r30.energy_scale == 30.0 and r30.win == 5
+    old = json.loads(json.dumps(cfg))
+    del old["loss"]["energy_scale"]  # a run made before --energy-scale existed
+    r1 = Refiner.from_config(old)
+    assert r1.energy_scale == 1.0
+    fixed, moving, u, hyp, _ = _case(spec, seed=1)
+    l30, l1 = r30.loss(moving, fixed, u, hyp, None).numpy(), r1.loss(moving, fixed, u, hyp, None).numpy()
+    energy = regularizers.elastic_regularizer(tf.constant(u), tf.constant(hyp[:, 0]), tf.constant(hyp[:, 1]), [1.0, 1.0]).numpy()
+    np.testing.assert_allclose(l30 - l1, 29 * energy, rtol=1e-4, atol=1e-6)
+    # a larger K keeps the refined field closer to the (zero) start
+    u0 = np.zeros_like(u)
+    hyp_c = np.full((2, 2), 0.5, np.float32)
+    far = np.linalg.norm(r1(moving, fixed, u0, hyp_c, steps=30, lr=0.05)[0])
+    near = np.linalg.norm(r30(moving, fixed, u0, hyp_c, steps=30, lr=0.05)[0])
+    assert near < 0.8 * far, (near, far)
+
+
+def test_mixed_energy_scales_are_refused_by_inference():
+    a = {"loss": {"energy_scale": 30.0}}
+    assert inference.check_energy_scales({"sa": a, "g": {"loss": {"energy_scale": 30.0}}}) == 30.0
+    assert inference.check_energy_scales({"sa": {"loss": {}}, "g": {"loss": {"energy_scale": 1.0}}}) == 1.0
+    with pytest.raises(ValueError, match="different --energy-scale.*sa: 30.*g: 1"):
+        inference.check_energy_scales({"sa": a, "g": {"loss": {}}})
+
+
+def test_training_records_k_and_resume_refuses_another(tmp_path):
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    out = tmp_path / "run"
+    argv = ["--dataset", "synthetic", "--image-size", "32", "32", "--num-pairs", "6", "--cache-dir",
+            str(tmp_path / "cache"), "--enc-features", "8", "16", "16", "16", "--dec-features", "16", "16", "16",
+            "16", "16", "8", "8", "--hyp-layers", "2", "--hyp-units", "16", "--out", str(out), "--steps", "2", "--val-every", "0",
+                                                         "--energy-scale", "30"]
+    train_main("elastic_global", argv)
+    cfg = art.read_config(str(out))
+    assert cfg["loss"]["energy_scale"] == 30.0
+    assert Refiner.from_config(cfg).energy_scale == 30.0
+    with pytest.raises(ValueError, match="--resume refused: changed --energy-scale 30.0 -> 1.0"):
+        train_main("elastic_global", [a for a in argv if a not in ("--energy-scale", "30")] + ["--resume", "--steps", "3"])
