@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=arg_float(0.0), default=1e-4,
                    help="Adam learning rate of the four trainings. 1e-3 plateaus sooner in validation NCC but its "
                         "networks learn to ignore their hyperparameters (README 'Training budget')")
-    g.add_argument("--energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
-                   help="factor K on the regularization energy of the four models' loss (1 = the paper's eq. 1); "
-                        "refinement uses the same K (README 'Calibrated energy')")
+    for reg in ("elastic", "diffusion"):
+        g.add_argument(f"--{reg}-energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
+                       help=f"factor K on the energy in the loss of the two {reg} models (1 = the paper's eq. 1); "
+                            f"refinement uses the same K. benchmarks/calibrate_energy.py proposes K for a dataset "
+                            f"(README 'Calibrated energy')")
     g.add_argument("--batch-size", type=int, default=1, help="training batch size")
     g.add_argument("--grid-steps", type=int, default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=int, default=0, help="training seed (all four models)")
@@ -78,17 +80,17 @@ def _run_state(run_dir: str, argv: List[str]) -> str:
     return "finished" if done else "unfinished"
 
 
-def _check_inputs(args, common: List[str], runs: dict) -> None:
+def _check_inputs(args, preset_argv: dict) -> None:
     """Before anything is trained: every stage's options and every pair of every split (the test
     split included: it must be non-empty and readable)."""
     import datasets
     import parameter_identification
     from hypermorph_spatially_adaptive import trainer
 
-    targs = [trainer.build_parser(p).parse_args(common + ["--out", runs[p]]) for p in PRESETS]
+    targs = [trainer.build_parser(p).parse_args(preset_argv[p]) for p in PRESETS]
     for a in targs:
         trainer.check_args(a)
-    parameter_identification.build_parser().parse_args(["--run", runs[PRESETS[0]], "--grid-steps", str(args.grid_steps)])
+    parameter_identification.build_parser().parse_args(["--run", targs[0].out, "--grid-steps", str(args.grid_steps)])
     datasets.validate_dataset(datasets.dataset_from_args(args), require=("train", "val", "test"),
                               multiple=2 ** len(targs[0].enc_features), log=lambda line: print(line, flush=True))
 
@@ -129,15 +131,18 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     common = datasets.dataset_argv(args) + ["--steps", str(args.steps), "--lr", repr(args.lr), "--batch-size", str(args.batch_size),
                                  "--seed", str(args.seed), "--log-every", str(max(1, min(50, args.steps // 10))),
                                  "--val-every", str(max(1, args.steps // 4))]
-    if args.energy_scale != 1.0:  # K = 1 leaves the command (and so reuse of older runs) as it was
-        common += ["--energy-scale", repr(args.energy_scale)]
     if args.quick:
         common += QUICK["arch"]
     common += shlex.split(args.train_args)
-    _check_inputs(args, common, runs)
+    preset_argv = {}
+    for p in PRESETS:
+        k = getattr(args, f"{p.split('_')[0]}_energy_scale")
+        # K = 1 leaves the command (and so the reuse of runs made before --energy-scale) as it was
+        preset_argv[p] = common + (["--energy-scale", repr(k)] if k != 1.0 else []) + ["--out", runs[p]]
+    _check_inputs(args, preset_argv)
     print(f"== stage 1/3: training 4 models ({args.steps} steps each) -> {args.out}/runs", flush=True)
     for k, preset in enumerate(PRESETS, 1):
-        argv_p = common + ["--out", runs[preset]]
+        argv_p = preset_argv[preset]
         state = _run_state(runs[preset], argv_p)
         if state != "none" and args.force:
             print(f"-- [{k}/4] {preset}: --force: the run in {runs[preset]} is replaced (--overwrite)", flush=True)

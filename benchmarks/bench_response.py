@@ -22,7 +22,7 @@ import argparse
 import itertools
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,6 +71,109 @@ def response(run: str, split: str = "test", num_pairs: int = 3) -> Dict[str, flo
     return {key: float(np.mean([r[key] for r in rows])) for key in keys}
 
 
+def _axes(config: Dict) -> List[Tuple[str, List[int], Optional[int]]]:
+    """Axes of the response curves: ``(name, indices of hyp that vary, class whose voxels count or None)``.
+
+    Every model gets ``all`` (every entry together); elastic global models ``lambda`` and ``mu``;
+    SA models every field of every class (``lambda_lung``, ``mu_bone``, ...), measured inside
+    that class.
+    """
+    names = list(config["hyperparameters"])
+    sa = bool(config["model"]["spatially_adaptive"])
+    axes: List[Tuple[str, List[int], Optional[int]]] = [("all", list(range(len(names))), None)]
+    if len(names) == 1:
+        return axes
+    k = int(config["model"]["num_classes"]) + 1 if sa else 1
+    for i, name in enumerate(names):
+        axes.append((name, [i], (i % k) if sa else None))
+    return axes
+
+
+def response_curves(run: str, split: str = "test", num_pairs: int = 3, steps: int = 11,
+                    rest: float = 0.5) -> "pd.DataFrame":
+    """Response curves of the model in ``run`` along each axis of its hyperparameter box.
+
+    Along each axis of :func:`_axes` the varying entries take ``steps`` evenly spaced values in
+    [0, 1] and the others stay at ``rest``. Per pair and value: mean |u| (voxels, inside the
+    axis' class for SA per-class axes), the change to the previous value (mean |u(h_k) -
+    u(h_k-1)|, same region) and the mean Dice (nearest-neighbour warped moving labels against
+    the fixed labels). Returns one row per axis and value, averaged over the pairs: columns
+    ``run, preset, axis, h, mean_u, step_change, dice``.
+    """
+    import pandas as pd
+
+    import eval_metrics
+    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive.artifacts import load_dataset
+    from hypermorph_spatially_adaptive.registration import Registrar
+
+    model, config = runio.load_run(run)
+    pairs = list(itertools.islice(load_dataset(config).pairs(split), num_pairs))
+    if not pairs:
+        raise ValueError(f"{run}: the {split} split is empty")
+    reg, axes, hs = Registrar(model), _axes(config), np.linspace(0.0, 1.0, steps)
+    num_classes = int(config["model"]["num_classes"])
+    rows = []
+    for pair in pairs:
+        hyp = []
+        for _, idx, _ in axes:
+            for h in hs:
+                v = np.full(reg.num_params, rest)
+                v[idx] = h
+                hyp.append(v)
+        _, disp = reg(pair.moving, pair.fixed, np.asarray(hyp, np.float32))
+        disp = disp.reshape(len(axes), steps, *disp.shape[1:])
+        seg = np.asarray(pair.fixed_seg)
+        for a, (name, _, cls) in enumerate(axes):
+            mask = np.ones(seg.shape, bool) if cls is None else seg == cls
+            if not mask.any():
+                continue
+            mag = np.linalg.norm(disp[a], axis=-1)[:, mask].mean(axis=1)
+            change = np.linalg.norm(np.diff(disp[a], axis=0), axis=-1)[:, mask].mean(axis=1)
+            for j, h in enumerate(hs):
+                dice = eval_metrics.mean_dice(eval_metrics.warp_labels(pair.moving_seg, disp[a, j]), seg, num_classes)
+                rows.append({"pair_id": pair.pair_id, "axis": name, "h": float(h), "mean_u": float(mag[j]),
+                             "step_change": float(change[j - 1]) if j else float("nan"), "dice": dice})
+    df = pd.DataFrame(rows).groupby(["axis", "h"], sort=False).mean(numeric_only=True).reset_index()
+    df.insert(0, "preset", config["preset"])
+    df.insert(0, "run", run)
+    return df
+
+
+def summarize_curves(curves: "pd.DataFrame", tol: float = 0.02) -> "pd.DataFrame":
+    """Per run and axis: ``change_01`` (|u| at h = 0 minus at h = 1, voxels), ``rel_change``
+    (that over mean |u| at h = 0.5 of the ``all`` axis), ``monotone`` (mean |u| never rises by more
+    than ``tol`` x its value at h = 0 from one value to the next) and ``dice_spread`` (max - min
+    mean Dice along the axis)."""
+    import pandas as pd
+
+    out = []
+    for (run, axis), c in curves.groupby(["run", "axis"], sort=False):
+        u = c["mean_u"].to_numpy()
+        mid = curves[(curves.run == run) & (curves.axis == "all")]
+        u_mid = float(np.interp(0.5, mid["h"], mid["mean_u"]))
+        out.append({"run": run, "preset": c["preset"].iloc[0], "axis": axis, "u_at_0": u[0], "u_at_1": u[-1],
+                    "change_01": u[0] - u[-1], "rel_change": (u[0] - u[-1]) / max(u_mid, 1e-9),
+                    "monotone": bool(np.all(np.diff(u) <= tol * max(u[0], 1e-9))),
+                    "dice_spread": float(c["dice"].max() - c["dice"].min())})
+    return pd.DataFrame(out)
+
+
+def interior_fraction(ident_dir: str) -> Optional[float]:
+    """Fraction of pairs whose identified parameters all lie strictly inside (0, 1), or None."""
+    import pandas as pd
+
+    path = os.path.join(ident_dir, "identified_parameters.csv")
+    if not os.path.isfile(path):
+        return None
+    df = pd.read_csv(path)
+    cols = [c for c in ("lambda", "mu") if c in df.columns]
+    if not cols:
+        return None
+    vals = df[cols].to_numpy(float)
+    return float(np.mean(np.all((vals > 1e-6) & (vals < 1 - 1e-6), axis=1)))
+
+
 def grid_spread(ident_dir: str) -> Optional[float]:
     """Mean over pairs of (max - min) mean Dice over the grid points, or None without a grid."""
     import pandas as pd
@@ -90,6 +193,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="a run_pipeline.py --out folder: use its four runs and its grid_dice.csv files")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="pairs to use")
     p.add_argument("--num-pairs", type=int, default=3, help="first N pairs of the split")
+    p.add_argument("--curves", type=int, default=0, metavar="STEPS",
+                   help="also the response curves along every axis with STEPS values per axis (e.g. 11): "
+                        "table, CSV and figure")
+    p.add_argument("--out", default=os.path.join("outputs", "bench_response"),
+                   help="folder for response_curves.csv, response_summary.csv and response_curves.png (--curves)")
     args = p.parse_args(argv)
     runs = list(args.runs)
     if args.pipeline:
@@ -106,6 +214,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             s = grid_spread(os.path.join(args.pipeline, "identification", reg))
             if s is not None:
                 print(f"{reg} grid search: mean over pairs of (max - min) mean Dice over the grid = {s:.4f}")
+            for protocol in ("identification", "identification_population"):
+                f = interior_fraction(os.path.join(args.pipeline, protocol, reg))
+                if f is not None:
+                    print(f"{reg} {protocol}: fraction of pairs whose (lambda, mu) lie inside the box: {f:.2f}")
+    if args.curves:
+        _write_curves(runs, args)
+
+
+def _write_curves(runs: Sequence[str], args) -> None:
+    import pandas as pd
+
+    from datasets.atomic import atomic_write
+    from hypermorph_spatially_adaptive.figures import plot_response_curves
+
+    curves = pd.concat([response_curves(r, args.split, args.num_pairs, args.curves) for r in runs], ignore_index=True)
+    summary = summarize_curves(curves)
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print("\nresponse along each axis (others at 0.5; mean |u| in voxels, Dice = mean Dice):")
+        print(summary.drop(columns=["run"]).round(4).to_string(index=False))
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(os.path.join(args.out, "response_curves.csv"), curves)
+    atomic_write(os.path.join(args.out, "response_summary.csv"), summary)
+    png = plot_response_curves(curves, os.path.join(args.out, "response_curves.png"))
+    print(f"wrote {args.out}/response_curves.csv, response_summary.csv, {os.path.basename(png)}")
 
 
 if __name__ == "__main__":

@@ -569,6 +569,45 @@ def plot_training_curves(logs: Mapping[str, pd.DataFrame], out_png: str) -> str:
     return _save_png_atomic(fig, out_png)
 
 
+def plot_response_curves(curves: pd.DataFrame, out_png: str) -> str:
+    """How trained models respond to their hyperparameters (``benchmarks/bench_response.py --curves``).
+
+    Args:
+        curves: one row per run, axis and value ``h`` with columns ``run, preset, axis, h,
+            mean_u`` (mean displacement magnitude, voxels) and ``dice`` (mean Dice).
+        out_png: output path (``.png``).
+
+    One row of two subplots per run: mean |u| and mean Dice against ``h`` along each axis (the
+    other entries at 0.5); the ``all`` axis (every entry together) is drawn black and thick.
+    """
+    out_png = _check_out_png(out_png)
+    _require_columns(curves, ["run", "preset", "axis", "h", "mean_u", "dice"], "curves")
+    runs = list(dict.fromkeys(curves["run"]))
+    if not runs:
+        raise ValueError("curves has no rows")
+    fig = _new_figure((9.0, 2.6 * len(runs)))
+    axs = np.atleast_2d(fig.subplots(len(runs), 2, squeeze=False))
+    colors = matplotlib.colormaps["tab10"]
+    for r, run in enumerate(runs):
+        c = curves[curves["run"] == run]
+        for k, axis in enumerate(dict.fromkeys(c["axis"])):
+            a = c[c["axis"] == axis]
+            style = dict(color="black", linewidth=2.2) if axis == "all" else dict(color=colors(k % 10), linewidth=1.1)
+            for j, key in enumerate(("mean_u", "dice")):
+                axs[r, j].plot(_numeric(a["h"]), _numeric(a[key]), marker=".", label=str(axis), **style)
+        preset = str(c["preset"].iloc[0])
+        axs[r, 0].set_ylabel(f"{preset}\nmean |u| (voxel)")
+        axs[r, 1].set_ylabel("mean Dice")
+        axs[r, 1].legend(fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        for ax in axs[r]:
+            ax.grid(True, color="0.9", linewidth=0.6)
+            ax.set_xlim(0, 1)
+    for ax in axs[-1]:
+        ax.set_xlabel("h (others at 0.5)")
+    fig.suptitle("Response to the hyperparameters")
+    return _save_png_atomic(fig, out_png)
+
+
 # --------------------------------------------------------------------------------------
 # 4. Dice box plots
 # --------------------------------------------------------------------------------------
