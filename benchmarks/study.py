@@ -96,6 +96,55 @@ def _run_unit(args, setting: str, seed: int) -> Dict:
     return info
 
 
+def _identify_epe(args, unit_dir: str) -> str:
+    """Gradient identification with the EPE-oracle objective on the elastic SA model of a unit
+    (the synthetic truth; for the stiffness-recovery check), or the existing folder."""
+    out = os.path.join(unit_dir, "identification_gradient_epe", "elastic")
+    if os.path.isfile(os.path.join(out, "identified_parameters.csv")) and not args.refresh:
+        return out
+    runs = os.path.join(unit_dir, "runs")
+    steps = "3" if args.quick else "50"
+    rc = subprocess.call([sys.executable, "parameter_identification.py", "--run", os.path.join(runs, "elastic_global"),
+                          "--sa-run", os.path.join(runs, "elastic_sa"), "--method", "gradient", "--objective", "epe",
+                          "--init", "center", "--steps", steps, "--out", out],
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         stdout=subprocess.DEVNULL)
+    if rc != 0:
+        raise RuntimeError(f"EPE-oracle identification failed in {unit_dir} (exit {rc})")
+    return out
+
+
+def stiffness_recovery(unit_dir: str, class_names: Sequence[str], true_lame: Dict[str, Sequence[float]]):
+    """Per pair and objective (dice, epe): Spearman correlation over the tissue classes between
+    the identified per-class (lambda, mu) of the elastic SA model and the phantom's true values."""
+    import numpy as np
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    rows = []
+    for objective, sub in (("dice", "identification_gradient"), ("epe", "identification_gradient_epe")):
+        path = os.path.join(unit_dir, sub, "elastic", "identified_parameters.csv")
+        if not os.path.isfile(path):
+            continue
+        df = pd.read_csv(path, dtype={"pair_id": str})
+        for _, r in df.iterrows():
+            row = {"pair_id": r["pair_id"], "objective": objective}
+            for j, field in enumerate(("lambda", "mu")):
+                ident = np.array([r[f"{field}_{c}"] for c in class_names], float)
+                truth = np.array([true_lame[c][j] for c in class_names], float)
+                row[f"spearman_{field}"] = float(spearmanr(ident, truth).statistic)
+                row.update({f"{field}_{c}": float(r[f"{field}_{c}"]) for c in class_names})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _true_lame() -> Dict[str, Sequence[float]]:
+    """The synthetic phantoms' Lame parameters (lambda, mu) per tissue class name."""
+    from datasets.phantoms import CLASS_NAMES, DEFAULT_LAME
+
+    return {name: DEFAULT_LAME[c] for c, name in enumerate(CLASS_NAMES, 1)}
+
+
 def _git_head() -> Optional[str]:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
