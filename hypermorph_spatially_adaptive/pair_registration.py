@@ -69,21 +69,18 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
     """``x`` (path, nibabel image, ``(array, affine)`` or array) as a :class:`Volume`.
 
     A path must exist and be a readable NIfTI; images must be finite, label maps integer >= 0.
-    Trailing singleton axes are dropped (a ``(X, Y, 1)`` NIfTI is 2D).
+    Trailing singleton axes are dropped (a ``(X, Y, 1)`` NIfTI is 2D). ``default_affine`` is used
+    for a bare array.
     """
-    from datasets.nifti import _load_image, _load_labels, _read_nifti
+    from datasets.nifti import _read_nifti
 
     if isinstance(x, (str, os.PathLike)):
         path = os.fspath(x)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what} not found: {path}")
-        if labels:
-            data, (_, affine, _) = _load_labels(path, None, what), _read_nifti(path, what)
-        else:
-            data, affine, _ = _load_image(path, what)
-        return Volume(_squeeze(np.asarray(data)), np.asarray(affine, np.float64), f"{what} {path}",
-                      tuple(np.asarray(data).shape))
-    if hasattr(x, "affine") and hasattr(x, "dataobj"):  # nibabel image
+        data, affine, _ = _read_nifti(path, what)
+        what = f"{what} {path}"
+    elif hasattr(x, "affine") and hasattr(x, "dataobj"):  # nibabel image
         data, affine = np.asarray(x.dataobj), np.asarray(x.affine, np.float64)
     elif isinstance(x, tuple) and len(x) == 2:
         data, affine = np.asarray(x[0]), np.asarray(x[1], np.float64)
@@ -92,18 +89,20 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise ValueError(f"{what}: the affine must be a finite 4x4 matrix, got shape {affine.shape}")
     stored = tuple(data.shape)
-    data = _squeeze(data)
+    data = _squeeze(np.asarray(data))
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+        raise ValueError(f"{what} has unsupported data type {data.dtype}")
+    if not np.all(np.isfinite(data)):
+        raise ValueError(f"{what} contains NaN or infinite values")
     if labels:
-        if np.issubdtype(data.dtype, np.floating) and (not np.all(np.isfinite(data)) or np.any(data != np.round(data))):
-            raise ValueError(f"{what} has non-integer or non-finite label values")
+        if np.any(data != np.round(data)):
+            raise ValueError(f"{what} has non-integer label values")
         data = np.round(data).astype(np.int32)
         if data.size and data.min() < 0:
             raise ValueError(f"{what} has negative labels: {np.unique(data).tolist()}")
     else:
         data = data.astype(np.float32)
-        if not np.all(np.isfinite(data)):
-            raise ValueError(f"{what} contains NaN or infinite values")
-    return Volume(data, affine, what, stored)
+    return Volume(data, np.asarray(affine, np.float64), what, stored)
 
 
 def intensity_normalizer(data_config: Mapping):
