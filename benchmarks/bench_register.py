@@ -11,11 +11,13 @@ architecture) unless ``--run`` names trained runs, then registers one pair throu
 - resample: normalization + resampling of images and labels to the model grid (here: a fixed
             image with axis 0 reversed, so the resampling is not skipped as an identity),
 - forward:  one forward pass, traced,
-- refine:   ``--refine`` Adam steps (each call traces its step function again),
+- refine:   ``--refine`` Adam steps; each call traces its step function again, so the same with
+            1 step is reported too, and the difference per extra step,
 - output:   field back to the fixed grid, warped image and labels.
 
-Medians over the repeats. ANTs SyN on the same pair (one thread) if ``import ants`` works
-(antspyx, ``benchmarks/requirements-bench.txt``).
+Medians over the repeats. If ``import ants`` works (antspyx, ``benchmarks/requirements-bench.txt``):
+ANTs SyN on the same pair (one thread), and ``ants.apply_transforms`` with our ITK field
+against our warped image (largest difference where the sample point lies inside the image).
 """
 from __future__ import annotations
 
@@ -115,25 +117,43 @@ def bench_size(run: str, folder: str, refine: int, repeats: int, syn: bool) -> D
         for k, v in res.seconds.items():
             steps.setdefault(k, []).append(v)
     out.update({k: _median(v) for k, v in steps.items() if k not in ("check", "load")})
+    one = [registrar(fixed_r, moving, params, fseg_r, mseg, refine=1).seconds["refine"] for _ in range(repeats)]
+    out["refine, 1 step (tracing)"] = _median(one)
+    out["refine per step"] = (out["refine"] - out["refine, 1 step (tracing)"]) / max(refine - 1, 1)
     out["total (warm)"] = sum(out[k] for k in ("resample", "forward", "refine", "output") if k in out)
     if syn:
-        out["ants SyN"] = _syn(fixed, moving, repeats)
+        res = registrar(fixed, moving, params, fseg, mseg, refine=refine)
+        out.update(_with_ants(fixed, moving, res, repeats, folder))
     return out
 
 
-def _syn(fixed, moving, repeats: int) -> Optional[float]:
+def _with_ants(fixed, moving, res, repeats: int, folder: str) -> Dict[str, Optional[float]]:
+    """ANTs SyN seconds (one thread) and the largest difference between ``ants.apply_transforms``
+    with our ITK field and our warped image (voxels whose sample point is inside the moving image)."""
+    import numpy as np
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
     try:
         import ants
     except ImportError:
-        return None
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+        return {"ants SyN": None}
+    from hypermorph_spatially_adaptive import pair_geometry as geo
+
     f, m = ants.image_read(fixed.get_filename()), ants.image_read(moving.get_filename())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         ants.registration(f, m, type_of_transform="SyN")
         times.append(time.perf_counter() - t0)
-    return _median(times)
+    warp = os.path.join(folder, "warp_itk.nii.gz")
+    res.itk_field().to_filename(warp)
+    theirs = ants.apply_transforms(f, m, [warp], interpolator="linear").numpy()
+    points = geo.grid_points(res.affine, res.warped.shape) + res.disp_mm
+    inv = np.linalg.inv(moving.affine)
+    idx = (points @ inv[:3, :3].T + inv[:3, 3])[..., :res.warped.ndim]
+    inside = np.all((idx >= 0) & (idx <= np.asarray(res.warped.shape) - 1), axis=-1)
+    return {"ants SyN": _median(times),
+            "ants.apply_transforms(our ITK field) - our warp, max": float(np.abs(theirs - res.warped)[inside].max())}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
@@ -155,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     print("|---|" + "---|" * len(args.sizes))
     for k in keys:
         cells = [results[s].get(k) for s in args.sizes]
-        print(f"| {k} | " + " | ".join("n/a (antspyx not installed)" if c is None else f"{c:.3f}" for c in cells) + " |")
+        print(f"| {k} | " + " | ".join("n/a (antspyx not installed)" if c is None else f"{c:.3g}" for c in cells) + " |")
     return results
 
 

@@ -216,6 +216,8 @@ def params_from_identification(folder: str, info: RunInfo, pair_id: Optional[str
     if ident.class_names and list(ident.class_names) != list(info.class_names):
         raise ValueError(f"{ident.csv}: identified for classes {ident.class_names}, the run {info.folder} "
                          f"has {info.class_names}")
+    if ident.meta.get("data") not in (None, info.data):
+        raise ValueError(f"{ident.csv}: identified on dataset {ident.data}, but {info.folder} was trained on {info.data}")
     table = ident.table[cols]
     if pair_id is not None:
         if pair_id not in table.index:
@@ -263,6 +265,20 @@ class PairResult:
 
 
 # ---- the registrar ----------------------------------------------------------------------------
+def _check_orientation(code: str) -> str:
+    """``code`` upper-cased if it is three nibabel axis codes (one of L/R, P/A, I/S each)."""
+    import nibabel as nib
+
+    code = str(code).upper()
+    try:
+        ornt = nib.orientations.axcodes2ornt(tuple(code))
+    except ValueError:
+        ornt = None
+    if len(code) != 3 or ornt is None or np.isnan(ornt).any() or sorted(ornt[:, 0]) != [0, 1, 2]:
+        raise ValueError(f"orientation {code!r}: expected three axis codes such as RAS or LPS")
+    return code
+
+
 @dataclass
 class _Inputs:
     fixed: Volume
@@ -291,7 +307,11 @@ class PairRegistrar:
             if self.global_info.class_names != self.info.class_names:
                 raise ValueError(f"{global_run} has classes {self.global_info.class_names}, {run} "
                                  f"{self.info.class_names}")
-        self.orientation = orientation
+            scales = [i.config.get("loss", {}).get("energy_scale", 1.0) for i in (self.info, self.global_info)]
+            if scales[0] != scales[1]:
+                raise ValueError(f"{run} and {global_run} were trained with different --energy-scale {scales}; "
+                                 "identified parameters do not transfer between them")
+        self.orientation = _check_orientation(orientation)
         self.model_shape = tuple(int(s) for s in self.info.config["model"]["image_shape"])
         self.train_spacing = self.info.config.get("loss", {}).get("spacing")
         self.normalize = intensity_normalizer(self.info.data)
@@ -454,8 +474,8 @@ class PairRegistrar:
     def _refine(self, moving_m, fixed_m, u, hyp, fseg, grid: geo.ModelGrid, steps: int, lr: float):
         from .refinement import Refiner
 
-        loss = self.info.config.get("loss", {})
-        refiner = Refiner(self.info.spec, grid.spacing, loss.get("ncc_win", 9))
+        loss = self.info.config.get("loss", {})  # the run's loss (Refiner.from_config) at the model grid's spacing
+        refiner = Refiner(self.info.spec, grid.spacing, loss.get("ncc_win", 9), loss.get("energy_scale", 1.0))
         u_ref, before, after = refiner(moving_m[None, ..., None], fixed_m[None, ..., None], u[None], hyp[None],
                                        None if fseg is None else fseg[None], steps, lr)
         return u_ref[0], (float(before[0]), float(after[0]))
