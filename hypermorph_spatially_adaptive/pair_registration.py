@@ -434,17 +434,22 @@ class PairRegistrar:
             seconds["refine"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        result = self._on_fixed_grid(inp, grid, u, hyp)
+        seconds["output"] = time.perf_counter() - t0
+        result.seconds, result.refine_loss = seconds, refine_loss
+        return result
+
+    def _on_fixed_grid(self, inp: _Inputs, grid: geo.ModelGrid, u: np.ndarray, hyp: np.ndarray) -> PairResult:
+        """Step 6: the model-grid displacement ``u`` on the fixed grid, moving image and labels warped."""
         fshape = inp.fixed.data.shape
         d_mm = geo.world_displacement(u, grid, inp.fixed.affine, fshape)
         points = geo.grid_points(inp.fixed.affine, fshape) + d_mm
         warped = geo.sample_at_world(inp.moving.data, inp.moving.affine, points, 1)
         warped_seg = (None if inp.moving_seg is None
                       else geo.sample_at_world(inp.moving_seg.data, inp.moving_seg.affine, points, 0))
-        disp_vox = geo.voxel_displacement(d_mm, inp.fixed.affine)
-        seconds["output"] = time.perf_counter() - t0
-        return PairResult(warped=warped, warped_seg=warped_seg, disp=disp_vox, disp_mm=d_mm.astype(np.float32),
-                          affine=inp.fixed.affine, hyp=np.asarray(hyp, np.float32), param_names=list(self.names),
-                          grid=grid, u_model=np.asarray(u, np.float32), seconds=seconds, refine_loss=refine_loss,
+        return PairResult(warped=warped, warped_seg=warped_seg, disp=geo.voxel_displacement(d_mm, inp.fixed.affine),
+                          disp_mm=d_mm.astype(np.float32), affine=inp.fixed.affine, hyp=np.asarray(hyp, np.float32),
+                          param_names=list(self.names), grid=grid, u_model=np.asarray(u, np.float32),
                           fixed_stored_shape=inp.fixed.stored_shape)
 
     def _identify(self, method: str, moving_m, fixed_m, fseg, mseg, grid_steps: int, gradient_steps: int,
