@@ -67,15 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_energy_scales(configs: Dict[str, Dict]) -> float:
-    """The common energy scale ``K`` of runs ``{run folder: config}`` (``K = 1`` where unrecorded);
-    ValueError naming the runs if they differ: a hyperparameter means another regularization
-    strength under another ``K``, so identified values do not transfer between such models."""
-    scales = {run: float(cfg.get("loss", {}).get("energy_scale", 1.0)) for run, cfg in configs.items()}
-    if len(set(scales.values())) > 1:
-        what = ", ".join(f"{run}: {k:g}" for run, k in scales.items())
-        raise ValueError(f"the runs were trained with different --energy-scale ({what}); identified parameters do "
-                         f"not transfer between them: train them with the same --energy-scale")
-    return next(iter(scales.values()))
+    """The common energy scale ``K`` of runs ``{run folder: config}`` (``K = 1`` and the linear
+    mapping where unrecorded); ValueError naming the runs if their ``K`` or hyperparameter mapping
+    differ: a hyperparameter then means another regularization strength in each model, so
+    identified values do not transfer between them."""
+    from hypermorph_spatially_adaptive.params import HypMapping
+
+    def weighting(cfg: Dict):
+        loss = cfg.get("loss", {})
+        return float(loss.get("energy_scale", 1.0)), HypMapping.from_loss_config(loss)
+
+    found = {run: weighting(cfg) for run, cfg in configs.items()}
+    if len(set(found.values())) > 1:
+        what = ", ".join(f"{run}: K = {k:g}, {m.kind} mapping" for run, (k, m) in found.items())
+        raise ValueError(f"the runs were trained with different --energy-scale / --hyp-mapping ({what}); identified "
+                         f"parameters do not transfer between them: train them with the same options")
+    return next(iter(found.values()))[0]
 
 
 def _load_group(reg: str, sa_run: str, ident_dirs: Sequence[str], global_run: Optional[str]) -> Dict:

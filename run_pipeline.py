@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"factor K on the energy in the loss of the two {reg} models (1 = the paper's eq. 1); "
                             f"refinement uses the same K. benchmarks/calibrate_energy.py proposes K for a dataset "
                             f"(README 'Calibrated energy')")
+    g.add_argument("--hyp-mapping", choices=["linear", "log"], default="linear",
+                   help="hyperparameter-to-weight mapping of the four models' loss (see the training scripts' --help)")
+    g.add_argument("--log-decades", type=arg_float(0.0), default=2.0, metavar="D",
+                   help="--hyp-mapping log: decades of regularization strength the box spans")
     g.add_argument("--batch-size", type=int, default=1, help="training batch size")
     g.add_argument("--grid-steps", type=int, default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=int, default=0, help="training seed (all four models)")
@@ -134,11 +138,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.quick:
         common += QUICK["arch"]
     common += shlex.split(args.train_args)
+    mapping = [] if args.hyp_mapping == "linear" else ["--hyp-mapping", args.hyp_mapping,
+                                                        "--log-decades", repr(args.log_decades)]
     preset_argv = {}
     for p in PRESETS:
         k = getattr(args, f"{p.split('_')[0]}_energy_scale")
         # K = 1 leaves the command (and so the reuse of runs made before --energy-scale) as it was
-        preset_argv[p] = common + (["--energy-scale", repr(k)] if k != 1.0 else []) + ["--out", runs[p]]
+        preset_argv[p] = common + (["--energy-scale", repr(k)] if k != 1.0 else []) + mapping + ["--out", runs[p]]
     _check_inputs(args, preset_argv)
     print(f"== stage 1/3: training 4 models ({args.steps} steps each) -> {args.out}/runs", flush=True)
     for k, preset in enumerate(PRESETS, 1):

@@ -7,7 +7,9 @@ image, and ``Lambda, Gamma`` (elastic) or ``W`` (diffusion) either per-sample co
 - elastic:   ``mean_x[(2 - Lambda - Gamma) * (-cc)] + K * mean_x[elastic density(u; Lambda, Gamma)]``
 - diffusion: ``mean_x[(1 - W) * (-cc)] + K * mean_x[W * |grad u|^2]``
 
-``K`` is the energy scale (``--energy-scale``, ``config["loss"]["energy_scale"]``); ``K = 1`` is the
+With ``--hyp-mapping log`` (:class:`.params.HypMapping`) the weights are ``0.5 * 10^(D (h - 0.5))``
+and the similarity weight is constant, its linear value at the box centre (1 elastic, 0.5
+diffusion), so both mappings give the same loss at ``h = 0.5``. ``K`` is the energy scale (``--energy-scale``, ``config["loss"]["energy_scale"]``); ``K = 1`` is the
 paper's eq. (1) exactly. On breathing-like motion the paper's energy is ~1/100 of the weighted
 NCC term over most of the hyperparameter box, so the best field hardly depends on the
 hyperparameters; ``K`` brings the two terms to the same order (README "Calibrated energy",
@@ -25,7 +27,7 @@ import tensorflow as tf
 
 import regularizers
 
-from .params import ParamSpec, regularization_parameters
+from .params import HypMapping, ParamSpec, regularization_parameters
 
 
 def ncc_map(fixed: tf.Tensor, warped: tf.Tensor, win: int = 9, eps: float = 1e-5) -> tf.Tensor:
@@ -71,7 +73,7 @@ def _weighted_mean(weight, values: tf.Tensor) -> tf.Tensor:
 def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.Tensor,
                hyp: tf.Tensor, fixed_seg: Optional[tf.Tensor] = None,
                spacing: Optional[Sequence[float]] = None, win: int = 9,
-               energy_scale: float = 1.0) -> Dict[str, tf.Tensor]:
+               energy_scale: float = 1.0, mapping: Optional[HypMapping] = None) -> Dict[str, tf.Tensor]:
     """Per-sample loss terms for any of the four presets.
 
     Args:
@@ -83,6 +85,7 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
         spacing: voxel size in mm.
         win: NCC window per axis.
         energy_scale: factor ``K >= 0`` on the regularization energy (1 = paper's eq. 1).
+        mapping: how ``hyp`` becomes weights (:class:`.params.HypMapping`; None = linear, eq. 1).
 
     Returns:
         dict with ``loss``, ``similarity`` (weighted -NCC), ``regularization`` (the scaled
@@ -90,11 +93,16 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
     """
     cc = ncc_map(fixed, warped, win)
     lam, mu = regularization_parameters(spec, hyp, fixed_seg)
+    linear = mapping is None or mapping.weighted_similarity
     if spec.regularizer == "elastic":
-        sim_weight = 2.0 - lam - mu
+        sim_weight = 2.0 - lam - mu if linear else 1.0
+        if not linear:
+            lam, mu = mapping.weight(lam), mapping.weight(mu)
         reg = regularizers.elastic_regularizer(field, lam, mu, spacing)
     else:
-        sim_weight = 1.0 - lam
+        sim_weight = 1.0 - lam if linear else 0.5
+        if not linear:
+            lam = mapping.weight(lam)
         reg = regularizers.diffusion_regularizer(field, lam, spacing)
     if energy_scale != 1.0:
         reg = float(energy_scale) * reg

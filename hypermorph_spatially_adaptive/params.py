@@ -20,8 +20,11 @@ Spatially adaptive (SA) parameter maps are built from the **fixed** segmentation
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence
+
+import numpy as np
 
 REGULARIZERS = ("elastic", "diffusion")
 
@@ -107,3 +110,74 @@ def parameter_maps(class_params, seg):
     if seg.shape.rank is not None and seg.shape.rank >= 3 and seg.shape[-1] == 1 and seg.shape.rank in (4, 5):
         seg = seg[..., 0]
     return tf.gather(class_params, tf.cast(seg, tf.int32), batch_dims=1)
+
+
+#: hyperparameter-to-weight mappings of the loss (``config["loss"]["hyp_mapping"]``)
+MAPPINGS = ("linear", "log")
+
+
+@dataclass(frozen=True)
+class HypMapping:
+    """How the loss turns a hyperparameter ``h`` in [0, 1] into regularization weights.
+
+    - ``linear`` (paper eq. 1, the default): the weight is ``h`` itself and the similarity is
+      weighted by ``2 - lambda - mu`` (elastic) or ``1 - w`` (diffusion). Relative to the
+      centre of the box the regularization strength is ``t / (1 - t)`` (``t`` = every entry),
+      from 0 at ``h = 0`` (no energy) to infinity at ``h = 1`` (no similarity).
+    - ``log``: the weight is ``0.5 * 10^(decades * (h - 0.5))`` (log-uniform between
+      ``0.5 * 10^(-decades/2)`` and ``0.5 * 10^(decades/2)``) and the similarity weight is
+      constant, the linear mapping's at the centre (1 elastic, 0.5 diffusion). At ``h = 0.5``
+      the loss equals the linear mapping's; the box spans ``decades`` decades of strength around it, both ends finite, so
+      every part of the box is sampled as often in training (README "Calibrated energy").
+
+    ``h`` stays the network input and the identification grid stays evenly spaced in ``h``.
+    """
+
+    kind: str = "linear"
+    decades: float = 2.0
+
+    def __post_init__(self):
+        if self.kind not in MAPPINGS:
+            raise ValueError(f"unknown hyperparameter mapping {self.kind!r}; expected one of {MAPPINGS}")
+        if not (math.isfinite(self.decades) and self.decades > 0):
+            raise ValueError(f"decades must be a finite number > 0, got {self.decades}")
+
+    @classmethod
+    def from_loss_config(cls, loss: Optional[Mapping]) -> "HypMapping":
+        """The mapping of a saved run (``config["loss"]``; runs made before it existed: linear)."""
+        m = (loss or {}).get("hyp_mapping") or {"kind": "linear"}
+        return cls(str(m.get("kind", "linear")), float(m.get("decades", 2.0)))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind} if self.kind == "linear" else {"kind": self.kind, "decades": self.decades}
+
+    @property
+    def weighted_similarity(self) -> bool:
+        """True if the similarity is weighted by ``2 - lambda - mu`` / ``1 - w`` (linear)."""
+        return self.kind == "linear"
+
+    @property
+    def range(self) -> tuple:
+        """``(weight at h = 0, weight at h = 1)``."""
+        return (float(self.weight(0.0)), float(self.weight(1.0)))
+
+    def weight(self, h):
+        """Regularization weight of ``h`` (numpy or TensorFlow, elementwise; monotone increasing)."""
+        if self.kind == "linear":
+            return h
+        if _is_tensor(h):
+            import tensorflow as tf
+
+            return 0.5 * tf.pow(10.0, self.decades * (tf.cast(h, tf.float32) - 0.5))
+        return 0.5 * np.power(10.0, self.decades * (np.asarray(h, np.float64) - 0.5))
+
+    def inverse(self, weight):
+        """``h`` of a regularization weight (numpy; the inverse of :meth:`weight`)."""
+        w = np.asarray(weight, np.float64)
+        if self.kind == "linear":
+            return w
+        return 0.5 + np.log10(w / 0.5) / self.decades
+
+
+def _is_tensor(x) -> bool:
+    return type(x).__module__.startswith("tensorflow")

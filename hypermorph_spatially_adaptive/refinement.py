@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from .losses import loss_terms
-from .params import ParamSpec
+from .params import HypMapping, ParamSpec
 
 
 def linear_warp(image: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
@@ -72,19 +72,20 @@ class Refiner:
     """
 
     def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9,
-                 energy_scale: float = 1.0):
+                 energy_scale: float = 1.0, mapping: Optional[HypMapping] = None):
         self.spec = spec
+        self.mapping = mapping
         self.spacing = None if spacing is None else [float(s) for s in spacing]
         self.win = int(win)
         self.energy_scale = float(energy_scale)
 
     @classmethod
     def from_config(cls, config: dict) -> "Refiner":
-        """The refiner of a saved run (``config.json``): its spec, spacing, NCC window and energy
-        scale ``K`` (runs made before ``--energy-scale`` existed: ``K = 1``)."""
+        """The refiner of a saved run (``config.json``): its spec, spacing, NCC window, energy
+        scale ``K`` and hyperparameter mapping (runs made before these existed: ``K = 1``, linear)."""
         loss = config.get("loss", {})
         return cls(ParamSpec.from_model_config(config["model"]), loss.get("spacing"), loss.get("ncc_win", 9),
-                   loss.get("energy_scale", 1.0))
+                   loss.get("energy_scale", 1.0), HypMapping.from_loss_config(loss))
 
     def loss(self, moving, fixed, u, hyp, fixed_seg) -> tf.Tensor:
         """Per-pair training loss ``[N]`` of displacement ``u`` (see :func:`.losses.loss_terms`)."""
@@ -92,7 +93,7 @@ class Refiner:
         hyp, u = tf.convert_to_tensor(hyp, tf.float32), tf.convert_to_tensor(u, tf.float32)
         warped = linear_warp(moving, u)
         return loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing, self.win,
-                          self.energy_scale)["loss"]
+                          self.energy_scale, self.mapping)["loss"]
 
     def __call__(self, moving: np.ndarray, fixed: np.ndarray, u0: np.ndarray, hyp: np.ndarray,
                  fixed_seg: Optional[np.ndarray] = None, steps: int = 100,

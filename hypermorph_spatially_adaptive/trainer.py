@@ -88,6 +88,12 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
                         "energy is ~1/100 of the similarity term on breathing-like motion, so the networks barely "
                         "respond to their hyperparameters; benchmarks/calibrate_energy.py proposes K for a dataset "
                         "(README 'Calibrated energy'). Saved in config.json; refinement uses the run's K")
+    g.add_argument("--hyp-mapping", choices=["linear", "log"], default="linear",
+                   help="how the hyperparameters h in [0, 1] become weights: linear = the paper's eq. 1 (weight h, "
+                        "similarity weighted by 2 - lambda - mu or 1 - w); log = weight 0.5 * 10^(D (h - 0.5)) with "
+                        "unit similarity weight (equal to linear at h = 0.5; README 'Calibrated energy')")
+    g.add_argument("--log-decades", type=arg_float(0.0), default=2.0, metavar="D",
+                   help="--hyp-mapping log: decades of regularization strength the box spans")
     g.add_argument("--oversample-endpoints", type=arg_float(0.0, 1.0, inclusive=True), default=0.0, metavar="P",
                    help="probability that a sampled hyperparameter is replaced by 0 or 1 "
                         "(HyperMorph's endpoint oversampling; the paper uses 0)")
@@ -239,8 +245,9 @@ def _folder_state(run_dir: str):
         return "empty", None
     if os.path.isfile(os.path.join(run_dir, art.CONFIG)):
         config = art.read_config(run_dir)
-        if isinstance(config.get("loss"), dict):  # runs made before --energy-scale existed used K = 1
+        if isinstance(config.get("loss"), dict):  # runs made before these options existed: K = 1, linear
             config["loss"].setdefault("energy_scale", 1.0)
+            config["loss"].setdefault("hyp_mapping", {"kind": "linear"})
         return "run", config
     return "foreign", entries
 
@@ -299,12 +306,19 @@ def _args_config(preset: str, args: argparse.Namespace) -> Dict:
                   "dec_features": list(args.dec_features), "int_steps": args.int_steps,
                   "int_resolution": args.int_resolution, "hyp_layers": args.hyp_layers, "hyp_units": args.hyp_units},
         "loss": {"ncc_win": args.ncc_win, "reg_field": args.reg_field, "hyp_sampling": "per-sample U(0,1)",
-                 "oversample_endpoints": args.oversample_endpoints, "energy_scale": args.energy_scale},
+                 "oversample_endpoints": args.oversample_endpoints, "energy_scale": args.energy_scale,
+                 "hyp_mapping": _mapping(args).to_dict()},
         "training": {"batch_size": args.batch_size, "lr": args.lr, "optimizer": "Adam", "strategy": args.strategy,
                      "epochs": args.epochs, "val_every": args.val_every, "log_every": args.log_every,
                      "checkpoint_every": args.checkpoint_every, "determinism": not args.no_determinism},
         "data": datasets.dataset_options(args), "seed": args.seed,
     }
+
+
+def _mapping(args: argparse.Namespace):
+    from .params import HypMapping
+
+    return HypMapping(args.hyp_mapping, args.log_decades)
 
 
 def _merge(base: Dict, extra: Dict) -> Dict:
@@ -335,7 +349,7 @@ def make_optimizer(model, lr: float):
 
 
 def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: int, use_svf: bool,
-                    global_batch: int, energy_scale: float = 1.0):
+                    global_batch: int, energy_scale: float = 1.0, mapping=None):
     """The compiled training step: ``train_step(batch) -> {term: scalar}``.
 
     ``batch`` is a (distributed) dict ``moving, fixed, fixed_seg, hyp``. Each replica sums its
@@ -351,7 +365,7 @@ def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: in
         with tf.GradientTape() as tape:
             warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
             terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
-                               batch["fixed_seg"], spacing, win, energy_scale)
+                               batch["fixed_seg"], spacing, win, energy_scale, mapping)
             loss = tf.reduce_sum(terms["loss"]) / global_batch
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -498,8 +512,12 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     use_svf = args.reg_field == "svf"
     win = int(args.ncc_win)
 
+    from .params import HypMapping
+
     energy_scale = float(config["loss"].get("energy_scale", 1.0))
-    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf, bsz, energy_scale)
+    mapping = HypMapping.from_loss_config(config["loss"])
+    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf, bsz, energy_scale,
+                                 mapping)
 
     # validation: every val pair with fixed hyperparameters (seeded), one compiled forward pass
     val_ids = dataset.split_ids("val") if args.val_every > 0 else []
@@ -508,7 +526,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     @tf.function(autograph=False)
     def eval_batch(moving, fixed, seg, hyp):
         warped, disp, svf = model([moving, fixed, hyp], training=False)
-        t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win, energy_scale)
+        t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win, energy_scale, mapping)
         return t["loss"], t["ncc"]
 
     def validate():

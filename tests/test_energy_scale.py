@@ -89,7 +89,7 @@ def test_mixed_energy_scales_are_refused_by_inference():
     a = {"loss": {"energy_scale": 30.0}}
     assert inference.check_energy_scales({"sa": a, "g": {"loss": {"energy_scale": 30.0}}}) == 30.0
     assert inference.check_energy_scales({"sa": {"loss": {}}, "g": {"loss": {"energy_scale": 1.0}}}) == 1.0
-    with pytest.raises(ValueError, match="different --energy-scale.*sa: 30.*g: 1"):
+    with pytest.raises(ValueError, match="different --energy-scale.*sa: K = 30.*g: K = 1"):
         inference.check_energy_scales({"sa": a, "g": {"loss": {}}})
 
 
@@ -107,3 +107,46 @@ def test_training_records_k_and_resume_refuses_another(tmp_path):
     assert Refiner.from_config(cfg).energy_scale == 30.0
     with pytest.raises(ValueError, match="--resume refused: changed --energy-scale 30.0 -> 1.0"):
         train_main("elastic_global", [a for a in argv if a not in ("--energy-scale", "30")] + ["--resume", "--steps", "3"])
+
+
+def test_log_mapping_is_monotone_invertible_and_spans_its_range():
+    from hypermorph_spatially_adaptive.params import HypMapping
+
+    m = HypMapping("log", 2.0)
+    h = np.linspace(0, 1, 101)
+    w = m.weight(h)
+    assert np.all(np.diff(w) > 0)
+    np.testing.assert_allclose(m.range, (0.05, 5.0))
+    np.testing.assert_allclose(w[[0, 50, 100]], [0.05, 0.5, 5.0])
+    np.testing.assert_allclose(m.inverse(w), h, atol=1e-12)
+    np.testing.assert_allclose(m.weight(tf.constant(h, tf.float32)).numpy(), w, rtol=1e-5)
+    lin = HypMapping()
+    np.testing.assert_array_equal(lin.weight(h), h)
+    assert HypMapping.from_loss_config({}) == lin
+    assert HypMapping.from_loss_config({"hyp_mapping": m.to_dict()}) == m
+    with pytest.raises(ValueError, match="unknown hyperparameter mapping"):
+        HypMapping("exp")
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=["elastic-g", "elastic-sa", "diffusion-g"])
+def test_log_mapping_loss_has_unit_similarity_and_mapped_weights(spec):
+    from hypermorph_spatially_adaptive.params import HypMapping, regularization_parameters
+
+    fixed, warped, field, hyp, seg = _case(spec, seed=2)
+    fixed, warped, field = tf.constant(fixed), tf.constant(warped), tf.constant(field)
+    m = HypMapping("log", 2.0)
+    t = losses.loss_terms(spec, fixed, warped, field, hyp, seg, None, 5, 3.0, m)
+    cc = losses.ncc_map(fixed, warped, 5).numpy()
+    sim_weight = 1.0 if spec.regularizer == "elastic" else 0.5  # linear mapping's value at the centre
+    np.testing.assert_allclose(t["similarity"].numpy(), -sim_weight * cc.mean(axis=(1, 2)), rtol=1e-5)
+    lam, mu = regularization_parameters(spec, hyp, seg)
+    if spec.regularizer == "elastic":
+        energy = regularizers.elastic_regularizer(field, m.weight(lam), m.weight(mu)).numpy()
+    else:
+        energy = regularizers.diffusion_regularizer(field, m.weight(lam)).numpy()
+    np.testing.assert_allclose(t["regularization"].numpy(), 3.0 * energy, rtol=1e-5)
+    # at h = 0.5 everywhere the log mapping is the linear mapping's centre
+    half = np.full_like(hyp, 0.5)
+    a = losses.loss_terms(spec, fixed, warped, field, half, seg, None, 5, 3.0, m)["loss"].numpy()
+    b = losses.loss_terms(spec, fixed, warped, field, half, seg, None, 5, 3.0)["loss"].numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5)
