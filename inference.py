@@ -28,7 +28,8 @@ mean, lost classes, TRE where keypoints exist, %negJ, SDlogJ, seconds per pair a
 data, the dense error against the true field overall and per tissue), ``table1.csv`` /
 ``table1.md`` (mean(std) in the paper's layout, with the paired comparison under it),
 ``comparison.csv`` (per protocol: -sas minus -g, -sas@g minus -g, -sas minus -sas@g and
--sas+io minus -g+io; mean difference, seeded bootstrap 95% CI, Wilcoxon p, n), Fig. 3-style panels
+-sas+io minus -g+io; mean difference, 95% studentized-bootstrap interval and its p, Holm-adjusted p,
+Wilcoxon p and its number of non-zero differences, n; see ``evaluation.paired_comparison``), Fig. 3-style panels
 ``fig3_<pair>.png``, ``dice_boxplots.png``, and with ``--save-nifti`` the warped image, warped
 labels and displacement of every pair as NIfTI with the fixed image's affine.
 """

@@ -187,19 +187,31 @@ def _cell_values(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return df.set_index(["seed", "pair_id"])[cols or [metric]].astype(float)
 
 
+def _broadcast_seedless(rows: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """A method without training seed (``seed`` NaN in all its rows: ``initial``, ANTs SyN) is the
+    same under every seed of the method it is compared with: repeat its rows for those seeds."""
+    if rows.empty or rows["seed"].notna().any():
+        return rows
+    seeds = other["seed"].dropna().unique()
+    return pd.concat([rows.assign(seed=s) for s in seeds]) if len(seeds) else rows.assign(seed=0)
+
+
 def difference_table(per_pair: pd.DataFrame, a: str, b: str, metric: str) -> pd.DataFrame:
     """Paired differences ``a - b`` of ``metric`` as a seeds x pairs table (NaN where undefined).
 
-    ``per_pair`` holds one protocol's rows with ``seed`` (added as 0 when absent), ``pair_id``,
-    ``method`` and the metric. For ``hd95`` with per-class columns ``hd95_<class>``, the
+    ``per_pair`` holds one protocol's rows with ``seed`` (added as 0 when absent; NaN in every
+    row of a method that has no training seed, such as ``initial`` or ANTs SyN, which is then
+    compared under every seed), ``pair_id``, ``method`` and the metric. For ``hd95`` with per-class columns ``hd95_<class>``, the
     difference of a cell is the mean over the classes where *both* methods' HD95 is finite
     (the same pair-classes; a lost class carries the image diagonal, see ``eval_metrics``),
     not the difference of two means over different classes.
     """
     if "seed" not in per_pair:
         per_pair = per_pair.assign(seed=0)
-    A = _cell_values(per_pair[per_pair["method"] == a], metric)
-    B = _cell_values(per_pair[per_pair["method"] == b], metric)
+    rows_a, rows_b = per_pair[per_pair["method"] == a], per_pair[per_pair["method"] == b]
+    rows_a, rows_b = _broadcast_seedless(rows_a, rows_b), _broadcast_seedless(rows_b, rows_a)
+    A = _cell_values(rows_a, metric)
+    B = _cell_values(rows_b, metric)
     for name, X in ((a, A), (b, B)):
         if X.index.duplicated().any():
             raise ValueError(f"{name}: more than one row per (seed, pair_id) for {metric}")
@@ -213,8 +225,11 @@ def difference_table(per_pair: pd.DataFrame, a: str, b: str, metric: str) -> pd.
 
 
 def _summary(table: pd.DataFrame, level: float, n_boot: int, seed: int) -> Optional[Dict]:
-    """Interval, p and Wilcoxon of one seeds x pairs difference table (pairs complete in every seed)."""
-    table = table.loc[:, table.notna().all(axis=0)] if not table.empty else table
+    """Interval, p and Wilcoxon of one seeds x pairs difference table: seeds without any value are
+    dropped, then pairs not finite under every remaining seed."""
+    if not table.empty:
+        table = table.dropna(how="all", axis=0)
+        table = table.loc[:, table.notna().all(axis=0)]
     if table.shape[1] < 2:
         return None
     from .intervals import crossed_interval, wilcoxon_test
@@ -245,7 +260,8 @@ def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, s
     dropped by the test and not counted) and ``better`` (which of a / b the mean favours:
     higher Dice, lower distances; '=' for no difference). ``seed`` is ``'all'`` for the pooled
     rows; ``per_seed=True`` adds one row per seed as well (its own Holm family per seed).
-    HD95 differences compare the same pair-classes (:func:`difference_table`).
+    HD95 differences compare the same pair-classes (:func:`difference_table`). Rows without a
+    protocol ('': ``initial``, ANTs SyN) join every protocol, rows without a seed every seed.
     """
     per_pair = per_pair.copy()
     if "protocol" not in per_pair:
@@ -257,7 +273,7 @@ def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, s
     scopes = [("all", seeds)] + ([(s, [s]) for s in seeds] if per_seed and len(seeds) > 1 else [])
     rows = []
     for protocol in _protocols(per_pair):
-        sub = per_pair[per_pair["protocol"] == protocol]
+        sub = per_pair[(per_pair["protocol"] == protocol) | (per_pair["protocol"] == "")]  # '' rows: every block
         for a, b in comparisons:
             for metric in metrics:
                 if metric not in sub or not {a, b} <= set(sub["method"]):

@@ -109,6 +109,11 @@ def test_paired_comparison_over_seeds_and_pairs():
     per_seed = comp[comp["seed"] != "all"].set_index("seed")
     assert list(per_seed.index) == [0, 1, 2]
     assert per_seed.loc[2, "mean_diff"] == pytest.approx(0.03) and per_seed.loc[2, "n_seeds"] == 1
+    # a method without seed or protocol (e.g. ANTs SyN) is compared under every seed and protocol
+    syn = df[(df["method"] == "elas-g") & (df["seed"] == 0)].assign(method="ants-syn", seed=np.nan, protocol="")
+    vs = evaluation.paired_comparison(pd.concat([df, syn]), [("elas-sas", "ants-syn")], metrics=["mean_dice"])
+    assert (vs["protocol"].iloc[0], vs["n"].iloc[0]) == ("population", 15)
+    assert vs["mean_diff"].iloc[0] == pytest.approx(0.02)
     # a pair missing under one seed is dropped from the pooled table (pairs must be crossed with seeds)
     part = evaluation.paired_comparison(df.drop(df[(df["seed"] == 1) & (df["pair_id"] == "p0")].index),
                                         [("elas-sas", "elas-g")], metrics=["mean_dice"])
