@@ -230,7 +230,7 @@ def _summary(table: pd.DataFrame, level: float, n_boot: int, seed: int) -> Optio
     if not table.empty:
         table = table.dropna(how="all", axis=0)
         table = table.loc[:, table.notna().all(axis=0)]
-    if table.shape[1] < 2:
+    if table.shape[0] < 1 or table.shape[1] < 2:
         return None
     from .intervals import crossed_interval, wilcoxon_test
 
