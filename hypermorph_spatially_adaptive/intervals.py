@@ -20,7 +20,7 @@ Which interval, and why (measured, README "How to read the comparison"):
   interval keeps 0.93 for very skewed differences (lognormal sigma 1: bootstrap-t 0.898 / 0.923
   at P = 9 / 30, t 0.825 / 0.879). The bootstrap-t is second-order accurate for a mean under
   skew, where the t interval is not, and unlike BCa it does not inherit the bootstrap's
-  ``sqrt((P-1)/P)``  narrowness at small P. ``method='t' | 'bca' | 'percentile'`` remain for comparison.
+  ``sqrt((P-1)/P)`` narrowness at small P. ``method='t' | 'bca' | 'percentile'`` remain for comparison.
 * Seeds x pairs: with ``d[s, p] = m + a_s + b_p + e_sp`` (seed effect, pair effect, residual),
   ``Var(mean) = s_a^2/S + s_b^2/P + s_e^2/(SP)``. The two-way ANOVA mean squares
   ``MS_seed = P var_s(seed means)`` and ``MS_pair = S var_p(pair means)`` have expectations
