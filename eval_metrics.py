@@ -26,7 +26,11 @@ Metric definitions
   distance sets are concatenated and ``np.percentile(..., 95)`` (linear interpolation) is
   returned.  ``mode='max'``: the maximum of the two directed 95th percentiles (unweighted;
   DeepMind surface-distance / Learn2Reg use a surfel-area-weighted variant of this).
-  A class that is empty in either map gives NaN, never 0.
+  A class empty in both maps gives NaN (nothing to compare).  A class empty in exactly one map
+  (lost by the registration, or spurious) is penalised, not skipped: by default
+  (``lost='diagonal'``) its HD95 is the image diagonal in mm,
+  ``||(shape - 1) * spacing||`` (:func:`image_diagonal_mm`), the largest distance between two
+  voxel centres, so no registration that keeps the class scores worse; ``lost='nan'`` gives NaN.
 * TRE (mm): ``|| (p_F + u(p_F) - p_M) * spacing ||_2`` per keypoint, with ``u(p_F)`` sampled
   by linear interpolation (Learn2Reg's convention; their script samples with scipy's default
   cubic spline; we use linear, like every other sampling of ``u`` in this codebase).
@@ -53,6 +57,7 @@ __all__ = [
     "dice_per_class",
     "mean_dice",
     "hd95_per_class",
+    "image_diagonal_mm",
     "tre",
     "jacobian_determinant",
     "percent_negative_jacobian",
@@ -306,12 +311,21 @@ def _directed_surface_distances(
     return dist_to_b[surf_a], dist_to_a[surf_b]
 
 
+def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Distance in mm between the centres of the first and the last voxel of an image of
+    ``shape`` (D axes) with voxel size ``spacing``: ``||(shape - 1) * spacing||_2``.  No surface
+    distance inside the image exceeds it; it is the HD95 of a lost class."""
+    sp = _check_spacing(spacing, len(shape))
+    return float(np.linalg.norm((np.asarray(shape, np.float64) - 1.0) * sp))
+
+
 def hd95_per_class(
     seg_a: np.ndarray,
     seg_b: np.ndarray,
     num_classes: int,
     spacing: Sequence[float],
     mode: str = "pooled",
+    lost: str = "diagonal",
 ) -> np.ndarray:
     """95th-percentile symmetric surface distance (HD95) in mm for classes 1..C.
 
@@ -326,12 +340,16 @@ def hd95_per_class(
         spacing: length-D voxel size in mm.
         mode: ``'pooled'`` (default): ``np.percentile(concat(d_AB, d_BA), 95)`` (MedPy hd95).
             ``'max'``: ``max(percentile(d_AB, 95), percentile(d_BA, 95))``.
+        lost: a class present in exactly one map: ``'diagonal'`` (default) ->
+            :func:`image_diagonal_mm` (penalised), ``'nan'`` -> NaN.
 
     Returns:
-        ``[C]`` float64 in mm; NaN for a class that is empty in either map (never 0).
+        ``[C]`` float64 in mm; NaN for a class empty in both maps (never 0).
     """
     if mode not in ("pooled", "max"):
         raise ValueError(f"mode must be 'pooled' or 'max', got {mode!r}")
+    if lost not in ("diagonal", "nan"):
+        raise ValueError(f"lost must be 'diagonal' or 'nan', got {lost!r}")
     num_classes = _check_num_classes(num_classes)
     a = _check_labels(seg_a, num_classes, "seg_a")
     b = _check_labels(seg_b, num_classes, "seg_b")
@@ -343,6 +361,8 @@ def hd95_per_class(
     for c in range(1, num_classes + 1):
         mask_a, mask_b = a == c, b == c
         if not mask_a.any() or not mask_b.any():
+            if (mask_a.any() or mask_b.any()) and lost == "diagonal":
+                out[c - 1] = image_diagonal_mm(a.shape, sp)
             continue
         d_ab, d_ba = _directed_surface_distances(mask_a, mask_b, sp)
         if mode == "pooled":
@@ -490,6 +510,7 @@ def registration_metrics(
     moving_kp: Optional[np.ndarray] = None,
     hd95_mode: str = "pooled",
     sdlogj_convention: str = "standard",
+    hd95_lost: str = "diagonal",
 ) -> dict:
     """All metrics of this module (paper Table 1 plus SDlogJ) for one pair.
 
@@ -502,12 +523,14 @@ def registration_metrics(
         num_classes: C.
         spacing: length-D voxel size in mm.
         fixed_kp, moving_kp: optional ``[K, D]`` keypoints (both or neither).
-        hd95_mode: see :func:`hd95_per_class`.
+        hd95_mode, hd95_lost: ``mode`` and ``lost`` of :func:`hd95_per_class` (a class lost by
+            the warp gets the image diagonal by default).
         sdlogj_convention: see :func:`sdlogj`.
 
     Returns:
         dict with ``dice`` ([C] array), ``mean_dice``, ``hd95`` ([C] array, mm),
-        ``mean_hd95`` (nanmean, mm), ``tre_mean`` (mm; NaN without keypoints),
+        ``mean_hd95`` (nanmean over the classes present in either map, lost ones at the
+        image diagonal; mm), ``tre_mean`` (mm; NaN without keypoints),
         ``percent_neg_jac`` (0..100) and ``sdlogj``.
     """
     disp = _check_disp(disp)
@@ -523,7 +546,7 @@ def registration_metrics(
 
     warped = warp_labels(mseg, disp)
     dice = dice_per_class(fseg, warped, num_classes)
-    hd95 = hd95_per_class(fseg, warped, num_classes, sp, mode=hd95_mode)
+    hd95 = hd95_per_class(fseg, warped, num_classes, sp, mode=hd95_mode, lost=hd95_lost)
     if fixed_kp is not None:
         errors = tre(fixed_kp, moving_kp, disp, sp)
         tre_mean = float(errors.mean()) if errors.size else float("nan")

@@ -10,7 +10,13 @@ global run itself. Rows per identification (``<reg>`` = ``elas`` / ``diff``):
 - ``<reg>-sas@g``  ablation: the SA model with every class at the -g parameters,
 - ``<reg>-g+io`` / ``<reg>-sas+io`` with ``--refine N``: the displacement refined per pair for
   N Adam steps on the training loss (global values / tissue-specific maps, see
-  :mod:`hypermorph_spatially_adaptive.refinement`),
+  :mod:`hypermorph_spatially_adaptive.refinement`). The maps of ``-sas+io`` are built from a
+  segmentation in the fixed frame: in the oracle protocol the test pair's fixed segmentation
+  (the paper's); in the population protocol, where no test label may touch the registration,
+  the *moving* segmentation carried into the fixed frame by the network's own displacement
+  (nearest neighbour, ``eval_metrics.warp_labels``), the moving image playing the atlas whose
+  labels are known, as in atlas-based segmentation (``--population-maps``). Rows say what
+  built their maps in the column ``maps``.
 - ``initial``: no registration.
 
 Gradient identifications (``parameter_identification.py --method gradient``) add
@@ -22,7 +28,8 @@ mean, lost classes, TRE where keypoints exist, %negJ, SDlogJ, seconds per pair a
 data, the dense error against the true field overall and per tissue), ``table1.csv`` /
 ``table1.md`` (mean(std) in the paper's layout, with the paired comparison under it),
 ``comparison.csv`` (per protocol: -sas minus -g, -sas@g minus -g, -sas minus -sas@g and
--sas+io minus -g+io; mean difference, seeded bootstrap 95% CI, Wilcoxon p, n), Fig. 3-style panels
+-sas+io minus -g+io; mean difference, 95% studentized-bootstrap interval and its p, Holm-adjusted p,
+Wilcoxon p and its number of non-zero differences, n; see ``evaluation.paired_comparison``), Fig. 3-style panels
 ``fig3_<pair>.png``, ``dice_boxplots.png``, and with ``--save-nifti`` the warped image, warped
 labels and displacement of every pair as NIfTI with the fixed image's affine.
 """
@@ -36,6 +43,9 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 REGS = ("elastic", "diffusion")
+MAP_SOURCES = ("warped-moving", "fixed")
+#: the ``maps`` column: what built a -sas+io row's refinement maps
+MAP_LABELS = {"warped-moving": "moving seg warped by the network", "fixed": "fixed seg (test label)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instance optimization: refine the -g and -sas displacements of every pair for N Adam "
                         "steps on the training loss (adds the +io rows; 0: off)")
     p.add_argument("--refine-lr", type=float, default=0.1, help="Adam learning rate of the refinement (voxels)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the paired comparison")
+    p.add_argument("--population-maps", choices=MAP_SOURCES, default="warped-moving",
+                   help="segmentation that builds the -sas+io refinement's parameter maps in the population "
+                        "protocol: 'warped-moving' (label-free at test time: the moving segmentation warped by the "
+                        "network's displacement) or 'fixed' (the test pair's fixed segmentation, which also scores "
+                        "the row: a label leak, for measuring it). The oracle protocol always uses 'fixed'")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="resamples of the studentized bootstrap interval of the paired comparison")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--panels", type=runio.arg_int(0), default=2, help="Fig. 3 panels for the first N test pairs (0: none)")
     p.add_argument("--save-nifti", action="store_true", help="write warped image/labels and displacement as NIfTI")
@@ -106,6 +122,17 @@ def _load_group(reg: str, sa_run: str, ident_dirs: Sequence[str], global_run: Op
         raise ValueError(f"--{reg}-ident: two identification folders have the same protocol and method {labels}")
     return {"reg": reg, "sa_run": sa_run, "global_run": global_run, "sa_model": sa_model, "sa_cfg": sa_cfg,
             "sa_names": sa_names, "g_model": g_model, "g_cfg": g_cfg, "sources": sources}
+
+
+def map_segmentation(pairs, disp):
+    """Label-free segmentation in the fixed frame for refinement maps: each pair's moving
+    segmentation warped by its network displacement ``disp [N, *spatial, D]`` (voxels; nearest
+    neighbour, ``eval_metrics.warp_labels``). Reads no fixed segmentation. Returns ``[N, *spatial]`` int32."""
+    import numpy as np
+
+    import eval_metrics
+
+    return np.stack([eval_metrics.warp_labels(p.moving_seg, d) for p, d in zip(pairs, disp)]).astype(np.int32)
 
 
 def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> None:
@@ -184,12 +211,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         rows.append({"pair_id": pair.pair_id, "protocol": "", "method": "initial", "params": "", "seconds": 0.0,
                      **evaluation.pair_metrics(pair, zero, C, class_names)})
 
-    def record(method: str, protocol: str, warped, disp, hyp, cols, seconds: float) -> None:
+    def record(method: str, protocol: str, warped, disp, hyp, cols, seconds: float, maps: str = "") -> None:
         for k, pair in enumerate(pairs):
             m = evaluation.pair_metrics(pair, disp[k], C, class_names)
             params = json.dumps({c.replace(art.G_PREFIX, ""): round(float(v), 4) for c, v in zip(cols, hyp[k])})
             rows.append({"pair_id": pair.pair_id, "protocol": protocol, "method": method, "params": params,
-                         "seconds": seconds / n, **m})
+                         "maps": maps, "seconds": seconds / n, **m})
             warped_seg = None
             if pair.pair_id in results and protocol == "oracle" or args.save_nifti:
                 warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[k])
@@ -226,9 +253,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 record(name + src.suffix, src.protocol, warped, disp, hyp, cols, seconds)
                 if args.refine and src.method == "grid" and "@" not in name:
                     t1 = time.time()
-                    u, before, after = refiners[kind](moving, fixed, disp, hyp, fixed_seg, args.refine, args.refine_lr)
+                    source = "fixed" if src.protocol == "oracle" else args.population_maps
+                    seg = None
+                    if kind == "sa":
+                        seg = fixed_seg if source == "fixed" else map_segmentation(pairs, disp)
+                    u, before, after = refiners[kind](moving, fixed, disp, hyp, seg, args.refine, args.refine_lr)
                     warped_io = linear_warp(moving, u).numpy()
-                    record(name + "+io", src.protocol, warped_io, u, hyp, cols, seconds + time.time() - t1)
+                    record(name + "+io", src.protocol, warped_io, u, hyp, cols, seconds + time.time() - t1,
+                           maps=MAP_LABELS[source] if kind == "sa" else "")
                     print(f"[inference]   refinement loss {before.mean():.4f} -> {after.mean():.4f}", flush=True)
 
     per_pair = pd.DataFrame(rows)
@@ -243,12 +275,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     atomic_write(os.path.join(args.out, art.TABLE1_CSV), numeric)
     atomic_write(os.path.join(args.out, art.COMPARISON), comparison)
     header = (f"Table 1 on {dataset.name} ({n} {split} pairs), mean(std) over pairs; "
-              f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping\n\n")
+              f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping (their HD95 is "
+              "the image diagonal); [maps: ...] = what built a -sas+io row's refinement maps\n\n")
     comp_md = evaluation.comparison_markdown(comparison)
     if comp_md:
-        comp_md = (f"\nPaired comparison, a - b per pair: mean [seeded {args.bootstrap}-resample bootstrap 95% CI] "
-                   "and two-sided Wilcoxon signed-rank p; * = CI excludes 0. Dice: > 0 favours a; HD95, TRE, "
-                   "EPE (mm): < 0 favours a.\n\n" + comp_md)
+        comp_md = (f"\nPaired comparison, a - b per pair: mean [95% CI: studentized bootstrap over pairs, "
+                   f"{args.bootstrap} resamples, seed {args.seed}], p_H = its p Holm-adjusted over the table's "
+                   "family, W = two-sided Wilcoxon signed-rank p / number of non-zero differences; * = p_H < 0.05. "
+                   "Dice: > 0 favours a; HD95 (same pair-classes), TRE, EPE (mm): < 0 favours a.\n\n" + comp_md)
     atomic_write(os.path.join(args.out, art.TABLE1_MD), header + markdown + comp_md)
 
     labelled = per_pair.assign(method=[m if p in ("", "oracle") else f"{m} [{p[:3]}]"

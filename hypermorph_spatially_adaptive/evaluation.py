@@ -36,10 +36,11 @@ COMPARED = ("mean_dice", "hd95", "tre", "dense_epe")
 def pair_metrics(pair, disp: np.ndarray, num_classes: int, class_names: Sequence[str]) -> Dict:
     """Metrics of one registered pair; ``disp [*spatial, D]`` in voxels on the fixed grid.
 
-    Keys: ``dice_<class>``, ``mean_dice``, ``hd95_<class>`` (mm, NaN when the class is empty in the
-    fixed or the warped labels), ``hd95`` (mean over the classes where it is defined),
-    ``lost_classes`` (number of classes present in the fixed labels but empty after warping, or
-    the reverse: their HD95 is undefined), ``tre`` (mm, NaN without keypoints),
+    Keys: ``dice_<class>``, ``mean_dice``, ``hd95_<class>`` (mm; a class present in the fixed
+    labels but empty after warping, or the reverse, is *lost* and penalised with the image
+    diagonal in mm, ``eval_metrics.image_diagonal_mm``; NaN only when it is empty in both),
+    ``hd95`` (mean over the classes where it is defined, lost ones included),
+    ``lost_classes`` (number of lost classes), ``tre`` (mm, NaN without keypoints),
     ``percent_neg_jac``, ``sdlogj`` and, where the pair has a true displacement (synthetic data),
     ``dense_epe`` (mean end-point error in mm inside the tissues, labels > 0) and
     ``dense_epe_<class>`` (the same inside each tissue of the fixed labels).
@@ -89,13 +90,14 @@ def _protocols(per_pair: pd.DataFrame) -> List[str]:
 def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataFrame, str]:
     """Aggregate per-pair metrics into Table 1, one block per protocol.
 
-    Returns ``(numeric, markdown)``: a DataFrame with ``protocol``, ``method``, ``n_pairs``,
+    Returns ``(numeric, markdown)``: a DataFrame with ``protocol``, ``method``, ``n_pairs``, ``maps``
+    (what built a refined SA row's parameter maps, from the per-pair column ``maps``; '' otherwise),
     ``<metric>_mean`` / ``<metric>_std`` and ``lost_classes`` (sum over pairs) / ``hd95_pairs``
     (pairs whose HD95 is defined), and the Markdown tables as the paper prints them (class DSC
     as means, the rest as mean(std); %negJ is '-' for ``initial``). Without a ``protocol``
     column there is one block; ``initial`` (protocol-free) is repeated in every block.
-    A metric's mean is taken over the pairs where it is finite; HD95 states over how many
-    pair-classes it is defined when some are lost.
+    A metric's mean is taken over the pairs where it is finite; HD95 counts a lost class at the
+    image diagonal (:func:`pair_metrics`) and says how many pair-classes were lost.
     """
     metrics = [f"dice_{n}" for n in class_names] + ["mean_dice", "hd95", "tre", "percent_neg_jac", "sdlogj"]
     epe = [c for c in ["dense_epe", *[f"dense_epe_{n}" for n in class_names]] if c in per_pair]
@@ -123,6 +125,8 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
                 v = v[np.isfinite(v)]
                 row[f"{k}_mean"] = float(v.mean()) if v.size else np.nan
                 row[f"{k}_std"] = float(v.std()) if v.size else np.nan
+            maps = sorted({str(v) for v in df.get("maps", pd.Series(dtype=object)).dropna() if str(v)})
+            row["maps"] = "; ".join(maps)
             row["lost_classes"] = int(df["lost_classes"].sum())
             row["pair_classes"] = int(len(df) * len(class_names))
             block.append(row)
@@ -147,8 +151,9 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
             cls = "[" + ", ".join(f"{r[f'dice_{n}_mean']:.3f}" for n in class_names) + "]"
             hd = _fmt(r["hd95_mean"], r["hd95_std"])
             if r["lost_classes"]:
-                hd += f" over {r['pair_classes'] - r['lost_classes']}/{r['pair_classes']} pair-classes"
-            cells = [r["method"], cls, _fmt(r["mean_dice_mean"], r["mean_dice_std"]), hd]
+                hd += f" ({r['lost_classes']}/{r['pair_classes']} pair-classes lost, at the image diagonal)"
+            label = r["method"] + (f" [maps: {r['maps']}]" if r["maps"] else "")
+            cells = [label, cls, _fmt(r["mean_dice_mean"], r["mean_dice_std"]), hd]
             if has_tre:
                 cells.append(_fmt(r["tre_mean"], r["tre_std"]))
             if "dense_epe" in epe:
@@ -170,71 +175,124 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
 
 # ---------------------------------------------------------------------------- paired statistics
 
-def bootstrap_ci(diffs: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Tuple[float, float]:
-    """Percentile bootstrap CI of the mean of paired differences ``diffs [n]`` (seeded)."""
-    d = np.asarray(diffs, np.float64)
-    if d.ndim != 1 or d.size == 0:
-        raise ValueError("bootstrap_ci needs a non-empty 1D array of differences")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(int(n_boot), d.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+#: columns of :func:`paired_comparison`
+COMPARISON_COLUMNS = ["protocol", "seed", "comparison", "metric", "n_seeds", "n_pairs", "n", "mean_diff", "ci_low",
+                      "ci_high", "interval", "p", "p_holm", "wilcoxon_p", "n_nonzero", "better"]
 
 
-def wilcoxon_p(diffs: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired differences (``scipy.stats.wilcoxon``).
+def _cell_values(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``df`` (one method) indexed by (seed, pair_id), the metric's value or, for ``hd95``, its
+    per-class columns ``hd95_<class>`` when present (so pair-classes can be matched)."""
+    cols = [c for c in df.columns if c.startswith("hd95_") and f"dice_{c[5:]}" in df] if metric == "hd95" else []
+    return df.set_index(["seed", "pair_id"])[cols or [metric]].astype(float)
 
-    All-zero differences (nothing to rank) give p = 1.
+
+def _broadcast_seedless(rows: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """A method without training seed (``seed`` NaN in all its rows: ``initial``, ANTs SyN) is the
+    same under every seed of the method it is compared with: repeat its rows for those seeds."""
+    if rows.empty or rows["seed"].notna().any():
+        return rows
+    seeds = other["seed"].dropna().unique()
+    return pd.concat([rows.assign(seed=s) for s in seeds]) if len(seeds) else rows.assign(seed=0)
+
+
+def difference_table(per_pair: pd.DataFrame, a: str, b: str, metric: str) -> pd.DataFrame:
+    """Paired differences ``a - b`` of ``metric`` as a seeds x pairs table (NaN where undefined).
+
+    ``per_pair`` holds one protocol's rows with ``seed`` (added as 0 when absent; NaN in every
+    row of a method that has no training seed, such as ``initial`` or ANTs SyN, which is then
+    compared under every seed), ``pair_id``, ``method`` and the metric. For ``hd95`` with per-class columns ``hd95_<class>``, the
+    difference of a cell is the mean over the classes where *both* methods' HD95 is finite
+    (the same pair-classes; a lost class carries the image diagonal, see ``eval_metrics``),
+    not the difference of two means over different classes.
     """
-    from scipy import stats
+    if "seed" not in per_pair:
+        per_pair = per_pair.assign(seed=0)
+    rows_a, rows_b = per_pair[per_pair["method"] == a], per_pair[per_pair["method"] == b]
+    rows_a, rows_b = _broadcast_seedless(rows_a, rows_b), _broadcast_seedless(rows_b, rows_a)
+    A = _cell_values(rows_a, metric)
+    B = _cell_values(rows_b, metric)
+    for name, X in ((a, A), (b, B)):
+        if X.index.duplicated().any():
+            raise ValueError(f"{name}: more than one row per (seed, pair_id) for {metric}")
+    common = A.index.intersection(B.index)
+    diff = A.loc[common].to_numpy() - B.loc[common].to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cells where no class is defined in both: NaN
+        cell = np.nanmean(diff, axis=1) if diff.shape[1] > 1 else diff[:, 0]
+    s = pd.Series(cell, index=common)
+    return s.unstack("pair_id") if len(s) else pd.DataFrame()
 
-    d = np.asarray(diffs, np.float64)
-    if d.size == 0:
-        return float("nan")
-    if np.all(d == 0):
-        return 1.0
-    with warnings.catch_warnings():  # small n: scipy warns about the normal approximation / ties
-        warnings.simplefilter("ignore")
-        return float(stats.wilcoxon(d).pvalue)
+
+def _summary(table: pd.DataFrame, level: float, n_boot: int, seed: int) -> Optional[Dict]:
+    """Interval, p and Wilcoxon of one seeds x pairs difference table: seeds without any value are
+    dropped, then pairs not finite under every remaining seed."""
+    if not table.empty:
+        table = table.dropna(how="all", axis=0)
+        table = table.loc[:, table.notna().all(axis=0)]
+    if table.shape[0] < 1 or table.shape[1] < 2:
+        return None
+    from .intervals import crossed_interval, wilcoxon_test
+
+    d = table.to_numpy(np.float64)
+    lo, hi, p = crossed_interval(d, level, n_boot=n_boot, seed=seed)
+    w_p, nonzero = wilcoxon_test(d.mean(axis=0))  # pairs as the unit: the seed-mean difference of each pair
+    return {"n_seeds": d.shape[0], "n_pairs": d.shape[1], "n": int(d.size), "mean_diff": float(d.mean()),
+            "ci_low": float(lo), "ci_high": float(hi),
+            "interval": "bootstrap-t over pairs" if d.shape[0] == 1 else "crossed seeds x pairs t",
+            "p": float(p), "wilcoxon_p": w_p, "n_nonzero": nonzero}
 
 
 def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, str]],
-                      metrics: Sequence[str] = COMPARED, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Per protocol and ``(a, b)`` in ``comparisons``: differences ``a - b`` pair by pair.
+                      metrics: Sequence[str] = COMPARED, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
+                      per_seed: bool = False) -> pd.DataFrame:
+    """Per protocol and ``(a, b)`` in ``comparisons``: the mean of the paired differences ``a - b``.
 
-    Returns one row per (protocol, comparison, metric) present: ``n`` (pairs where both values
-    are finite), ``mean_diff``, ``ci_low``/``ci_high`` (seeded 95% percentile bootstrap over
-    pairs, ``n_boot`` resamples), ``wilcoxon_p`` and ``better`` (which of a / b the mean favours:
-    higher Dice, lower distances; '=' for no difference).
+    ``per_pair``: long table, one row per (``seed``, ``pair_id``, ``method``[, ``protocol``]) with
+    the metric columns (``seed`` optional: absent = one seed). Per (protocol, comparison, metric)
+    the differences form a seeds x pairs table; pairs not finite under every seed are dropped.
+    Rows: ``n_seeds``, ``n_pairs``, ``n`` (cells), ``mean_diff``, ``ci_low``/``ci_high`` (``level``
+    interval of :func:`.intervals.crossed_interval`: the studentized bootstrap over pairs for one
+    seed, ``n_boot`` resamples seeded by ``seed``; the crossed seeds x pairs t for several),
+    ``interval`` (which), ``p`` (the test that interval inverts), ``p_holm`` (Holm over every
+    row of the returned family with the same ``seed`` value), ``wilcoxon_p`` and ``n_nonzero``
+    (signed-rank test on the per-pair differences averaged over seeds; zero differences are
+    dropped by the test and not counted) and ``better`` (which of a / b the mean favours:
+    higher Dice, lower distances; '=' for no difference). ``seed`` is ``'all'`` for the pooled
+    rows; ``per_seed=True`` adds one row per seed as well (its own Holm family per seed).
+    HD95 differences compare the same pair-classes (:func:`difference_table`). Rows without a
+    protocol ('': ``initial``, ANTs SyN) join every protocol, rows without a seed every seed.
     """
     per_pair = per_pair.copy()
     if "protocol" not in per_pair:
         per_pair["protocol"] = ""
     per_pair["protocol"] = per_pair["protocol"].fillna("")
+    if "seed" not in per_pair:
+        per_pair["seed"] = 0
+    seeds = sorted(per_pair["seed"].dropna().unique().tolist())
+    scopes = [("all", seeds)] + ([(s, [s]) for s in seeds] if per_seed and len(seeds) > 1 else [])
     rows = []
     for protocol in _protocols(per_pair):
-        sub = per_pair[per_pair["protocol"] == protocol]
+        sub = per_pair[(per_pair["protocol"] == protocol) | (per_pair["protocol"] == "")]  # '' rows: every block
         for a, b in comparisons:
-            A = sub[sub["method"] == a].set_index("pair_id")
-            B = sub[sub["method"] == b].set_index("pair_id")
-            if A.empty or B.empty:
-                continue
-            common = A.index.intersection(B.index)
             for metric in metrics:
-                if metric not in sub:
+                if metric not in sub or not {a, b} <= set(sub["method"]):
                     continue
-                d = (A.loc[common, metric].astype(float) - B.loc[common, metric].astype(float)).to_numpy()
-                d = d[np.isfinite(d)]
-                if d.size == 0:
-                    continue
-                lo, hi = bootstrap_ci(d, n_boot, seed)
-                mean = float(d.mean())
-                sign = mean if metric.startswith(("mean_dice", "dice")) else -mean
-                rows.append({"protocol": protocol, "comparison": f"{a} - {b}", "metric": metric, "n": int(d.size),
-                             "mean_diff": mean, "ci_low": lo, "ci_high": hi, "wilcoxon_p": wilcoxon_p(d),
-                             "better": a if sign > 0 else (b if sign < 0 else "=")})
-    return pd.DataFrame(rows, columns=["protocol", "comparison", "metric", "n", "mean_diff", "ci_low", "ci_high",
-                                       "wilcoxon_p", "better"])
+                table = difference_table(sub, a, b, metric)
+                for label, keep in scopes:
+                    part = table.loc[[s for s in keep if s in table.index]] if not table.empty else table
+                    r = _summary(part, level, n_boot, seed)
+                    if r is None:
+                        continue
+                    sign = r["mean_diff"] if metric.startswith(("mean_dice", "dice")) else -r["mean_diff"]
+                    rows.append({"protocol": protocol, "seed": label, "comparison": f"{a} - {b}", "metric": metric,
+                                 **r, "better": a if sign > 0 else (b if sign < 0 else "=")})
+    out = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    if not out.empty:
+        from .intervals import holm
+
+        out["p_holm"] = out.groupby(out["seed"].astype(str))["p"].transform(lambda p: holm(p.to_numpy()))
+    return out
 
 
 def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
@@ -254,14 +312,15 @@ def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
 
 
 def comparison_markdown(comp: pd.DataFrame) -> str:
-    """Paired comparison as a Markdown table: one row per (protocol, comparison), one cell per
-    metric with ``mean difference [95% CI] p=<Wilcoxon p>``; ``*`` marks a CI that excludes 0."""
+    """Paired comparison as a Markdown table: one row per (protocol, seed, comparison), the number of
+    seeds x pairs, one cell per metric with ``mean difference [95% CI] p_H=<Holm p> W=<Wilcoxon p>/<n
+    non-zero>``; ``*`` marks a Holm-adjusted p < 0.05."""
     if comp.empty:
         return ""
     metrics = [m for m in COMPARED if m in set(comp["metric"])]
-    lines = ["| protocol | a - b | n | " + " | ".join(f"d {m}" for m in metrics) + " |",
-             "|---|---|---|" + "---|" * len(metrics)]
-    for (protocol, name), df in comp.groupby(["protocol", "comparison"], sort=False):
+    lines = ["| protocol | seed | a - b | seeds x pairs | " + " | ".join(f"d {m}" for m in metrics) + " |",
+             "|---|---|---|---|" + "---|" * len(metrics)]
+    for (protocol, seed, name), df in comp.groupby(["protocol", comp["seed"].astype(str), "comparison"], sort=False):
         cells = []
         by = df.set_index("metric")
         for m in metrics:
@@ -269,9 +328,11 @@ def comparison_markdown(comp: pd.DataFrame) -> str:
                 cells.append("-")
                 continue
             r = by.loc[m]
-            star = "*" if (r["ci_low"] > 0 or r["ci_high"] < 0) else ""
-            cells.append(f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{star} p={r['wilcoxon_p']:.2g}")
-        lines.append(f"| {protocol} | {name} | {int(df['n'].max())} | " + " | ".join(cells) + " |")
+            star = "*" if r["p_holm"] < 0.05 else ""
+            cells.append(f"{r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{star} "
+                         f"p_H={r['p_holm']:.2g} W={r['wilcoxon_p']:.2g}/{int(r['n_nonzero'])}")
+        size = f"{int(df['n_seeds'].max())} x {int(df['n_pairs'].max())}"
+        lines.append(f"| {protocol} | {seed} | {name} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

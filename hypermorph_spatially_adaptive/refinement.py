@@ -3,10 +3,13 @@
 Starting from the displacement ``u0`` a trained HyperMorph model predicts for a pair, the
 displacement itself is optimized with Adam for ``steps`` iterations on the very loss the
 network was trained with (paper eq. 1, :func:`.losses.loss_terms`): weighted local NCC plus the
-elastic or diffusion energy (times the run's energy scale ``K``), with the pair's hyperparameters. For a spatially adaptive (SA)
-model the per-class values become voxelwise maps from the **fixed** segmentation (exactly as in
-training), so the refinement is regularized by the tissue- and subject-specific energy; for a
-global model the maps are constant.
+elastic or diffusion energy (times the run's energy scale ``K``), with the pair's hyperparameters.
+For a spatially adaptive (SA) model the per-class values become voxelwise maps from a segmentation
+on the fixed grid (the ``fixed_seg`` argument), so the refinement is regularized by the tissue-
+and subject-specific energy; for a global model the maps are constant. Training and the oracle
+protocol pass the fixed segmentation (the paper's); the population protocol of ``inference.py``
+passes the moving segmentation warped by the network's displacement, so no test label touches
+the registration.
 
 Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is (bi/tri)linear with coordinates
 clamped to the image (voxelmorph's ``SpatialTransformer`` with

@@ -148,10 +148,21 @@ def test_hd95_known_value_and_empty_class():
     b = np.zeros((5, 7), int)
     a[2, 1] = 1
     b[2, 4] = 1
-    b[0, 0] = 2  # class 2 only in b -> NaN; class 3 in neither -> NaN
+    b[0, 0] = 2  # class 2 only in b -> lost: the image diagonal; class 3 in neither -> NaN
     h = em.hd95_per_class(a, b, 3, (1.0, 2.0))
     assert h[0] == pytest.approx(6.0)
-    assert np.isnan(h[1]) and np.isnan(h[2])
+    # diagonal between the centres of voxels (0, 0) and (4, 6): sqrt((4 * 1)^2 + (6 * 2)^2) mm
+    assert h[1] == pytest.approx(np.sqrt(16.0 + 144.0)) and np.isnan(h[2])
+    assert em.image_diagonal_mm((5, 7), (1.0, 2.0)) == pytest.approx(np.sqrt(160.0))
+    # the penalty is at least any HD95 two non-empty masks can have in this image
+    far = np.zeros((5, 7), int)
+    far[0, 0], b2 = 1, np.zeros((5, 7), int)
+    b2[4, 6] = 1
+    assert em.hd95_per_class(far, b2, 1, (1.0, 2.0))[0] == pytest.approx(h[1])
+    lost_nan = em.hd95_per_class(a, b, 3, (1.0, 2.0), lost="nan")
+    assert lost_nan[0] == pytest.approx(6.0) and np.isnan(lost_nan[1]) and np.isnan(lost_nan[2])
+    with pytest.raises(ValueError, match="lost must be"):
+        em.hd95_per_class(a, b, 3, (1.0, 2.0), lost="skip")
     np.testing.assert_allclose(em.hd95_per_class(a, a, 1, (1.0, 2.0)), [0.0])
 
 

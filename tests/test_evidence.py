@@ -6,6 +6,7 @@ from scipy import stats
 
 from hypermorph_spatially_adaptive import evaluation
 from hypermorph_spatially_adaptive import identification as ident
+from hypermorph_spatially_adaptive import intervals
 
 CLASSES = ["lung", "bone", "liver"]
 
@@ -50,23 +51,6 @@ def test_population_choice_diffusion_uses_one_axis():
     assert r["lambda_lung"] == 0.0 and r["lambda_liver"] == 1.0 and "g_mu" not in r
 
 
-def test_bootstrap_ci_contains_a_known_shift_and_is_seeded():
-    rng = np.random.default_rng(0)
-    d = 0.02 + rng.normal(0, 0.01, 40)
-    lo, hi = evaluation.bootstrap_ci(d, 2000, seed=7)
-    assert lo < 0.02 < hi and hi - lo < 0.02
-    assert (lo, hi) == evaluation.bootstrap_ci(d, 2000, seed=7)
-    assert (lo, hi) != evaluation.bootstrap_ci(d, 2000, seed=8)
-    # the CI of a mean shrinks like 1/sqrt(n): half width about 1.96 * sd / sqrt(n)
-    assert (hi - lo) / 2 == pytest.approx(1.96 * d.std() / np.sqrt(d.size), rel=0.2)
-
-
-def test_wilcoxon_equals_scipy():
-    d = np.array([0.01, -0.02, 0.03, 0.05, 0.012, -0.004, 0.02, 0.031, 0.007])
-    assert evaluation.wilcoxon_p(d) == pytest.approx(stats.wilcoxon(d).pvalue)
-    assert evaluation.wilcoxon_p(np.zeros(5)) == 1.0
-
-
 def _per_pair():
     rows = []
     for k in range(6):
@@ -86,12 +70,70 @@ def test_paired_comparison_per_protocol():
     dice = comp[comp["metric"] == "mean_dice"].set_index("protocol")
     assert set(dice.index) == {"oracle", "population"}
     r = dice.loc["oracle"]
-    assert r["n"] == 6 and r["mean_diff"] == pytest.approx(0.035)
-    assert r["ci_low"] <= 0.035 <= r["ci_high"] and r["better"] == "elas-sas"
-    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(0.01 * np.arange(1, 7)).pvalue)
-    # tre is NaN everywhere: no row; hd95 equal: '='
+    assert (r["n"], r["n_seeds"], r["n_pairs"], r["seed"]) == (6, 1, 6, "all")
+    assert r["mean_diff"] == pytest.approx(0.035) and r["better"] == "elas-sas"
+    lo, hi, p = intervals.one_sample_interval(0.01 * np.arange(1, 7), n_boot=500, seed=0)
+    assert (r["ci_low"], r["ci_high"], r["p"]) == pytest.approx((float(lo), float(hi), float(p)))
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(0.01 * np.arange(1, 7)).pvalue) and r["n_nonzero"] == 6
+    # Holm over the whole family of rows (2 protocols x 3 finite metrics; tre is NaN everywhere: no row)
     assert "tre" not in set(comp["metric"])
-    assert comp[comp["metric"] == "hd95"]["better"].eq("=").all()
+    np.testing.assert_allclose(comp["p_holm"], intervals.holm(comp["p"].to_numpy()))
+    # hd95 equal: '=' and no non-zero difference
+    hd = comp[comp["metric"] == "hd95"]
+    assert hd["better"].eq("=").all() and (hd["n_nonzero"] == 0).all() and (hd["p"] == 1).all()
+
+
+def _seeds_x_pairs():
+    """3 seeds x 5 pairs; a - b = 0.02 + seed effect + pair effect (known), so the pooled mean is 0.02."""
+    seed_eff, pair_eff = [-0.01, 0.0, 0.01], [0.004, -0.002, 0.0, 0.001, -0.003]
+    rows = []
+    for s, se in enumerate(seed_eff):
+        for k, pe in enumerate(pair_eff):
+            for method, dice in (("elas-g", 0.8), ("elas-sas", 0.82 + se + pe)):
+                rows.append({"seed": s, "pair_id": f"p{k}", "protocol": "population", "method": method,
+                             "mean_dice": dice})
+    return pd.DataFrame(rows)
+
+
+def test_paired_comparison_over_seeds_and_pairs():
+    df = _seeds_x_pairs()
+    comp = evaluation.paired_comparison(df, [("elas-sas", "elas-g")], metrics=["mean_dice"], per_seed=True)
+    pooled = comp[comp["seed"] == "all"].iloc[0]
+    assert (pooled["n_seeds"], pooled["n_pairs"], pooled["n"]) == (3, 5, 15)
+    assert pooled["mean_diff"] == pytest.approx(0.02) and pooled["interval"] == "crossed seeds x pairs t"
+    d = np.array([[0.02 + se + pe for pe in [0.004, -0.002, 0.0, 0.001, -0.003]] for se in [-0.01, 0.0, 0.01]])
+    lo, hi, p = intervals.crossed_interval(d)
+    assert (pooled["ci_low"], pooled["ci_high"], pooled["p"]) == pytest.approx((float(lo), float(hi), float(p)))
+    # Wilcoxon on the seed-averaged per-pair differences (0.02 + pair effect): 5 non-zero
+    assert pooled["wilcoxon_p"] == pytest.approx(stats.wilcoxon(d.mean(0)).pvalue) and pooled["n_nonzero"] == 5
+    per_seed = comp[comp["seed"] != "all"].set_index("seed")
+    assert list(per_seed.index) == [0, 1, 2]
+    assert per_seed.loc[2, "mean_diff"] == pytest.approx(0.03) and per_seed.loc[2, "n_seeds"] == 1
+    # a method without seed or protocol (e.g. ANTs SyN) is compared under every seed and protocol
+    syn = df[(df["method"] == "elas-g") & (df["seed"] == 0)].assign(method="ants-syn", seed=np.nan, protocol="")
+    vs = evaluation.paired_comparison(pd.concat([df, syn]), [("elas-sas", "ants-syn")], metrics=["mean_dice"])
+    assert (vs["protocol"].iloc[0], vs["n"].iloc[0]) == ("population", 15)
+    assert vs["mean_diff"].iloc[0] == pytest.approx(0.02)
+    # a pair missing under one seed is dropped from the pooled table (pairs must be crossed with seeds)
+    part = evaluation.paired_comparison(df.drop(df[(df["seed"] == 1) & (df["pair_id"] == "p0")].index),
+                                        [("elas-sas", "elas-g")], metrics=["mean_dice"])
+    assert (part["n_pairs"].iloc[0], part["n"].iloc[0]) == (4, 12)
+
+
+def test_hd95_comparison_matches_pair_classes():
+    """A class lost by a (HD95 = diagonal 40) and NaN (absent everywhere) for b must not turn into a
+    comparison of means over different classes: per pair, only classes defined in both count."""
+    rows = []
+    for k in range(4):
+        base = {"pair_id": f"p{k}", "protocol": "oracle"}
+        rows.append({**base, "method": "a", "dice_lung": 0.9, "dice_bone": 0.0, "hd95_lung": 2.0,
+                     "hd95_bone": 40.0, "hd95": 21.0})
+        rows.append({**base, "method": "b", "dice_lung": 0.9, "dice_bone": np.nan, "hd95_lung": 3.0 + k,
+                     "hd95_bone": np.nan, "hd95": 3.0 + k})
+    comp = evaluation.paired_comparison(pd.DataFrame(rows), [("a", "b")], metrics=["hd95"])
+    assert comp["mean_diff"].iloc[0] == pytest.approx(np.mean([2.0 - (3.0 + k) for k in range(4)]))
+    table = evaluation.difference_table(pd.DataFrame(rows), "a", "b", "hd95")
+    assert table.shape == (1, 4)
 
 
 def test_table1_has_one_block_per_protocol_and_initial_once_in_numeric():
@@ -102,7 +144,7 @@ def test_table1_has_one_block_per_protocol_and_initial_once_in_numeric():
     assert md.count("| initial |") == 2
 
 
-def test_lost_class_is_counted_and_left_out_of_the_hd95_mean():
+def test_lost_class_is_counted_and_penalised_with_the_image_diagonal():
     from datasets import RegistrationPair
 
     fixed_seg = np.zeros((24, 24), np.int32)
@@ -113,12 +155,13 @@ def test_lost_class_is_counted_and_left_out_of_the_hd95_mean():
     moving_seg[moving_seg == 3] = 0  # class 3 vanishes in the moving (and warped) labels
     img = np.zeros((24, 24, 1), np.float32)
     pair = RegistrationPair(pair_id="x", fixed=img, moving=img, fixed_seg=fixed_seg, moving_seg=moving_seg,
-                            spacing=(1.0, 1.0))
+                            spacing=(1.0, 2.0))
     m = evaluation.pair_metrics(pair, np.zeros((24, 24, 2), np.float32), 3, CLASSES)
-    assert m["lost_classes"] == 1 and np.isnan(m["hd95_liver"])
-    assert m["hd95"] == pytest.approx(np.mean([m["hd95_lung"], m["hd95_bone"]]))
+    diagonal = np.hypot(23 * 1.0, 23 * 2.0)
+    assert m["lost_classes"] == 1 and m["hd95_liver"] == pytest.approx(diagonal)
+    assert m["hd95_lung"] == 0.0 and m["hd95"] == pytest.approx(diagonal / 3)
     df = pd.DataFrame([{"pair_id": "x", "protocol": "oracle", "method": "elas-g", **m},
                        {"pair_id": "y", "protocol": "oracle", "method": "elas-g", **m, "lost_classes": 0}])
     numeric, md = evaluation.table1(df, CLASSES)
     assert int(numeric["lost_classes"].iloc[0]) == 1
-    assert "over 5/6 pair-classes" in md
+    assert "(1/6 pair-classes lost, at the image diagonal)" in md

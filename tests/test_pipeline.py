@@ -103,7 +103,13 @@ def test_quick_pipeline_table(quick_run):
     gmeta = json.loads((quick_run / "identification_gradient" / "elastic" / "identification.json").read_text())
     assert gmeta["method"] == "gradient" and gmeta["protocol"] == "oracle"
     assert set(comp["metric"]) >= {"mean_dice", "hd95", "tre", "dense_epe"}
-    assert np.all(np.isfinite(comp[["mean_diff", "ci_low", "ci_high", "wilcoxon_p"]].to_numpy(float)))
+    assert np.all(np.isfinite(comp[["mean_diff", "ci_low", "ci_high", "wilcoxon_p", "p", "p_holm"]].to_numpy(float)))
+    assert (comp["p_holm"] >= comp["p"] - 1e-12).all() and (comp["n_nonzero"] <= comp["n"]).all()
+    assert (comp["n_seeds"] == 1).all() and (comp["seed"] == "all").all()
+    per_pair = pd.read_csv(res / "per_pair_metrics.csv", keep_default_na=False, na_values=[""])
+    sas_io = per_pair[per_pair["method"] == "elas-sas+io"].groupby("protocol")["maps"].unique()
+    assert list(sas_io["oracle"]) == ["fixed seg (test label)"]
+    assert list(sas_io["population"]) == ["moving seg warped by the network"]
     assert (comp["ci_low"] <= comp["mean_diff"] + 1e-12).all() and (comp["mean_diff"] <= comp["ci_high"] + 1e-12).all()
     # the population protocol gives every test pair the same parameters
     pop = pd.read_csv(quick_run / "identification_population" / "elastic" / "identified_parameters.csv")
@@ -186,3 +192,81 @@ def test_quick_pipeline_rerun_reuses_finished_runs(quick_run, capsys):
     run_pipeline.main(["--quick", "--out", str(quick_run), "--cache-dir", str(quick_run / "cache"), "--panels", "0"])
     assert "reused" in capsys.readouterr().out
     assert (quick_run / "runs" / "elastic_sa" / "weights.h5").stat().st_mtime == before
+
+
+def _disp_files(folder):
+    """Population-row displacements written by ``inference.py --save-nifti``: {relative path: array bytes}."""
+    import nibabel as nib
+
+    files = sorted((folder / "nifti" / "population").rglob("*_disp_vox.nii.gz"))
+    return {str(f.relative_to(folder)): np.asarray(nib.load(str(f)).dataobj).tobytes() for f in files}
+
+
+def _population_ident(quick_run, tmp_path, reg: str) -> str:
+    """The quick run's population identification with mid-range, per-class different values (the
+    quick models are tied everywhere, so the grid picks (1, 1), where the loss has no similarity
+    term and refinement would not move: the check below needs maps that matter)."""
+    import shutil
+
+    src = quick_run / "identification_population" / reg
+    dst = tmp_path / f"ident_{reg}"
+    shutil.copytree(src, dst)
+    table = pd.read_csv(dst / "identified_parameters.csv", dtype={"pair_id": str})
+    for field, base in (("lambda", 0.2), ("mu", 0.3)):
+        for k, name in enumerate(["background", *CLASSES]):
+            if f"{field}_{name}" in table:
+                table[f"{field}_{name}"] = base + 0.15 * k
+    table["g_lambda"] = 0.3
+    if "g_mu" in table:
+        table["g_mu"] = 0.4
+    table.to_csv(dst / "identified_parameters.csv", index=False)
+    return str(dst)
+
+
+def test_population_protocol_reads_no_test_fixed_label(quick_run, tmp_path, monkeypatch):
+    """Garbage test-split fixed segmentations leave every population displacement byte-identical
+    (they still score the rows); with ``--population-maps fixed`` (the leak) the -sas+io ones change."""
+    import dataclasses
+    import zlib
+
+    import inference
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    runs = quick_run / "runs"
+    argv = ["--elastic-sa", str(runs / "elastic_sa"), "--elastic-ident", _population_ident(quick_run, tmp_path, "elastic"),
+            "--refine", "5", "--panels", "0", "--save-nifti"]
+    both = argv + ["--diffusion-sa", str(runs / "diffusion_sa"),
+                   "--diffusion-ident", _population_ident(quick_run, tmp_path, "diffusion")]
+    inference.main(both + ["--out", str(tmp_path / "clean")])
+    clean = _disp_files(tmp_path / "clean")
+    assert len(clean) and len(clean) % 10 == 0  # 2 regularizers x (g, sas, sas@g, g+io, sas+io) x test pairs
+
+    real_load = art.load_dataset
+
+    def garbage_fixed_labels(*a, **k):
+        ds = real_load(*a, **k)
+        test_ids, load = set(ds.split_ids("test")), ds.load_pair
+
+        def load_pair(pid):
+            pair = load(pid)
+            if pid not in test_ids:
+                return pair
+            rng = np.random.default_rng(zlib.crc32(pid.encode()))
+            junk = rng.integers(0, len(CLASSES) + 1, pair.fixed_seg.shape).astype(pair.fixed_seg.dtype)
+            return dataclasses.replace(pair, fixed_seg=junk)
+
+        ds.load_pair = load_pair
+        return ds
+
+    monkeypatch.setattr(art, "load_dataset", garbage_fixed_labels)
+    inference.main(both + ["--out", str(tmp_path / "garbage")])
+    assert _disp_files(tmp_path / "garbage") == clean
+    scores = [pd.read_csv(tmp_path / d / "per_pair_metrics.csv") for d in ("clean", "garbage")]
+    assert not np.allclose(scores[0]["mean_dice"], scores[1]["mean_dice"])  # the labels did change
+
+    # the check can fail: maps from the (garbage) fixed labels change the -sas+io rows, and only them
+    inference.main(argv + ["--out", str(tmp_path / "leak"), "--population-maps", "fixed"])
+    leak = _disp_files(tmp_path / "leak")
+    changed = sorted(k for k in leak if leak[k] != clean[k])
+    assert changed and all("elas-sas+io" in k for k in changed)
+    assert len(changed) == len([k for k in leak if "elas-sas+io" in k])
