@@ -23,6 +23,15 @@ Gradient identifications (``parameter_identification.py --method gradient``) add
 ``<reg>-g (gradient)`` and ``<reg>-sas (gradient)`` rows (``gradient-epe`` for the EPE
 oracle). Every row carries its protocol; Table 1 shows one block per protocol.
 
+``--<reg>-sa`` takes one or more SA runs. The rows of an SA run trained with
+``--conditioning csain`` carry its conditioning: ``<reg>-sas (csain)``, ``<reg>-sas@g (csain)``,
+``<reg>-sas+io (csain)``, ``<reg>-sas (csain) (gradient)``; HyperMorph-SA rows keep their names,
+so ``--elastic-sa runs/elastic_sa runs/elastic_sa_csain`` puts both in one table with paired
+comparisons between them. Grid identifications (of the global run) apply to every SA run of the
+``unit`` weight range (not to ``--weight-range paper`` runs, whose hyp means other weights); a
+gradient identification applies only to the SA run it optimized (``sa_run`` in its
+identification.json).
+
 Writes into ``--out``: ``per_pair_metrics.csv`` (class Dice, mean Dice, HD95 per class and
 mean, lost classes, TRE where keypoints exist, %negJ, SDlogJ, seconds per pair and, for synthetic
 data, the dense error against the true field overall and per tissue), ``table1.csv`` /
@@ -55,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for reg in REGS:
         g = p.add_argument_group(f"{reg} models")
-        g.add_argument(f"--{reg}-sa", default=None, metavar="RUN", help=f"run folder of the SA {reg} model")
+        g.add_argument(f"--{reg}-sa", default=None, nargs="+", metavar="RUN",
+                       help=f"run folder(s) of SA {reg} models, at most one per conditioning (HyperMorph "
+                            "hypernetwork, CSAIN); CSAIN rows are labelled '(csain)'")
         g.add_argument(f"--{reg}-ident", default=None, nargs="+", metavar="DIR",
                        help=f"identification folder(s) of the global {reg} model (each holds "
                             "identified_parameters.csv and identification.json; e.g. the oracle and the "
@@ -101,26 +112,64 @@ def check_energy_scales(configs: Dict[str, Dict]) -> float:
     return next(iter(found.values()))[0]
 
 
-def _load_group(reg: str, sa_run: str, ident_dirs: Sequence[str], global_run: Optional[str]) -> Dict:
-    """Load and cross-check one regularizer's SA model, global model and identifications."""
+def sa_tag(config: Dict) -> str:
+    """Row-name tag of an SA run: ``''`` (HyperMorph hypernetwork) or ``' (csain)'``."""
+    cond = config["model"].get("conditioning", "hypernetwork")
+    return "" if cond == "hypernetwork" else f" ({cond})"
+
+
+def _load_sa_runs(reg: str, sa_runs: Sequence[str]) -> List[Dict]:
+    """Load the SA runs of one regularizer: ``[{run, model, cfg, tag}]`` (one per conditioning)."""
+    from hypermorph_spatially_adaptive import runio
+
+    out = []
+    for run in sa_runs:
+        model, cfg = runio.load_run(run, expect_regularizer=reg, expect_sa=True)
+        out.append({"run": run, "model": model, "cfg": cfg, "tag": sa_tag(cfg)})
+    tags = [s["tag"] for s in out]
+    if len(set(tags)) != len(tags):
+        raise ValueError(f"--{reg}-sa: two runs with the same conditioning ({', '.join(sa_runs)}); their rows "
+                         "would share names: give one per conditioning (run inference once per variant)")
+    if any(s["cfg"]["data"] != out[0]["cfg"]["data"] or s["cfg"]["class_names"] != out[0]["cfg"]["class_names"]
+           for s in out):
+        raise ValueError(f"--{reg}-sa: the runs {', '.join(sa_runs)} were trained on different datasets/classes")
+    return out
+
+
+def applies_to(source, sa_run: str, sa_config: Dict) -> bool:
+    """A grid identification (of the global run) applies to every SA run trained in the global
+    run's weight range ('unit'); a gradient one only to the SA run it optimized (``sa_run`` in its
+    identification.json). Values of the [0, 1] range mean other weights under the CSAIN paper's
+    range (``10 * hyp``, unit similarity weight), so grid values never go to such a run."""
+    if source.method == "grid":
+        return sa_config["model"].get("weight_range", "unit") == "unit"
+    own = source.meta.get("sa_run")
+    return own is None or os.path.abspath(own) == os.path.abspath(sa_run)
+
+
+def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], global_run: Optional[str]) -> Dict:
+    """Load and cross-check one regularizer's SA model(s), global model and identifications."""
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import runio
 
-    sa_model, sa_cfg = runio.load_run(sa_run, expect_regularizer=reg, expect_sa=True)
+    sas = _load_sa_runs(reg, sa_runs)
+    sa_cfg = sas[0]["cfg"]
     sa_names = art.sa_columns(reg, sa_cfg["class_names"])
     sources = [art.read_identification(d, reg, sa_names) for d in ident_dirs]
     global_run = global_run or sources[0].global_run
     g_model, g_cfg = runio.load_run(global_run, expect_regularizer=reg, expect_sa=False)
     for src in sources:
-        for run, cfg in ((sa_run, sa_cfg), (global_run, g_cfg)):
+        for run, cfg in ((sas[0]["run"], sa_cfg), (global_run, g_cfg)):
             if cfg["data"] != src.data:
                 raise ValueError(f"{src.csv}: identified on dataset {src.data}, but {run} was "
                                  f"trained on {cfg['data']}")
-    check_energy_scales({sa_run: sa_cfg, global_run: g_cfg})
+    # runs in the paper weight range get only their own gradient identification (see applies_to)
+    check_energy_scales({**{sa["run"]: sa["cfg"] for sa in sas
+                            if sa["cfg"]["model"].get("weight_range", "unit") == "unit"}, global_run: g_cfg})
     labels = [(s.protocol, s.suffix) for s in sources]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--{reg}-ident: two identification folders have the same protocol and method {labels}")
-    return {"reg": reg, "sa_run": sa_run, "global_run": global_run, "sa_model": sa_model, "sa_cfg": sa_cfg,
+    return {"reg": reg, "sas": sas, "global_run": global_run, "sa_cfg": sa_cfg,
             "sa_names": sa_names, "g_model": g_model, "g_cfg": g_cfg, "sources": sources}
 
 
@@ -185,7 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     split_ids = dataset.split_ids(split)
     pair_ids = first.pair_ids
     for g in groups:
-        runio.check_compatible(g["sa_run"], g["sa_cfg"], dataset)
+        for sa in g["sas"]:
+            runio.check_compatible(sa["run"], sa["cfg"], dataset)
         for src in g["sources"]:
             ids = src.pair_ids
             foreign = [p for p in ids if p not in split_ids]
@@ -232,35 +282,43 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     for g in groups:
         short = evaluation.SHORT[g["reg"]]
         g_cols = art.global_columns(g["reg"])
-        registrars = {"g": Registrar(g["g_model"]), "sa": Registrar(g["sa_model"])}
-        for kind, model in (("g", g["g_model"]), ("sa", g["sa_model"])):  # trace once, outside the timings
-            registrars[kind](moving[:1], fixed[:1], np.full((1, int(model.inputs[2].shape[-1])), 0.5, np.float32))
+        # one model per key: "g" and "sa0", "sa1", ... (one per conditioning)
+        models = {"g": (g["g_model"], g["g_cfg"], "", g["global_run"])}
+        models.update({f"sa{i}": (sa["model"], sa["cfg"], sa["tag"], sa["run"]) for i, sa in enumerate(g["sas"])})
+        registrars = {key: Registrar(m) for key, (m, _, _, _) in models.items()}
+        for key, (model, _, _, _) in models.items():  # trace once, outside the timings
+            registrars[key](moving[:1], fixed[:1], np.full((1, int(model.inputs[2].shape[-1])), 0.5, np.float32),
+                            fixed_seg[:1])
         refiners = {}
         if args.refine:
-            for kind, cfg in (("g", g["g_cfg"]), ("sa", g["sa_cfg"])):
-                refiners[kind] = Refiner.from_config(cfg)
+            for key, (_, cfg, _, _) in models.items():
+                refiners[key] = Refiner.from_config(cfg)
         for src in g["sources"]:
             choice = src.table.loc[pair_ids]
             g_hyp = choice[g_cols].to_numpy(np.float32)
             sa_hyp = choice[g["sa_names"]].to_numpy(np.float32)
-            runs = [(f"{short}-g", "g", g_hyp, g_cols), (f"{short}-sas", "sa", sa_hyp, g["sa_names"])]
-            if src.method == "grid":  # ablation: every class at the pair's -g values (README "How to read the comparison")
-                runs.append((f"{short}-sas@g", "sa", np.repeat(g_hyp, C + 1, axis=1), g["sa_names"]))
-            for name, kind, hyp, cols in runs:
+            runs = [("g", "", "g", g_hyp, g_cols)]
+            for key, (_, cfg, tag, run) in models.items():
+                if key == "g" or not applies_to(src, run, cfg):
+                    continue
+                runs.append(("sas", tag, key, sa_hyp, g["sa_names"]))
+                if src.method == "grid":  # ablation: every class at the pair's -g values (README "How to read the comparison")
+                    runs.append(("sas@g", tag, key, np.repeat(g_hyp, C + 1, axis=1), g["sa_names"]))
+            for variant, tag, key, hyp, cols in runs:
                 t0 = time.time()
-                warped, disp = registrars[kind](moving, fixed, hyp)
+                warped, disp = registrars[key](moving, fixed, hyp, fixed_seg)
                 seconds = time.time() - t0
-                record(name + src.suffix, src.protocol, warped, disp, hyp, cols, seconds)
-                if args.refine and src.method == "grid" and "@" not in name:
+                record(f"{short}-{variant}{tag}{src.suffix}", src.protocol, warped, disp, hyp, cols, seconds)
+                if args.refine and src.method == "grid" and "@" not in variant:
                     t1 = time.time()
                     source = "fixed" if src.protocol == "oracle" else args.population_maps
                     seg = None
-                    if kind == "sa":
+                    if key != "g":
                         seg = fixed_seg if source == "fixed" else map_segmentation(pairs, disp)
-                    u, before, after = refiners[kind](moving, fixed, disp, hyp, seg, args.refine, args.refine_lr)
+                    u, before, after = refiners[key](moving, fixed, disp, hyp, seg, args.refine, args.refine_lr)
                     warped_io = linear_warp(moving, u).numpy()
-                    record(name + "+io", src.protocol, warped_io, u, hyp, cols, seconds + time.time() - t1,
-                           maps=MAP_LABELS[source] if kind == "sa" else "")
+                    record(f"{short}-{variant}+io{tag}", src.protocol, warped_io, u, hyp, cols, seconds + time.time() - t1,
+                           maps=MAP_LABELS[source] if key != "g" else "")
                     print(f"[inference]   refinement loss {before.mean():.4f} -> {after.mean():.4f}", flush=True)
 
     per_pair = pd.DataFrame(rows)
@@ -296,7 +354,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                             os.path.join(args.out, f"fig3_{short}_{pair.pair_id}.png"),
                                             title=f"{pair.pair_id}: {short} models (oracle protocol)",
                                             class_names=class_names)
-    meta = {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sa_run"]), "global_run": os.path.abspath(g["global_run"]),
+    meta = {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sas"][0]["run"]),
+                                  "sa_runs": {sa["tag"].strip(" ()") or "hypernetwork": os.path.abspath(sa["run"])
+                                              for sa in g["sas"]},
+                                  "global_run": os.path.abspath(g["global_run"]),
                                   "identification": [os.path.abspath(s.csv) for s in g["sources"]]}
                        for g in groups},
             "dataset": cfg0["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,

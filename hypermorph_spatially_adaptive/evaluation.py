@@ -9,6 +9,7 @@ Method names follow the paper, with the additions of the README "How to read the
                                (separates "another network" from "per-tissue values")
 - ``*+io``                     the row's displacement refined per pair (instance optimization
                                on the training loss, :mod:`.refinement`)
+- ``* (csain)``                the SA rows of a CSAIN-conditioned SA model (:mod:`.csain`)
 
 Rows also carry a ``protocol``: ``oracle`` (the paper's: parameters identified on each test
 pair's own labels) or ``population`` (identified on the validation split, one setting for all
@@ -27,7 +28,7 @@ import eval_metrics
 
 SHORT = {"diffusion": "diff", "elastic": "elas"}
 PROTOCOLS = ("oracle", "population")
-_VARIANTS = ("g", "sas", "sas@g", "g+io", "sas+io")
+_VARIANTS = ("g", "sas", "sas@g", "g+io", "sas+io", "sas (csain)", "sas@g (csain)", "sas+io (csain)")
 METHOD_ORDER = ["initial"] + [f"{s}-{v}" for s in ("diff", "elas") for v in _VARIANTS]
 #: metrics compared pair by pair (lower is better for all but Dice)
 COMPARED = ("mean_dice", "hd95", "tre", "dense_epe")
@@ -298,14 +299,20 @@ def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, s
 def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
     """The comparisons of the README "How to read the comparison" that the given methods allow, per regularizer, as
     (a, b) method names (a - b is reported); rows of a gradient identification add
-    ``sas (gradient) - g (gradient)`` and ``sas (gradient) - sas`` (gradient vs grid proxy)."""
+    ``sas (gradient) - g (gradient)`` and ``sas (gradient) - sas`` (gradient vs grid proxy); CSAIN
+    rows add ``sas (csain) - g``, ``sas (csain) - sas`` (CSAIN vs HyperMorph-SA),
+    ``sas (csain) - sas@g (csain)`` and ``sas+io (csain) - sas+io``."""
     present = set(methods)
     out = []
     for s in ("diff", "elas"):
         for a, b in ((f"{s}-sas", f"{s}-g"), (f"{s}-sas@g", f"{s}-g"), (f"{s}-sas", f"{s}-sas@g"),
                      (f"{s}-sas+io", f"{s}-g+io"),
                      # gradient identification (README "Gradient identification"): -sas vs -g, and vs the grid proxy
-                     (f"{s}-sas (gradient)", f"{s}-g (gradient)"), (f"{s}-sas (gradient)", f"{s}-sas")):
+                     (f"{s}-sas (gradient)", f"{s}-g (gradient)"), (f"{s}-sas (gradient)", f"{s}-sas"),
+                     # CSAIN conditioning (README "CSAIN"): vs -g, vs HyperMorph-SA, its own ablation
+                     (f"{s}-sas (csain)", f"{s}-g"), (f"{s}-sas (csain)", f"{s}-sas"),
+                     (f"{s}-sas (csain)", f"{s}-sas@g (csain)"), (f"{s}-sas+io (csain)", f"{s}-sas+io"),
+                     (f"{s}-sas (csain) (gradient)", f"{s}-g (gradient)")):
             if a in present and b in present:
                 out.append((a, b))
     return out

@@ -192,23 +192,26 @@ _STEP_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _make_step(model, objective: str, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> Callable:
     """One compiled Adam step on ``z`` (weights frozen), cached per model and objective.
 
-    ``step(z, m, v, t, lr, active, moving, fixed, a, b, present, mask, spacing)`` returns
+    ``step(z, m, v, t, lr, active, moving, fixed, seg, a, b, present, mask, spacing)`` returns
     ``(objective [B] at z, gradient finite [B], z', m', v')``; pairs with ``active = 0`` (or a
     non-finite gradient) keep ``z``, ``m``, ``v``. For ``'dice'`` ``a``/``b`` are the fixed/moving
     tissue one-hots ``[B, *spatial, C]`` and ``present [B, C]`` flags the classes that count; for
     ``'epe'`` ``a`` is the true displacement ``[B, *spatial, D]`` (``b``, ``present`` unused).
-    ``t`` is the 1-based Adam step, ``spacing [D]`` mm per axis.
+    ``t`` is the 1-based Adam step, ``spacing [D]`` mm per axis; ``seg [B, *spatial]`` int32 is
+    the fixed segmentation, passed to models that build a conditioning map from it (CSAIN).
     """
+    from .models import call_model
+
     cache = _STEP_CACHE.setdefault(model, {})
     if objective in cache:
         return cache[objective]
 
     @tf.function(autograph=False)
-    def step(z, m, v, t, lr, active, moving, fixed, a, b, present, mask, spacing):
+    def step(z, m, v, t, lr, active, moving, fixed, seg, a, b, present, mask, spacing):
         with tf.GradientTape() as tape:
             tape.watch(z)
             h = tf.sigmoid(z)
-            _, disp, _ = model([moving, fixed, h], training=False)
+            _, disp, _ = call_model(model, moving, fixed, h, seg, training=False)
             if objective == "dice":
                 obj = dice_objective(a, b, disp, present, mask)
             else:
@@ -238,8 +241,8 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
     """Optimize the hyperparameter input of ``model`` per pair by Adam on ``z`` (``h = sigmoid(z)``).
 
     Args:
-        model: Keras model ``[moving, fixed, hyp] -> (warped, disp, svf)`` (global or SA; see
-            :mod:`.models`), weights frozen.
+        model: Keras model ``[moving, fixed, hyp(, fixed_seg)] -> (warped, disp, svf)`` (global,
+            SA or CSAIN; see :mod:`.models`), weights frozen.
         moving, fixed: ``[N, *spatial, 1]`` float images.
         fixed_seg, moving_seg: ``[N, *spatial]`` int labels 0..C (needed for 'dice'; for 'epe'
             ``fixed_seg`` gives the default mask ``fixed_seg > 0``).
@@ -325,7 +328,12 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
     traces: List[List[float]] = [[] for _ in range(n)]
     used = np.zeros(n, int)
     passes = 0
-    args_fixed = [tf.constant(x) for x in (moving, fixed, a, b, present, msk, spc)]
+    from .models import needs_segmentation
+
+    if needs_segmentation(model) and fseg is None:
+        raise ValueError("this model (CSAIN) builds its conditioning map from the fixed segmentation: pass fixed_seg")
+    seg = np.zeros((n, *shape), np.int32) if fseg is None else fseg.astype(np.int32)
+    args_fixed = [tf.constant(x) for x in (moving, fixed, seg, a, b, present, msk, spc)]
     lr_t = tf.constant(lr, tf.float32)
     for k in range(steps):
         try:
@@ -433,7 +441,8 @@ def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int) -> np.ndarray:
 
     from .registration import Registrar
 
-    _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp)
+    _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp,
+                               np.stack([p.fixed_seg for p in pairs]))
     return np.stack([eval_metrics.dice_per_class(p.fixed_seg, eval_metrics.warp_labels(p.moving_seg, disp[k]),
                                                  num_classes) for k, p in enumerate(pairs)])
 

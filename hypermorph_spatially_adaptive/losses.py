@@ -15,6 +15,10 @@ NCC term over most of the hyperparameter box, so the best field hardly depends o
 hyperparameters; ``K`` brings the two terms to the same order (README "Calibrated energy",
 ``benchmarks/calibrate_energy.py`` estimates it on a dataset).
 
+SA models with ``spec.weight_range == 'paper'`` (CSAIN paper) use weights ``10 * hyp`` and an
+unweighted similarity ``mean_x[-cc]``; ``spec.smooth_sigma > 0`` smooths the maps first (both
+in :func:`.params.regularization_parameters`).
+
 Shapes: images ``[B, *spatial, 1]``, field ``[B, *spatial, D]`` in voxels; all outputs ``[B]``.
 Units: ``cc`` is dimensionless in [0, 1]; the regularizer is in squared strain (see
 :mod:`regularizers`), so with unit spacing it is plain voxel arithmetic.
@@ -106,6 +110,7 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
         reg = regularizers.diffusion_regularizer(field, lam, spacing)
     if energy_scale != 1.0:
         reg = float(energy_scale) * reg
-    sim = _weighted_mean(sim_weight, -cc)
-    return {"loss": sim + reg, "similarity": sim, "regularization": reg,
-            "ncc": tf.reduce_mean(cc, axis=list(range(1, cc.shape.rank)))}
+    ncc = tf.reduce_mean(cc, axis=list(range(1, cc.shape.rank)))
+    # 'paper' weight range (CSAIN): -NCC + ||Lambda_gau grad phi||^2, no similarity weight
+    sim = _weighted_mean(sim_weight, -cc) if spec.weighted_similarity else -ncc
+    return {"loss": sim + reg, "similarity": sim, "regularization": reg, "ncc": ncc}

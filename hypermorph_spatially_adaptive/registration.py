@@ -23,33 +23,40 @@ def auto_batch_size(image_shape, n: int, voxel_budget: int = 2 ** 18) -> int:
 
 
 class Registrar:
-    """Compiled forward pass ``(moving, fixed, hyp) -> (warped, disp)``.
+    """Compiled forward pass ``(moving, fixed, hyp[, fixed_seg]) -> (warped, disp)``.
 
     Shapes: ``moving``/``fixed`` ``[N, *spatial, 1]`` (or ``[*spatial, 1]`` broadcast to all N
-    hyperparameter rows), ``hyp`` ``[N, P]``; returns numpy ``warped [N, *spatial, 1]`` and
-    ``disp [N, *spatial, D]`` (integrated displacement, voxels).
+    hyperparameter rows), ``hyp`` ``[N, P]``, ``fixed_seg`` ``[N, *spatial]`` or ``[*spatial]``
+    int labels (required by CSAIN models, which build their conditioning map from it; ignored
+    by HyperMorph models); returns numpy ``warped [N, *spatial, 1]`` and ``disp [N, *spatial, D]``
+    (integrated displacement, voxels).
     """
 
     def __init__(self, model, batch_size: Optional[int] = None):
         import tensorflow as tf
 
+        from .models import call_model, needs_segmentation
+
         self.model = model
         self.image_shape = tuple(int(s) for s in model.inputs[0].shape[1:-1])
         self.num_params = int(model.inputs[2].shape[-1])
         self.batch_size = batch_size
+        self.needs_segmentation = needs_segmentation(model)
         nd = len(self.image_shape)
         img = tf.TensorSpec([None, *self.image_shape, 1], tf.float32)
         hyp = tf.TensorSpec([None, self.num_params], tf.float32)
+        seg = tf.TensorSpec([None, *self.image_shape], tf.int32)
 
-        @tf.function(input_signature=[img, img, hyp], autograph=False)
-        def _forward(moving, fixed, h):
-            warped, disp, _ = model([moving, fixed, h], training=False)
+        @tf.function(input_signature=[img, img, hyp, seg], autograph=False)
+        def _forward(moving, fixed, h, s):
+            warped, disp, _ = call_model(model, moving, fixed, h, s, training=False)
             return warped, disp
 
         self._forward = _forward
         self._ndim = nd
 
-    def __call__(self, moving: np.ndarray, fixed: np.ndarray, hyp: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def __call__(self, moving: np.ndarray, fixed: np.ndarray, hyp: np.ndarray,
+                 fixed_seg: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         hyp = np.asarray(hyp, np.float32)
         if hyp.ndim != 2 or hyp.shape[1] != self.num_params:
             raise ValueError(f"hyp must be [N, {self.num_params}], got {hyp.shape}")
@@ -58,14 +65,30 @@ class Registrar:
         n = hyp.shape[0]
         moving = self._expand(moving, n, "moving")
         fixed = self._expand(fixed, n, "fixed")
+        seg = self._segmentation(fixed_seg, n)
         bs = self.batch_size or auto_batch_size(self.image_shape, n)
         warped, disp = [], []
         for i in range(0, n, bs):
             sl = slice(i, i + bs)
-            w, d = self._forward(moving[sl], fixed[sl], hyp[sl])
+            w, d = self._forward(moving[sl], fixed[sl], hyp[sl], seg[sl])
             warped.append(w.numpy())
             disp.append(d.numpy())
         return np.concatenate(warped), np.concatenate(disp)
+
+    def _segmentation(self, seg: Optional[np.ndarray], n: int) -> np.ndarray:
+        """``[N, *spatial]`` int32 (zeros, unused, for models that do not take it)."""
+        if seg is None:
+            if self.needs_segmentation:
+                raise ValueError("this model (CSAIN) builds its conditioning map from the fixed segmentation: "
+                                 "pass fixed_seg")
+            return np.zeros((n, *self.image_shape), np.int32)
+        seg = np.asarray(seg)
+        if seg.shape == self.image_shape:
+            return np.broadcast_to(seg[None].astype(np.int32), (n, *seg.shape))
+        if seg.shape == (n, *self.image_shape):
+            return seg.astype(np.int32)
+        raise ValueError(f"fixed_seg has shape {seg.shape}; the model expects [N, *{self.image_shape}] "
+                         f"or [*{self.image_shape}]")
 
     def _expand(self, x: np.ndarray, n: int, name: str) -> np.ndarray:
         x = np.asarray(x, np.float32)

@@ -58,6 +58,11 @@ _OPTION_NAMES = {"data.name": "--dataset", "training.n_train_pairs": "number of 
                  "model.regularizer": "preset (training script)",
                  "model.spatially_adaptive": "preset (training script)"}
 
+#: values that config.json entries added later had before they existed: a run saved without
+#: them is compared (``--resume``) as if it had these, so older runs still resume
+LEGACY_DEFAULTS = {"model.conditioning": "hypernetwork", "model.smooth_sigma": 0.0, "model.weight_range": "unit",
+                   "model.csain_blocks": 2}
+
 LOG_FIELDS = ["step", "loss", "similarity", "regularization", "ncc", "val_loss", "val_ncc", "sec_per_step"]
 
 
@@ -125,6 +130,22 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
     m.add_argument("--int-resolution", type=arg_int(1), default=2, help="relative voxel size of the integration")
     m.add_argument("--hyp-layers", type=arg_int(1), default=6, help="dense layers of the hypernetwork")
     m.add_argument("--hyp-units", type=arg_int(1), default=128, help="units per hypernetwork layer")
+    if sa:
+        c = p.add_argument_group("conditioning and parameter maps (spatially adaptive presets)")
+        c.add_argument("--conditioning", choices=["hypernetwork", "csain"], default="hypernetwork",
+                       help="hypernetwork: HyperMorph (per-class values -> hyper-convolutions); csain: the same "
+                            "U-Net conditioned on the voxelwise parameter map by CSAIN layers (Wang et al.; "
+                            "--hyp-layers/--hyp-units unused)")
+        c.add_argument("--smooth-maps", type=arg_float(0.0, inclusive=True), default=0.0, metavar="SIGMA",
+                       help="Gaussian-smooth the parameter maps with this sigma in voxels (window 2 ceil(2.5 sigma) "
+                            "+ 1; CSAIN paper: 0.8, window 5) in the loss, the CSAIN input, validation and every "
+                            "later stage; 0: piecewise constant maps")
+        c.add_argument("--weight-range", choices=["unit", "paper"], default="unit",
+                       help="unit: hyperparameters in [0, 1] are the weights of paper eq. (1); paper: the CSAIN "
+                            "paper's loss, regularization weights 10 * hyp ~ U(0, 10) and unit similarity weight "
+                            "(hyp stays in [0, 1] in every file)")
+        c.add_argument("--csain-blocks", type=arg_int(0), default=2,
+                       help="CSAIN residual blocks at the U-Net bottleneck (--conditioning csain)")
     return p
 
 
@@ -219,6 +240,7 @@ def changed_options(old: Dict, new: Dict) -> Dict[str, Tuple[object, object]]:
     (entries in :data:`RESUME_MAY_CHANGE` and bookkeeping are ignored)."""
     skip = ("command", "versions", "finished", "final_step", "train_seconds", "resumed")
     a, b = _flatten(old), _flatten(new)
+    a = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in a}, **a}
     return {k: (a.get(k), v) for k, v in b.items()
             if not k.startswith(skip) and k not in RESUME_MAY_CHANGE and a.get(k) != v}
 
@@ -300,12 +322,16 @@ def _args_config(preset: str, args: argparse.Namespace) -> Dict:
     import datasets
 
     reg, sa = PRESETS[preset]
+    cond = _conditioning_options(args)
+    sampling = "per-sample U(0,1)" + ("; regularization weights 10 * hyp ~ U(0,10)"
+                                      if cond["weight_range"] == "paper" else "")
     return {
         "preset": preset,
         "model": {"regularizer": reg, "spatially_adaptive": sa, "enc_features": list(args.enc_features),
                   "dec_features": list(args.dec_features), "int_steps": args.int_steps,
-                  "int_resolution": args.int_resolution, "hyp_layers": args.hyp_layers, "hyp_units": args.hyp_units},
-        "loss": {"ncc_win": args.ncc_win, "reg_field": args.reg_field, "hyp_sampling": "per-sample U(0,1)",
+                  "int_resolution": args.int_resolution, "hyp_layers": args.hyp_layers, "hyp_units": args.hyp_units,
+                  **cond},
+        "loss": {"ncc_win": args.ncc_win, "reg_field": args.reg_field, "hyp_sampling": sampling,
                  "oversample_endpoints": args.oversample_endpoints, "energy_scale": args.energy_scale,
                  "hyp_mapping": _mapping(args).to_dict()},
         "training": {"batch_size": args.batch_size, "lr": args.lr, "optimizer": "Adam", "strategy": args.strategy,
@@ -319,6 +345,14 @@ def _mapping(args: argparse.Namespace):
     from .params import HypMapping
 
     return HypMapping(args.hyp_mapping, args.log_decades)
+
+
+def _conditioning_options(args: argparse.Namespace) -> Dict:
+    """ModelConfig's conditioning / map entries from the options (global presets: the defaults)."""
+    return {"conditioning": getattr(args, "conditioning", "hypernetwork"),
+            "smooth_sigma": float(getattr(args, "smooth_maps", 0.0)),
+            "weight_range": getattr(args, "weight_range", "unit"),
+            "csain_blocks": int(getattr(args, "csain_blocks", 2))}
 
 
 def _merge(base: Dict, extra: Dict) -> Dict:
@@ -360,10 +394,12 @@ def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: in
     import tensorflow as tf
 
     from .losses import loss_terms
+    from .models import call_model
 
     def replica_step(batch):
         with tf.GradientTape() as tape:
-            warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+            warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
+                                           training=True)
             terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
                                batch["fixed_seg"], spacing, win, energy_scale, mapping)
             loss = tf.reduce_sum(terms["loss"]) / global_batch
@@ -415,7 +451,8 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     mc = ModelConfig(image_shape=tuple(dataset.image_shape), regularizer=reg, spatially_adaptive=sa,
                      num_classes=dataset.num_classes, enc_features=tuple(args.enc_features),
                      dec_features=tuple(args.dec_features), int_steps=args.int_steps,
-                     int_resolution=args.int_resolution, hyp_layers=args.hyp_layers, hyp_units=args.hyp_units)
+                     int_resolution=args.int_resolution, hyp_layers=args.hyp_layers, hyp_units=args.hyp_units,
+                     **_conditioning_options(args))
     mc.validate()
     spec: ParamSpec = mc.spec
     config = _merge(_args_config(preset, args), {
@@ -471,7 +508,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     from . import runio
     from datasets.atomic import atomic_write
     from .losses import loss_terms
-    from .models import build_model
+    from .models import build_model, call_model
 
     tf.keras.utils.set_random_seed(args.seed)
     if not args.no_determinism:
@@ -525,7 +562,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
 
     @tf.function(autograph=False)
     def eval_batch(moving, fixed, seg, hyp):
-        warped, disp, svf = model([moving, fixed, hyp], training=False)
+        warped, disp, svf = call_model(model, moving, fixed, hyp, seg, training=False)
         t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win, energy_scale, mapping)
         return t["loss"], t["ncc"]
 
