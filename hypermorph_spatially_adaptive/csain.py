@@ -65,12 +65,16 @@ class CSAIN(KL.Layer):
         self.eps = float(eps)
 
     def build(self, input_shape):
-        h_shape, _ = input_shape
+        h_shape, m_shape = [list(s) for s in input_shape]
         nd = len(h_shape) - 2
         channels = int(h_shape[-1])
         Conv = getattr(KL, f"Conv{nd}D")
         self.gamma_conv = Conv(channels, self.kernel_size, padding="valid", name="gamma")
         self.beta_conv = Conv(channels, self.kernel_size, padding="valid", name="beta")
+        map_shape = [None] * (nd + 1) + [int(m_shape[-1])]
+        for conv in (self.gamma_conv, self.beta_conv):  # built here, under their own names (<layer>/gamma/kernel)
+            with tf.name_scope(conv.name):
+                conv.build(map_shape)
         self._nd = nd
         super().build(input_shape)
 

@@ -193,7 +193,6 @@ def smooth_maps(maps, sigma: float):
     if nd not in (2, 3):
         raise ValueError(f"maps must be [B, *spatial, K] with 2 or 3 spatial axes, got {maps.shape}")
     chans = int(maps.shape[-1])
-    conv = tf.nn.conv2d if nd == 2 else tf.nn.conv3d
     # fold the K maps into the batch: one single-channel convolution per axis serves all of them
     perm = [0, nd + 1] + list(range(1, nd + 1))
     x = tf.reshape(tf.transpose(maps, perm), [-1, *shape, 1])
@@ -205,7 +204,7 @@ def smooth_maps(maps, sigma: float):
         norm = (taps[None, :] * ((pos >= 0) & (pos < n))).sum(1)  # weight of the taps inside the image
         bshape = [1] * (nd + 2)
         bshape[ax + 1] = n
-        x = conv(x, kernel, strides=1, padding="SAME") / tf.constant(norm.reshape(bshape), tf.float32)
+        x = tf.nn.convolution(x, kernel, padding="SAME") / tf.constant(norm.reshape(bshape), tf.float32)
     back = [0] + list(range(2, nd + 2)) + [1]
     return tf.transpose(tf.reshape(x, [-1, chans, *shape]), back)
 
