@@ -18,6 +18,9 @@ Models:
   :func:`~hypermorph_spatially_adaptive.trainer.make_train_step`: model forward, ``loss_terms``,
   gradient, Adam inside ``strategy.run`` of the default strategy, ``step`` counter), per-term
   outputs fetched to Python every step like the trainer's log accumulator;
+- ``sa_elastic_csain``, ``sa_diffusion_csain``: the SA presets with ``--conditioning csain``
+  (:mod:`hypermorph_spatially_adaptive.csain`: the same U-Net sizes, conditioned on the parameter
+  map by CSAIN layers instead of a hypernetwork), same trainer step;
 - ``sa_elastic_mapfn``: ``sa_elastic`` with voxelmorph's own ``tf.map_fn`` per-sample layers
   (``build_model(..., unroll=False)``); ``plain_unrolled``: ``plain`` with our unrolled
   per-sample layers (:mod:`hypermorph_spatially_adaptive.unrolled`, active for batch <= 2), so the
@@ -66,6 +69,8 @@ MODELS = {
     "sa_diffusion": ("diffusion", True, True),
     "global_diffusion": ("diffusion", False, True),
     "sa_elastic_mapfn": ("elastic", True, False),
+    "sa_elastic_csain": ("elastic", True, True, "csain"),
+    "sa_diffusion_csain": ("diffusion", True, True, "csain"),
     "plain": ("plain", False),
     "plain_unrolled": ("plain", True),
 }
@@ -257,13 +262,14 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
         # ---- ours: same computation as trainer.run's per_replica / train_step ----
         from hypermorph_spatially_adaptive import losses as hm_losses
         from hypermorph_spatially_adaptive.losses import loss_terms
-        from hypermorph_spatially_adaptive.models import ModelConfig, build_model
+        from hypermorph_spatially_adaptive.models import ModelConfig, build_model, call_model
         from hypermorph_spatially_adaptive.params import regularization_parameters
         from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
         import regularizers
 
-        reg, sa, unroll = MODELS[name]
-        mc = ModelConfig(image_shape=shape, regularizer=reg, spatially_adaptive=sa, num_classes=NUM_CLASSES)
+        reg, sa, unroll, *cond = MODELS[name]
+        mc = ModelConfig(image_shape=shape, regularizer=reg, spatially_adaptive=sa, num_classes=NUM_CLASSES,
+                         conditioning=cond[0] if cond else "hypernetwork")
         mc.validate()
         spec = mc.spec
         strategy = tf.distribute.get_strategy()
@@ -285,19 +291,22 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
         if job["breakdown"]:
             @tf.function
             def fwd(batch):
-                warped, disp, _svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+                warped, disp, _svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
+                                             training=True)
                 return warped, disp
 
             @tf.function
             def fwd_loss(batch):
-                warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+                warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
+                                             training=True)
                 terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"], spacing, win)
                 return tf.reduce_sum(terms["loss"]) / bsz
 
             @tf.function
             def fwd_loss_grad(batch):
                 with tf.GradientTape() as tape:
-                    warped, disp, svf = model([batch["moving"], batch["fixed"], batch["hyp"]], training=True)
+                    warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
+                                             training=True)
                     terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"],
                                        spacing, win)
                     loss = tf.reduce_sum(terms["loss"]) / bsz
