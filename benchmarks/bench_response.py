@@ -57,7 +57,7 @@ def response(run: str, split: str = "test", num_pairs: int = 3) -> Dict[str, flo
                     h = np.full(P, 0.5)
                     h[c::k] = v
                     hyp.append(h)
-        _, disp = reg(moving, fixed, np.asarray(hyp, np.float32))
+        _, disp = reg(moving, fixed, np.asarray(hyp, np.float32), pair.fixed_seg)
         mag = lambda d: float(np.linalg.norm(d, axis=-1).mean())  # noqa: E731
         row = {"|u|": mag(disp[2]), "|u(0)-u(1)|": mag(disp[0] - disp[1]),
                "|u(.5)-u(.5+-.1)|": 0.5 * (mag(disp[2] - disp[3]) + mag(disp[2] - disp[4]))}
@@ -121,7 +121,7 @@ def response_curves(run: str, split: str = "test", num_pairs: int = 3, steps: in
                 v = np.full(reg.num_params, rest)
                 v[idx] = h
                 hyp.append(v)
-        _, disp = reg(pair.moving, pair.fixed, np.asarray(hyp, np.float32))
+        _, disp = reg(pair.moving, pair.fixed, np.asarray(hyp, np.float32), pair.fixed_seg)
         disp = disp.reshape(len(axes), steps, *disp.shape[1:])
         seg = np.asarray(pair.fixed_seg)
         for a, (name, _, cls) in enumerate(axes):

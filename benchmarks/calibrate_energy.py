@@ -88,7 +88,8 @@ def _pairs_and_reference(args):
         reg = Registrar(model)
         moving = np.stack([p.moving for p in pairs])
         fixed = np.stack([p.fixed for p in pairs])
-        _, ref = reg(moving, fixed, np.zeros((len(pairs), reg.num_params), np.float32))
+        _, ref = reg(moving, fixed, np.zeros((len(pairs), reg.num_params), np.float32),
+                     np.stack([p.fixed_seg for p in pairs]))
         source = f"run {args.run} at h = 0"
     return pairs, ref, source, [float(s) for s in pairs[0].spacing], win
 
