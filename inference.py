@@ -166,7 +166,9 @@ def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], glo
     # runs in the paper weight range get only their own gradient identification (see applies_to)
     check_energy_scales({**{sa["run"]: sa["cfg"] for sa in sas
                             if sa["cfg"]["model"].get("weight_range", "unit") == "unit"}, global_run: g_cfg})
-    labels = [(s.protocol, s.suffix) for s in sources]
+    # gradient identifications of different SA runs (e.g. HyperMorph-SA and CSAIN) may share protocol and method
+    labels = [(s.protocol, s.suffix, os.path.abspath(s.meta.get("sa_run") or "") if s.method != "grid" else "")
+              for s in sources]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--{reg}-ident: two identification folders have the same protocol and method {labels}")
     return {"reg": reg, "sas": sas, "global_run": global_run, "sa_cfg": sa_cfg,
@@ -293,11 +295,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         if args.refine:
             for key, (_, cfg, _, _) in models.items():
                 refiners[key] = Refiner.from_config(cfg)
+        g_done = set()  # (protocol, suffix) whose -g row exists: gradient folders of two SA runs both hold one
         for src in g["sources"]:
             choice = src.table.loc[pair_ids]
             g_hyp = choice[g_cols].to_numpy(np.float32)
             sa_hyp = choice[g["sa_names"]].to_numpy(np.float32)
-            runs = [("g", "", "g", g_hyp, g_cols)]
+            runs = [] if (src.protocol, src.suffix) in g_done else [("g", "", "g", g_hyp, g_cols)]
+            g_done.add((src.protocol, src.suffix))
             for key, (_, cfg, tag, run) in models.items():
                 if key == "g" or not applies_to(src, run, cfg):
                     continue
