@@ -301,7 +301,8 @@ def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
     (a, b) method names (a - b is reported); rows of a gradient identification add
     ``sas (gradient) - g (gradient)`` and ``sas (gradient) - sas`` (gradient vs grid proxy); CSAIN
     rows add ``sas (csain) - g``, ``sas (csain) - sas`` (CSAIN vs HyperMorph-SA),
-    ``sas (csain) - sas@g (csain)`` and ``sas+io (csain) - sas+io``."""
+    ``sas (csain) - sas@g (csain)``, ``sas+io (csain) - sas+io`` and, for gradient rows,
+    ``sas (csain) (gradient)`` against ``g (gradient)`` and ``sas (gradient)``."""
     present = set(methods)
     out = []
     for s in ("diff", "elas"):
@@ -312,7 +313,8 @@ def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
                      # CSAIN conditioning (README "CSAIN"): vs -g, vs HyperMorph-SA, its own ablation
                      (f"{s}-sas (csain)", f"{s}-g"), (f"{s}-sas (csain)", f"{s}-sas"),
                      (f"{s}-sas (csain)", f"{s}-sas@g (csain)"), (f"{s}-sas+io (csain)", f"{s}-sas+io"),
-                     (f"{s}-sas (csain) (gradient)", f"{s}-g (gradient)")):
+                     (f"{s}-sas (csain) (gradient)", f"{s}-g (gradient)"),
+                     (f"{s}-sas (csain) (gradient)", f"{s}-sas (gradient)")):
             if a in present and b in present:
                 out.append((a, b))
     return out
