@@ -380,6 +380,8 @@ class PairRegistrar:
             self._check_identify(identify, vols)
         if refine and self.info.spatially_adaptive and vols["fixed_seg"] is None:
             raise ValueError("refining with a spatially adaptive model needs the fixed segmentation (--fixed-seg)")
+        if self.info.config["model"].get("conditioning", "hypernetwork") == "csain" and vols["fixed_seg"] is None:
+            raise ValueError("a CSAIN run builds its conditioning map from the fixed segmentation: give --fixed-seg")
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
         return _Inputs(vols["fixed"], vols["moving"], vols["fixed_seg"], vols["moving_seg"], hyp)
@@ -424,7 +426,8 @@ class PairRegistrar:
             hyp = self._identify(identify, moving_m, fixed_m, *segs, grid_steps, gradient_steps, gradient_lr)
             seconds["identify"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, disp = self._registrar(moving_m[..., None], fixed_m[..., None], hyp[None])
+        fseg_m = None if segs[0] is None else np.rint(segs[0]).astype(np.int32)[None]  # CSAIN input
+        _, disp = self._registrar(moving_m[..., None], fixed_m[..., None], hyp[None], fseg_m)
         u = disp[0]
         seconds["forward"] = time.perf_counter() - t0
         refine_loss = None
