@@ -30,7 +30,10 @@ so ``--elastic-sa runs/elastic_sa runs/elastic_sa_csain`` puts both in one table
 comparisons between them. Grid identifications (of the global run) apply to every SA run of the
 ``unit`` weight range (not to ``--weight-range paper`` runs, whose hyp means other weights); a
 gradient identification applies only to the SA run it optimized (``sa_run`` in its
-identification.json).
+identification.json). A CSAIN network builds its input map from a segmentation of the fixed
+frame: the fixed labels in the oracle protocol; in the population protocol (with the default
+``--population-maps warped-moving``) the moving labels warped by the -g network with the same
+source's values, so no test label enters the forward pass (column ``maps`` says which).
 
 Writes into ``--out``: ``per_pair_metrics.csv`` (class Dice, mean Dice, HD95 per class and
 mean, lost classes, TRE where keypoints exist, %negJ, SDlogJ, seconds per pair and, for synthetic
@@ -211,6 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import evaluation, figures, runio
     from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+    from hypermorph_spatially_adaptive.models import needs_segmentation
     from hypermorph_spatially_adaptive.registration import Registrar
 
     groups = []
@@ -308,14 +312,20 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 runs.append(("sas", tag, key, sa_hyp, g["sa_names"]))
                 if src.method == "grid":  # ablation: every class at the pair's -g values (README "How to read the comparison")
                     runs.append(("sas@g", tag, key, np.repeat(g_hyp, C + 1, axis=1), g["sa_names"]))
+            source = "fixed" if src.protocol == "oracle" else args.population_maps
+            net_seg = fixed_seg  # the segmentation a CSAIN network builds its input map from
+            if source != "fixed" and any(needs_segmentation(models[k][0]) for _, _, k, _, _ in runs):
+                # label-free at test time: the moving labels warped by the -g network with this source's values
+                net_seg = map_segmentation(pairs, registrars["g"](moving, fixed, g_hyp)[1])
             for variant, tag, key, hyp, cols in runs:
+                csain = needs_segmentation(models[key][0])
                 t0 = time.time()
-                warped, disp = registrars[key](moving, fixed, hyp, fixed_seg)
+                warped, disp = registrars[key](moving, fixed, hyp, net_seg if csain else None)
                 seconds = time.time() - t0
-                record(f"{short}-{variant}{tag}{src.suffix}", src.protocol, warped, disp, hyp, cols, seconds)
+                record(f"{short}-{variant}{tag}{src.suffix}", src.protocol, warped, disp, hyp, cols, seconds,
+                       maps=(MAP_LABELS[source].replace("the network", "the -g network") if csain else ""))
                 if args.refine and src.method == "grid" and "@" not in variant:
                     t1 = time.time()
-                    source = "fixed" if src.protocol == "oracle" else args.population_maps
                     seg = None
                     if key != "g":
                         seg = fixed_seg if source == "fixed" else map_segmentation(pairs, disp)

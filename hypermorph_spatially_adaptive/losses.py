@@ -98,6 +98,8 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
     cc = ncc_map(fixed, warped, win)
     lam, mu = regularization_parameters(spec, hyp, fixed_seg)
     linear = mapping is None or mapping.weighted_similarity
+    if not linear and spec.weight_range != "unit":
+        raise ValueError("the paper weight range and a non-linear hyperparameter mapping exclude each other")
     if spec.regularizer == "elastic":
         sim_weight = 2.0 - lam - mu if linear else 1.0
         if not linear:

@@ -288,6 +288,9 @@ def check_args(args: argparse.Namespace) -> None:
     if len(args.dec_features) < len(args.enc_features):
         raise ValueError(f"--dec-features needs at least as many values as --enc-features "
                          f"({len(args.enc_features)}), got {len(args.dec_features)}")
+    if getattr(args, "weight_range", "unit") == "paper" and args.hyp_mapping != "linear":
+        raise ValueError("--weight-range paper (weights 10 h, unit similarity weight) and --hyp-mapping "
+                         f"{args.hyp_mapping} are two different weightings: choose one")
 
 
 def _check_folder(args: argparse.Namespace):
