@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hyperparameter-to-weight mapping of the four models' loss (see the training scripts' --help)")
     g.add_argument("--log-decades", type=arg_float(0.0), default=2.0, metavar="D",
                    help="--hyp-mapping log: decades of regularization strength the box spans")
+    g.add_argument("--csain", action="store_true",
+                   help="also train both SA presets with CSAIN conditioning (runs/<reg>_sa_csain), identify them by "
+                        "gradient and add their rows to Table 1 (README 'CSAIN conditioning')")
+    g.add_argument("--sa-train-args", default="",
+                   help="extra options for the SA models only (HyperMorph-SA and CSAIN), e.g. \"--smooth-maps 0.8\"")
     g.add_argument("--batch-size", type=int, default=1, help="training batch size")
     g.add_argument("--grid-steps", type=int, default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=int, default=0, help="training seed (all four models)")
@@ -91,7 +96,7 @@ def _check_inputs(args, preset_argv: dict) -> None:
     import parameter_identification
     from hypermorph_spatially_adaptive import trainer
 
-    targs = [trainer.build_parser(p).parse_args(preset_argv[p]) for p in PRESETS]
+    targs = [trainer.build_parser(p.replace("_csain", "")).parse_args(argv) for p, argv in preset_argv.items()]
     for a in targs:
         trainer.check_args(a)
     parameter_identification.build_parser().parse_args(["--run", targs[0].out, "--grid-steps", str(args.grid_steps)])
@@ -110,6 +115,63 @@ def _plot_training_curves(runs: dict, out_png: str) -> None:
         print(f"-- training curves: {out_png}", flush=True)
 
 
+def _train_all(args, preset_argv: dict, runs: dict) -> None:
+    """Stage 1: train every model (reuse finished runs with the same command, resume unfinished ones)."""
+    from hypermorph_spatially_adaptive import trainer
+
+    n = len(preset_argv)
+    print(f"== stage 1/3: training {n} models ({args.steps} steps each) -> {args.out}/runs", flush=True)
+    for k, (name, argv_p) in enumerate(preset_argv.items(), 1):
+        preset = name.replace("_csain", "")  # the CSAIN runs are the SA presets with --conditioning csain
+        state = _run_state(runs[name], argv_p)
+        if state != "none" and args.force:
+            print(f"-- [{k}/{n}] {name}: --force: the run in {runs[name]} is replaced (--overwrite)", flush=True)
+            trainer.main(preset, argv_p + ["--overwrite"])
+        elif state == "finished":
+            print(f"-- [{k}/{n}] {name}: finished run with the same command found, reused", flush=True)
+        elif state == "none":
+            print(f"-- [{k}/{n}] {name}", flush=True)
+            trainer.main(preset, argv_p)
+        else:
+            print(f"-- [{k}/{n}] {name}: " + ("unfinished run with the same command found, resuming it" if
+                  state == "unfinished" else f"{runs[name]} holds a run made with another command; resuming it "
+                  "(refused unless only the step target or logging changed)"), flush=True)
+            try:
+                trainer.main(preset, argv_p + ["--resume"])
+            except ValueError as exc:
+                if "--resume refused" not in str(exc):
+                    raise
+                raise ValueError(f"{exc} [run_pipeline.py: --force retrains the models]") from exc
+
+
+def _identify_all(args, runs: dict) -> dict:
+    """Stage 2: grid identification in both protocols, gradient identification per SA run."""
+    import parameter_identification
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    print("== stage 2/3: parameter identification (grid: oracle and population protocol; gradient: oracle)",
+          flush=True)
+    ident = {}
+    for reg in ("elastic", "diffusion"):
+        ident[reg] = []
+        for protocol in ("oracle", "population"):
+            ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS[protocol], reg))
+            parameter_identification.main(["--run", runs[f"{reg}_global"], "--out", ident[reg][-1],
+                                           "--grid-steps", str(args.grid_steps), "--protocol", protocol])
+        if not args.gradient_steps:
+            continue
+        # README "Gradient identification": Adam on the models' own inputs from 0.5 (not from the grid's
+        # choice: grid values of 0 or 1 sit where the sigmoid is flat; benchmarks/README.md)
+        for sa, folder in ((f"{reg}_sa", art.IDENTIFICATION_DIRS["gradient"]),
+                           (f"{reg}_sa_csain", art.IDENTIFICATION_DIRS["gradient"] + "_csain")):
+            if sa in runs:
+                ident[reg].append(os.path.join(args.out, folder, reg))
+                parameter_identification.main(["--run", runs[f"{reg}_global"], "--sa-run", runs[sa],
+                                               "--method", "gradient", "--init", "center",
+                                               "--steps", str(args.gradient_steps), "--out", ident[reg][-1]])
+    return ident
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     import shlex
 
@@ -126,12 +188,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     import datasets
     import inference
-    import parameter_identification
     from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import trainer
 
     t0 = time.time()
-    runs = {p: os.path.join(args.out, "runs", p) for p in PRESETS}
+    names = PRESETS + ([f"{r}_sa_csain" for r in ("elastic", "diffusion")] if args.csain else [])
+    runs = {p: os.path.join(args.out, "runs", p) for p in names}
     common = datasets.dataset_argv(args) + ["--steps", str(args.steps), "--lr", repr(args.lr), "--batch-size", str(args.batch_size),
                                  "--seed", str(args.seed), "--log-every", str(max(1, min(50, args.steps // 10))),
                                  "--val-every", str(max(1, args.steps // 4))]
@@ -141,58 +202,24 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     mapping = [] if args.hyp_mapping == "linear" else ["--hyp-mapping", args.hyp_mapping,
                                                         "--log-decades", repr(args.log_decades)]
     preset_argv = {}
-    for p in PRESETS:
+    for p in names:
         k = getattr(args, f"{p.split('_')[0]}_energy_scale")
+        sa_only = shlex.split(args.sa_train_args) if "_sa" in p else []
+        csain = ["--conditioning", "csain"] if p.endswith("_csain") else []
         # K = 1 leaves the command (and so the reuse of runs made before --energy-scale) as it was
-        preset_argv[p] = common + (["--energy-scale", repr(k)] if k != 1.0 else []) + mapping + ["--out", runs[p]]
+        preset_argv[p] = (common + (["--energy-scale", repr(k)] if k != 1.0 else []) + mapping + sa_only + csain
+                          + ["--out", runs[p]])
     _check_inputs(args, preset_argv)
-    print(f"== stage 1/3: training 4 models ({args.steps} steps each) -> {args.out}/runs", flush=True)
-    for k, preset in enumerate(PRESETS, 1):
-        argv_p = preset_argv[preset]
-        state = _run_state(runs[preset], argv_p)
-        if state != "none" and args.force:
-            print(f"-- [{k}/4] {preset}: --force: the run in {runs[preset]} is replaced (--overwrite)", flush=True)
-            trainer.main(preset, argv_p + ["--overwrite"])
-        elif state == "finished":
-            print(f"-- [{k}/4] {preset}: finished run with the same command found, reused", flush=True)
-        elif state == "none":
-            print(f"-- [{k}/4] {preset}", flush=True)
-            trainer.main(preset, argv_p)
-        else:
-            print(f"-- [{k}/4] {preset}: " + ("unfinished run with the same command found, resuming it" if
-                  state == "unfinished" else f"{runs[preset]} holds a run made with another command; resuming it "
-                  "(refused unless only the step target or logging changed)"), flush=True)
-            try:
-                trainer.main(preset, argv_p + ["--resume"])
-            except ValueError as exc:
-                if "--resume refused" not in str(exc):
-                    raise
-                raise ValueError(f"{exc} [run_pipeline.py: --force retrains the four models]") from exc
-
-    _plot_training_curves(runs, os.path.join(args.out, "training_curves.png"))
-
-    print("== stage 2/3: parameter identification (grid: oracle and population protocol; gradient: oracle)",
-          flush=True)
-    ident = {}
-    for reg in ("elastic", "diffusion"):
-        ident[reg] = []
-        for protocol in ("oracle", "population"):
-            ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS[protocol], reg))
-            parameter_identification.main(["--run", runs[f"{reg}_global"], "--out", ident[reg][-1],
-                                           "--grid-steps", str(args.grid_steps), "--protocol", protocol])
-        if args.gradient_steps:  # README "Gradient identification": Adam on the models' own inputs from 0.5
-            # (from 0.5, not from the grid's choice: grid values of 0 or 1 sit where the sigmoid is flat and
-            # barely move; benchmarks/README.md, SA Dice 0.950 from 0.5 vs 0.941 from the grid on the demo)
-            ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS["gradient"], reg))
-            parameter_identification.main(["--run", runs[f"{reg}_global"], "--sa-run", runs[f"{reg}_sa"],
-                                           "--method", "gradient", "--init", "center",
-                                           "--steps", str(args.gradient_steps), "--out", ident[reg][-1]])
+    _train_all(args, preset_argv, runs)
+    _plot_training_curves({p: runs[p] for p in PRESETS}, os.path.join(args.out, "training_curves.png"))
+    ident = _identify_all(args, runs)
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
+    sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
     inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine),
-                    "--elastic-sa", runs["elastic_sa"], "--elastic-ident", *ident["elastic"],
-                    "--diffusion-sa", runs["diffusion_sa"], "--diffusion-ident", *ident["diffusion"]])
+                    "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
+                    "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
     minutes = (time.time() - t0) / 60
     print(f"\nPipeline finished in {minutes:.1f} min.\n  Table 1: {results}/{art.TABLE1_MD} (and .csv)\n"
           f"  per-pair metrics: {results}/{art.PER_PAIR_METRICS}\n  figures: {results}/*.png, "
