@@ -17,6 +17,10 @@ global run itself. Rows per identification (``<reg>`` = ``elas`` / ``diff``):
   (nearest neighbour, ``eval_metrics.warp_labels``), the moving image playing the atlas whose
   labels are known, as in atlas-based segmentation (``--population-maps``). Rows say what
   built their maps in the column ``maps``.
+  By default the refinement adds a folding and a log-Jacobian penalty and smooths a coarser
+  update so that the field stays plausible (``--refine-fold-weight``, ``--refine-logj-weight``,
+  ``--refine-smooth``, ``--refine-grid``, ``--refine-svf``; README "Refinement that does not
+  tear"); Table 1 marks a +io row whose mean %negJ exceeds 0.05 with a dagger (Dice rises with tearing).
 - ``initial``: no registration.
 
 Gradient identifications (``parameter_identification.py --method gradient``) add
@@ -86,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "protocol: 'warped-moving' (label-free at test time: the moving segmentation warped by the "
                         "network's displacement) or 'fixed' (the test pair's fixed segmentation, which also scores "
                         "the row: a label leak, for measuring it). The oracle protocol always uses 'fixed'")
+    runio.add_refine_args(p)
     p.add_argument("--bootstrap", type=int, default=2000,
                    help="resamples of the studentized bootstrap interval of the paired comparison")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
@@ -298,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         refiners = {}
         if args.refine:
             for key, (_, cfg, _, _) in models.items():
-                refiners[key] = Refiner.from_config(cfg)
+                refiners[key] = Refiner.from_config(cfg, **runio.refine_kwargs(args))
         g_done = set()  # (protocol, suffix) whose -g row exists: gradient folders of two SA runs both hold one
         for src in g["sources"]:
             choice = src.table.loc[pair_ids]
@@ -375,7 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                   "identification": [os.path.abspath(s.csv) for s in g["sources"]]}
                        for g in groups},
             "dataset": cfg0["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,
-            "refine_lr": args.refine_lr, "bootstrap": args.bootstrap, "seed": args.seed,
+            "refine_lr": args.refine_lr, "refine_options": runio.refine_kwargs(args),
+            "bootstrap": args.bootstrap, "seed": args.seed,
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
     atomic_write(os.path.join(args.out, art.INFERENCE_META), json.dumps(meta, indent=2))
     print(header + markdown + comp_md, flush=True)

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypermorph_spatially_adaptive.runio import arg_float, arg_int
+    from hypermorph_spatially_adaptive.runio import add_refine_args, arg_float, arg_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refine", type=arg_int(0), default=0, metavar="N",
                    help="instance optimization: N Adam steps on the training loss from the network's field (0: off)")
     g.add_argument("--refine-lr", type=arg_float(0.0), default=0.1, help="Adam learning rate of the refinement (voxels)")
+    add_refine_args(g)
     g = p.add_argument_group("outputs (at least one)")
     g.add_argument("--out-warped", default=None, help="warped moving image (NIfTI)")
     g.add_argument("--out-warped-seg", default=None, help="warped moving segmentation (NIfTI, needs --moving-seg)")
@@ -76,12 +77,13 @@ def main(argv: Optional[Sequence[str]] = None):
     if args.out_warped_seg and not args.moving_seg:
         raise ValueError("--out-warped-seg needs --moving-seg")
     from hypermorph_spatially_adaptive.pair_registration import PairRegistrar, save_result
+    from hypermorph_spatially_adaptive.runio import refine_kwargs
 
     registrar = PairRegistrar(args.run, args.global_run, args.orientation, load=False)
     result = registrar(args.fixed, args.moving, args.params, args.fixed_seg, args.moving_seg, args.refine,
                        refine_lr=args.refine_lr, ident=args.ident, ident_pair=args.ident_pair,
                        identify=args.identify, grid_steps=args.grid_steps, gradient_steps=args.gradient_steps,
-                       gradient_lr=args.gradient_lr)
+                       gradient_lr=args.gradient_lr, refine_options=refine_kwargs(args))
     written = save_result(result, args.out_warped, args.out_disp, args.out_itk_warp, args.out_warped_seg)
     summary = {"params": result.params(), "model_grid_spacing": [round(s, 4) for s in result.grid.spacing],
                "seconds": {k: round(v, 4) for k, v in result.seconds.items()}}

@@ -28,7 +28,7 @@ QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, 
 
 def build_parser() -> argparse.ArgumentParser:
     import datasets
-    from hypermorph_spatially_adaptive.runio import arg_float, arg_int
+    from hypermorph_spatially_adaptive.runio import add_refine_args, arg_float, arg_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="training seed (all four models)")
     g.add_argument("--refine", type=arg_int(0), default=100,
                    help="instance optimization steps per test pair after the networks (the +io rows; 0: off)")
+    add_refine_args(g)
     g.add_argument("--gradient-steps", type=arg_int(0), default=50,
                    help="gradient identification (oracle protocol, every parameter started at 0.5): Adam steps per "
                         "pair on the SA and global models' hyperparameters, the '(gradient)' rows; 0: off")
@@ -216,8 +217,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
+    from hypermorph_spatially_adaptive.runio import refine_argv
+
     sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
-    inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine),
+    inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine), *refine_argv(args),
                     "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
                     "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
     minutes = (time.time() - t0) / 60

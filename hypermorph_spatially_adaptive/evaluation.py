@@ -32,6 +32,11 @@ _VARIANTS = ("g", "sas", "sas@g", "g+io", "sas+io", "sas (csain)", "sas@g (csain
 METHOD_ORDER = ["initial"] + [f"{s}-{v}" for s in ("diff", "elas") for v in _VARIANTS]
 #: metrics compared pair by pair (lower is better for all but Dice)
 COMPARED = ("mean_dice", "hd95", "tre", "dense_epe")
+#: +io rows whose mean %negJ exceeds this are flagged in Table 1 (dagger + :data:`FOLD_FOOTNOTE`)
+FOLD_FLAG_PERCENT = 0.05
+FOLD_MARK = "\u2020"
+FOLD_FOOTNOTE = (f"{FOLD_MARK} mean %negJ > {FOLD_FLAG_PERCENT:g}: folds: Dice rises with tearing, so this row's "
+                 "Dice is not comparable with rows that do not fold.")
 
 
 def pair_metrics(pair, disp: np.ndarray, num_classes: int, class_names: Sequence[str]) -> Dict:
@@ -95,7 +100,9 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
     (what built a refined SA row's parameter maps, from the per-pair column ``maps``; '' otherwise),
     ``<metric>_mean`` / ``<metric>_std`` and ``lost_classes`` (sum over pairs) / ``hd95_pairs``
     (pairs whose HD95 is defined), and the Markdown tables as the paper prints them (class DSC
-    as means, the rest as mean(std); %negJ is '-' for ``initial``). Without a ``protocol``
+    as means, the rest as mean(std); %negJ is '-' for ``initial``; a ``+io`` row whose mean %negJ
+    exceeds :data:`FOLD_FLAG_PERCENT` is marked with a dagger and explained under its block:
+    Dice rises with tearing). Without a ``protocol``
     column there is one block; ``initial`` (protocol-free) is repeated in every block.
     A metric's mean is taken over the pairs where it is finite; HD95 counts a lost class at the
     image diagonal (:func:`pair_metrics`) and says how many pair-classes were lost.
@@ -148,12 +155,15 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
     texts = []
     for protocol, block in blocks:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        flagged = False
         for r in block:
             cls = "[" + ", ".join(f"{r[f'dice_{n}_mean']:.3f}" for n in class_names) + "]"
             hd = _fmt(r["hd95_mean"], r["hd95_std"])
             if r["lost_classes"]:
                 hd += f" ({r['lost_classes']}/{r['pair_classes']} pair-classes lost, at the image diagonal)"
-            label = r["method"] + (f" [maps: {r['maps']}]" if r["maps"] else "")
+            folds = "+io" in r["method"] and r["percent_neg_jac_mean"] > FOLD_FLAG_PERCENT
+            flagged = flagged or folds
+            label = r["method"] + (f" [maps: {r['maps']}]" if r["maps"] else "") + (f" {FOLD_MARK}" if folds else "")
             cells = [label, cls, _fmt(r["mean_dice_mean"], r["mean_dice_std"]), hd]
             if has_tre:
                 cells.append(_fmt(r["tre_mean"], r["tre_std"]))
@@ -170,6 +180,8 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
                            "own labels, scored on the same labels",
                  "population": "**population protocol** (label-free at test time): one setting identified "
                                "on the validation split, applied to every test pair"}.get(protocol)
+        if flagged:
+            lines += ["", FOLD_FOOTNOTE]
         texts.append((title + "\n\n" if title else "") + "\n".join(lines) + "\n")
     return numeric, "\n".join(texts)
 

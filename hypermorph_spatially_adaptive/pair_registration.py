@@ -399,8 +399,11 @@ class PairRegistrar:
     def __call__(self, fixed: ImageLike, moving: ImageLike, params=None, fixed_seg: Optional[ImageLike] = None,
                  moving_seg: Optional[ImageLike] = None, refine: int = 0, refine_lr: float = 0.1,
                  ident: Optional[str] = None, ident_pair: Optional[str] = None, identify: Optional[str] = None,
-                 grid_steps: int = 11, gradient_steps: int = 50, gradient_lr: float = 0.05) -> PairResult:
-        """Register ``moving`` onto ``fixed`` (module docstring); returns a :class:`PairResult`."""
+                 grid_steps: int = 11, gradient_steps: int = 50, gradient_lr: float = 0.05,
+                 refine_options: Optional[Dict] = None) -> PairResult:
+        """Register ``moving`` onto ``fixed`` (module docstring); returns a :class:`PairResult`.
+        ``refine_options``: :class:`.refinement.Refiner` keyword options (default
+        ``runio.REFINE_DEFAULTS``, those of the command line)."""
         seconds: Dict[str, float] = {}
         t0 = time.perf_counter()
         inp = self.check(fixed, moving, fixed_seg, moving_seg, params, ident, ident_pair, identify, refine)
@@ -433,7 +436,7 @@ class PairRegistrar:
         refine_loss = None
         if refine:
             t0 = time.perf_counter()
-            u, refine_loss = self._refine(moving_m, fixed_m, u, hyp, segs[0], grid, refine, refine_lr)
+            u, refine_loss = self._refine(moving_m, fixed_m, u, hyp, segs[0], grid, refine, refine_lr, refine_options)
             seconds["refine"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -479,11 +482,14 @@ class PairRegistrar:
         cols = self.names if self.info.spatially_adaptive else global_columns(self.info.regularizer)
         return row[cols].to_numpy(np.float32)
 
-    def _refine(self, moving_m, fixed_m, u, hyp, fseg, grid: geo.ModelGrid, steps: int, lr: float):
+    def _refine(self, moving_m, fixed_m, u, hyp, fseg, grid: geo.ModelGrid, steps: int, lr: float,
+                options: Optional[Dict] = None):
         from .refinement import Refiner
+        from .runio import REFINE_DEFAULTS
 
         loss = self.info.config.get("loss", {})  # the run's loss (Refiner.from_config) at the model grid's spacing
-        refiner = Refiner(self.info.spec, grid.spacing, loss.get("ncc_win", 9), loss.get("energy_scale", 1.0))
+        refiner = Refiner(self.info.spec, grid.spacing, loss.get("ncc_win", 9), loss.get("energy_scale", 1.0),
+                          **(REFINE_DEFAULTS if options is None else options))
         u_ref, before, after = refiner(moving_m[None, ..., None], fixed_m[None, ..., None], u[None], hyp[None],
                                        None if fseg is None else fseg[None], steps, lr)
         return u_ref[0], (float(before[0]), float(after[0]))
@@ -506,7 +512,7 @@ def register(fixed: ImageLike, moving: ImageLike, run: str, params=None, fixed_s
         refine: Adam steps of instance optimization (``refine_lr``, default 0.1 voxel).
         orientation: training orientation code (default RAS, the identity affine).
         **kw: ``refine_lr``, ``ident``, ``ident_pair``, ``identify``, ``grid_steps``,
-            ``gradient_steps``, ``gradient_lr`` (see :meth:`PairRegistrar.__call__`).
+            ``gradient_steps``, ``gradient_lr``, ``refine_options`` (see :meth:`PairRegistrar.__call__`).
 
     Returns:
         :class:`PairResult` on the fixed image's grid.

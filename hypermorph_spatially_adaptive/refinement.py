@@ -11,16 +11,36 @@ protocol pass the fixed segmentation (the paper's); the population protocol of `
 passes the moving segmentation warped by the network's displacement, so no test label touches
 the registration.
 
-Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is (bi/tri)linear with coordinates
-clamped to the image (voxelmorph's ``SpatialTransformer`` with
-``fill_value=None``). The result is a displacement in the same convention, so every metric
-applies unchanged. The refinement always regularizes the displacement (the paper's field), also
-for runs trained with ``--reg-field svf``.
+Options that keep the refined field plausible (keyword-only arguments of :class:`Refiner`;
+all off by default = the original refinement, which optimizes ``u`` voxel by voxel):
 
-All pairs run as one batch; each pair's loss only depends on its own displacement, so the
-summed loss gives every pair its own gradient (Adam's update is elementwise, so pairs do not
-interact). Each pair keeps its best iterate, so the returned loss is never above the start;
-zero steps return ``u0`` unchanged.
+* ``fold_weight`` w: adds ``w * mean_x relu(fold_eps - det(I + grad u))^2`` to the objective,
+  with the Jacobian determinant of ``x + u(x)`` from central differences (one-sided at the
+  border), the discretization of the reported %negJ (``eval_metrics.jacobian_determinant``).
+* ``logj_weight`` w: adds ``w * mean_x log(max(det, fold_eps))^2``, a penalty on local volume
+  change in both directions (what SDlogJ measures).
+* ``smooth`` k: the optimized update passes through k successive 3-voxel box filters per axis
+  (stride 1, 'SAME'), a B-spline-like smoother (ConvexAdam / VoxelMorph++ use three).
+* ``grid`` g: the update lives on a grid g times coarser per axis (``ceil(n / g)`` nodes, corners
+  aligned) and is upsampled (bi/trilinearly) to the image grid.
+* ``svf``: the update is a stationary velocity field ``v``; ``d = exp(v)`` by scaling and squaring
+  (``int_steps`` squarings) and the result is the composition ``u(x) = d(x) + u0(x + d(x))``
+  (the network's map after the refinement's), diffeomorphic if ``u0`` is, up to discretization.
+
+Without ``svf`` the result is ``u = u0 + S(P(p))`` (``P``: upsampling, ``S``: smoothing, ``p``
+the optimized array, zero at the start); with ``grid = 1, smooth = 0`` this is Adam on ``u``
+itself. The energy and the fold penalty always act on the full displacement ``u`` (the paper's
+field), also for runs trained with ``--reg-field svf``.
+
+Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is (bi/tri)linear with coordinates
+clamped to the image (voxelmorph's ``SpatialTransformer`` with ``fill_value=None``). The result
+is a displacement in the same convention, so every metric applies unchanged.
+
+All pairs run as one batch; each pair's objective only depends on its own variables, so the
+summed objective gives every pair its own gradient (Adam's update is elementwise, so pairs do
+not interact). Each pair keeps its best iterate (lowest objective = training loss + the
+Jacobian penalties), so the returned objective is never above the start; zero steps return ``u0``
+unchanged.
 """
 from __future__ import annotations
 
@@ -66,37 +86,194 @@ def linear_warp(image: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
     return out
 
 
+
+def jacobian_determinant(u: tf.Tensor) -> tf.Tensor:
+    """``det(I + grad u)`` ``[N, *spatial]`` of displacements ``u [N, *spatial, D]`` (voxels).
+
+    Central differences inside, one-sided at the border: the discretization of ``np.gradient``,
+    so the values match ``eval_metrics.jacobian_determinant`` (float32). Every spatial axis needs
+    at least 2 voxels.
+    """
+    u = tf.convert_to_tensor(u, tf.float32)
+    ndim = u.shape.rank - 2
+    grads = []  # grads[i][..., j] = d u_j / d x_i
+    for i in range(ndim):
+        ax = i + 1
+        n = u.shape[ax]
+        if n is None or n < 2:
+            raise ValueError(f"jacobian_determinant: spatial axis {i} has {n} voxels (needs >= 2)")
+
+        def sl(a, b, ax=ax):
+            idx = [slice(None)] * u.shape.rank
+            idx[ax] = slice(a, b)
+            return u[tuple(idx)]
+
+        parts = [sl(1, 2) - sl(0, 1)]
+        if n > 2:
+            parts.append(0.5 * (sl(2, None) - sl(None, -2)))
+        parts.append(sl(n - 1, n) - sl(n - 2, n - 1))
+        grads.append(tf.concat(parts, axis=ax))
+    a = [[grads[i][..., j] + (1.0 if i == j else 0.0) for j in range(ndim)] for i in range(ndim)]
+    if ndim == 2:
+        return a[0][0] * a[1][1] - a[0][1] * a[1][0]
+    return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
+
+
+def fold_penalty(u: tf.Tensor, eps: float = 0.1, det: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """``mean_x relu(eps - det(I + grad u))^2`` per pair, ``[N]`` (0 where every det >= eps);
+    ``det``: :func:`jacobian_determinant` of ``u`` if already computed."""
+    det = jacobian_determinant(u) if det is None else det
+    return tf.reduce_mean(tf.square(tf.nn.relu(eps - det)), axis=list(range(1, det.shape.rank)))
+
+
+def log_jacobian_penalty(u: tf.Tensor, eps: float = 0.1, det: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """``mean_x log(max(det(I + grad u), eps))^2`` per pair, ``[N]``: penalizes local volume
+    change in both directions (its spread is SDlogJ); flat below ``eps`` (the fold penalty's
+    business). ``det`` as in :func:`fold_penalty`."""
+    det = jacobian_determinant(u) if det is None else det
+    logj = tf.math.log(tf.maximum(det, eps))
+    return tf.reduce_mean(tf.square(logj), axis=list(range(1, det.shape.rank)))
+
+
+def box_smooth(v: tf.Tensor, passes: int) -> tf.Tensor:
+    """``passes`` successive 3-voxel means along every axis (stride 1, 'SAME': the border means
+    average only the voxels inside), per channel; ``v [N, *spatial, K]``."""
+    v = tf.convert_to_tensor(v, tf.float32)
+    ndim = v.shape.rank - 2
+    pool = tf.nn.avg_pool2d if ndim == 2 else tf.nn.avg_pool3d
+    for _ in range(int(passes)):
+        v = pool(v, ksize=3, strides=1, padding="SAME")
+    return v
+
+
+def _interp_matrix(n: int, m: int) -> np.ndarray:
+    """``[n, m]`` weights of linear interpolation from ``m`` nodes onto ``n`` points with aligned
+    corners (node ``k`` at fine coordinate ``k (n - 1) / (m - 1)``)."""
+    pos = np.linspace(0.0, m - 1.0, n) if m > 1 else np.zeros(n)
+    lo = np.minimum(np.floor(pos).astype(np.int64), max(m - 2, 0))
+    frac = pos - lo
+    w = np.zeros((n, m), np.float32)
+    w[np.arange(n), lo] += 1.0 - frac
+    w[np.arange(n), np.minimum(lo + 1, m - 1)] += frac
+    return w
+
+
+def upsample_linear(p: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
+    """(Bi/tri)linear interpolation of ``p [N, *coarse, K]`` onto ``shape`` with aligned corners
+    (coarse node ``k`` sits at fine coordinate ``k (n - 1) / (m - 1)``); the identity when the
+    shapes agree. One small dense matrix product per axis (its gradient is a matrix product too,
+    much faster than a gather's scatter)."""
+    out = tf.convert_to_tensor(p, tf.float32)
+    letters = "abcdefgh"
+    for i, n in enumerate(shape):
+        ax = i + 1
+        m = out.shape[ax]
+        if m == n:
+            continue
+        src = letters[: out.shape.rank]
+        dst = src[:ax] + "z" + src[ax + 1:]
+        out = tf.einsum(f"{src},z{src[ax]}->{dst}", out, tf.constant(_interp_matrix(int(n), int(m))))
+    return out
+
+
+def integrate_svf(v: tf.Tensor, steps: int = 7) -> tf.Tensor:
+    """``exp(v)``: the displacement of the flow of the stationary velocity ``v [N, *spatial, D]``
+    (voxels) by scaling and squaring, ``d <- d + d(x + d)`` ``steps`` times from ``v / 2^steps``."""
+    d = v / float(2 ** int(steps))
+    for _ in range(int(steps)):
+        d = d + linear_warp(d, d)
+    return d
+
+
+def _coarse_shape(shape: Sequence[int], grid: int) -> Tuple[int, ...]:
+    return tuple(max(2, -(-int(n) // int(grid))) if grid > 1 else int(n) for n in shape)
+
+
 class Refiner:
     """Compiled per-pair refinement for one model's loss (``spec``, spacing, NCC window).
 
-    ``Refiner(spec, spacing, win, energy_scale)(moving, fixed, u0, hyp, fixed_seg, steps, lr)`` returns
-    ``(u, loss_start, loss_end)``: the refined displacement ``[N, *spatial, D]`` (numpy, voxels)
-    and the per-pair loss ``[N]`` before and after (the loss of the returned ``u``).
+    ``Refiner(spec, spacing, win, energy_scale)(moving, fixed, u0, hyp, fixed_seg, steps, lr)``
+    returns ``(u, loss_start, loss_end)``: the refined displacement ``[N, *spatial, D]`` (numpy, voxels)
+    and the per-pair objective ``[N]`` (:meth:`loss`) before and after (that of the returned
+    ``u``).
+
+    Keyword-only options (module docstring; defaults = the original voxelwise refinement):
+    ``fold_weight`` (>= 0) and ``fold_eps`` of the folding penalty, ``logj_weight`` (>= 0) of the
+    log-Jacobian penalty, ``smooth`` (box-filter passes of the update), ``grid`` (update grid
+    coarsening factor, >= 1), ``svf`` (refine a velocity field and compose its exponential with
+    ``u0``) and ``int_steps`` (its squarings).
     """
 
     def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9,
-                 energy_scale: float = 1.0, mapping: Optional[HypMapping] = None):
+                 energy_scale: float = 1.0, mapping: Optional[HypMapping] = None, *,
+                 fold_weight: float = 0.0, fold_eps: float = 0.1, logj_weight: float = 0.0, smooth: int = 0,
+                 grid: int = 1, svf: bool = False, int_steps: int = 7):
         self.spec = spec
         self.mapping = mapping
         self.spacing = None if spacing is None else [float(s) for s in spacing]
         self.win = int(win)
         self.energy_scale = float(energy_scale)
+        if fold_weight < 0:
+            raise ValueError(f"fold_weight must be >= 0, got {fold_weight}")
+        if logj_weight < 0:
+            raise ValueError(f"logj_weight must be >= 0, got {logj_weight}")
+        if smooth < 0 or int(smooth) != smooth:
+            raise ValueError(f"smooth must be an integer >= 0, got {smooth}")
+        if grid < 1 or int(grid) != grid:
+            raise ValueError(f"grid must be an integer >= 1, got {grid}")
+        if int_steps < 0:
+            raise ValueError(f"int_steps must be >= 0, got {int_steps}")
+        self.fold_weight = float(fold_weight)
+        self.fold_eps = float(fold_eps)
+        self.logj_weight = float(logj_weight)
+        self.smooth = int(smooth)
+        self.grid = int(grid)
+        self.svf = bool(svf)
+        self.int_steps = int(int_steps)
 
     @classmethod
-    def from_config(cls, config: dict) -> "Refiner":
+    def from_config(cls, config: dict, **options) -> "Refiner":
         """The refiner of a saved run (``config.json``): its spec, spacing, NCC window, energy
-        scale ``K`` and hyperparameter mapping (runs made before these existed: ``K = 1``, linear)."""
+        scale ``K`` and hyperparameter mapping (runs made before these existed: ``K = 1``, linear);
+        ``options``: the keyword-only plausibility options (class docstring)."""
         loss = config.get("loss", {})
         return cls(ParamSpec.from_model_config(config["model"]), loss.get("spacing"), loss.get("ncc_win", 9),
-                   loss.get("energy_scale", 1.0), HypMapping.from_loss_config(loss))
+                   loss.get("energy_scale", 1.0), HypMapping.from_loss_config(loss), **options)
 
     def loss(self, moving, fixed, u, hyp, fixed_seg) -> tf.Tensor:
-        """Per-pair training loss ``[N]`` of displacement ``u`` (see :func:`.losses.loss_terms`)."""
+        """Per-pair objective ``[N]`` of displacement ``u``: the training loss
+        (:func:`.losses.loss_terms`) plus ``fold_weight *`` :func:`fold_penalty` plus
+        ``logj_weight *`` :func:`log_jacobian_penalty` (one Jacobian for both)."""
         moving, fixed = tf.convert_to_tensor(moving, tf.float32), tf.convert_to_tensor(fixed, tf.float32)
         hyp, u = tf.convert_to_tensor(hyp, tf.float32), tf.convert_to_tensor(u, tf.float32)
         warped = linear_warp(moving, u)
-        return loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing, self.win,
-                          self.energy_scale, self.mapping)["loss"]
+        out = loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing, self.win,
+                         self.energy_scale, self.mapping)["loss"]
+        det = jacobian_determinant(u) if self.fold_weight > 0 or self.logj_weight > 0 else None
+        if self.fold_weight > 0:
+            out = out + self.fold_weight * fold_penalty(u, self.fold_eps, det)
+        if self.logj_weight > 0:
+            out = out + self.logj_weight * log_jacobian_penalty(u, self.fold_eps, det)
+        return out
+
+    def field(self, p: tf.Tensor, u0: tf.Tensor) -> tf.Tensor:
+        """The displacement ``[N, *spatial, D]`` of the optimized array ``p [N, *coarse, D]``
+        (``u0`` for ``p = 0``; module docstring)."""
+        v = box_smooth(upsample_linear(p, u0.shape[1:-1]), self.smooth)
+        if not self.svf:
+            return u0 + v
+        d = integrate_svf(v, self.int_steps)
+        return d + linear_warp(u0, d)
+
+    def _check(self, moving, u0, hyp, steps) -> None:
+        if u0.shape[:-1] != tuple(moving.shape[:-1]) or u0.shape[-1] != len(moving.shape) - 2:
+            raise ValueError(f"u0 has shape {u0.shape}; expected {[*moving.shape[:-1], len(moving.shape) - 2]}")
+        if hyp.shape[0] != u0.shape[0] or hyp.shape[1] != self.spec.num_params:
+            raise ValueError(f"hyp has shape {hyp.shape}; expected [{u0.shape[0]}, {self.spec.num_params}]")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
 
     def __call__(self, moving: np.ndarray, fixed: np.ndarray, u0: np.ndarray, hyp: np.ndarray,
                  fixed_seg: Optional[np.ndarray] = None, steps: int = 100,
@@ -105,44 +282,43 @@ class Refiner:
         fixed = tf.constant(np.asarray(fixed, np.float32))
         hyp = tf.constant(np.asarray(hyp, np.float32))
         u0 = np.asarray(u0, np.float32)
-        if u0.shape[:-1] != tuple(moving.shape[:-1]) or u0.shape[-1] != len(moving.shape) - 2:
-            raise ValueError(f"u0 has shape {u0.shape}; expected {[*moving.shape[:-1], len(moving.shape) - 2]}")
-        if hyp.shape[0] != u0.shape[0] or hyp.shape[1] != self.spec.num_params:
-            raise ValueError(f"hyp has shape {hyp.shape}; expected [{u0.shape[0]}, {self.spec.num_params}]")
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        self._check(moving, u0, hyp, steps)
         seg = None
         if self.spec.spatially_adaptive:
             if fixed_seg is None:
                 raise ValueError("refining with a spatially adaptive model needs the fixed segmentation")
             seg = tf.constant(np.asarray(fixed_seg, np.int32))
-        u = tf.Variable(u0)
-        start = self.loss(moving, fixed, u, hyp, seg).numpy()
+        start = self.loss(moving, fixed, u0, hyp, seg).numpy()
         if steps == 0:
             return u0.copy(), start, start.copy()
+        u0_t = tf.constant(u0)
+        coarse = _coarse_shape(u0.shape[1:-1], self.grid)
+        p = tf.Variable(tf.zeros([u0.shape[0], *coarse, u0.shape[-1]], tf.float32))
         opt = tf.keras.optimizers.Adam(learning_rate=float(lr))
         best_u = tf.Variable(u0)
         best = tf.Variable(start)
         expand = [-1] + [1] * (len(u0.shape) - 1)
 
-        @tf.function(autograph=False)
-        def step():
-            with tf.GradientTape() as tape:
-                per_pair = self.loss(moving, fixed, u, hyp, seg)
-                total = tf.reduce_sum(per_pair)
-            grad = tape.gradient(total, u)
+        def keep_best(u, per_pair):
             better = per_pair < best  # keep each pair's best iterate: never worse than the start
             best_u.assign(tf.where(tf.reshape(better, expand), u, best_u))
             best.assign(tf.where(better, per_pair, best))
-            opt.apply_gradients([(grad, u)])
+
+        @tf.function(autograph=False)
+        def step():
+            with tf.GradientTape() as tape:
+                u = self.field(p, u0_t)
+                per_pair = self.loss(moving, fixed, u, hyp, seg)
+                total = tf.reduce_sum(per_pair)
+            grad = tape.gradient(total, p)
+            keep_best(u, per_pair)
+            opt.apply_gradients([(grad, p)])
             return per_pair
 
         for _ in range(int(steps)):
             step()
-        last = self.loss(moving, fixed, u, hyp, seg)
-        better = last < best
-        best_u.assign(tf.where(tf.reshape(better, expand), u, best_u))
-        best.assign(tf.where(better, last, best))
+        last_u = self.field(p, u0_t)
+        keep_best(last_u, self.loss(moving, fixed, last_u, hyp, seg))
         u_np, end = best_u.numpy(), best.numpy()
         if not (np.all(np.isfinite(u_np)) and np.all(np.isfinite(end))):
             raise FloatingPointError("refinement diverged (non-finite displacement or loss); lower --refine-lr")

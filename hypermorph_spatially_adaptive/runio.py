@@ -185,3 +185,49 @@ def arg_float(minimum: float = 0.0, maximum: Optional[float] = None, inclusive: 
 
     parse.__name__ = "number"
     return parse
+
+
+# ---- refinement options (inference.py, run_pipeline.py) --------------------------------------
+#: Command-line defaults of the refinement's plausibility options (:class:`.refinement.Refiner`
+#: keyword arguments), chosen from ``benchmarks/bench_refine.py`` (README "Refinement that does
+#: not tear"). The Refiner's own defaults are the original voxelwise refinement.
+REFINE_DEFAULTS = {"fold_weight": 100.0, "logj_weight": 1.0, "smooth": 3, "grid": 2, "svf": False}
+
+
+def add_refine_args(group) -> None:
+    """Add ``--refine-fold-weight``, ``--refine-logj-weight``, ``--refine-smooth``,
+    ``--refine-grid`` and ``--refine-svf`` to an argparse parser or group (defaults
+    :data:`REFINE_DEFAULTS`)."""
+    import argparse
+
+    group.add_argument("--refine-fold-weight", type=arg_float(0.0, inclusive=True),
+                       default=REFINE_DEFAULTS["fold_weight"],
+                       help="refinement: weight of the folding penalty mean(relu(0.1 - det(I + grad u))^2) "
+                            "added to the training loss (0: off, the original refinement, which folds)")
+    group.add_argument("--refine-logj-weight", type=arg_float(0.0, inclusive=True),
+                       default=REFINE_DEFAULTS["logj_weight"],
+                       help="refinement: weight of the log-Jacobian penalty mean(log(max(det(I + grad u), 0.1))^2) "
+                            "added to the training loss (keeps the local volume change, SDlogJ, near the "
+                            "network's; 0: off)")
+    group.add_argument("--refine-smooth", type=arg_int(0), default=REFINE_DEFAULTS["smooth"],
+                       help="refinement: successive 3-voxel box filters applied to the update each step (0: off)")
+    group.add_argument("--refine-grid", type=arg_int(1), default=REFINE_DEFAULTS["grid"],
+                       help="refinement: the update lives on a grid this many times coarser per axis, "
+                            "upsampled linearly (1: the image grid)")
+    group.add_argument("--refine-svf", action=argparse.BooleanOptionalAction, default=REFINE_DEFAULTS["svf"],
+                       help="refinement: optimize a stationary velocity field, integrate it (scaling and squaring) "
+                            "and compose it with the network's map (diffeomorphic by construction)")
+
+
+def refine_kwargs(args) -> Dict:
+    """The :class:`.refinement.Refiner` keyword options of parsed ``add_refine_args`` arguments."""
+    return {"fold_weight": float(args.refine_fold_weight), "logj_weight": float(args.refine_logj_weight),
+            "smooth": int(args.refine_smooth),
+            "grid": int(args.refine_grid), "svf": bool(args.refine_svf)}
+
+
+def refine_argv(args) -> List[str]:
+    """Command-line tokens passing the refinement options of ``args`` on to another script."""
+    return ["--refine-fold-weight", repr(float(args.refine_fold_weight)),
+            "--refine-logj-weight", repr(float(args.refine_logj_weight)), "--refine-smooth", str(args.refine_smooth),
+            "--refine-grid", str(args.refine_grid), "--refine-svf" if args.refine_svf else "--no-refine-svf"]

@@ -165,3 +165,19 @@ def test_lost_class_is_counted_and_penalised_with_the_image_diagonal():
     numeric, md = evaluation.table1(df, CLASSES)
     assert int(numeric["lost_classes"].iloc[0]) == 1
     assert "(1/6 pair-classes lost, at the image diagonal)" in md
+
+
+def test_folding_io_rows_are_flagged():
+    """+io rows whose mean %negJ exceeds 0.05 get a dagger and the footnote; others do not."""
+    df = _per_pair()
+    extra = []
+    for method, negj in (("elas-g+io", 0.06), ("elas-sas+io", 0.05), ("elas-g", 0.5)):
+        for k in range(6):
+            extra.append({**df.iloc[0].to_dict(), "pair_id": f"p{k}", "protocol": "oracle", "method": method,
+                          "percent_neg_jac": negj})
+    numeric, md = evaluation.table1(pd.concat([df, pd.DataFrame(extra)], ignore_index=True), CLASSES)
+    oracle = md.split("**population protocol**")[0]
+    assert f"| elas-g+io {evaluation.FOLD_MARK} |" in oracle
+    assert "| elas-sas+io |" in oracle and "| elas-g |" in oracle  # 0.05 is not above; -g is no +io row
+    assert oracle.count(evaluation.FOLD_FOOTNOTE) == 1 and "Dice rises with tearing" in oracle
+    assert evaluation.FOLD_FOOTNOTE not in md.split("**population protocol**")[1]

@@ -99,3 +99,108 @@ def test_never_ends_above_the_start():
         assert after[0] <= before[0]
         recomputed = r.loss(moving, fixed, u, np.array([[1.0, 1.0]], np.float32), None).numpy()
         assert recomputed[0] == pytest.approx(after[0], rel=1e-5, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- plausibility options
+def _folded_field(n=32):
+    """A smooth field whose Gaussian bump folds the map x + u(x) around the centre (det < 0)."""
+    x = np.indices((n, n)).astype(np.float64) - (n - 1) / 2
+    bump = np.exp(-(x[0] ** 2 + x[1] ** 2) / (2 * 3.0 ** 2))
+    u = np.stack([-2.0 * x[0] * bump, np.zeros((n, n))], axis=-1)  # d u_0 / d x_0 = -2 at the centre: det -1
+    return u[None].astype(np.float32)
+
+
+def test_jacobian_determinant_matches_eval_metrics():
+    import eval_metrics
+    from hypermorph_spatially_adaptive.refinement import jacobian_determinant
+
+    rng = np.random.default_rng(5)
+    u2 = rng.normal(0, 0.7, (2, 9, 7, 2)).astype(np.float32)
+    u3 = rng.normal(0, 0.7, (1, 5, 6, 4, 3)).astype(np.float32)
+    for u in (u2, u3):
+        got = jacobian_determinant(u).numpy()
+        for b in range(u.shape[0]):
+            np.testing.assert_allclose(got[b], eval_metrics.jacobian_determinant(u[b]), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_penalty_unfolds_a_folded_field():
+    """Energy-free loss (lambda = mu = 1 leaves only the elastic energy, here tiny against the
+    penalty): the folding penalty alone must take %negJ of a deliberately folded field to 0."""
+    import eval_metrics
+
+    u0 = _folded_field()
+    assert eval_metrics.percent_negative_jacobian(u0[0]) > 1.0
+    moving, fixed = _pair()
+    r = Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], win=5, fold_weight=100.0)
+    u, before, after = r(moving, fixed, u0, np.array([[0.1, 0.1]], np.float32), steps=60, lr=0.05)
+    assert eval_metrics.percent_negative_jacobian(u[0]) == 0.0
+    assert after[0] < before[0]
+    plain = Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], win=5)  # the penalty is what unfolds it
+    u_plain = plain(moving, fixed, u0, np.array([[0.1, 0.1]], np.float32), steps=60, lr=0.05)[0]
+    assert eval_metrics.percent_negative_jacobian(u_plain[0]) > 0.0
+
+
+@pytest.mark.parametrize("opts", [{"smooth": 3}, {"svf": True, "smooth": 3, "int_steps": 3}, {"grid": 2, "smooth": 1}])
+def test_options_zero_steps_and_translation(opts):
+    """Zero steps return u0 exactly; smoothing, coarse grid and SVF still recover a translation."""
+    shift = np.array([1.5, -1.0])
+    moving, fixed = _pair((48, 48), tuple(shift))
+    r = Refiner(ParamSpec("diffusion", False, 1), [1.0, 1.0], win=7, fold_weight=1.0, **opts)
+    hyp = np.array([[0.3]], np.float32)
+    u0 = np.random.default_rng(6).normal(0, 0.2, (1, 48, 48, 2)).astype(np.float32)
+    np.testing.assert_array_equal(r(moving, fixed, u0, hyp, steps=0)[0], u0)
+    u, before, after = r(moving, fixed, np.zeros_like(u0), hyp, steps=100, lr=0.1)
+    err = np.abs(u[0, 12:-12, 12:-12] - shift).max(axis=(0, 1))
+    assert np.all(err < 0.15), (opts, err)
+    assert after[0] < before[0]
+
+
+def test_upsample_and_smooth_are_exact_on_linear_fields():
+    """Linear interpolation with aligned corners and 'SAME' box means keep an affine field affine
+    inside (the box mean of a linear function is its centre value)."""
+    from hypermorph_spatially_adaptive.refinement import box_smooth, upsample_linear
+
+    coarse = np.indices((5, 4)).astype(np.float32)  # value = coarse index
+    fine = upsample_linear(np.moveaxis(coarse, 0, -1)[None], (9, 7)).numpy()[0]
+    np.testing.assert_allclose(fine[..., 0], np.repeat(np.linspace(0, 4, 9)[:, None], 7, axis=1), atol=1e-6)
+    np.testing.assert_allclose(fine[..., 1], np.repeat(np.linspace(0, 3, 7)[None], 9, axis=0), atol=1e-6)
+    lin = (2.0 * np.indices((10, 10))[0] - 0.5 * np.indices((10, 10))[1]).astype(np.float32)[None, ..., None]
+    sm = box_smooth(lin, 3).numpy()
+    np.testing.assert_allclose(sm[0, 3:-3, 3:-3], lin[0, 3:-3, 3:-3], atol=1e-5)
+
+
+def test_bad_options_are_refused():
+    spec = ParamSpec("elastic", False, 3)
+    for kwargs, msg in (({"fold_weight": -1}, "fold_weight"), ({"smooth": 1.5}, "smooth"),
+                        ({"grid": 0}, "grid")):
+        with pytest.raises(ValueError, match=msg):
+            Refiner(spec, [1.0, 1.0], 5, **kwargs)
+
+
+def test_jacobian_penalties_on_a_uniform_scaling():
+    """u(x) = (s - 1) x has det = s^2 everywhere (2D): fold penalty relu(eps - s^2)^2, log-Jacobian
+    penalty log(max(s^2, eps))^2."""
+    from hypermorph_spatially_adaptive.refinement import fold_penalty, log_jacobian_penalty
+
+    x = np.moveaxis(np.indices((8, 6)), 0, -1).astype(np.float32)
+    for s_ in (0.2, 0.9, 1.3):
+        u = ((s_ - 1.0) * x)[None]
+        assert fold_penalty(u, 0.1).numpy()[0] == pytest.approx(max(0.1 - s_ ** 2, 0.0) ** 2, abs=1e-6)
+        expect = np.log(max(s_ ** 2, 0.1)) ** 2  # flat below eps: 0.2^2 = 0.04 counts as 0.1
+        assert log_jacobian_penalty(u, 0.1).numpy()[0] == pytest.approx(expect, rel=1e-4)
+
+
+def test_command_line_options_reach_the_refiner():
+    """inference.py's refinement options round-trip through run_pipeline.py's argv."""
+    import inference
+    import run_pipeline
+    from hypermorph_spatially_adaptive import runio
+
+    args = run_pipeline.build_parser().parse_args(["--refine-fold-weight", "7", "--refine-logj-weight", "0",
+                                                   "--refine-smooth", "2", "--refine-grid", "3", "--refine-svf"])
+    inf = inference.build_parser().parse_args(runio.refine_argv(args))
+    kw = runio.refine_kwargs(inf)
+    assert kw == {"fold_weight": 7.0, "logj_weight": 0.0, "smooth": 2, "grid": 3, "svf": True}
+    Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], 5, **kw)  # accepted as keywords
+    default = runio.refine_kwargs(inference.build_parser().parse_args([]))
+    assert default == runio.REFINE_DEFAULTS
