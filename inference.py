@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=2000,
                    help="resamples of the studentized bootstrap interval of the paired comparison")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--zero-io", action="store_true",
+                   help="with --refine: also refine from a zero field with the same parameters and maps (rows "
+                        "'<reg>-g zero+io', '<reg>-sas zero+io'): what the network contributes to the +io rows")
     p.add_argument("--panels", type=runio.arg_int(0), default=2, help="Fig. 3 panels for the first N test pairs (0: none)")
     p.add_argument("--save-nifti", action="store_true", help="write warped image/labels and displacement as NIfTI")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
@@ -330,15 +333,17 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 record(f"{short}-{variant}{tag}{src.suffix}", src.protocol, warped, disp, hyp, cols, seconds,
                        maps=(MAP_LABELS[source].replace("the network", "the -g network") if csain else ""))
                 if args.refine and src.method == "grid" and "@" not in variant:
-                    t1 = time.time()
                     seg = None
                     if key != "g":
                         seg = fixed_seg if source == "fixed" else map_segmentation(pairs, disp)
-                    u, before, after = refiners[key](moving, fixed, disp, hyp, seg, args.refine, args.refine_lr)
-                    warped_io = linear_warp(moving, u).numpy()
-                    record(f"{short}-{variant}+io{tag}", src.protocol, warped_io, u, hyp, cols, seconds + time.time() - t1,
-                           maps=MAP_LABELS[source] if key != "g" else "")
-                    print(f"[inference]   refinement loss {before.mean():.4f} -> {after.mean():.4f}", flush=True)
+                    starts = [("+io", disp, seconds)] + ([(" zero+io", np.zeros_like(disp), 0.0)] if args.zero_io else [])
+                    for label, u0, spent in starts:
+                        t1 = time.time()
+                        u, before, after = refiners[key](moving, fixed, u0, hyp, seg, args.refine, args.refine_lr)
+                        record(f"{short}-{variant}{label}{tag}", src.protocol, linear_warp(moving, u).numpy(), u, hyp,
+                               cols, spent + time.time() - t1, maps=MAP_LABELS[source] if key != "g" else "")
+                        print(f"[inference]   refinement{label.replace('+io', '')} loss {before.mean():.4f} -> "
+                              f"{after.mean():.4f}", flush=True)
 
     per_pair = pd.DataFrame(rows)
     problem = evaluation.check_range(per_pair, class_names)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hyperparameter-to-weight mapping of the four models' loss (see the training scripts' --help)")
     g.add_argument("--log-decades", type=arg_float(0.0), default=2.0, metavar="D",
                    help="--hyp-mapping log: decades of regularization strength the box spans")
+    g.add_argument("--zero-io", action="store_true",
+                   help="also the 'zero+io' rows: refinement from a zero field with the same parameters (what the "
+                        "network contributes to +io; the study turns it on)")
     g.add_argument("--csain", action="store_true",
                    help="also train both SA presets with CSAIN conditioning (runs/<reg>_sa_csain), identify them by "
                         "gradient and add their rows to Table 1 (README 'CSAIN conditioning')")
@@ -221,6 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
     inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine), *refine_argv(args),
+                    *(["--zero-io"] if args.zero_io else []),
                     "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
                     "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
     minutes = (time.time() - t0) / 60

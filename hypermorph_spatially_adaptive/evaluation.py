@@ -7,6 +7,8 @@ Method names follow the paper, with the additions of the README "How to read the
 - ``diff-sas`` / ``elas-sas``  spatially adaptive (SA) model with the per-tissue parameters
 - ``*-sas@g``                  ablation: the SA model with *every* class at the pair's -g values
                                (separates "another network" from "per-tissue values")
+- ``* zero+io``                (``inference.py --zero-io``) the same refinement started from a zero
+                               field instead of the network's: what the network contributes to +io
 - ``*+io``                     the row's displacement refined per pair (instance optimization
                                on the training loss, :mod:`.refinement`)
 - ``* (csain)``                the SA rows of a CSAIN-conditioned SA model (:mod:`.csain`)
@@ -28,7 +30,8 @@ import eval_metrics
 
 SHORT = {"diffusion": "diff", "elastic": "elas"}
 PROTOCOLS = ("oracle", "population")
-_VARIANTS = ("g", "sas", "sas@g", "g+io", "sas+io", "sas (csain)", "sas@g (csain)", "sas+io (csain)")
+_VARIANTS = ("g", "sas", "sas@g", "g+io", "sas+io", "g zero+io", "sas zero+io", "sas (csain)", "sas@g (csain)",
+             "sas+io (csain)")
 METHOD_ORDER = ["initial"] + [f"{s}-{v}" for s in ("diff", "elas") for v in _VARIANTS]
 #: metrics compared pair by pair (lower is better for all but Dice)
 COMPARED = ("mean_dice", "hd95", "tre", "dense_epe")
