@@ -160,14 +160,15 @@ def summarize_curves(curves: "pd.DataFrame", tol: float = 0.02) -> "pd.DataFrame
 
 
 def interior_fraction(ident_dir: str) -> Optional[float]:
-    """Fraction of pairs whose identified parameters all lie strictly inside (0, 1), or None."""
+    """Fraction of pairs whose identified global parameters (``g_lambda``, ``g_mu``: the grid's
+    choice for the -g row) all lie strictly inside (0, 1), or None."""
     import pandas as pd
 
     path = os.path.join(ident_dir, "identified_parameters.csv")
     if not os.path.isfile(path):
         return None
     df = pd.read_csv(path)
-    cols = [c for c in ("lambda", "mu") if c in df.columns]
+    cols = [c for c in ("g_lambda", "g_mu") if c in df.columns] or [c for c in ("lambda", "mu") if c in df.columns]
     if not cols:
         return None
     vals = df[cols].to_numpy(float)
@@ -217,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for protocol in ("identification", "identification_population"):
                 f = interior_fraction(os.path.join(args.pipeline, protocol, reg))
                 if f is not None:
-                    print(f"{reg} {protocol}: fraction of pairs whose (lambda, mu) lie inside the box: {f:.2f}")
+                    print(f"{reg} {protocol}: fraction of pairs whose -g parameters lie inside the box: {f:.2f}")
     if args.curves:
         _write_curves(runs, args)
 

@@ -235,11 +235,10 @@ def test_population_protocol_reads_no_test_fixed_label(quick_run, tmp_path, monk
     runs = quick_run / "runs"
     argv = ["--elastic-sa", str(runs / "elastic_sa"), "--elastic-ident", _population_ident(quick_run, tmp_path, "elastic"),
             "--refine", "5", "--panels", "0", "--save-nifti"]
-    both = argv + ["--diffusion-sa", str(runs / "diffusion_sa"),
-                   "--diffusion-ident", _population_ident(quick_run, tmp_path, "diffusion")]
-    inference.main(both + ["--out", str(tmp_path / "clean")])
+    # elastic only (the diffusion rows take the same code path; kept out for the suite's time)
+    inference.main(argv + ["--out", str(tmp_path / "clean")])
     clean = _disp_files(tmp_path / "clean")
-    assert len(clean) and len(clean) % 10 == 0  # 2 regularizers x (g, sas, sas@g, g+io, sas+io) x test pairs
+    assert len(clean) and len(clean) % 5 == 0  # (g, sas, sas@g, g+io, sas+io) x test pairs
 
     real_load = art.load_dataset
 
@@ -259,7 +258,7 @@ def test_population_protocol_reads_no_test_fixed_label(quick_run, tmp_path, monk
         return ds
 
     monkeypatch.setattr(art, "load_dataset", garbage_fixed_labels)
-    inference.main(both + ["--out", str(tmp_path / "garbage")])
+    inference.main(argv + ["--out", str(tmp_path / "garbage")])
     assert _disp_files(tmp_path / "garbage") == clean
     scores = [pd.read_csv(tmp_path / d / "per_pair_metrics.csv") for d in ("clean", "garbage")]
     assert not np.allclose(scores[0]["mean_dice"], scores[1]["mean_dice"])  # the labels did change
