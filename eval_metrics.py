@@ -410,8 +410,11 @@ def tre(
 # --------------------------------------------------------------------------------------
 # Jacobian
 # --------------------------------------------------------------------------------------
-def _det_from_grads(g: list[list[np.ndarray]]) -> np.ndarray:
-    """det(I + G) with ``g[i][j] = d u_j / d x_i`` (the determinant ignores the transpose)."""
+def det_from_grads(g):
+    """det(I + G) with ``g[i][j] = d u_j / d x_i`` (the determinant ignores the transpose), 2D or 3D.
+
+    Arithmetic only, so it takes numpy arrays or TensorFlow tensors (the refinement's
+    differentiable Jacobian penalties use it)."""
     if len(g) == 2:
         return (1.0 + g[0][0]) * (1.0 + g[1][1]) - g[0][1] * g[1][0]
     a00, a01, a02 = 1.0 + g[0][0], g[0][1], g[0][2]
@@ -445,7 +448,7 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
     ndim = disp.ndim - 1
     per_channel = [np.gradient(disp[..., j]) for j in range(ndim)]  # [j][i] = d u_j / d x_i
     g = [[per_channel[j][i] for j in range(ndim)] for i in range(ndim)]
-    return _det_from_grads(g)
+    return det_from_grads(g)
 
 
 def percent_negative_jacobian(disp: np.ndarray) -> float:
@@ -470,7 +473,7 @@ def _jacobian_determinant_l2r(disp: np.ndarray) -> np.ndarray:
         hi[i], lo[i] = slice(2, None), slice(None, -2)
         diff = 0.5 * (padded[tuple(hi)] - padded[tuple(lo)])  # [*spatial, D]
         g.append([diff[..., j] for j in range(ndim)])
-    det = _det_from_grads(g)
+    det = det_from_grads(g)
     return det[(slice(2, -2),) * ndim]
 
 

@@ -104,25 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_energy_scales(configs: Dict[str, Dict]) -> float:
-    """The common energy scale ``K`` of runs ``{run folder: config}`` (``K = 1`` and the linear
-    mapping where unrecorded); ValueError naming the runs if their ``K`` or hyperparameter mapping
-    differ: a hyperparameter then means another regularization strength in each model, so
-    identified values do not transfer between them."""
-    from hypermorph_spatially_adaptive.params import HypMapping
-
-    def weighting(cfg: Dict):
-        loss = cfg.get("loss", {})
-        return float(loss.get("energy_scale", 1.0)), HypMapping.from_loss_config(loss)
-
-    found = {run: weighting(cfg) for run, cfg in configs.items()}
-    if len(set(found.values())) > 1:
-        what = ", ".join(f"{run}: K = {k:g}, {m.kind} mapping" for run, (k, m) in found.items())
-        raise ValueError(f"the runs were trained with different --energy-scale / --hyp-mapping ({what}); identified "
-                         f"parameters do not transfer between them: train them with the same options")
-    return next(iter(found.values()))[0]
-
-
 def sa_tag(config: Dict) -> str:
     """Row-name tag of an SA run: ``''`` (HyperMorph hypernetwork) or ``' (csain)'``."""
     cond = config["model"].get("conditioning", "hypernetwork")
@@ -162,6 +143,7 @@ def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], glo
     """Load and cross-check one regularizer's SA model(s), global model and identifications."""
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive.params import check_same_weighting
 
     sas = _load_sa_runs(reg, sa_runs)
     sa_cfg = sas[0]["cfg"]
@@ -175,7 +157,7 @@ def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], glo
                 raise ValueError(f"{src.csv}: identified on dataset {src.data}, but {run} was "
                                  f"trained on {cfg['data']}")
     # runs in the paper weight range get only their own gradient identification (see applies_to)
-    check_energy_scales({**{sa["run"]: sa["cfg"] for sa in sas
+    check_same_weighting({**{sa["run"]: sa["cfg"] for sa in sas
                             if sa["cfg"]["model"].get("weight_range", "unit") == "unit"}, global_run: g_cfg})
     # gradient identifications of different SA runs (e.g. HyperMorph-SA and CSAIN) may share protocol and method
     labels = [(s.protocol, s.suffix, os.path.abspath(s.meta.get("sa_run") or "") if s.method != "grid" else "")

@@ -41,6 +41,7 @@ import numpy as np
 
 from . import pair_geometry as geo
 from .artifacts import RunInfo, global_columns, read_identification, read_run, sa_columns
+from .params import check_same_weighting
 
 ImageLike = Union[str, "os.PathLike", np.ndarray, Tuple[np.ndarray, np.ndarray], object]
 IDENTIFY_METHODS = ("grid", "gradient")
@@ -307,10 +308,7 @@ class PairRegistrar:
             if self.global_info.class_names != self.info.class_names:
                 raise ValueError(f"{global_run} has classes {self.global_info.class_names}, {run} "
                                  f"{self.info.class_names}")
-            scales = [i.config.get("loss", {}).get("energy_scale", 1.0) for i in (self.info, self.global_info)]
-            if scales[0] != scales[1]:
-                raise ValueError(f"{run} and {global_run} were trained with different --energy-scale {scales}; "
-                                 "identified parameters do not transfer between them")
+            check_same_weighting({run: self.info.config, global_run: self.global_info.config})
         self.orientation = _check_orientation(orientation)
         self.model_shape = tuple(int(s) for s in self.info.config["model"]["image_shape"])
         self.train_spacing = self.info.config.get("loss", {}).get("spacing")
@@ -487,9 +485,9 @@ class PairRegistrar:
         from .refinement import Refiner
         from .runio import REFINE_DEFAULTS
 
-        loss = self.info.config.get("loss", {})  # the run's loss (Refiner.from_config) at the model grid's spacing
-        refiner = Refiner(self.info.spec, grid.spacing, loss.get("ncc_win", 9), loss.get("energy_scale", 1.0),
-                          **(REFINE_DEFAULTS if options is None else options))
+        # the run's loss (K, mapping, NCC window) at the model grid's spacing
+        refiner = Refiner.from_config(self.info.config, spacing=grid.spacing,
+                                      **(REFINE_DEFAULTS if options is None else options))
         u_ref, before, after = refiner(moving_m[None, ..., None], fixed_m[None, ..., None], u[None], hyp[None],
                                        None if fseg is None else fseg[None], steps, lr)
         return u_ref[0], (float(before[0]), float(after[0]))

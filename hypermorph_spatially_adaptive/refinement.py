@@ -49,6 +49,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from eval_metrics import det_from_grads
+
 from .losses import loss_terms
 from .params import HypMapping, ParamSpec
 
@@ -113,12 +115,7 @@ def jacobian_determinant(u: tf.Tensor) -> tf.Tensor:
             parts.append(0.5 * (sl(2, None) - sl(None, -2)))
         parts.append(sl(n - 1, n) - sl(n - 2, n - 1))
         grads.append(tf.concat(parts, axis=ax))
-    a = [[grads[i][..., j] + (1.0 if i == j else 0.0) for j in range(ndim)] for i in range(ndim)]
-    if ndim == 2:
-        return a[0][0] * a[1][1] - a[0][1] * a[1][0]
-    return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
-            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
-            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
+    return det_from_grads([[grads[i][..., j] for j in range(ndim)] for i in range(ndim)])
 
 
 def fold_penalty(u: tf.Tensor, eps: float = 0.1, det: Optional[tf.Tensor] = None) -> tf.Tensor:
@@ -234,13 +231,14 @@ class Refiner:
         self.int_steps = int(int_steps)
 
     @classmethod
-    def from_config(cls, config: dict, **options) -> "Refiner":
-        """The refiner of a saved run (``config.json``): its spec, spacing, NCC window, energy
-        scale ``K`` and hyperparameter mapping (runs made before these existed: ``K = 1``, linear);
-        ``options``: the keyword-only plausibility options (class docstring)."""
+    def from_config(cls, config: dict, spacing: Optional[Sequence[float]] = None, **options) -> "Refiner":
+        """The refiner of a saved run (``config.json``): its spec, spacing (or ``spacing``, e.g. of
+        a resampled grid), NCC window, energy scale ``K`` and hyperparameter mapping (runs made
+        before these existed: ``K = 1``, linear); ``options``: the keyword-only plausibility
+        options (class docstring)."""
         loss = config.get("loss", {})
-        return cls(ParamSpec.from_model_config(config["model"]), loss.get("spacing"), loss.get("ncc_win", 9),
-                   loss.get("energy_scale", 1.0), HypMapping.from_loss_config(loss), **options)
+        return cls(ParamSpec.from_model_config(config["model"]), loss.get("spacing") if spacing is None else spacing,
+                   loss.get("ncc_win", 9), loss.get("energy_scale", 1.0), HypMapping.from_loss_config(loss), **options)
 
     def loss(self, moving, fixed, u, hyp, fixed_seg) -> tf.Tensor:
         """Per-pair objective ``[N]`` of displacement ``u``: the training loss

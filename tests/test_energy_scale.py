@@ -86,11 +86,13 @@ def test_refiner_uses_the_runs_energy_scale():
 
 
 def test_mixed_energy_scales_are_refused_by_inference():
+    from hypermorph_spatially_adaptive.params import check_same_weighting
+
     a = {"loss": {"energy_scale": 30.0}}
-    assert inference.check_energy_scales({"sa": a, "g": {"loss": {"energy_scale": 30.0}}}) == 30.0
-    assert inference.check_energy_scales({"sa": {"loss": {}}, "g": {"loss": {"energy_scale": 1.0}}}) == 1.0
+    assert check_same_weighting({"sa": a, "g": {"loss": {"energy_scale": 30.0}}}) == 30.0
+    assert check_same_weighting({"sa": {"loss": {}}, "g": {"loss": {"energy_scale": 1.0}}}) == 1.0
     with pytest.raises(ValueError, match="different --energy-scale.*sa: K = 30.*g: K = 1"):
-        inference.check_energy_scales({"sa": a, "g": {"loss": {}}})
+        check_same_weighting({"sa": a, "g": {"loss": {}}})
 
 
 def test_training_records_k_and_resume_refuses_another(tmp_path):
