@@ -169,14 +169,11 @@ def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], glo
 
 
 def map_segmentation(pairs, disp):
-    """Label-free segmentation in the fixed frame for refinement maps: each pair's moving
-    segmentation warped by its network displacement ``disp [N, *spatial, D]`` (voxels; nearest
-    neighbour, ``eval_metrics.warp_labels``). Reads no fixed segmentation. Returns ``[N, *spatial]`` int32."""
-    import numpy as np
+    """Label-free segmentation in the fixed frame: the moving labels warped by ``disp``
+    (:func:`hypermorph_spatially_adaptive.registration.warped_moving_segmentation`)."""
+    from hypermorph_spatially_adaptive.registration import warped_moving_segmentation
 
-    import eval_metrics
-
-    return np.stack([eval_metrics.warp_labels(p.moving_seg, d) for p, d in zip(pairs, disp)]).astype(np.int32)
+    return warped_moving_segmentation(pairs, disp)
 
 
 def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> None:

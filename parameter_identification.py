@@ -22,7 +22,10 @@ its paths (e.g. when the data moved).
 ``--method gradient --sa-run RUN`` identifies the SA model's own parameters by gradient descent
 (:mod:`hypermorph_spatially_adaptive.gradient_identification`) and writes the same CSV columns
 (Dice = hard Dice after the identified registration) plus ``objective_trace.csv`` into
-``<run>/identification_gradient`` (``_epe`` with ``--objective epe``).
+``<run>/identification_gradient`` (``_epe`` with ``--objective epe``). With ``--protocol population``
+it optimizes one setting per model on the mean soft Dice of the ``--population-split`` pairs (the
+CSAIN paper's protocol) and applies it unchanged to every pair of ``--split``
+(``<run>/identification_gradient_population``; Dice columns = validation means).
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oracle (the paper's): identify each pair of --split on its own labels; population "
                         "(label-free at test time): search the grid on --population-split, keep per class the "
                         "point with the best mean class Dice over its pairs (background and -g: best mean Dice) "
-                        "and apply that one setting to every pair of --split")
+                        "and apply that one setting to every pair of --split (with --method gradient: Adam on one setting "
+                        "per model, minimizing the mean soft Dice over the --population-split pairs)")
     p.add_argument("--population-split", default="val", choices=["train", "val"],
                    help="population protocol: the split whose labels choose the setting")
     p.add_argument("--grid-steps", type=runio.arg_int(2), default=11,
@@ -98,8 +102,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     runio.check_compatible(args.run, config, dataset)
     ids = dataset.select_ids(args.split, args.pairs)
     if args.method == "gradient":  # README "Gradient identification"; writes <run>/identification_gradient[_epe]
-        if getattr(args, "protocol", "oracle") != "oracle":
-            raise ValueError("--method gradient supports only the oracle protocol")
         from hypermorph_spatially_adaptive import gradient_identification
 
         return gradient_identification.run_cli(args, argv, model, config, dataset, ids)

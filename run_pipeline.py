@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-steps", type=arg_int(0), default=50,
                    help="gradient identification (oracle protocol, every parameter started at 0.5): Adam steps per "
                         "pair on the SA and global models' hyperparameters, the '(gradient)' rows; 0: off")
+    g.add_argument("--gradient-population", action="store_true",
+                   help="also the population protocol of gradient identification (the CSAIN paper's): one setting "
+                        "per model optimized on the validation pairs' mean soft Dice, applied to every test pair "
+                        "(population '(gradient)' rows; the study turns it on)")
     g.add_argument("--panels", type=int, default=2, help="Fig. 3 panels for the first N test pairs")
     g.add_argument("--force", action="store_true", help="retrain even if a finished run with the same command exists")
     g.add_argument("--quick", action="store_true",
@@ -153,7 +157,8 @@ def _identify_all(args, runs: dict) -> dict:
     import parameter_identification
     from hypermorph_spatially_adaptive import artifacts as art
 
-    print("== stage 2/3: parameter identification (grid: oracle and population protocol; gradient: oracle)",
+    print("== stage 2/3: parameter identification (grid: oracle and population protocol; gradient: oracle"
+          + (" and population)" if args.gradient_population else ")"),
           flush=True)
     ident = {}
     for reg in ("elastic", "diffusion"):
@@ -168,10 +173,13 @@ def _identify_all(args, runs: dict) -> dict:
         # choice: grid values of 0 or 1 sit where the sigmoid is flat; benchmarks/README.md)
         for sa, folder in ((f"{reg}_sa", art.IDENTIFICATION_DIRS["gradient"]),
                            (f"{reg}_sa_csain", art.IDENTIFICATION_DIRS["gradient"] + "_csain")):
-            if sa in runs:
-                ident[reg].append(os.path.join(args.out, folder, reg))
+            if sa not in runs:
+                continue
+            for protocol in ("oracle", "population") if args.gradient_population else ("oracle",):
+                ident[reg].append(os.path.join(args.out, folder + ("_population" if protocol == "population" else ""),
+                                               reg))
                 parameter_identification.main(["--run", runs[f"{reg}_global"], "--sa-run", runs[sa],
-                                               "--method", "gradient", "--init", "center",
+                                               "--method", "gradient", "--init", "center", "--protocol", protocol,
                                                "--steps", str(args.gradient_steps), "--out", ident[reg][-1]])
     return ident
 

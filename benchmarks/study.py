@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pipeline_argv(args, setting: str, seed: int, out: str) -> List[str]:
     import shlex
 
-    argv = ["--out", out, "--seed", str(seed), "--csain", "--zero-io", *SETTINGS[setting],
+    argv = ["--out", out, "--seed", str(seed), "--csain", "--zero-io", "--gradient-population", *SETTINGS[setting],
             "--cache-dir", os.path.join(".cache", "synthetic")]
     if args.quick:
         return argv + QUICK_ARGS + shlex.split(args.pipeline_args)

@@ -22,7 +22,11 @@ included) can be optimized directly:
 Conventions: CONVENTIONS.md (``disp [B, *spatial, D]``); sampling outside the image repeats the edge value (``scipy.ndimage`` ``mode='nearest'``, as
 :func:`eval_metrics.warp_image`).
 
-:func:`run_cli` is the ``--method gradient`` branch of ``parameter_identification.py``.
+:func:`identify_population` is the population protocol of the CSAIN paper: one shared ``z`` for
+all validation pairs, Adam on the mean objective, the result applied unchanged to the test pairs.
+
+:func:`run_cli` is the ``--method gradient`` branch of ``parameter_identification.py`` (both
+protocols).
 """
 from __future__ import annotations
 
@@ -233,57 +237,21 @@ def _make_step(model, objective: str, beta1: float = 0.9, beta2: float = 0.999, 
     return step
 
 
-def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, steps: int = 50,
-                         lr: float = 0.05, patience: Optional[int] = 10, objective: str = "dice",
-                         disp_true=None, mask=None, spacing: Optional[Sequence[float]] = None,
-                         num_classes: Optional[int] = None, min_delta: float = MIN_DELTA,
-                         pair_ids: Optional[Sequence[str]] = None) -> GradientResult:
-    """Optimize the hyperparameter input of ``model`` per pair by Adam on ``z`` (``h = sigmoid(z)``).
+def _prepare(model, moving: np.ndarray, fixed: np.ndarray, fixed_seg, moving_seg, objective: str, disp_true,
+             mask, spacing, num_classes: Optional[int], ids: Sequence[str], net_seg=None) -> List[tf.Tensor]:
+    """Check one batch and build the constant inputs of the compiled step/gradient.
 
-    Args:
-        model: Keras model ``[moving, fixed, hyp(, fixed_seg)] -> (warped, disp, svf)`` (global,
-            SA or CSAIN; see :mod:`.models`), weights frozen.
-        moving, fixed: ``[N, *spatial, 1]`` float images.
-        fixed_seg, moving_seg: ``[N, *spatial]`` int labels 0..C (needed for 'dice'; for 'epe'
-            ``fixed_seg`` gives the default mask ``fixed_seg > 0``).
-        h0: start ``[N, P]`` or ``[P]`` in [0, 1]; ``None`` = 0.5 everywhere.
-        steps: maximum forward + backward passes per pair (the objective is evaluated at each
-            iterate before its update; the last update is not evaluated, so it is not kept).
-        lr: Adam step size on ``z``.
-        patience: stop a pair after this many steps without an improvement > ``min_delta``
-            (``None`` or 0: never stop early).
-        objective: ``'dice'`` or ``'epe'``.
-        disp_true: ``[N, *spatial, D]`` true displacement in voxels ('epe' only).
-        mask: ``[N, *spatial]`` voxels where the objective is evaluated (default: all voxels for
-            'dice', ``fixed_seg > 0`` for 'epe').
-        spacing: mm per axis for 'epe' (default 1).
-        num_classes: C (default: the largest label in the segmentations).
-        pair_ids: names used in error messages.
-
-    Returns:
-        :class:`GradientResult`. Raises ``FloatingPointError`` if an objective or gradient is
-        not finite (nothing is returned then).
-    """
-    t_start = time.perf_counter()
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    moving = np.asarray(moving, np.float32)
-    fixed = np.asarray(fixed, np.float32)
+    ``moving``/``fixed [N, *spatial, 1]`` float32; other arguments as :func:`identify_by_gradient`;
+    ``net_seg [N, *spatial]``: the segmentation a CSAIN model builds its conditioning map from
+    (default ``fixed_seg``). Returns ``[moving, fixed, seg, a, b, present, mask, spacing]`` (see
+    :func:`_make_step`)."""
     n = moving.shape[0]
     shape = tuple(moving.shape[1:-1])
     nd = len(shape)
-    ids = list(pair_ids) if pair_ids is not None else [f"#{k}" for k in range(n)]
-    num_params = int(model.inputs[2].shape[-1])
-    z = logit_start(h0, n, num_params).astype(np.float32)
     for name, img in (("moving", moving), ("fixed", fixed)):
         bad = [ids[k] for k in range(n) if not np.all(np.isfinite(img[k]))]
         if bad:
             raise ValueError(f"pair(s) {bad}: the {name} image has non-finite values")
-
     fseg = None if fixed_seg is None else np.asarray(fixed_seg)
     if objective == "dice":
         if fseg is None or moving_seg is None:
@@ -317,7 +285,65 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
         b = np.zeros((n, 1), np.float32)
         present = np.zeros((n, 1), np.float32)
         spc = np.asarray(spacing if spacing is not None else (1.0,) * nd, np.float32)
+    from .models import needs_segmentation
 
+    seg = net_seg if net_seg is not None else fseg
+    if needs_segmentation(model) and seg is None:
+        raise ValueError("this model (CSAIN) builds its conditioning map from the fixed segmentation: pass fixed_seg")
+    seg = np.zeros((n, *shape), np.int32) if seg is None else np.asarray(seg).astype(np.int32)
+    return [tf.constant(x) for x in (moving, fixed, seg, a, b, present, msk, spc)]
+
+
+def _check_options(objective: str, steps: int, lr: float) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+
+
+def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, steps: int = 50,
+                         lr: float = 0.05, patience: Optional[int] = 10, objective: str = "dice",
+                         disp_true=None, mask=None, spacing: Optional[Sequence[float]] = None,
+                         num_classes: Optional[int] = None, min_delta: float = MIN_DELTA,
+                         pair_ids: Optional[Sequence[str]] = None, net_seg=None) -> GradientResult:
+    """Optimize the hyperparameter input of ``model`` per pair by Adam on ``z`` (``h = sigmoid(z)``).
+
+    Args:
+        model: Keras model ``[moving, fixed, hyp(, fixed_seg)] -> (warped, disp, svf)`` (global,
+            SA or CSAIN; see :mod:`.models`), weights frozen.
+        moving, fixed: ``[N, *spatial, 1]`` float images.
+        fixed_seg, moving_seg: ``[N, *spatial]`` int labels 0..C (needed for 'dice'; for 'epe'
+            ``fixed_seg`` gives the default mask ``fixed_seg > 0``).
+        h0: start ``[N, P]`` or ``[P]`` in [0, 1]; ``None`` = 0.5 everywhere.
+        steps: maximum forward + backward passes per pair (the objective is evaluated at each
+            iterate before its update; the last update is not evaluated, so it is not kept).
+        lr: Adam step size on ``z``.
+        patience: stop a pair after this many steps without an improvement > ``min_delta``
+            (``None`` or 0: never stop early).
+        objective: ``'dice'`` or ``'epe'``.
+        disp_true: ``[N, *spatial, D]`` true displacement in voxels ('epe' only).
+        mask: ``[N, *spatial]`` voxels where the objective is evaluated (default: all voxels for
+            'dice', ``fixed_seg > 0`` for 'epe').
+        spacing: mm per axis for 'epe' (default 1).
+        num_classes: C (default: the largest label in the segmentations).
+        pair_ids: names used in error messages.
+        net_seg: ``[N, *spatial]`` segmentation a CSAIN model builds its map from (default ``fixed_seg``).
+
+    Returns:
+        :class:`GradientResult`. Raises ``FloatingPointError`` if an objective or gradient is
+        not finite (nothing is returned then).
+    """
+    t_start = time.perf_counter()
+    _check_options(objective, steps, lr)
+    moving = np.asarray(moving, np.float32)
+    fixed = np.asarray(fixed, np.float32)
+    n = moving.shape[0]
+    ids = list(pair_ids) if pair_ids is not None else [f"#{k}" for k in range(n)]
+    z = logit_start(h0, n, int(model.inputs[2].shape[-1])).astype(np.float32)
+    args_fixed = _prepare(model, moving, fixed, fixed_seg, moving_seg, objective, disp_true, mask, spacing,
+                          num_classes, ids, net_seg)
     step = _make_step(model, objective)
     m = np.zeros_like(z)
     v = np.zeros_like(z)
@@ -328,12 +354,6 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
     traces: List[List[float]] = [[] for _ in range(n)]
     used = np.zeros(n, int)
     passes = 0
-    from .models import needs_segmentation
-
-    if needs_segmentation(model) and fseg is None:
-        raise ValueError("this model (CSAIN) builds its conditioning map from the fixed segmentation: pass fixed_seg")
-    seg = np.zeros((n, *shape), np.int32) if fseg is None else fseg.astype(np.int32)
-    args_fixed = [tf.constant(x) for x in (moving, fixed, seg, a, b, present, msk, spc)]
     lr_t = tf.constant(lr, tf.float32)
     for k in range(steps):
         try:
@@ -353,10 +373,7 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
                     f"(h = {np.round(1 / (1 + np.exp(-z[i])), 4).tolist()}); try a smaller --lr")
             traces[i].append(float(obj[i]))
             used[i] += 1
-            if obj[i] < best[i] - min_delta or k == 0:
-                since[i] = 0
-            else:
-                since[i] += 1
+            since[i] = 0 if (obj[i] < best[i] - min_delta or k == 0) else since[i] + 1
             if obj[i] < best[i]:
                 best[i] = obj[i]
                 best_z[i] = z[i]
@@ -370,6 +387,93 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
     h = 1.0 / (1.0 + np.exp(-best_z.astype(np.float64)))
     return GradientResult(h=h, best=best, start=np.array([t[0] for t in traces]),
                           traces=[np.asarray(t) for t in traces], steps=used, batch_passes=passes,
+                          seconds=time.perf_counter() - t_start, objective=objective)
+
+
+def _make_grad(model, objective: str) -> Callable:
+    """Compiled objective and gradient, cached per model and objective:
+    ``grad(z [B, P], moving, fixed, seg, a, b, present, mask, spacing) -> (objective [B], d sum(objective) / dz [B, P])``
+    (inputs as :func:`_make_step`)."""
+    from .models import call_model
+
+    cache = _STEP_CACHE.setdefault(model, {})
+    key = ("grad", objective)
+    if key in cache:
+        return cache[key]
+
+    @tf.function(autograph=False)
+    def grad(z, moving, fixed, seg, a, b, present, mask, spacing):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            _, disp, _ = call_model(model, moving, fixed, tf.sigmoid(z), seg, training=False)
+            if objective == "dice":
+                obj = dice_objective(a, b, disp, present, mask)
+            else:
+                obj = epe_objective(disp, a, mask, spacing)
+            total = tf.reduce_sum(obj)
+        return obj, tape.gradient(total, z)
+
+    cache[key] = grad
+    return grad
+
+
+def identify_population(model, pairs, steps: int = 50, lr: float = 0.05, patience: Optional[int] = 10,
+                        objective: str = "dice", batch_size: int = 16, h0=None, net_segs=None,
+                        num_classes: Optional[int] = None, min_delta: float = MIN_DELTA,
+                        beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> GradientResult:
+    """One setting for a population of pairs (the CSAIN paper's protocol): Adam on a shared ``z [P]``
+    minimizing the *mean* objective over ``pairs`` (typically the validation split), weights frozen.
+
+    Each step evaluates every pair (in chunks of ``batch_size``) at the same ``h = sigmoid(z)``,
+    averages objectives and gradients over the pairs, and takes one Adam step; the iterate with
+    the lowest mean objective is kept, and the run stops after ``patience`` steps without an
+    improvement > ``min_delta``. ``net_segs [N, *spatial]`` is what a CSAIN model builds its map
+    from (default each pair's fixed segmentation). Returns a :class:`GradientResult` with one
+    row: ``h [1, P]``, ``best``/``start [1]`` (mean objectives), ``traces`` one array.
+    """
+    t_start = time.perf_counter()
+    _check_options(objective, steps, lr)
+    if not pairs:
+        raise ValueError("population identification needs at least one pair")
+    P = int(model.inputs[2].shape[-1])
+    chunks = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        truth = np.stack([p.extras["disp_true"] for p in chunk]) if objective == "epe" else None
+        chunks.append((len(chunk), _prepare(
+            model, np.stack([p.moving for p in chunk]).astype(np.float32),
+            np.stack([p.fixed for p in chunk]).astype(np.float32), np.stack([p.fixed_seg for p in chunk]),
+            np.stack([p.moving_seg for p in chunk]), objective, truth, None, chunk[0].spacing, num_classes,
+            [p.pair_id for p in chunk], None if net_segs is None else net_segs[i:i + batch_size])))
+    grad_fn = _make_grad(model, objective)
+    z = logit_start(h0, 1, P)[0]
+    m = np.zeros(P)
+    v = np.zeros(P)
+    best, best_z, since, trace, passes = np.inf, z.copy(), 0, [], 0
+    for k in range(steps):
+        total, g = 0.0, np.zeros(P)
+        for nb, tensors in chunks:
+            obj, gb = grad_fn(tf.constant(np.broadcast_to(z, (nb, P)).astype(np.float32)), *tensors)
+            total += float(np.sum(obj.numpy(), dtype=np.float64))
+            g += gb.numpy().astype(np.float64).sum(0)
+            passes += 1
+        mean_obj, g = total / len(pairs), g / len(pairs)
+        if not (np.isfinite(mean_obj) and np.all(np.isfinite(g))):
+            raise FloatingPointError(f"population identification: the {objective} objective or its gradient became "
+                                     f"non-finite at step {k} (h = {np.round(1 / (1 + np.exp(-z)), 4).tolist()}); "
+                                     "try a smaller --lr")
+        trace.append(mean_obj)
+        since = 0 if (mean_obj < best - min_delta or k == 0) else since + 1
+        if mean_obj < best:
+            best, best_z = mean_obj, z.copy()
+        if patience and since >= patience:
+            break
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        z = z - lr * (m / (1 - beta1 ** (k + 1))) / (np.sqrt(v / (1 - beta2 ** (k + 1))) + eps)
+    h = 1.0 / (1.0 + np.exp(-best_z[None].astype(np.float64)))
+    return GradientResult(h=h, best=np.array([best]), start=np.array([trace[0]]), traces=[np.asarray(trace)],
+                          steps=np.array([len(trace)]), batch_passes=passes,
                           seconds=time.perf_counter() - t_start, objective=objective)
 
 
@@ -435,14 +539,15 @@ def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_nam
             f"grid proxy ({os.path.abspath(path)})")
 
 
-def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int) -> np.ndarray:
-    """Hard class Dice ``[N, C]`` after registering each pair with its ``hyp [N, P]``."""
+def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int, net_seg=None) -> np.ndarray:
+    """Hard class Dice ``[N, C]`` after registering each pair with its ``hyp [N, P]`` (a CSAIN
+    model builds its map from ``net_seg [N, *spatial]``, default the fixed segmentations)."""
     import eval_metrics
 
     from .registration import Registrar
 
-    _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp,
-                               np.stack([p.fixed_seg for p in pairs]))
+    seg = np.stack([p.fixed_seg for p in pairs]) if net_seg is None else net_seg
+    _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp, seg)
     return np.stack([eval_metrics.dice_per_class(p.fixed_seg, eval_metrics.warp_labels(p.moving_seg, disp[k]),
                                                  num_classes) for k, p in enumerate(pairs)])
 
@@ -489,13 +594,123 @@ def _summarize(values: Sequence[float]) -> Dict[str, float]:
             "min": round(float(v.min()), 3), "fraction_perfect": round(float(np.mean(v > 0.999)), 3)}
 
 
+def _nanmean(x) -> float:
+    x = np.asarray(x, float)
+    return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+
+
+def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_names, h_sa, dice_sa, h_g, dice_g,
+                 res_sa: GradientResult, res_g: GradientResult, fallback: Sequence[str]) -> List[Dict]:
+    """Rows of identified_parameters.csv: row ``k`` uses row ``k`` of every array (or row 0 when
+    the array has one row: the population protocol's single setting)."""
+    from . import artifacts as art
+
+    def at(x, k):
+        return x[k if len(x) > 1 else 0]
+
+    rows = []
+    for k, pid in enumerate(ids):
+        row: Dict = {art.PAIR_ID: pid, art.REGULARIZER: regularizer}
+        row.update({n: float(v) for n, v in zip(sa_names, at(h_sa, k))})
+        row.update({f"dice_{n}": float(at(dice_sa, k)[c]) for c, n in enumerate(class_names)})
+        row["mean_dice"] = _nanmean(at(dice_sa, k))
+        row.update({c: float(v) for c, v in zip(g_cols, at(h_g, k))})
+        row[art.G_MEAN_DICE] = _nanmean(at(dice_g, k))
+        row["fallback"] = fallback[k]
+        row.update({"objective": float(at(res_sa.best, k)), "start_objective": float(at(res_sa.start, k)),
+                    "g_objective": float(at(res_g.best, k)), "g_start_objective": float(at(res_g.start, k)),
+                    "steps": int(at(res_sa.steps, k)), "g_steps": int(at(res_g.steps, k))})
+        rows.append(row)
+    return rows
+
+
+def _oracle(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, kw: Dict) -> Tuple:
+    """Per test pair, on its own labels: ``(rows, trace_rows, meta, pairs, res_sa, res_g)``."""
+    from . import artifacts as art
+
+    pairs = [dataset.load_pair(pid) for pid in ids]
+    for p in pairs:
+        _check_pair(p, args.objective)
+    sa_names, g_cols, class_names, regularizer = names
+    init_dir = args.init_from or os.path.join(args.run, art.IDENTIFICATION_DIRS["oracle"])
+    h0_sa, h0_g, init_desc = _start_points(args.init, init_dir if args.init == "grid" else None, ids,
+                                           sa_names, g_cols)
+    print(f"[identify gradient {regularizer}] oracle: {len(ids)} pairs, objective {args.objective}, "
+          f"<= {args.steps} steps, lr {args.lr}, start {init_desc}; SA {args.sa_run}, global {args.run}", flush=True)
+    res_sa = identify_in_batches(sa_model, pairs, bs, args.objective, h0_sa, **kw)
+    print(f"[identify gradient {regularizer}] SA: objective {np.mean(res_sa.start):.4f} -> {np.mean(res_sa.best):.4f} "
+          f"(mean over pairs), {res_sa.seconds:.1f} s", flush=True)
+    res_g = identify_in_batches(g_model, pairs, bs, args.objective, h0_g, **kw)
+    print(f"[identify gradient {regularizer}] -g: objective {np.mean(res_g.start):.4f} -> {np.mean(res_g.best):.4f}, "
+          f"{res_g.seconds:.1f} s", flush=True)
+    fallback = [";".join(n for c, n in enumerate(class_names, 1)
+                         if not (np.any(p.fixed_seg == c) or np.any(p.moving_seg == c))) for p in pairs]
+    rows = _result_rows(ids, regularizer, sa_names, g_cols, class_names, res_sa.h, _hard_dice(sa_model, pairs, res_sa.h, C),
+                        res_g.h, _hard_dice(g_model, pairs, res_g.h, C), res_sa, res_g, fallback)
+    traces = [{art.PAIR_ID: p.pair_id, "model": name, "step": s, "objective": float(o)}
+              for k, p in enumerate(pairs) for name, res in (("sa", res_sa), ("g", res_g))
+              for s, o in enumerate(res.traces[k])]
+    meta = {"protocol": "oracle", "identified_on": args.split, "init": args.init, "init_description": init_desc,
+            "parametrization": "h = sigmoid(z), Adam on z, best iterate per pair kept"}
+    return rows, traces, meta, pairs, res_sa, res_g
+
+
+def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, kw: Dict) -> Tuple:
+    """One setting per model from the --population-split pairs, applied to every pair of ``ids``:
+    ``(rows, trace_rows, meta, val_pairs, res_sa, res_g)``. A CSAIN model sees, on the validation pairs
+    as on the test pairs (inference ``--population-maps warped-moving``), maps built from the
+    moving labels warped by the -g network at its population setting."""
+    from . import artifacts as art
+    from .models import needs_segmentation
+    from .registration import Registrar, warped_moving_segmentation
+
+    if args.objective != "dice" or args.init != "center":
+        raise ValueError("--method gradient --protocol population supports --objective dice and --init center")
+    sa_names, g_cols, class_names, regularizer = names
+    val_ids = dataset.split_ids(args.population_split)
+    if not val_ids:
+        raise ValueError(f"the {args.population_split} split of {dataset.name} is empty: nothing to identify on")
+    val = [dataset.load_pair(pid) for pid in val_ids]
+    for p in val:
+        _check_pair(p, "dice")
+    print(f"[identify gradient {regularizer}] population: one setting from {len(val)} {args.population_split} "
+          f"pairs (mean soft Dice, <= {args.steps} steps, lr {args.lr}) for {len(ids)} {args.split} pairs; "
+          f"SA {args.sa_run}, global {args.run}", flush=True)
+    pkw = dict(steps=kw["steps"], lr=kw["lr"], patience=kw["patience"], num_classes=C, batch_size=bs)
+    res_g = identify_population(g_model, val, **pkw)
+    print(f"[identify gradient {regularizer}] -g: mean objective {res_g.start[0]:.4f} -> {res_g.best[0]:.4f}, "
+          f"{res_g.steps[0]} steps, {res_g.seconds:.1f} s", flush=True)
+    net_segs, maps = None, "fixed seg of the validation pairs"
+    if needs_segmentation(sa_model):
+        _, disp_g = Registrar(g_model)(np.stack([p.moving for p in val]), np.stack([p.fixed for p in val]),
+                                       np.repeat(res_g.h.astype(np.float32), len(val), 0))
+        net_segs, maps = warped_moving_segmentation(val, disp_g), "moving seg warped by the -g network"
+    res_sa = identify_population(sa_model, val, net_segs=net_segs, **pkw)
+    print(f"[identify gradient {regularizer}] SA: mean objective {res_sa.start[0]:.4f} -> {res_sa.best[0]:.4f}, "
+          f"{res_sa.steps[0]} steps, {res_sa.seconds:.1f} s", flush=True)
+    n = len(val)
+    dice_sa = _hard_dice(sa_model, val, np.repeat(res_sa.h.astype(np.float32), n, 0), C, net_segs)
+    dice_g = _hard_dice(g_model, val, np.repeat(res_g.h.astype(np.float32), n, 0), C)
+    val_sa = np.array([[_nanmean(dice_sa[:, c]) for c in range(C)]])
+    val_g = np.array([[_nanmean(dice_g[:, c]) for c in range(C)]])
+    rows = _result_rows(ids, regularizer, sa_names, g_cols, class_names, res_sa.h, val_sa, res_g.h, val_g,
+                        res_sa, res_g, [""] * len(ids))
+    traces = [{art.PAIR_ID: "population", "model": name, "step": s, "objective": float(o)}
+              for name, res in (("sa", res_sa), ("g", res_g)) for s, o in enumerate(res.traces[0])]
+    meta = {"protocol": "population", "identified_on": args.population_split, "validation_pairs": list(val_ids),
+            "init": "center", "init_description": "center (0.5)", "csain_maps": maps if net_segs is not None else "",
+            "dice_columns": "means over the validation pairs at the chosen setting",
+            "parametrization": "h = sigmoid(z), one z for all pairs, Adam on the mean objective, best iterate kept"}
+    return rows, traces, meta, val, res_sa, res_g
+
+
 def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) -> str:
     """``parameter_identification.py --method gradient``: identify, then write all files at once.
 
-    ``args`` are the parsed options (``sa_run``, ``init``, ``init_from``, ``objective``,
-    ``steps``, ``lr``, ``patience``, ``batch_size``, ``out``, ``run``, ``no_figure``);
-    ``g_model``/``g_config`` the global run, ``dataset``/``ids`` the pairs to identify.
-    Returns the output folder.
+    ``args`` are the parsed options (``sa_run``, ``protocol``, ``population_split``, ``init``,
+    ``init_from``, ``objective``, ``steps``, ``lr``, ``patience``, ``batch_size``, ``out``,
+    ``run``, ``no_figure``); ``g_model``/``g_config`` the global run, ``dataset``/``ids`` the
+    pairs to identify (oracle) or to apply the population setting to. Returns the output folder.
     """
     import pandas as pd
 
@@ -512,67 +727,28 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
     if sa_config["data"] != g_config["data"] or list(sa_config["class_names"]) != class_names:
         raise ValueError(f"{args.sa_run} and {args.run} were trained on different datasets/classes")
     runio.check_compatible(args.sa_run, sa_config, dataset)
-    sa_names = art.sa_columns(regularizer, class_names)
-    g_cols = art.global_columns(regularizer)
-    out = args.out or os.path.join(args.run, art.IDENTIFICATION_DIRS["gradient"]
-                                   + ("" if args.objective == "dice" else f"_{args.objective}"))
-    init_dir = args.init_from or os.path.join(args.run, art.IDENTIFICATION_DIRS["oracle"])
-
-    pairs = [dataset.load_pair(pid) for pid in ids]
-    for p in pairs:
-        _check_pair(p, args.objective)
-    h0_sa, h0_g, init_desc = _start_points(args.init, init_dir if args.init == "grid" else None, ids,
-                                           sa_names, g_cols)
-    bs = args.batch_size or auto_batch_size(dataset.image_shape, len(pairs), GRADIENT_VOXEL_BUDGET)
+    names = (art.sa_columns(regularizer, class_names), art.global_columns(regularizer), class_names, regularizer)
+    protocol = getattr(args, "protocol", "oracle")
+    default_dir = art.IDENTIFICATION_DIRS["gradient"] + ("" if args.objective == "dice" else f"_{args.objective}")
+    out = args.out or os.path.join(args.run, default_dir + ("_population" if protocol == "population" else ""))
+    n_opt = len(dataset.split_ids(args.population_split)) if protocol == "population" else len(ids)
+    bs = args.batch_size or auto_batch_size(dataset.image_shape, n_opt, GRADIENT_VOXEL_BUDGET)
     kw = dict(steps=args.steps, lr=args.lr, patience=args.patience, num_classes=C)
-    print(f"[identify gradient {regularizer}] {len(ids)} pairs, objective {args.objective}, <= {args.steps} "
-          f"steps, lr {args.lr}, start {init_desc}; SA {args.sa_run}, global {args.run}", flush=True)
     t0 = time.time()
-    res_sa = identify_in_batches(sa_model, pairs, bs, args.objective, h0_sa, **kw)
-    print(f"[identify gradient {regularizer}] SA: objective {np.mean(res_sa.start):.4f} -> {np.mean(res_sa.best):.4f} "
-          f"(mean over pairs), {res_sa.seconds:.1f} s", flush=True)
-    res_g = identify_in_batches(g_model, pairs, bs, args.objective, h0_g, **kw)
-    print(f"[identify gradient {regularizer}] -g: objective {np.mean(res_g.start):.4f} -> {np.mean(res_g.best):.4f}, "
-          f"{res_g.seconds:.1f} s", flush=True)
+    rows, trace_rows, meta_p, opt_pairs, res_sa, res_g = (_population if protocol == "population" else _oracle)(
+        args, g_model, sa_model, dataset, ids, names, C, bs, kw)
     seconds = time.time() - t0
-    dice_sa = _hard_dice(sa_model, pairs, res_sa.h, C)
-    dice_g = _hard_dice(g_model, pairs, res_g.h, C)
-
-    def nanmean(x):
-        x = np.asarray(x, float)
-        return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
-
-    rows, trace_rows = [], []
-    for k, p in enumerate(pairs):
-        row: Dict = {art.PAIR_ID: p.pair_id, art.REGULARIZER: regularizer}
-        row.update({n: float(v) for n, v in zip(sa_names, res_sa.h[k])})
-        row.update({f"dice_{n}": float(dice_sa[k, c]) for c, n in enumerate(class_names)})
-        row["mean_dice"] = nanmean(dice_sa[k])
-        row.update({c: float(v) for c, v in zip(g_cols, res_g.h[k])})
-        row[art.G_MEAN_DICE] = nanmean(dice_g[k])
-        absent = [n for c, n in enumerate(class_names, 1) if not (np.any(p.fixed_seg == c) or np.any(p.moving_seg == c))]
-        row["fallback"] = ";".join(absent)
-        row.update({"objective": float(res_sa.best[k]), "start_objective": float(res_sa.start[k]),
-                    "g_objective": float(res_g.best[k]), "g_start_objective": float(res_g.start[k]),
-                    "steps": int(res_sa.steps[k]), "g_steps": int(res_g.steps[k])})
-        rows.append(row)
-        for model_name, res in (("sa", res_sa), ("g", res_g)):
-            trace_rows += [{art.PAIR_ID: p.pair_id, "model": model_name, "step": s, "objective": float(o)}
-                           for s, o in enumerate(res.traces[k])]
     choice = pd.DataFrame(rows)
-    traces = pd.DataFrame(trace_rows)
-    meta = {"method": "gradient", "objective": args.objective, "protocol": "oracle", "global_run": os.path.abspath(args.run),
+    meta = {"method": "gradient", "objective": args.objective, **meta_p, "global_run": os.path.abspath(args.run),
             "sa_run": os.path.abspath(args.sa_run), "regularizer": regularizer, "class_names": class_names,
-            "data": g_config["data"], "split": args.split, "pairs": list(ids), "init": args.init,
-            "init_description": init_desc, "steps": args.steps, "lr": args.lr, "patience": args.patience,
-            "min_delta": MIN_DELTA, "pairs_per_batch": int(bs),
-            "parametrization": "h = sigmoid(z), Adam on z, best iterate per pair kept",
+            "data": g_config["data"], "split": args.split, "pairs": list(ids), "steps": args.steps, "lr": args.lr,
+            "patience": args.patience, "min_delta": MIN_DELTA, "pairs_per_batch": int(bs),
             "forward_backward_passes": {"sa": int(res_sa.steps.sum()), "g": int(res_g.steps.sum())},
-            "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(ids), 1), 3),
+            "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(opt_pairs), 1), 3),
             "seconds_sa": round(res_sa.seconds, 2), "seconds_g": round(res_g.seconds, 2),
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
     if args.objective == "epe":
-        per_pair = stiffness_order_summary(pairs, res_sa.h, class_names, regularizer == "elastic")
+        per_pair = stiffness_order_summary(opt_pairs, res_sa.h, class_names, regularizer == "elastic")
         if per_pair:
             summary = {key: _summarize([r[key] for r in per_pair.values()]) for key in next(iter(per_pair.values()))}
             meta["stiffness_order_spearman"] = {"summary": summary, "per_pair": per_pair}
@@ -583,14 +759,15 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
 
     from datasets.atomic import atomic_write
     atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), choice)
-    atomic_write(os.path.join(out, art.OBJECTIVE_TRACE), traces)
+    atomic_write(os.path.join(out, art.OBJECTIVE_TRACE), pd.DataFrame(trace_rows))
     atomic_write(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from . import figures
 
         figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, art.FIG2),
                                        jitter=0.0)  # continuous values: no grid clusters to spread
-    print(f"[identify gradient {regularizer}] SA mean Dice {choice['mean_dice'].mean():.3f}, -g "
-          f"{choice[art.G_MEAN_DICE].mean():.3f}; done in {seconds:.1f} s -> {out}/{art.IDENTIFIED_PARAMETERS}",
-          flush=True)
+    print(f"[identify gradient {regularizer}] {protocol}: SA mean Dice {choice['mean_dice'].mean():.3f}, -g "
+          f"{choice[art.G_MEAN_DICE].mean():.3f}"
+          f"{' (validation means)' if protocol == 'population' else ''}; done in {seconds:.1f} s -> "
+          f"{out}/{art.IDENTIFIED_PARAMETERS}", flush=True)
     return out

@@ -98,3 +98,15 @@ class Registrar:
             return x
         raise ValueError(f"{name} has shape {x.shape}; the model expects [N, *{self.image_shape}, 1] "
                          f"or [*{self.image_shape}, 1]")
+
+
+def warped_moving_segmentation(pairs, disp) -> np.ndarray:
+    """Label-free segmentation in the fixed frame, as with an atlas: each pair's *moving*
+    segmentation warped by its displacement ``disp [N, *spatial, D]`` (voxels, nearest neighbour,
+    ``eval_metrics.warp_labels``). Reads no fixed segmentation. Returns ``[N, *spatial]`` int32.
+
+    Used wherever the population protocol needs a segmentation of the fixed image (refinement
+    maps of the -sas+io rows, the conditioning map of a CSAIN network)."""
+    import eval_metrics
+
+    return np.stack([eval_metrics.warp_labels(p.moving_seg, d) for p, d in zip(pairs, disp)]).astype(np.int32)

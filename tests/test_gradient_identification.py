@@ -261,3 +261,71 @@ def test_cli_bad_input_stops_clearly_and_writes_nothing(tiny, tmp_path):
         parameter_identification.main(["--run", runs["elastic_global"], "--method", "gradient",
                                        "--out", str(out), "--steps", "2"])
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- population protocol (CSAIN paper)
+
+def test_population_of_one_repeated_pair_follows_the_per_pair_optimizer(tiny):
+    """The mean objective over k copies of one pair is that pair's objective: the shared Adam
+    walks the same path as the per-pair one (float32 TF vs float64 NumPy Adam: close, not equal)."""
+    p = tiny["pairs"][0]
+    per_pair = gid.identify_by_gradient(tiny["sa"], p.moving[None], p.fixed[None], p.fixed_seg[None],
+                                        p.moving_seg[None], steps=6, lr=0.3, patience=0, num_classes=3)
+    pop = gid.identify_population(tiny["sa"], [p, p, p], steps=6, lr=0.3, patience=0, num_classes=3, batch_size=2)
+    assert pop.h.shape == (1, 8) and pop.batch_passes == 12  # 2 chunks x 6 steps
+    np.testing.assert_allclose(pop.traces[0], per_pair.traces[0], atol=2e-4)
+    np.testing.assert_allclose(pop.h, per_pair.h, atol=2e-3)
+
+
+def test_population_minimizes_the_mean_objective_and_keeps_its_best_iterate(tiny):
+    pairs = tiny["pairs"]
+    pop = gid.identify_population(tiny["sa"], pairs, steps=8, lr=0.3, patience=0, num_classes=3)
+    assert pop.best[0] < pop.start[0] - 1e-4 and pop.best[0] == pytest.approx(pop.traces[0].min())
+    # `best` is the mean over the pairs of each pair's objective at the returned setting
+    each = gid.identify_by_gradient(tiny["sa"], _stack(pairs, "moving"), _stack(pairs, "fixed"),
+                                    _stack(pairs, "fixed_seg"), _stack(pairs, "moving_seg"), h0=pop.h[0], steps=1,
+                                    num_classes=3)
+    assert each.start.mean() == pytest.approx(pop.best[0], abs=1e-4)
+
+
+def test_cli_population_gradient_reads_no_test_label(tiny, tmp_path):
+    """One setting from the validation pairs, identical for every test pair; replacing every test
+    pair's labels with garbage changes nothing of it."""
+    import dataclasses
+
+    import parameter_identification
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    runs = tiny["runs"]
+    cmd = ["--run", runs["elastic_global"], "--method", "gradient", "--sa-run", runs["elastic_sa"],
+           "--protocol", "population", "--steps", "3", "--lr", "0.2", "--no-figure"]
+    out = parameter_identification.main(cmd + ["--out", str(tmp_path / "a")])
+    choice = pd.read_csv(os.path.join(out, "identified_parameters.csv"), dtype={"pair_id": str})
+    meta = json.loads(open(os.path.join(out, "identification.json")).read())
+    assert meta["protocol"] == "population" and meta["identified_on"] == "val"
+    assert list(choice.pair_id) == tiny["dataset"].split_ids("test")
+    params = [c for c in choice.columns if c.startswith(("lambda_", "mu_", "g_lambda", "g_mu"))]
+    assert (choice[params].nunique() == 1).all()
+
+    test_ids = set(tiny["dataset"].split_ids("test"))
+    real_load = art.load_dataset
+
+    def garbage_labels(*a, **k):
+        ds = real_load(*a, **k)
+        load = ds.load_pair
+
+        def load_pair(pid):
+            p = load(pid)
+            if pid not in test_ids:
+                return p
+            rng = np.random.default_rng(0)
+            return dataclasses.replace(p, fixed_seg=rng.integers(0, 4, p.fixed_seg.shape),
+                                       moving_seg=rng.integers(0, 4, p.moving_seg.shape))
+        ds.load_pair = load_pair
+        return ds
+
+    import unittest.mock as mock
+    with mock.patch.object(art, "load_dataset", garbage_labels):
+        out2 = parameter_identification.main(cmd + ["--out", str(tmp_path / "b")])
+    again = pd.read_csv(os.path.join(out2, "identified_parameters.csv"), dtype={"pair_id": str})
+    pd.testing.assert_frame_equal(choice, again)
