@@ -289,35 +289,76 @@ class Refiner:
         start = self.loss(moving, fixed, u0, hyp, seg).numpy()
         if steps == 0:
             return u0.copy(), start, start.copy()
-        u0_t = tf.constant(u0)
-        coarse = _coarse_shape(u0.shape[1:-1], self.grid)
-        p = tf.Variable(tf.zeros([u0.shape[0], *coarse, u0.shape[-1]], tf.float32))
-        opt = tf.keras.optimizers.Adam(learning_rate=float(lr))
-        best_u = tf.Variable(u0)
-        best = tf.Variable(start)
-        expand = [-1] + [1] * (len(u0.shape) - 1)
-
-        def keep_best(u, per_pair):
-            better = per_pair < best  # keep each pair's best iterate: never worse than the start
-            best_u.assign(tf.where(tf.reshape(better, expand), u, best_u))
-            best.assign(tf.where(better, per_pair, best))
-
-        @tf.function(autograph=False)
-        def step():
-            with tf.GradientTape() as tape:
-                u = self.field(p, u0_t)
-                per_pair = self.loss(moving, fixed, u, hyp, seg)
-                total = tf.reduce_sum(per_pair)
-            grad = tape.gradient(total, p)
-            keep_best(u, per_pair)
-            opt.apply_gradients([(grad, p)])
-            return per_pair
-
+        state = self._state(tuple(moving.shape), seg is not None)
+        state.reset(moving, fixed, u0, hyp, seg, start, lr)
         for _ in range(int(steps)):
-            step()
-        last_u = self.field(p, u0_t)
-        keep_best(last_u, self.loss(moving, fixed, last_u, hyp, seg))
-        u_np, end = best_u.numpy(), best.numpy()
+            state.step()
+        u_np, end = state.finish()
         if not (np.all(np.isfinite(u_np)) and np.all(np.isfinite(end))):
             raise FloatingPointError("refinement diverged (non-finite displacement or loss); lower --refine-lr")
         return u_np, start, end
+
+    def _state(self, shape: Tuple[int, ...], with_seg: bool) -> "_RefineState":
+        """The compiled optimization of one input shape, traced once and reused by later calls."""
+        cache = self.__dict__.setdefault("_states", {})
+        key = (shape, with_seg)
+        if key not in cache:
+            cache[key] = _RefineState(self, shape, with_seg)
+        return cache[key]
+
+
+class _RefineState:
+    """Variables and the compiled Adam step of :class:`Refiner` for one batch shape
+    ``[N, *spatial, 1]``: every call assigns its inputs and resets ``p``, the best iterate and the
+    optimizer, so a traced step serves all later calls of that shape (tracing costs seconds)."""
+
+    def __init__(self, refiner: Refiner, shape: Tuple[int, ...], with_seg: bool):
+        n, spatial, nd = shape[0], shape[1:-1], len(shape) - 2
+        self.refiner = refiner
+        self.moving = tf.Variable(tf.zeros(shape), trainable=False)
+        self.fixed = tf.Variable(tf.zeros(shape), trainable=False)
+        self.hyp = tf.Variable(tf.zeros([n, refiner.spec.num_params]), trainable=False)
+        self.seg = tf.Variable(tf.zeros([n, *spatial], tf.int32), trainable=False) if with_seg else None
+        self.u0 = tf.Variable(tf.zeros([n, *spatial, nd]), trainable=False)
+        self.p = tf.Variable(tf.zeros([n, *_coarse_shape(spatial, refiner.grid), nd]))
+        self.best_u = tf.Variable(tf.zeros([n, *spatial, nd]), trainable=False)
+        self.best = tf.Variable(tf.zeros([n]), trainable=False)
+        self.opt = tf.keras.optimizers.Adam(learning_rate=0.1)
+        self.opt.build([self.p])
+        self.expand = [-1] + [1] * (nd + 1)
+        self.step = tf.function(self._step, autograph=False)
+
+    def reset(self, moving, fixed, u0, hyp, seg, start, lr: float) -> None:
+        for var, value in ((self.moving, moving), (self.fixed, fixed), (self.u0, u0), (self.hyp, hyp),
+                           (self.best_u, u0), (self.best, start)):
+            var.assign(value)
+        if self.seg is not None:
+            self.seg.assign(seg)
+        self.p.assign(tf.zeros_like(self.p))
+        for var in self.opt.variables:  # iterations and moments: a fresh Adam
+            var.assign(tf.zeros_like(var))
+        self.opt.learning_rate.assign(float(lr))
+
+    def _keep_best(self, u, per_pair) -> None:
+        better = per_pair < self.best  # keep each pair's best iterate: never worse than the start
+        self.best_u.assign(tf.where(tf.reshape(better, self.expand), u, self.best_u))
+        self.best.assign(tf.where(better, per_pair, self.best))
+
+    def _loss(self, u):
+        return self.refiner.loss(self.moving, self.fixed, u, self.hyp, self.seg)
+
+    def _step(self):
+        with tf.GradientTape() as tape:
+            u = self.refiner.field(self.p, self.u0)
+            per_pair = self._loss(u)
+            total = tf.reduce_sum(per_pair)
+        grad = tape.gradient(total, self.p)
+        self._keep_best(u, per_pair)
+        self.opt.apply_gradients([(grad, self.p)])
+        return per_pair
+
+    def finish(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Evaluate the last iterate, keep it if best; return ``(best u, its loss)`` as numpy."""
+        last_u = self.refiner.field(self.p, self.u0)
+        self._keep_best(last_u, self._loss(last_u))
+        return self.best_u.numpy(), self.best.numpy()

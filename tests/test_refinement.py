@@ -204,3 +204,27 @@ def test_command_line_options_reach_the_refiner():
     Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], 5, **kw)  # accepted as keywords
     default = runio.refine_kwargs(inference.build_parser().parse_args([]))
     assert default == runio.REFINE_DEFAULTS
+
+
+def test_a_reused_refiner_equals_a_fresh_one():
+    """The compiled step is cached per shape; every call starts from its own u0, a zero update and a
+    fresh Adam, so a second call (other inputs, steps, lr) equals the same call on a new Refiner."""
+    seg = np.zeros((1, 32, 32), np.int32)
+    seg[:, 8:20, 8:20] = 1
+    spec = ParamSpec("elastic", True, 3)
+    hyp = np.array([[0.2, 0.5, 0.9, 0.3, 0.2, 0.5, 0.9, 0.3]], np.float32)
+    opts = dict(fold_weight=100.0, smooth=1, grid=2)
+    m1, f1 = _pair(shift=(1.5, -1.0))
+    m2, f2 = _pair(shift=(-0.5, 2.0))
+    u0 = np.random.default_rng(4).normal(0, 0.3, (1, 32, 32, 2)).astype(np.float32)
+    reused = Refiner(spec, [1.0, 1.0], 5, **opts)
+    reused(m1, f1, np.zeros_like(u0), hyp, seg, steps=6, lr=0.2)
+    second = reused(m2, f2, u0, hyp, seg, steps=4, lr=0.05)
+    fresh = Refiner(spec, [1.0, 1.0], 5, **opts)(m2, f2, u0, hyp, seg, steps=4, lr=0.05)
+    for a, b in zip(second, fresh):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(second[0], u0)  # it did refine
+    # another batch shape gets its own compiled state
+    u, _, _ = reused(np.concatenate([m1, m2]), np.concatenate([f1, f2]), np.zeros((2, 32, 32, 2), np.float32),
+                     np.repeat(hyp, 2, 0), np.repeat(seg, 2, 0), steps=2)
+    assert u.shape == (2, 32, 32, 2)
