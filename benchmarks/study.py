@@ -13,7 +13,11 @@ same test pairs when antspyx is installed (``make bench-setup``). Then it writes
   columns plus ``setting`` and ``seed``; SyN rows are repeated for every seed of a setting so
   that paired comparisons line up);
 - ``study_comparisons.csv`` / ``.md``: the paired comparisons the README reports, pooled over
-  seeds and pairs, with intervals that resample seeds and pairs and Holm-adjusted p-values.
+  seeds and pairs (and per seed), with crossed seeds x pairs intervals and Holm-adjusted p-values;
+- ``study_table.csv`` / ``.md``: per setting, protocol and method the mean over seeds x pairs and
+  the range of the per-seed means (run-to-run variation);
+- ``study_forest_mean_dice.png``, ``study_forest_percent_neg_jac.png``: the comparisons as forest
+  plots, pooled and per seed.
 
 Resumable: a unit (setting, seed) whose ``DONE.json`` exists is skipped; an interrupted unit
 resumes inside ``run_pipeline.py`` (finished models are reused, an unfinished one resumes from
@@ -210,6 +214,46 @@ def study_comparisons(methods: Sequence[str]) -> List[tuple]:
     return out
 
 
+#: metrics of the study's paired comparisons (Table 1's compared metrics plus folding and Jacobian spread)
+STUDY_METRICS = ("mean_dice", "hd95", "tre", "dense_epe", "percent_neg_jac", "sdlogj")
+#: columns of the study table
+TABLE_METRICS = ("mean_dice", "hd95", "dense_epe", "percent_neg_jac", "sdlogj", "seconds")
+
+
+def study_table(study):
+    """Per setting, protocol and method: the mean over seeds x pairs of each metric, and the
+    spread of the per-seed means (max - min over seeds) as the run-to-run variation. Returns a
+    DataFrame with ``<metric>`` and ``<metric>_seed_range`` columns and ``n_seeds``, ``n_pairs``."""
+    import pandas as pd
+
+    rows = []
+    df = study.assign(protocol=study["protocol"].fillna(""))
+    for (setting, protocol, method), g in df.groupby(["setting", "protocol", "method"], sort=False):
+        row = {"setting": setting, "protocol": protocol, "method": method, "n_seeds": int(g["seed"].nunique()),
+               "n_pairs": int(g["pair_id"].nunique())}
+        for m in TABLE_METRICS:
+            if m in g:
+                per_seed = g.groupby("seed")[m].mean()
+                row[m] = float(g[m].mean())
+                row[f"{m}_seed_range"] = float(per_seed.max() - per_seed.min())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table_markdown(table) -> str:
+    """The study table as Markdown: ``mean (seed range)`` per metric, one block per setting."""
+    out = []
+    metrics = [m for m in TABLE_METRICS if m in table]
+    for setting, t in table.groupby("setting", sort=False):
+        out += [f"#### {setting}", "", "| protocol | method | seeds x pairs | " + " | ".join(metrics) + " |",
+                "|---|---|---|" + "---|" * len(metrics)]
+        for _, r in t.iterrows():
+            cells = [f"{r[m]:.3f} ({r[m + '_seed_range']:.3f})" for m in metrics]
+            out.append(f"| {r['protocol']} | {r['method']} | {r['n_seeds']} x {r['n_pairs']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def compare(study, n_boot: int):
     """Paired comparisons per setting (pooled over seeds and per seed) and calibrated - paper per
     method (pooled); one table with a ``setting`` column."""
@@ -219,14 +263,16 @@ def compare(study, n_boot: int):
 
     frames = []
     for setting, df in study.groupby("setting", sort=False):
-        comp = paired_comparison(df, study_comparisons(df["method"].unique()), n_boot=n_boot, per_seed=True)
+        comp = paired_comparison(df, study_comparisons(df["method"].unique()), metrics=STUDY_METRICS, n_boot=n_boot,
+                                 per_seed=True)
         frames.append(comp.assign(setting=setting))
     settings = list(study["setting"].unique())
     if {"paper", "calibrated"} <= set(settings):
         both = study.assign(method=study["method"] + " [" + study["setting"] + "]")
         methods = [m for m in study["method"].unique() if m not in ("initial", "ants-syn")]
         pairs = [(f"{m} [calibrated]", f"{m} [paper]") for m in methods]
-        frames.append(paired_comparison(both, pairs, n_boot=n_boot).assign(setting="calibrated - paper"))
+        frames.append(paired_comparison(both, pairs, metrics=STUDY_METRICS, n_boot=n_boot)
+                      .assign(setting="calibrated - paper"))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -260,6 +306,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     md = "\n\n".join(f"### {setting}\n\n" + comparison_markdown(c.drop(columns="setting"))
                        for setting, c in comp.groupby("setting", sort=False))
     atomic_write(os.path.join(args.out, "study_comparisons.md"), md + "\n")
+    table = study_table(study)
+    atomic_write(os.path.join(args.out, "study_table.csv"), table)
+    atomic_write(os.path.join(args.out, "study_table.md"), table_markdown(table) + "\n")
+    from hypermorph_spatially_adaptive.figures import plot_comparison_forest
+
+    within = comp[comp["setting"] != "calibrated - paper"]
+    for metric in ("mean_dice", "percent_neg_jac"):
+        plot_comparison_forest(within, os.path.join(args.out, f"study_forest_{metric}.png"), metric)
     stiff = []
     for u in units:
         unit_dir = os.path.join(args.out, u["setting"], f"seed{u['seed']}")

@@ -26,6 +26,7 @@ Functions
   contours, one row per method.
 * :func:`plot_training_curves`    loss and NCC against step for several runs.
 * :func:`plot_dice_boxplots`      Dice per method (mean and per class).
+* :func:`plot_comparison_forest`  paired differences with intervals, pooled and per seed (the study).
 * :func:`grid_positions`, :func:`deformed_grid_lines` the numeric part of the deformation grid.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "plot_registration_panel",
     "plot_training_curves",
     "plot_dice_boxplots",
+    "plot_comparison_forest",
     "grid_positions",
     "deformed_grid_lines",
 ]
@@ -686,4 +688,74 @@ def plot_dice_boxplots(per_pair: pd.DataFrame, class_names: List[str], out_png: 
     n = per_pair.groupby(method_col).size()
     fig.suptitle("Dice per method (" + ", ".join(f"{m}: n={int(n.get(m, 0))}" for m in methods)
                  + "; ◇ = mean)", fontsize=10)
+    return _save_png_atomic(fig, out_png)
+
+
+# --------------------------------------------------------------------------------------
+# 5. the study: paired differences with intervals, pooled and per seed
+# --------------------------------------------------------------------------------------
+def plot_comparison_forest(comp: pd.DataFrame, out_png: str, metric: str = "mean_dice",
+                           comparisons: Optional[Sequence[str]] = None) -> str:
+    """Forest plot of paired differences (``benchmarks/study.py``): one panel per ``setting`` (or
+    one panel without that column), one line per (protocol, comparison ``a - b``).
+
+    Args:
+        comp: rows of :func:`.evaluation.paired_comparison` with columns ``protocol, seed,
+            comparison, metric, mean_diff, ci_low, ci_high, p_holm, n_seeds, n_pairs`` (``seed``
+            ``'all'`` = pooled over seeds x pairs; other values = one seed over its pairs).
+        out_png: output path (``.png``).
+        metric: the metric drawn (e.g. ``mean_dice``, ``percent_neg_jac``, ``hd95``).
+        comparisons: only these comparison names (default: all rows of ``metric``).
+
+    The pooled estimate is a black square with its 95 % interval (filled when its Holm-adjusted
+    p < 0.05); each seed's estimate is a small coloured dot with its interval just below it. The
+    dashed line is no difference.
+    """
+    out_png = _check_out_png(out_png)
+    _require_columns(comp, ["protocol", "seed", "comparison", "metric", "mean_diff", "ci_low", "ci_high",
+                            "p_holm", "n_seeds", "n_pairs"], "comp")
+    df = comp[comp["metric"] == metric].copy()
+    if comparisons is not None:
+        df = df[df["comparison"].isin(list(comparisons))]
+    if df.empty:
+        raise ValueError(f"comp has no rows for metric {metric!r}")
+    df["seed"] = df["seed"].astype(str)
+    df["protocol"] = df["protocol"].fillna("").astype(str)
+    settings = list(dict.fromkeys(df["setting"])) if "setting" in df else [None]
+    lines = list(dict.fromkeys(zip(df["protocol"], df["comparison"])))
+    seeds = sorted(s for s in df["seed"].unique() if s != "all")
+    colors = matplotlib.colormaps["tab10"]
+    fig = _new_figure((4.2 * len(settings) + 2.6, 0.32 * len(lines) * (1 + 0.35 * min(len(seeds), 3)) + 1.4))
+    axs = np.atleast_1d(fig.subplots(1, len(settings), sharey=True, squeeze=False)).ravel()
+    step = 0.7 / max(len(seeds), 1)
+    for ax, setting in zip(axs, settings):
+        part = df if setting is None else df[df["setting"] == setting]
+        for y, (protocol, name) in enumerate(lines):
+            rows = part[(part["protocol"] == protocol) & (part["comparison"] == name)].set_index("seed")
+            if "all" in rows.index:
+                r = rows.loc["all"]
+                ax.plot([r["ci_low"], r["ci_high"]], [-y, -y], color="black", linewidth=1.6)
+                ax.scatter([r["mean_diff"]], [-y], marker="s", s=30, zorder=3, edgecolors="black",
+                           color="black" if r["p_holm"] < 0.05 else "white")
+            for k, s in enumerate(seeds):
+                if s in rows.index:
+                    r = rows.loc[s]
+                    yy = -y - (k + 1) * step / (len(seeds) + 1) * 1.2
+                    ax.plot([r["ci_low"], r["ci_high"]], [yy, yy], color=colors(k % 10), linewidth=0.8, alpha=0.8)
+                    ax.scatter([r["mean_diff"]], [yy], s=8, color=colors(k % 10), zorder=3)
+        ax.axvline(0.0, color="0.4", linestyle="--", linewidth=0.8)
+        ax.grid(True, axis="x", color="0.9", linewidth=0.6)
+        pooled = part[part["seed"] == "all"]
+        size = (f"{int(pooled['n_seeds'].max())} seeds x {int(pooled['n_pairs'].max())} pairs"
+                if len(pooled) else "")
+        ax.set_title(f"{setting + ': ' if setting else ''}{size}", fontsize=9)
+        ax.set_xlabel(f"difference a - b in {metric}")
+    axs[0].set_yticks([-y for y in range(len(lines))])
+    axs[0].set_yticklabels([f"[{p[:3]}] {n}" if p else n for p, n in lines], fontsize=7)
+    handles = [Line2D([], [], marker="s", color="black", markerfacecolor="black", linestyle="-",
+                      label="pooled, Holm p < 0.05"),
+               Line2D([], [], marker="s", color="black", markerfacecolor="white", linestyle="-", label="pooled"),
+               *[Line2D([], [], marker=".", color=colors(k % 10), label=f"seed {s}") for k, s in enumerate(seeds)]]
+    axs[-1].legend(handles=handles, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("Paired differences with 95 % intervals (pooled: seeds x pairs; per seed: over pairs)", fontsize=10)
     return _save_png_atomic(fig, out_png)

@@ -1,0 +1,58 @@
+"""benchmarks/study.py's tables and figure on a made-up study (no training)."""
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import study  # noqa: E402
+
+from hypermorph_spatially_adaptive.figures import plot_comparison_forest  # noqa: E402
+
+
+def _fake_study(effect=0.02, n_pairs=8, seeds=(0, 1, 2)):
+    rng = np.random.default_rng(0)
+    rows = []
+    for setting, shift in (("paper", 0.0), ("calibrated", 0.01)):
+        for seed in seeds:
+            for k in range(n_pairs):
+                base = 0.8 + 0.01 * k + 0.005 * seed
+                for method, d in (("initial", -0.2), ("elas-g", 0.0), ("elas-sas", effect), ("elas-g+io", 0.1)):
+                    proto = "" if method == "initial" else "oracle"
+                    rows.append({"setting": setting, "seed": seed, "pair_id": f"p{k}", "protocol": proto,
+                                 "method": method, "mean_dice": base + d + shift + rng.normal(0, 0.002),
+                                 "hd95": 3.0 - d, "tre": np.nan, "dense_epe": 0.5 - d, "seconds": 0.01,
+                                 "percent_neg_jac": 0.1 if method.endswith("+io") else 0.0, "sdlogj": 0.2})
+    return pd.DataFrame(rows)
+
+
+def test_study_table_means_and_seed_ranges():
+    s = _fake_study()
+    t = study.study_table(s).set_index(["setting", "protocol", "method"])
+    g = s[(s.setting == "paper") & (s.method == "elas-sas")]
+    row = t.loc[("paper", "oracle", "elas-sas")]
+    assert row["mean_dice"] == pytest.approx(g["mean_dice"].mean())
+    per_seed = g.groupby("seed")["mean_dice"].mean()
+    assert row["mean_dice_seed_range"] == pytest.approx(per_seed.max() - per_seed.min())
+    assert row["n_seeds"] == 3 and row["n_pairs"] == 8
+    md = study.table_markdown(study.study_table(s))
+    assert "#### paper" in md and "| oracle | elas-sas | 3 x 8 |" in md
+
+
+def test_compare_finds_the_planted_effect_and_plots_it(tmp_path):
+    s = _fake_study(effect=0.02)
+    comp = study.compare(s, n_boot=200)
+    pooled = comp[(comp.setting == "paper") & (comp.seed.astype(str) == "all") & (comp.metric == "mean_dice")
+                  & (comp.comparison == "elas-sas - elas-g")].iloc[0]
+    assert pooled["mean_diff"] == pytest.approx(0.02, abs=0.002)
+    assert pooled["ci_low"] > 0 and pooled["n_seeds"] == 3 and pooled["n_pairs"] == 8
+    assert set(comp.metric) >= {"mean_dice", "percent_neg_jac"}
+    cal = comp[(comp.setting == "calibrated - paper") & (comp.metric == "mean_dice")
+               & (comp.comparison == "elas-g [calibrated] - elas-g [paper]")].iloc[0]
+    assert cal["mean_diff"] == pytest.approx(0.01, abs=0.002)
+    out = plot_comparison_forest(comp[comp.setting != "calibrated - paper"], str(tmp_path / "f.png"))
+    assert os.path.getsize(out) > 5000
+    with pytest.raises(ValueError, match="no rows for metric"):
+        plot_comparison_forest(comp, str(tmp_path / "g.png"), metric="nope")
