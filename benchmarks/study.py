@@ -16,6 +16,10 @@ same test pairs when antspyx is installed (``make bench-setup``). Then it writes
   seeds and pairs (and per seed), with crossed seeds x pairs intervals and Holm-adjusted p-values;
 - ``study_table.csv`` / ``.md``: per setting, protocol and method the mean over seeds x pairs and
   the range of the per-seed means (run-to-run variation);
+- ``grid_response.csv``: per unit and regularizer, the grid's mean-Dice spread and the fraction
+  of -g choices inside the box (does the hyperparameter matter?);
+- ``stiffness.csv``: Spearman of the elastic SA model's identified per-tissue values against the
+  phantom's Lame values (Dice and EPE-oracle gradient identification);
 - ``study_forest_mean_dice.png``, ``study_forest_percent_neg_jac.png``: the comparisons as forest
   plots, pooled and per seed.
 
@@ -142,6 +146,28 @@ def stiffness_recovery(unit_dir: str, class_names: Sequence[str], true_lame: Dic
                 row[f"spearman_{field}"] = float(spearmanr(ident, truth).statistic)
                 row.update({f"{field}_{c}": float(r[f"{field}_{c}"]) for c in class_names})
             rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def grid_response(unit_dir: str):
+    """How much the global models' grid matters, per regularizer (issue targets: elastic spread
+    >= 0.05, interior choices on most pairs): mean and median over the test pairs of the grid's
+    mean-Dice spread (max - min over grid points), and the fraction of pairs whose -g choice lies
+    inside the box (every coordinate strictly between 0 and 1)."""
+    import pandas as pd
+
+    rows = []
+    for reg, cols in (("elastic", ["g_lambda", "g_mu"]), ("diffusion", ["g_lambda"])):
+        folder = os.path.join(unit_dir, "identification", reg)
+        if not os.path.isfile(os.path.join(folder, "grid_dice.csv")):
+            continue
+        grid = pd.read_csv(os.path.join(folder, "grid_dice.csv"), dtype={"pair_id": str})
+        spread = grid.groupby("pair_id")["mean_dice"].agg(lambda x: x.max() - x.min())
+        choice = pd.read_csv(os.path.join(folder, "identified_parameters.csv"), dtype={"pair_id": str})
+        inside = ((choice[cols] > 0) & (choice[cols] < 1)).all(axis=1)
+        rows.append({"regularizer": reg, "grid_spread_mean": float(spread.mean()),
+                     "grid_spread_median": float(spread.median()), "interior_fraction": float(inside.mean()),
+                     "n_pairs": int(len(choice))})
     return pd.DataFrame(rows)
 
 
@@ -324,6 +350,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     import pandas as pd
 
     stiff = pd.concat(stiff, ignore_index=True)
+    response = pd.concat([grid_response(os.path.join(args.out, u["setting"], f"seed{u['seed']}"))
+                          .assign(setting=u["setting"], seed=u["seed"]) for u in units], ignore_index=True)
+    atomic_write(os.path.join(args.out, "grid_response.csv"), response)
+    print("[study] grid response of the global models (mean over seeds):\n"
+          + response.groupby(["setting", "regularizer"])[["grid_spread_mean", "interior_fraction"]].mean()
+          .round(3).to_string(), flush=True)
     atomic_write(os.path.join(args.out, "stiffness.csv"), stiff)
     summary = stiff.groupby(["setting", "objective"])[["spearman_mu", "spearman_lambda"]].agg(["mean", "count"])
     print("[study] stiffness order recovered by the elastic SA model (Spearman over lung/bone/liver vs the "

@@ -56,3 +56,16 @@ def test_compare_finds_the_planted_effect_and_plots_it(tmp_path):
     assert os.path.getsize(out) > 5000
     with pytest.raises(ValueError, match="no rows for metric"):
         plot_comparison_forest(comp, str(tmp_path / "g.png"), metric="nope")
+
+
+def test_grid_response_spread_and_interior(tmp_path):
+    folder = tmp_path / "identification" / "elastic"
+    folder.mkdir(parents=True)
+    grid = pd.DataFrame([{"pair_id": p, "lambda": l, "mu": m, "mean_dice": d + 0.1 * l * k}
+                         for k, (p, d) in enumerate((("a", 0.7), ("b", 0.8))) for l in (0.0, 1.0) for m in (0.0, 1.0)])
+    grid.to_csv(folder / "grid_dice.csv", index=False)
+    pd.DataFrame({"pair_id": ["a", "b"], "g_lambda": [0.5, 1.0], "g_mu": [0.3, 0.2]}).to_csv(
+        folder / "identified_parameters.csv", index=False)
+    r = study.grid_response(str(tmp_path)).set_index("regularizer").loc["elastic"]
+    assert r["grid_spread_mean"] == pytest.approx(0.05)  # pair a: 0, pair b: 0.1
+    assert r["interior_fraction"] == pytest.approx(0.5)   # b sits on lambda = 1
