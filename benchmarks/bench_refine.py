@@ -9,7 +9,8 @@ Rows are named ``<start>[+io[+option...]]``:
   refinement, the +io rows of Table 1), with the :class:`Refiner` options given by the further
   tokens: ``fold<W>`` (folding penalty weight), ``eps<E>`` (its threshold), ``logj<W>``
   (log-Jacobian penalty weight), ``smooth<K>``
-  (box-filter passes of the update), ``grid<G>`` (update grid coarsening), ``svf`` (velocity
+  (box-filter passes of the update), ``grid<G>`` (update grid coarsening), ``scale<S>`` (objective
+  on S times coarser images), ``svf`` (velocity
   field, composed with the start), ``steps<N>`` / ``lr<X>`` (override the defaults). E.g.
   ``net+io+svf+smooth3+fold10``.
 
@@ -40,7 +41,7 @@ DEFAULT_ROWS = ["net", "net+io", "net+io+fold100", "net+io+smooth3", "net+io+gri
                 "net+io+svf+smooth3", "net+io+fold100+logj1", "net+io+grid2+smooth3+fold100+logj1", "zero+io",
                 "zero+io+grid2+smooth3+fold100+logj1"]
 _OPTION_TOKENS = {"fold": ("fold_weight", float), "eps": ("fold_eps", float), "logj": ("logj_weight", float),
-                  "smooth": ("smooth", int), "grid": ("grid", int), "steps": ("steps", int), "lr": ("lr", float)}
+                  "smooth": ("smooth", int), "grid": ("grid", int), "scale": ("scale", int), "steps": ("steps", int), "lr": ("lr", float)}
 
 
 def _project_root() -> str:

@@ -27,6 +27,12 @@ all off by default = the original refinement, which optimizes ``u`` voxel by vox
   (``int_steps`` squarings) and the result is the composition ``u(x) = d(x) + u0(x + d(x))``
   (the network's map after the refinement's), diffeomorphic if ``u0`` is, up to discretization.
 
+* ``scale`` s: the objective is evaluated on a level s times coarser per axis (block means of
+  the images, ``u0`` as block mean / s in coarse voxels, the label at each block's centre, voxel
+  size s times larger): s^D times fewer voxels per step. The best coarse update is upsampled to
+  the block centres and multiplied by s; a pair keeps ``u0`` if the full-resolution objective
+  of the result is not below its start.
+
 Without ``svf`` the result is ``u = u0 + S(P(p))`` (``P``: upsampling, ``S``: smoothing, ``p``
 the optimized array, zero at the start); with ``grid = 1, smooth = 0`` this is Adam on ``u``
 itself. The energy and the fold penalty always act on the full displacement ``u`` (the paper's
@@ -44,7 +50,7 @@ unchanged.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -145,10 +151,15 @@ def box_smooth(v: tf.Tensor, passes: int) -> tf.Tensor:
     return v
 
 
-def _interp_matrix(n: int, m: int) -> np.ndarray:
-    """``[n, m]`` weights of linear interpolation from ``m`` nodes onto ``n`` points with aligned
-    corners (node ``k`` at fine coordinate ``k (n - 1) / (m - 1)``)."""
-    pos = np.linspace(0.0, m - 1.0, n) if m > 1 else np.zeros(n)
+def _interp_matrix(n: int, m: int, centred: bool = False) -> np.ndarray:
+    """``[n, m]`` weights of linear interpolation from ``m`` nodes onto ``n`` points: with aligned
+    corners (node ``k`` at fine coordinate ``k (n - 1) / (m - 1)``), or ``centred`` (node ``k`` at
+    the centre ``(k + 1/2) n / m - 1/2`` of its block of fine points, as after average pooling;
+    points beyond the outer nodes take their value)."""
+    if centred:
+        pos = np.clip((np.arange(n) + 0.5) * m / n - 0.5, 0.0, m - 1.0)
+    else:
+        pos = np.linspace(0.0, m - 1.0, n) if m > 1 else np.zeros(n)
     lo = np.minimum(np.floor(pos).astype(np.int64), max(m - 2, 0))
     frac = pos - lo
     w = np.zeros((n, m), np.float32)
@@ -157,11 +168,11 @@ def _interp_matrix(n: int, m: int) -> np.ndarray:
     return w
 
 
-def upsample_linear(p: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
+def upsample_linear(p: tf.Tensor, shape: Sequence[int], centred: bool = False) -> tf.Tensor:
     """(Bi/tri)linear interpolation of ``p [N, *coarse, K]`` onto ``shape`` with aligned corners
-    (coarse node ``k`` sits at fine coordinate ``k (n - 1) / (m - 1)``); the identity when the
-    shapes agree. One small dense matrix product per axis (its gradient is a matrix product too,
-    much faster than a gather's scatter)."""
+    (coarse node ``k`` sits at fine coordinate ``k (n - 1) / (m - 1)``) or, ``centred``, at block
+    centres (:func:`_interp_matrix`); the identity when the shapes agree. One small dense matrix
+    product per axis (its gradient is a matrix product too, much faster than a gather's scatter)."""
     out = tf.convert_to_tensor(p, tf.float32)
     letters = "abcdefgh"
     for i, n in enumerate(shape):
@@ -171,7 +182,7 @@ def upsample_linear(p: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
             continue
         src = letters[: out.shape.rank]
         dst = src[:ax] + "z" + src[ax + 1:]
-        out = tf.einsum(f"{src},z{src[ax]}->{dst}", out, tf.constant(_interp_matrix(int(n), int(m))))
+        out = tf.einsum(f"{src},z{src[ax]}->{dst}", out, tf.constant(_interp_matrix(int(n), int(m), centred)))
     return out
 
 
@@ -182,6 +193,16 @@ def integrate_svf(v: tf.Tensor, steps: int = 7) -> tf.Tensor:
     for _ in range(int(steps)):
         d = d + linear_warp(d, d)
     return d
+
+
+def downsample(x: tf.Tensor, factor: int) -> tf.Tensor:
+    """Block means of ``x [N, *spatial, K]`` over ``factor^D`` voxels (every spatial size must be
+    divisible by ``factor``); the identity for ``factor = 1``."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    if factor == 1:
+        return x
+    pool = tf.nn.avg_pool2d if x.shape.rank == 4 else tf.nn.avg_pool3d
+    return pool(x, ksize=factor, strides=factor, padding="VALID")
 
 
 def _coarse_shape(shape: Sequence[int], grid: int) -> Tuple[int, ...]:
@@ -200,13 +221,14 @@ class Refiner:
     ``fold_weight`` (>= 0) and ``fold_eps`` of the folding penalty, ``logj_weight`` (>= 0) of the
     log-Jacobian penalty, ``smooth`` (box-filter passes of the update), ``grid`` (update grid
     coarsening factor, >= 1), ``svf`` (refine a velocity field and compose its exponential with
-    ``u0``) and ``int_steps`` (its squarings).
+    ``u0``), ``int_steps`` (its squarings) and ``scale`` (optimize on images downsampled by this
+    factor per axis; module docstring).
     """
 
     def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9,
                  energy_scale: float = 1.0, mapping: Optional[HypMapping] = None, *,
                  fold_weight: float = 0.0, fold_eps: float = 0.1, logj_weight: float = 0.0, smooth: int = 0,
-                 grid: int = 1, svf: bool = False, int_steps: int = 7):
+                 grid: int = 1, svf: bool = False, int_steps: int = 7, scale: int = 1):
         self.spec = spec
         self.mapping = mapping
         self.spacing = None if spacing is None else [float(s) for s in spacing]
@@ -222,6 +244,9 @@ class Refiner:
             raise ValueError(f"grid must be an integer >= 1, got {grid}")
         if int_steps < 0:
             raise ValueError(f"int_steps must be >= 0, got {int_steps}")
+        if scale < 1 or int(scale) != scale:
+            raise ValueError(f"scale must be an integer >= 1, got {scale}")
+        self.scale = int(scale)
         self.fold_weight = float(fold_weight)
         self.fold_eps = float(fold_eps)
         self.logj_weight = float(logj_weight)
@@ -240,15 +265,16 @@ class Refiner:
         return cls(ParamSpec.from_model_config(config["model"]), loss.get("spacing") if spacing is None else spacing,
                    loss.get("ncc_win", 9), loss.get("energy_scale", 1.0), HypMapping.from_loss_config(loss), **options)
 
-    def loss(self, moving, fixed, u, hyp, fixed_seg) -> tf.Tensor:
+    def loss(self, moving, fixed, u, hyp, fixed_seg, spacing: Optional[Sequence[float]] = None) -> tf.Tensor:
         """Per-pair objective ``[N]`` of displacement ``u``: the training loss
         (:func:`.losses.loss_terms`) plus ``fold_weight *`` :func:`fold_penalty` plus
-        ``logj_weight *`` :func:`log_jacobian_penalty` (one Jacobian for both)."""
+        ``logj_weight *`` :func:`log_jacobian_penalty` (one Jacobian for both). ``spacing``
+        overrides the refiner's (mm per voxel; the coarse level of ``scale`` uses ``scale`` times it)."""
         moving, fixed = tf.convert_to_tensor(moving, tf.float32), tf.convert_to_tensor(fixed, tf.float32)
         hyp, u = tf.convert_to_tensor(hyp, tf.float32), tf.convert_to_tensor(u, tf.float32)
         warped = linear_warp(moving, u)
-        out = loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing, self.win,
-                         self.energy_scale, self.mapping)["loss"]
+        out = loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing if spacing is None else spacing,
+                         self.win, self.energy_scale, self.mapping)["loss"]
         det = jacobian_determinant(u) if self.fold_weight > 0 or self.logj_weight > 0 else None
         if self.fold_weight > 0:
             out = out + self.fold_weight * fold_penalty(u, self.fold_eps, det)
@@ -289,14 +315,61 @@ class Refiner:
         start = self.loss(moving, fixed, u0, hyp, seg).numpy()
         if steps == 0:
             return u0.copy(), start, start.copy()
-        state = self._state(tuple(moving.shape), seg is not None)
-        state.reset(moving, fixed, u0, hyp, seg, start, lr)
+        level = self._level(moving, fixed, u0, seg)
+        state = self._state(tuple(level[0].shape), seg is not None)
+        state.reset(level[0], level[1], level[2], hyp, level[3],
+                    start if self.scale == 1 else self._level_loss(level, hyp), lr)
         for _ in range(int(steps)):
             state.step()
         u_np, end = state.finish()
+        if self.scale > 1:
+            u_np, end = self._finish_full(state, moving, fixed, u0, hyp, seg, start)
         if not (np.all(np.isfinite(u_np)) and np.all(np.isfinite(end))):
             raise FloatingPointError("refinement diverged (non-finite displacement or loss); lower --refine-lr")
         return u_np, start, end
+
+    def _level(self, moving, fixed, u0: np.ndarray, seg):
+        """The optimization level ``(moving, fixed, u0, seg)``: the inputs themselves, or with
+        ``scale`` s > 1 block means of the images, ``u0`` in coarse voxels (block mean / s) and
+        the label at each block's centre voxel."""
+        s = self.scale
+        if s == 1:
+            return moving, fixed, tf.constant(u0), seg
+        bad = [n for n in moving.shape[1:-1] if n % s]
+        if bad:
+            raise ValueError(f"refinement scale {s}: every image size must be divisible by it, got "
+                             f"{list(moving.shape[1:-1])}")
+        nd = len(moving.shape) - 2
+        seg_c = None
+        if seg is not None:
+            seg_c = seg[(slice(None),) + (slice(s // 2, None, s),) * nd]
+        return downsample(moving, s), downsample(fixed, s), downsample(u0, s) / float(s), seg_c
+
+    def level_spacing(self, ndim: int) -> Optional[List[float]]:
+        """Voxel size of the optimization level: the refiner's, times ``scale`` when it is > 1."""
+        if self.scale == 1:
+            return self.spacing
+        return [float(v) * self.scale for v in (self.spacing or [1.0] * ndim)]
+
+    def _level_loss(self, level, hyp) -> np.ndarray:
+        return self.loss(level[0], level[1], level[2], hyp, level[3],
+                         self.level_spacing(len(level[0].shape) - 2)).numpy()
+
+    def _finish_full(self, state: "_RefineState", moving, fixed, u0: np.ndarray, hyp, seg, start: np.ndarray):
+        """Scale > 1: the full-resolution field of the best coarse iterate, ``s`` times the coarse
+        update upsampled to block centres (composed with ``u0`` under ``svf``); a pair whose
+        full-resolution objective is not below ``start`` keeps ``u0``."""
+        s = self.scale
+        v = box_smooth(upsample_linear(state.best_p, state.u0.shape[1:-1]), self.smooth)  # coarse update
+        if self.svf:
+            v = integrate_svf(v, self.int_steps)
+        d = s * upsample_linear(v, u0.shape[1:-1], centred=True)  # fine voxels
+        u0_t = tf.constant(u0)
+        u = d + linear_warp(u0_t, d) if self.svf else u0_t + d
+        end = self.loss(moving, fixed, u, hyp, seg).numpy()
+        better = end < start
+        keep = better.reshape([-1] + [1] * (u0.ndim - 1))
+        return np.where(keep, u.numpy(), u0), np.where(better, end, start)
 
     def _state(self, shape: Tuple[int, ...], with_seg: bool) -> "_RefineState":
         """The compiled optimization of one input shape, traced once and reused by later calls."""
@@ -322,6 +395,7 @@ class _RefineState:
         self.u0 = tf.Variable(tf.zeros([n, *spatial, nd]), trainable=False)
         self.p = tf.Variable(tf.zeros([n, *_coarse_shape(spatial, refiner.grid), nd]))
         self.best_u = tf.Variable(tf.zeros([n, *spatial, nd]), trainable=False)
+        self.best_p = tf.Variable(tf.zeros_like(self.p), trainable=False)
         self.best = tf.Variable(tf.zeros([n]), trainable=False)
         self.opt = tf.keras.optimizers.Adam(learning_rate=0.1)
         self.opt.build([self.p])
@@ -335,6 +409,7 @@ class _RefineState:
         if self.seg is not None:
             self.seg.assign(seg)
         self.p.assign(tf.zeros_like(self.p))
+        self.best_p.assign(tf.zeros_like(self.p))
         for var in self.opt.variables:  # iterations and moments: a fresh Adam
             var.assign(tf.zeros_like(var))
         self.opt.learning_rate.assign(float(lr))
@@ -342,10 +417,14 @@ class _RefineState:
     def _keep_best(self, u, per_pair) -> None:
         better = per_pair < self.best  # keep each pair's best iterate: never worse than the start
         self.best_u.assign(tf.where(tf.reshape(better, self.expand), u, self.best_u))
+        self.best_p.assign(tf.where(tf.reshape(better, self.expand), self.p, self.best_p))
         self.best.assign(tf.where(better, per_pair, self.best))
 
     def _loss(self, u):
-        return self.refiner.loss(self.moving, self.fixed, u, self.hyp, self.seg)
+        r = self.refiner
+        if r.scale == 1:
+            return r.loss(self.moving, self.fixed, u, self.hyp, self.seg)
+        return r.loss(self.moving, self.fixed, u, self.hyp, self.seg, r.level_spacing(len(u.shape) - 2))
 
     def _step(self):
         with tf.GradientTape() as tape:

@@ -191,12 +191,12 @@ def arg_float(minimum: float = 0.0, maximum: Optional[float] = None, inclusive: 
 #: Command-line defaults of the refinement's plausibility options (:class:`.refinement.Refiner`
 #: keyword arguments), chosen from ``benchmarks/bench_refine.py`` (README "Refinement that does
 #: not tear"). The Refiner's own defaults are the original voxelwise refinement.
-REFINE_DEFAULTS = {"fold_weight": 100.0, "logj_weight": 1.0, "smooth": 3, "grid": 2, "svf": False}
+REFINE_DEFAULTS = {"fold_weight": 100.0, "logj_weight": 1.0, "smooth": 3, "grid": 2, "svf": False, "scale": 1}
 
 
 def add_refine_args(group) -> None:
     """Add ``--refine-fold-weight``, ``--refine-logj-weight``, ``--refine-smooth``,
-    ``--refine-grid`` and ``--refine-svf`` to an argparse parser or group (defaults
+    ``--refine-grid``, ``--refine-scale`` and ``--refine-svf`` to an argparse parser or group (defaults
     :data:`REFINE_DEFAULTS`)."""
     import argparse
 
@@ -214,6 +214,10 @@ def add_refine_args(group) -> None:
     group.add_argument("--refine-grid", type=arg_int(1), default=REFINE_DEFAULTS["grid"],
                        help="refinement: the update lives on a grid this many times coarser per axis, "
                             "upsampled linearly (1: the image grid)")
+    group.add_argument("--refine-scale", type=arg_int(1), default=REFINE_DEFAULTS["scale"],
+                       help="refinement: evaluate the objective on images this many times coarser per axis (block "
+                            "means; 2: a quarter of the voxels in 2D, 4-6x faster per step at 128^2) and upsample "
+                            "the update (1: full resolution). Image sizes must be divisible by it")
     group.add_argument("--refine-svf", action=argparse.BooleanOptionalAction, default=REFINE_DEFAULTS["svf"],
                        help="refinement: optimize a stationary velocity field, integrate it (scaling and squaring) "
                             "and compose it with the network's map (diffeomorphic by construction)")
@@ -223,11 +227,13 @@ def refine_kwargs(args) -> Dict:
     """The :class:`.refinement.Refiner` keyword options of parsed ``add_refine_args`` arguments."""
     return {"fold_weight": float(args.refine_fold_weight), "logj_weight": float(args.refine_logj_weight),
             "smooth": int(args.refine_smooth),
-            "grid": int(args.refine_grid), "svf": bool(args.refine_svf)}
+            "grid": int(args.refine_grid), "svf": bool(args.refine_svf),
+            "scale": int(getattr(args, "refine_scale", REFINE_DEFAULTS["scale"]))}
 
 
 def refine_argv(args) -> List[str]:
     """Command-line tokens passing the refinement options of ``args`` on to another script."""
     return ["--refine-fold-weight", repr(float(args.refine_fold_weight)),
             "--refine-logj-weight", repr(float(args.refine_logj_weight)), "--refine-smooth", str(args.refine_smooth),
-            "--refine-grid", str(args.refine_grid), "--refine-svf" if args.refine_svf else "--no-refine-svf"]
+            "--refine-grid", str(args.refine_grid), "--refine-scale", str(getattr(args, "refine_scale", 1)),
+            "--refine-svf" if args.refine_svf else "--no-refine-svf"]
