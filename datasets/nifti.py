@@ -103,7 +103,10 @@ def _load_labels(path: str, num_classes: int | None, what: str = "label map") ->
     labels = data.astype(np.int64)
     if labels.size:
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or (num_classes is not None and hi > num_classes):
+        if lo < 0:
+            raise ValueError(f"{what} {path} has negative labels {np.unique(labels[labels < 0]).tolist()}; "
+                             f"labels are 0 (background) and 1..C (tissue classes)")
+        if num_classes is not None and hi > num_classes:
             raise ValueError(f"{what} {path} has labels outside 0..{num_classes}: "
                              f"{np.unique(labels).tolist()}")
     return labels.astype(np.int32)
