@@ -34,11 +34,8 @@ import numpy as np
 from .base import SPLITS, RegistrationDataset, RegistrationPair, assemble_pair
 from .options import CLASS_NAMES, NDIM, SLICE_AXIS, Option, split_class_names
 from .nifti import (_as_3d, _check_same_shape, _load_image, _load_keypoints, _load_labels,
-                    _nifti_shape, _points_to_grid, _require_file, _slice_matrix, _warn_outside)
-
-
-#: an image warns when its 99th percentile lies in the lowest this fraction of its min-max range
-OUTLIER_FRACTION = 0.05
+                    _nifti_shape, _points_to_grid, _require_file, _slice_matrix, _warn_outside,
+                    minmax_scale)
 
 
 def _directions(affine: np.ndarray) -> np.ndarray:
@@ -227,20 +224,7 @@ class FolderDataset(RegistrationDataset):
         return tuple(f"class{c}" for c in range(1, n + 1))
 
     def _normalize(self, img: np.ndarray, path: str) -> np.ndarray:
-        if self.clip_percentiles is not None:
-            lo, hi = np.percentile(img, self.clip_percentiles)
-            img = np.clip(img, lo, hi)
-        lo, hi = float(img.min()), float(img.max())
-        if hi <= lo:
-            warnings.warn(f"image {path} is constant; it becomes all zeros", stacklevel=4)
-            return np.zeros_like(img, dtype=np.float32)
-        p99 = float(np.percentile(img, 99))
-        if p99 - lo < OUTLIER_FRACTION * (hi - lo):
-            warnings.warn(f"image {path}: its maximum {hi:g} lies far above its 99th percentile {p99:g}, so min-max "
-                          f"scaling squeezes 99% of its voxels into [0, {(p99 - lo) / (hi - lo):.2g}]; pass "
-                          f"--clip-percentiles 0.5 99.5 (applied to every image) if these are outliers",
-                          stacklevel=4)
-        return ((img - lo) / (hi - lo)).astype(np.float32)
+        return minmax_scale(img, self.clip_percentiles, f"image {path}")
 
     def _prepare(self, img_path: str, seg_path: str, what: str):
         img, affine, zooms = _load_image(img_path, f"{what} image")

@@ -356,6 +356,13 @@ def _run_warn_load(case, setup, expected, tmp_path, capsys, request):
         assert np.percentile(pair.moving, 99) < 1e-5
         clipped = D.get_dataset("folder", None, pairs_csv=csv_path, clip_percentiles=[0.5, 99.5]).load_pair("p1")
         assert np.percentile(clipped.moving, 99) > 0.5
+        # register.py scales a folder run's images with the same function: same array, same warning
+        from hypermorph_spatially_adaptive.pair_registration import intensity_normalizer
+
+        raw = np.asarray(nib.load(os.path.join(d, "img", "moving1.nii.gz")).dataobj, np.float32)
+        with pytest.warns(UserWarning, match="lies far above its 99th percentile"):
+            scaled = intensity_normalizer({"name": "folder"})(raw, "moving image")
+        np.testing.assert_array_equal(scaled, pair.moving[..., 0])
 
 
 def _run_csv_ok(case, setup, expected, tmp_path, capsys, request):
