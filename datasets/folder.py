@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 
 from .base import SPLITS, RegistrationDataset, RegistrationPair, assemble_pair
-from .options import CLASS_NAMES, NDIM, SLICE_AXIS, Option, split_class_names
+from .options import CLASS_NAMES, NDIM, SLICE_AXIS, Option, arg_type, positive_int, split_class_names
 from .nifti import (_as_3d, _check_same_shape, _load_image, _load_keypoints, _load_labels,
                     _nifti_shape, _points_to_grid, _require_file, _slice_matrix, _warn_outside,
                     minmax_scale)
@@ -55,7 +55,7 @@ class FolderDataset(RegistrationDataset):
                help="folder dataset: CSV with columns pair_id,fixed,moving,fixed_seg,moving_seg"
                     "[,fixed_kp,moving_kp][,split], paths relative to the CSV"),
         NDIM,
-        Option("num_classes", type=int,
+        Option("num_classes", type=arg_type(positive_int),
                help="folder: number of tissue classes (if not given: largest fixed label)"),
         CLASS_NAMES,
         Option("clip_percentiles", type=float, nargs=2, metavar=("LO", "HI"),

@@ -78,18 +78,23 @@ def arg_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (``ValueError`` naming the value otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
-positive_int.__name__ = "integer >= 1"
+#: an integer >= 1 / >= 0 (``ValueError`` naming the value otherwise)
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
 
 
 def split_class_names(value) -> tuple:

@@ -135,6 +135,7 @@ CASES = [
     ("gradient lr 0", "parse", "identify --run x --method gradient --lr 0",
      "argument --lr: must be a finite number > 0, got 0"),
     ("image-size 0", "parse", "train --image-size 0", "argument --image-size: must be >= 1, got 0"),
+    ("num-classes 0", "parse", "train --dataset folder --num-classes 0", "argument --num-classes: must be >= 1, got 0"),
     ("class names repeated", "parse", "train --dataset folder --class-names lung,lung,liver",
      "argument --class-names: class names must differ, lung is repeated in 'lung,lung,liver'"),
     ("grid too large for memory", "grid", "--grid-steps 1000",
