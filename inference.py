@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", type=runio.arg_int(0), default=0, metavar="N",
                    help="instance optimization: refine the -g and -sas displacements of every pair for N Adam "
                         "steps on the training loss (adds the +io rows; 0: off)")
-    p.add_argument("--refine-lr", type=runio.arg_float(0.0), default=0.1, help="Adam learning rate of the refinement (voxels)")
+    p.add_argument("--refine-lr", type=runio.arg_float(0.0), default=0.1,
+                   help="Adam learning rate of the refinement (voxels)")
     p.add_argument("--population-maps", choices=MAP_SOURCES, default="warped-moving",
                    help="segmentation that builds the -sas+io refinement's parameter maps in the population "
                         "protocol: 'warped-moving' (label-free at test time: the moving segmentation warped by the "

@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="dice", choices=["dice", "epe"],
                    help="gradient: 1 - mean soft Dice over tissues (linearly warped one-hot labels), or the mean "
                         "end-point error in mm against the true displacement in the body (synthetic data only)")
-    g.add_argument("--steps", type=runio.arg_int(1), default=50, help="gradient: maximum Adam steps (forward+backward passes)")
-    g.add_argument("--lr", type=runio.arg_float(0.0), default=0.05, help="gradient: Adam learning rate on z, h = sigmoid(z)")
+    g.add_argument("--steps", type=runio.arg_int(1), default=50,
+                   help="gradient: maximum Adam steps (forward+backward passes)")
+    g.add_argument("--lr", type=runio.arg_float(0.0), default=0.05,
+                   help="gradient: Adam learning rate on z, h = sigmoid(z)")
     g.add_argument("--patience", type=runio.arg_int(0), default=10,
                    help="gradient: stop a pair after this many steps without improvement (0: never)")
     return p

@@ -5,11 +5,12 @@
     ``fixed_kp,moving_kp`` (keypoint CSV files, voxel indices in NIfTI order, as for NLST; a
     header row is tolerated) and optional ``split`` (train/val/test; without it 70/15/15 in row
     order). The CSV is UTF-8 (a byte order mark and CRLF line ends are fine); pair ids are kept
-    as written (``NA``, ``None`` stay strings). Relative paths are relative to the CSV's folder. Images are NIfTI, min-max scaled to
-    [0, 1] (optionally after clipping at ``--clip-percentiles LO HI``); an image whose range is
-    set by a few outlier voxels (99% of its voxels in the lowest 5% of the range) warns,
-    naming the file and suggesting ``--clip-percentiles``. ``num_classes`` = the largest label
-    in the fixed label maps unless ``--num-classes``/``--class-names`` declare the classes:
+    as written (``NA``, ``None`` stay strings). Relative paths are relative to the CSV's folder.
+    Images are NIfTI, min-max scaled to [0, 1] (optionally after clipping at
+    ``--clip-percentiles LO HI``; :func:`datasets.nifti.minmax_scale`, which ``register.py``
+    shares); an image whose range is set by a few outlier voxels (99% of its voxels in the
+    lowest 5% of the range) warns, naming the file and suggesting ``--clip-percentiles``.
+    ``num_classes`` = the largest label in the fixed label maps unless ``--num-classes``/``--class-names`` declare the classes:
     declared classes make any other label an error (fixed or moving); inferred ones refuse a
     moving label larger than every fixed label (it would invent a class no fixed segmentation
     has) and warn about classes with no voxels in any label map (a stray label 7 would otherwise

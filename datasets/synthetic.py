@@ -99,7 +99,8 @@ class SyntheticDataset(RegistrationDataset):
     # (this order is the order run_pipeline.py passes them on, kept for its "same command" check)
     OPTIONS = (
         NDIM,
-        Option("num_pairs", type=arg_type(positive_int), default=40, help="synthetic: total number of pairs, split 70/15/15"),
+        Option("num_pairs", type=arg_type(positive_int), default=40,
+               help="synthetic: total number of pairs, split 70/15/15"),
         Option("data_seed", type=arg_type(nonnegative_int), default=0,
                help="synthetic: base seed; pair i uses seed data_seed*100003+i"),
         Option("motion", type=_motion_arg, default=SYNTHETIC_MOTION_PRESETS["default"],

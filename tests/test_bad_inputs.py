@@ -128,10 +128,12 @@ CASES = [
      "argument --train-args: cannot split \"--ncc-win '7\" into options (No closing quotation); balance the quotes"),
     ("inference bootstrap 0", "parse", "infer --bootstrap 0", "argument --bootstrap: must be >= 100, got 0"),
     ("inference seed -1", "parse", "infer --seed -1", "argument --seed: must be >= 0, got -1"),
-    ("inference refine-lr nan", "parse", "infer --refine-lr nan", "argument --refine-lr: must be a finite number > 0, got nan"),
+    ("inference refine-lr nan", "parse", "infer --refine-lr nan",
+     "argument --refine-lr: must be a finite number > 0, got nan"),
     ("identification grid value 1.5", "parse", "identify --run x --grid 0 1.5",
      "argument --grid: must be a finite number >= 0 and <= 1, got 1.5"),
-    ("gradient steps 0", "parse", "identify --run x --method gradient --steps 0", "argument --steps: must be >= 1, got 0"),
+    ("gradient steps 0", "parse", "identify --run x --method gradient --steps 0",
+     "argument --steps: must be >= 1, got 0"),
     ("gradient lr 0", "parse", "identify --run x --method gradient --lr 0",
      "argument --lr: must be a finite number > 0, got 0"),
     ("image-size 0", "parse", "train --image-size 0", "argument --image-size: must be >= 1, got 0"),
@@ -190,7 +192,8 @@ CASES = [
     ("identification.json truncated", "ident", "truncate-json",
      "{f}/identification.json: unreadable identification record, truncated or corrupt"),
     ("identification.json without regularizer", "ident", "no-regularizer",
-     "{f}/identification.json: identification record lacks the key(s) 'regularizer': rerun parameter_identification.py"),
+     "{f}/identification.json: identification record lacks the key(s) 'regularizer': "
+     "rerun parameter_identification.py"),
     ("identified_parameters.csv header only", "ident", "header-only",
      "{f}/identified_parameters.csv: no rows, only a header: rerun parameter_identification.py"),
     ("identified_parameters.csv in latin-1", "ident", "latin1-csv", "{f}/identified_parameters.csv: not UTF-8 text"),
@@ -373,7 +376,8 @@ def _run_csv_ok(case, setup, expected, tmp_path, capsys, request):
     csv_path, _ = _setup_data(tmp_path, setup)
     ds = D.get_dataset("folder", None, pairs_csv=csv_path)
     assert ds.all_ids() == expected.split()
-    assert ds.split_ids("test") == expected.split()[4:] and ds.load_pair(expected.split()[0]).moving.shape == (32, 32, 1)
+    assert ds.split_ids("test") == expected.split()[4:]
+    assert ds.load_pair(expected.split()[0]).moving.shape == (32, 32, 1)
     folder = _identification_folder(tmp_path / "ident", expected.split())
     ident = art.read_identification(str(folder), "elastic")
     assert ident.pair_ids == expected.split()
