@@ -10,19 +10,20 @@
     ``--clip-percentiles LO HI``; :func:`datasets.nifti.minmax_scale`, which ``register.py``
     shares); an image whose range is set by a few outlier voxels (99% of its voxels in the
     lowest 5% of the range) warns, naming the file and suggesting ``--clip-percentiles``.
-    ``num_classes`` = the largest label in the fixed label maps unless ``--num-classes``/``--class-names`` declare the classes:
-    declared classes make any other label an error (fixed or moving); inferred ones refuse a
-    moving label larger than every fixed label (it would invent a class no fixed segmentation
-    has) and warn about classes with no voxels in any label map (a stray label 7 would otherwise
-    silently create empty classes 4..6). Spacing from the fixed image header; a moving image
-    whose voxel size or orientation (affine) differs from its fixed image's warns, naming the
-    pair and both (nothing is resampled: the arrays are registered voxel to voxel). A 2D
-    NIfTI, or a 3D one with exactly one singleton axis, gives a 2D pair (keypoint files may
-    have 2 columns or 3, the singleton axis' column is dropped); ``--ndim 2`` on 3D volumes
-    takes the middle slice along ``--slice-axis`` (default 2, no keypoints). A 3D volume in a
-    dataset whose first image is 2D is an error unless ``--ndim 2`` asks for its middle slice.
-    All pairs must have the same preprocessed shape. No resampling: for training the image
-    size must be divisible by 16 (:func:`validate_dataset` refuses other sizes).
+    ``num_classes`` = the largest label in the fixed label maps unless
+    ``--num-classes``/``--class-names`` declare the classes: declared classes make any other
+    label an error (fixed or moving); inferred ones refuse a moving label larger than every
+    fixed label (it would invent a class no fixed segmentation has) and warn about classes with
+    no voxels in any label map (a stray label 7 would otherwise silently create empty classes
+    4..6). Spacing from the fixed image header; a moving image whose voxel size or orientation
+    (affine) differs from its fixed image's warns, naming the pair and both (nothing is
+    resampled: the arrays are registered voxel to voxel). A 2D NIfTI, or a 3D one with exactly
+    one singleton axis, gives a 2D pair (keypoint files may have 2 columns or 3, the singleton
+    axis' column is dropped); ``--ndim 2`` on 3D volumes takes the middle slice along
+    ``--slice-axis`` (default 2, no keypoints). A 3D volume in a dataset whose first image is 2D
+    is an error unless ``--ndim 2`` asks for its middle slice. All pairs must have the same
+    preprocessed shape. No resampling: for training the image size must be divisible by 16
+    (:func:`validate_dataset` refuses other sizes).
 """
 from __future__ import annotations
 
