@@ -126,8 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         raise ValueError(f"the {search_split} split of {dataset.name} is empty: nothing to identify on")
 
     registrar = Registrar(model, batch_size=args.batch_size or None)
+    mb = ident.grid_bytes(regularizer, len(set(values)), dataset.image_shape) / 1e6
     print(f"[identify {regularizer}] {args.protocol}: {len(search_ids)} {search_split} pairs x {len(grid)} grid "
-          f"points ({len(values)} values per axis) with {args.run}", flush=True)
+          f"points ({len(values)} values per axis, {mb:.1f} MB per pair) with {args.run}", flush=True)
     t0 = time.time()
     tables = []
     for k, pid in enumerate(search_ids, 1):

@@ -199,6 +199,8 @@ CASES = [
     ("identified_parameters.csv in latin-1", "ident", "latin1-csv", "{f}/identified_parameters.csv: not UTF-8 text"),
     ("corrupt test file (pipeline)", "pipeline", "corrupt-test", "cannot read NIfTI fixed image {d}/img/fixed4.nii.gz"),
     ("empty test split (pipeline)", "pipeline", "no-test", "the test split is empty"),
+    ("ncc-win beyond the image (pipeline)", "pipeline", "plain --train-args '--ncc-win 33'",
+     "--ncc-win 33 is longer than the smallest image side (32 voxels of 32 x 32)"),
     # --- 6: weights that cannot be loaded ----------------------------------------------------
     ("truncated weights.h5", "weights", "truncate",
      "{run}/weights.h5: cannot load the weights of this elastic_global model"),
@@ -210,7 +212,7 @@ IDS = [c[0] for c in CASES]
 
 def _setup_data(tmp_path, setup: str):
     """Dataset variants named in the table; returns (csv path, extra argv)."""
-    words = setup.split()
+    words = shlex.split(setup)
     what, extra = words[0], words[1:]
     d = tmp_path / "data"
     if what == "size-24":
@@ -437,7 +439,7 @@ def _run_pipeline(case, setup, expected, tmp_path, capsys, request):
     out = tmp_path / "pipe"
     t0 = time.time()
     with pytest.raises(ValueError) as exc:
-        run_pipeline.main(data_argv(csv_path) + ["--quick", "--out", str(out)])
+        run_pipeline.main(data_argv(csv_path) + ["--quick", "--out", str(out), *extra])
     assert expected.format(d=os.path.dirname(csv_path)) in str(exc.value)
     assert not (out / "runs").exists()  # nothing trained
     assert time.time() - t0 < 60
