@@ -99,23 +99,23 @@ def _run_state(run_dir: str, argv: List[str]) -> str:
 
 def _check_inputs(args, preset_argv: dict) -> None:
     """Before anything is trained: every stage's options and every pair of every split (the test
-    split included: it must be non-empty and readable)."""
+    split included: it must be non-empty and readable); the NCC window and the identification
+    grid against the image size."""
     import datasets
     import parameter_identification
-    from hypermorph_spatially_adaptive import trainer
+    from hypermorph_spatially_adaptive import identification, trainer
 
     targs = [trainer.build_parser(p.replace("_csain", "")).parse_args(argv) for p, argv in preset_argv.items()]
     for a in targs:
         trainer.check_args(a)
-    from hypermorph_spatially_adaptive import identification
-
-    parameter_identification.build_parser().parse_args(["--run", targs[0].out, "--grid-steps", str(args.grid_steps)])
+    iargs = parameter_identification.build_parser().parse_args(["--run", targs[0].out,
+                                                                "--grid-steps", str(args.grid_steps)])
     summary = datasets.validate_dataset(datasets.dataset_from_args(args), require=("train", "val", "test"),
                                         multiple=2 ** len(targs[0].enc_features),
                                         log=lambda line: print(line, flush=True))
     for a in targs:
         trainer.check_ncc_window(a, summary["image_shape"])
-    identification.check_grid_size("elastic", args.grid_steps, summary["image_shape"])
+    identification.check_grid_size("elastic", args.grid_steps, summary["image_shape"], iargs.max_grid_gb)
 
 
 def _plot_training_curves(runs: dict, out_png: str) -> None:

@@ -51,10 +51,6 @@ def grid_values(steps: int) -> List[float]:
     return [round(float(x), 6) for x in np.linspace(0.0, 1.0, steps)]
 
 
-#: default bound on the memory of one pair's grid (``--max-grid-gb``)
-MAX_GRID_GB = 4.0
-
-
 def grid_bytes(regularizer: str, n_values: int, image_shape: Sequence[int]) -> int:
     """Bytes :func:`grid_dice` holds for one pair: every grid point's displacement
     ``[*spatial, D]`` and warped image ``[*spatial, 1]`` in float32 (elastic: ``n_values^2``
@@ -64,7 +60,7 @@ def grid_bytes(regularizer: str, n_values: int, image_shape: Sequence[int]) -> i
     return points * voxels * (len(image_shape) + 1) * 4
 
 
-def check_grid_size(regularizer: str, n_values: int, image_shape: Sequence[int], max_gb: float = MAX_GRID_GB,
+def check_grid_size(regularizer: str, n_values: int, image_shape: Sequence[int], max_gb: float,
                     option: str = "--grid-steps") -> None:
     """Refuse a grid whose one-pair memory (:func:`grid_bytes`) exceeds ``max_gb`` GB, with a
     ``ValueError`` naming ``option``, the estimate and the largest value that fits."""

@@ -598,9 +598,9 @@ def test_grid_progress_eta_and_memory_estimate():
     assert ident.format_eta(3725.4) == "1:02:05" and ident.format_eta(0) == "0:00:00"
     assert ident.grid_bytes("elastic", 11, (32, 32)) == 121 * 1024 * 3 * 4
     assert ident.grid_bytes("diffusion", 11, (16, 16, 16)) == 11 * 4096 * 4 * 4
-    ident.check_grid_size("elastic", 570, (32, 32))  # the largest grid the message offers fits
+    ident.check_grid_size("elastic", 570, (32, 32), 4.0)  # the largest grid the message offers fits
     with pytest.raises(ValueError, match="use at most 570 values per axis"):
-        ident.check_grid_size("elastic", 571, (32, 32))
+        ident.check_grid_size("elastic", 571, (32, 32), 4.0)
 
 
 def test_onednn_int32_notice_is_filtered():
