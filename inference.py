@@ -60,6 +60,8 @@ from typing import Dict, List, Optional, Sequence
 
 REGS = ("elastic", "diffusion")
 MAP_SOURCES = ("warped-moving", "fixed")
+#: fewest --bootstrap resamples accepted
+MIN_BOOTSTRAP = 100
 #: the ``maps`` column: what built a -sas+io row's refinement maps
 MAP_LABELS = {"warped-moving": "moving seg warped by the network", "fixed": "fixed seg (test label)"}
 
@@ -81,19 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{reg}-global", default=None, metavar="RUN",
                        help=f"run folder of the global {reg} model (default: the one named in identification.json)")
     p.add_argument("--out", default="results", help="output folder")
-    p.add_argument("--refine", type=int, default=0, metavar="N",
+    p.add_argument("--refine", type=runio.arg_int(0), default=0, metavar="N",
                    help="instance optimization: refine the -g and -sas displacements of every pair for N Adam "
                         "steps on the training loss (adds the +io rows; 0: off)")
-    p.add_argument("--refine-lr", type=float, default=0.1, help="Adam learning rate of the refinement (voxels)")
+    p.add_argument("--refine-lr", type=runio.arg_float(0.0), default=0.1,
+                   help="Adam learning rate of the refinement (voxels)")
     p.add_argument("--population-maps", choices=MAP_SOURCES, default="warped-moving",
                    help="segmentation that builds the -sas+io refinement's parameter maps in the population "
                         "protocol: 'warped-moving' (label-free at test time: the moving segmentation warped by the "
                         "network's displacement) or 'fixed' (the test pair's fixed segmentation, which also scores "
                         "the row: a label leak, for measuring it). The oracle protocol always uses 'fixed'")
     runio.add_refine_args(p)
-    p.add_argument("--bootstrap", type=int, default=2000,
-                   help="resamples of the studentized bootstrap interval of the paired comparison")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--bootstrap", type=runio.arg_int(MIN_BOOTSTRAP), default=2000,
+                   help="resamples of the studentized bootstrap interval of the paired comparison (at least "
+                        f"{MIN_BOOTSTRAP}: the interval's 2.5%% tails need several resamples each)")
+    p.add_argument("--seed", type=runio.arg_int(0), default=0, help="seed of the bootstrap")
     p.add_argument("--zero-io", action="store_true",
                    help="with --refine: also refine from a zero field with the same parameters and maps (rows "
                         "'<reg>-g zero+io', '<reg>-sas zero+io'): what the network contributes to the +io rows")
@@ -192,8 +196,6 @@ def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> Non
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
-    if args.refine < 0:
-        raise SystemExit("error: --refine must be >= 0")
     import numpy as np
     import pandas as pd
 

@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="population protocol: the split whose labels choose the setting")
     p.add_argument("--grid-steps", type=runio.arg_int(2), default=11,
                    help="grid values per parameter axis, equidistant in [0, 1] (11 -> step 0.1)")
-    p.add_argument("--grid", type=float, nargs="+", default=None,
+    p.add_argument("--grid", type=runio.arg_float(0.0, 1.0, inclusive=True), nargs="+", default=None,
                    help="explicit grid values in [0, 1] (overrides --grid-steps)")
+    p.add_argument("--max-grid-gb", type=runio.arg_float(0.0), default=4.0, metavar="GB",
+                   help="refuse a grid whose displacements and warped images of one pair would exceed this "
+                        "many GB (float32: grid points x voxels x (D + 1) x 4 bytes), before the model loads")
     p.add_argument("--batch-size", type=runio.arg_int(0), default=0,
                    help="grid points per forward pass (0: as many as fit ~260k voxels, e.g. 16 at 128^2)")
     p.add_argument("--pairs", nargs="+", default=None, help="only these pair ids (default: the whole split)")
@@ -79,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="dice", choices=["dice", "epe"],
                    help="gradient: 1 - mean soft Dice over tissues (linearly warped one-hot labels), or the mean "
                         "end-point error in mm against the true displacement in the body (synthetic data only)")
-    g.add_argument("--steps", type=int, default=50, help="gradient: maximum Adam steps (forward+backward passes)")
-    g.add_argument("--lr", type=float, default=0.05, help="gradient: Adam learning rate on z, h = sigmoid(z)")
-    g.add_argument("--patience", type=int, default=10,
+    g.add_argument("--steps", type=runio.arg_int(1), default=50,
+                   help="gradient: maximum Adam steps (forward+backward passes)")
+    g.add_argument("--lr", type=runio.arg_float(0.0), default=0.05,
+                   help="gradient: Adam learning rate on z, h = sigmoid(z)")
+    g.add_argument("--patience", type=runio.arg_int(0), default=10,
                    help="gradient: stop a pair after this many steps without improvement (0: never)")
     return p
 
@@ -95,6 +100,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     from hypermorph_spatially_adaptive import runio
     from hypermorph_spatially_adaptive.registration import Registrar
 
+    if args.method == "grid":  # bounded before the model loads (README "Bad inputs")
+        info = art.read_run(args.run, expect_sa=False)
+        n_values = len(set(args.grid)) if args.grid is not None else args.grid_steps
+        ident.check_grid_size(info.regularizer, n_values, info.config["model"]["image_shape"], args.max_grid_gb,
+                              "--grid" if args.grid is not None else "--grid-steps")
     model, config = runio.load_run(args.run, expect_sa=False)
     regularizer = config["model"]["regularizer"]
     class_names = list(config["class_names"])
@@ -116,16 +126,18 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         raise ValueError(f"the {search_split} split of {dataset.name} is empty: nothing to identify on")
 
     registrar = Registrar(model, batch_size=args.batch_size or None)
+    mb = ident.grid_bytes(regularizer, len(set(values)), dataset.image_shape) / 1e6
     print(f"[identify {regularizer}] {args.protocol}: {len(search_ids)} {search_split} pairs x {len(grid)} grid "
-          f"points ({len(values)} values per axis) with {args.run}", flush=True)
+          f"points ({len(values)} values per axis, {mb:.1f} MB per pair) with {args.run}", flush=True)
     t0 = time.time()
     tables = []
     for k, pid in enumerate(search_ids, 1):
         pair = dataset.load_pair(pid)
         tables.append(ident.grid_dice(registrar, pair, grid, class_names))
         best = tables[-1]["mean_dice"].max()
+        per_pair = (time.time() - t0) / k
         print(f"[identify {regularizer}] {k}/{len(search_ids)} {pid}: best mean Dice {best:.3f} "
-              f"({(time.time() - t0) / k:.2f} s/pair)", flush=True)
+              f"({per_pair:.2f} s/pair, ETA {ident.format_eta(per_pair * (len(search_ids) - k))})", flush=True)
     grid_df = pd.concat(tables, ignore_index=True)
     if population:
         choice = ident.population_choice(grid_df, regularizer, class_names, ids)

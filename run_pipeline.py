@@ -28,7 +28,7 @@ QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, 
 
 def build_parser() -> argparse.ArgumentParser:
     import datasets
-    from hypermorph_spatially_adaptive.runio import add_refine_args, arg_float, arg_int
+    from hypermorph_spatially_adaptive.runio import add_refine_args, arg_argv, arg_float, arg_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--csain", action="store_true",
                    help="also train both SA presets with CSAIN conditioning (runs/<reg>_sa_csain), identify them by "
                         "gradient and add their rows to Table 1 (README 'CSAIN conditioning')")
-    g.add_argument("--sa-train-args", default="",
+    g.add_argument("--sa-train-args", default="", type=arg_argv,
                    help="extra options for the SA models only (HyperMorph-SA and CSAIN), e.g. \"--smooth-maps 0.8\"")
-    g.add_argument("--batch-size", type=int, default=1, help="training batch size")
-    g.add_argument("--grid-steps", type=int, default=11, help="identification grid values per axis")
-    g.add_argument("--seed", type=int, default=0, help="training seed (all four models)")
+    g.add_argument("--batch-size", type=arg_int(1), default=1, help="training batch size")
+    g.add_argument("--grid-steps", type=arg_int(2), default=11, help="identification grid values per axis")
+    g.add_argument("--seed", type=arg_int(0), default=0, help="training seed (all four models)")
     g.add_argument("--refine", type=arg_int(0), default=100,
                    help="instance optimization steps per test pair after the networks (the +io rows; 0: off)")
     add_refine_args(g)
@@ -72,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the population protocol of gradient identification (the CSAIN paper's): one setting "
                         "per model optimized on the validation pairs' mean soft Dice, applied to every test pair "
                         "(population '(gradient)' rows; the study turns it on)")
-    g.add_argument("--panels", type=int, default=2, help="Fig. 3 panels for the first N test pairs")
+    g.add_argument("--panels", type=arg_int(0), default=2, help="Fig. 3 panels for the first N test pairs (0: none)")
     g.add_argument("--force", action="store_true", help="retrain even if a finished run with the same command exists")
     g.add_argument("--quick", action="store_true",
                    help="CI smoke mode: 32 x 32 synthetic images, 12 pairs, 30 steps, small nets, 3 x 3 grid")
-    g.add_argument("--train-args", default="",
+    g.add_argument("--train-args", default="", type=arg_argv,
                    help="extra options passed to every training script, e.g. \"--ncc-win 7 --oversample-endpoints 0.2\"")
     return p
 
@@ -99,17 +99,23 @@ def _run_state(run_dir: str, argv: List[str]) -> str:
 
 def _check_inputs(args, preset_argv: dict) -> None:
     """Before anything is trained: every stage's options and every pair of every split (the test
-    split included: it must be non-empty and readable)."""
+    split included: it must be non-empty and readable); the NCC window and the identification
+    grid against the image size."""
     import datasets
     import parameter_identification
-    from hypermorph_spatially_adaptive import trainer
+    from hypermorph_spatially_adaptive import identification, trainer
 
     targs = [trainer.build_parser(p.replace("_csain", "")).parse_args(argv) for p, argv in preset_argv.items()]
     for a in targs:
         trainer.check_args(a)
-    parameter_identification.build_parser().parse_args(["--run", targs[0].out, "--grid-steps", str(args.grid_steps)])
-    datasets.validate_dataset(datasets.dataset_from_args(args), require=("train", "val", "test"),
-                              multiple=2 ** len(targs[0].enc_features), log=lambda line: print(line, flush=True))
+    iargs = parameter_identification.build_parser().parse_args(["--run", targs[0].out,
+                                                                "--grid-steps", str(args.grid_steps)])
+    summary = datasets.validate_dataset(datasets.dataset_from_args(args), require=("train", "val", "test"),
+                                        multiple=2 ** len(targs[0].enc_features),
+                                        log=lambda line: print(line, flush=True))
+    for a in targs:
+        trainer.check_ncc_window(a, summary["image_shape"])
+    identification.check_grid_size("elastic", args.grid_steps, summary["image_shape"], iargs.max_grid_gb)
 
 
 def _plot_training_curves(runs: dict, out_png: str) -> None:

@@ -25,7 +25,11 @@ Three facts about the pinned stack make this module necessary:
    :func:`apply` sets it to 2 and installs a one-shot import hook: the first
    ``import tensorflow`` (and its device probe) runs with the process' stderr captured, known
    noise lines are dropped and anything else is passed on; TensorFlow's Python logger is set to
-   errors only. Set ``TF_CPP_MIN_LOG_LEVEL=0`` to see everything.
+   errors only. Set ``TF_CPP_MIN_LOG_LEVEL=0`` to see everything. oneDNN's "supports DT_INT32
+   only on platforms with AVX-512" comes later, at ERROR level, from the first int32 transpose;
+   it cannot be provoked at import (running an op fixes the devices, and ``--cpu-replicas``
+   configures them later), so :func:`quiet_onednn_notice` provokes it under the filter once the
+   devices are set (``models.build_model`` calls it).
 
 Use :func:`import_voxelmorph` instead of importing voxelmorph or neurite directly anywhere in
 this codebase.
@@ -59,7 +63,14 @@ NOISE = (
     "oneDNN custom operations", "TF_ENABLE_ONEDNN_OPTS", "This TensorFlow binary is optimized",
     "To enable the following instructions", "rebuild TensorFlow with the appropriate compiler flags",
     "computation_placer", "cpu_feature_guard",
+    # oneDNN's once-per-process notice on CPUs without AVX-512, logged at ERROR level (so
+    # TF_CPP_MIN_LOG_LEVEL=2 keeps it) by the first int32 transpose: see quiet_onednn_notice
+    "oneDNN supports DT_INT32 only on platforms with AVX-512",
 )
+
+#: True once apply() installed the start-up filter (the user did not choose a log level)
+_FILTERING = False
+_ONEDNN_PROBED = False
 
 
 @contextlib.contextmanager
@@ -88,6 +99,22 @@ def filtered_stderr() -> Iterator[None]:
             if keep:
                 sys.stderr.write("\n".join(keep) + "\n")
                 sys.stderr.flush()
+
+
+def quiet_onednn_notice(tf) -> None:
+    """Run one int32 transpose under :func:`filtered_stderr`, once per process, so that oneDNN's
+    one-time "DT_INT32 only on platforms with AVX-512" line is dropped. Executing an op
+    initializes TensorFlow's devices: call it only after any device configuration. Does nothing
+    when the user chose ``TF_CPP_MIN_LOG_LEVEL`` (they see every line)."""
+    global _ONEDNN_PROBED
+    if _ONEDNN_PROBED or not _FILTERING:
+        return
+    _ONEDNN_PROBED = True
+    with filtered_stderr():
+        try:
+            tf.transpose(tf.constant([[0, 1], [2, 3]], dtype=tf.int32))
+        except Exception:  # pragma: no cover - best effort
+            pass
 
 
 class _QuietLoader:
@@ -132,6 +159,7 @@ def _remove_finder() -> None:
 
 def apply() -> None:
     """Install the shims. Idempotent. Must be called before TensorFlow is imported."""
+    global _FILTERING
     if "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
         # keep TF's C++ start-up chatter (oneDNN notices, CPU feature lines, CUDA probing) out of
@@ -139,6 +167,7 @@ def apply() -> None:
         if "TF_CPP_MIN_LOG_LEVEL" not in os.environ or any(
                 isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            _FILTERING = True
             if not any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
                 sys.meta_path.insert(0, _QuietTensorFlowFinder())
     elif os.environ.get("TF_USE_LEGACY_KERAS") != "1":

@@ -4,18 +4,26 @@
     ``--pairs-csv FILE`` with columns ``pair_id,fixed,moving,fixed_seg,moving_seg``, optional
     ``fixed_kp,moving_kp`` (keypoint CSV files, voxel indices in NIfTI order, as for NLST; a
     header row is tolerated) and optional ``split`` (train/val/test; without it 70/15/15 in row
-    order). Relative paths are relative to the CSV's folder. Images are NIfTI, min-max scaled to
-    [0, 1] (optionally after clipping at ``--clip-percentiles LO HI``). ``num_classes`` = the
-    largest label in the fixed and moving label maps unless ``--num-classes``/``--class-names``
-    declare the classes: declared classes make any other label an error (fixed or moving);
-    inferred ones warn about classes with no voxels in any label map (a stray label 7 would
-    otherwise silently create empty classes 4..6). Spacing from the fixed image header. A 2D
-    NIfTI, or a 3D one with exactly one singleton axis, gives a 2D pair (keypoint files may
-    have 2 columns or 3, the singleton axis' column is dropped); ``--ndim 2`` on 3D volumes
-    takes the middle slice along ``--slice-axis`` (default 2, no keypoints). A 3D volume in a
-    dataset whose first image is 2D is an error unless ``--ndim 2`` asks for its middle slice.
-    All pairs must have the same preprocessed shape. No resampling: for training the image
-    size must be divisible by 16 (:func:`validate_dataset` refuses other sizes).
+    order). The CSV is UTF-8 (a byte order mark and CRLF line ends are fine); pair ids are kept
+    as written (``NA``, ``None`` stay strings). Relative paths are relative to the CSV's folder.
+    Images are NIfTI, min-max scaled to [0, 1] (optionally after clipping at
+    ``--clip-percentiles LO HI``; :func:`datasets.nifti.minmax_scale`, which ``register.py``
+    shares); an image whose range is set by a few outlier voxels (99% of its voxels in the
+    lowest 5% of the range) warns, naming the file and suggesting ``--clip-percentiles``.
+    ``num_classes`` = the largest label in the fixed label maps unless
+    ``--num-classes``/``--class-names`` declare the classes: declared classes make any other
+    label an error (fixed or moving); inferred ones refuse a moving label larger than every
+    fixed label (it would invent a class no fixed segmentation has) and warn about classes with
+    no voxels in any label map (a stray label 7 would otherwise silently create empty classes
+    4..6). Spacing from the fixed image header; a moving image whose voxel size or orientation
+    (affine) differs from its fixed image's warns, naming the pair and both (nothing is
+    resampled: the arrays are registered voxel to voxel). A 2D NIfTI, or a 3D one with exactly
+    one singleton axis, gives a 2D pair (keypoint files may have 2 columns or 3, the singleton
+    axis' column is dropped); ``--ndim 2`` on 3D volumes takes the middle slice along
+    ``--slice-axis`` (default 2, no keypoints). A 3D volume in a dataset whose first image is 2D
+    is an error unless ``--ndim 2`` asks for its middle slice. All pairs must have the same
+    preprocessed shape. No resampling: for training the image size must be divisible by 16
+    (:func:`validate_dataset` refuses other sizes).
 """
 from __future__ import annotations
 
@@ -26,9 +34,16 @@ import warnings
 import numpy as np
 
 from .base import SPLITS, RegistrationDataset, RegistrationPair, assemble_pair
-from .options import NDIM, SLICE_AXIS, Option
+from .options import CLASS_NAMES, NDIM, SLICE_AXIS, Option, arg_type, positive_int, split_class_names
 from .nifti import (_as_3d, _check_same_shape, _load_image, _load_keypoints, _load_labels,
-                    _nifti_shape, _points_to_grid, _require_file, _slice_matrix, _warn_outside)
+                    _nifti_shape, _points_to_grid, _require_file, _slice_matrix, _warn_outside,
+                    minmax_scale)
+
+
+def _directions(affine: np.ndarray) -> np.ndarray:
+    """Unit axis directions (columns) of a 4x4 voxel -> world affine."""
+    m = np.asarray(affine, np.float64)[:3, :3]
+    return m / np.maximum(np.linalg.norm(m, axis=0), 1e-12)
 
 
 class FolderDataset(RegistrationDataset):
@@ -42,9 +57,9 @@ class FolderDataset(RegistrationDataset):
                help="folder dataset: CSV with columns pair_id,fixed,moving,fixed_seg,moving_seg"
                     "[,fixed_kp,moving_kp][,split], paths relative to the CSV"),
         NDIM,
-        Option("num_classes", type=int,
+        Option("num_classes", type=arg_type(positive_int),
                help="folder: number of tissue classes (if not given: largest fixed label)"),
-        Option("class_names", help="folder: comma-separated class names (if not given: class1, class2, ...)"),
+        CLASS_NAMES,
         Option("clip_percentiles", type=float, nargs=2, metavar=("LO", "HI"),
                help="folder: clip intensities at these percentiles before min-max scaling"),
         SLICE_AXIS,
@@ -73,9 +88,7 @@ class FolderDataset(RegistrationDataset):
         self.slice_axis = 2 if slice_axis is None else int(slice_axis)
         self._given_num_classes = None if num_classes is None else int(num_classes)
         if class_names is not None:
-            if isinstance(class_names, str):
-                class_names = [c.strip() for c in class_names.split(",") if c.strip()]
-            class_names = tuple(class_names)
+            class_names = split_class_names(class_names)
             if num_classes is not None and len(class_names) != int(num_classes):
                 raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
             self._given_num_classes = len(class_names)
@@ -86,14 +99,26 @@ class FolderDataset(RegistrationDataset):
 
     def _read_csv(self):
         base = os.path.dirname(self.pairs_csv)
-        with open(self.pairs_csv, newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in self.REQUIRED if c not in columns]
-            if missing:
-                raise ValueError(f"pairs CSV {self.pairs_csv} lacks column(s) {missing}; "
-                                 f"found {columns}")
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+        # utf-8-sig: the byte order mark spreadsheet programs write is not part of the first column
+        try:
+            with open(self.pairs_csv, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                columns = [c.strip() for c in (reader.fieldnames or [])]
+                missing = [c for c in self.REQUIRED if c not in columns]
+                if missing:
+                    raise ValueError(f"pairs CSV {self.pairs_csv} lacks column(s) {missing}; "
+                                     f"found {columns}")
+                rows = []
+                for r in reader:
+                    if None in r:  # DictReader's key for the fields beyond the header
+                        raise ValueError(f"pairs CSV {self.pairs_csv} line {reader.line_num} has more fields "
+                                         f"than its header ({len(columns)}); quote values that contain commas")
+                    rows.append({(k or "").strip(): (v or "").strip() for k, v in r.items()})
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"pairs CSV {self.pairs_csv} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                             f"at offset {exc.start}); save it as UTF-8 CSV") from None
+        except csv.Error as exc:
+            raise ValueError(f"pairs CSV {self.pairs_csv} is not a readable CSV table ({exc})") from None
         if not rows:
             raise ValueError(f"pairs CSV {self.pairs_csv} lists no pairs")
         has_split = "split" in columns
@@ -171,14 +196,26 @@ class FolderDataset(RegistrationDataset):
         if self._given_num_classes is not None:
             n = self._given_num_classes
         else:
-            found: set = set()
+            found_fixed: set = set()
+            moving_labels = {}
             for entry in self._rows.values():
-                for key in ("fixed_seg", "moving_seg"):
-                    found.update(np.unique(_load_labels(entry[key], None, key.replace("_seg", " label map"))).tolist())
-            n = max(found)
+                found_fixed.update(np.unique(_load_labels(entry["fixed_seg"], None, "fixed label map")).tolist())
+                moving_labels[entry["moving_seg"]] = set(
+                    np.unique(_load_labels(entry["moving_seg"], None, "moving label map")).tolist())
+            n = max(found_fixed)
             if n == 0:
                 raise ValueError(f"no foreground labels in the fixed label maps of "
                                  f"{self.pairs_csv}; pass --num-classes")
+            # the fixed maps define the classes: a label only some moving map has would become a class
+            # that no fixed segmentation (no Dice, no parameter map) ever contains
+            extra = {path: sorted(c for c in labels if c > n) for path, labels in moving_labels.items()}
+            extra = {path: labels for path, labels in extra.items() if labels}
+            if extra:
+                path, labels = next(iter(extra.items()))
+                raise ValueError(f"moving label map {path} has label(s) {labels} that no fixed label map of "
+                                 f"{self.pairs_csv} has (fixed labels 0..{n}; {len(extra)} moving map(s) affected); "
+                                 f"fix the label map, or declare the classes with --num-classes/--class-names")
+            found = found_fixed.union(*moving_labels.values())
             empty = [c for c in range(1, n + 1) if c not in found]
             if empty:
                 warnings.warn(
@@ -189,14 +226,7 @@ class FolderDataset(RegistrationDataset):
         return tuple(f"class{c}" for c in range(1, n + 1))
 
     def _normalize(self, img: np.ndarray, path: str) -> np.ndarray:
-        if self.clip_percentiles is not None:
-            lo, hi = np.percentile(img, self.clip_percentiles)
-            img = np.clip(img, lo, hi)
-        lo, hi = float(img.min()), float(img.max())
-        if hi <= lo:
-            warnings.warn(f"image {path} is constant; it becomes all zeros", stacklevel=4)
-            return np.zeros_like(img, dtype=np.float32)
-        return ((img - lo) / (hi - lo)).astype(np.float32)
+        return minmax_scale(img, self.clip_percentiles, f"image {path}")
 
     def _prepare(self, img_path: str, seg_path: str, what: str):
         img, affine, zooms = _load_image(img_path, f"{what} image")
@@ -223,6 +253,23 @@ class FolderDataset(RegistrationDataset):
         spacing = tuple(zooms3[a] for a in lay["kept"])
         return img, lab, affine, new_to_raw, spacing
 
+    def _warn_geometry(self, pair_id: str, fixed: tuple, moving: tuple) -> None:
+        """Warn when the moving image's voxel size or axis directions (``(spacing, affine)``)
+        differ from the fixed image's: the arrays are registered voxel to voxel, not resampled."""
+        (fsp, faff), (msp, maff) = fixed, moving
+        e = self._rows[pair_id]
+        what = []
+        if not np.allclose(fsp, msp, rtol=1e-3, atol=1e-6):
+            what.append(f"voxel size ({', '.join(f'{v:g}' for v in msp)} mm vs "
+                        f"{', '.join(f'{v:g}' for v in fsp)} mm)")
+        if not np.allclose(_directions(faff), _directions(maff), atol=1e-3):
+            what.append("axis directions (affine)")
+        if what:
+            warnings.warn(f"pair {pair_id}: moving image {e['moving']} differs from its fixed image {e['fixed']} "
+                          f"in {' and '.join(what)}; nothing is resampled (the arrays are registered voxel to voxel, "
+                          f"with the fixed spacing): resample the moving image onto the fixed grid first",
+                          stacklevel=4)
+
     def _keypoints(self, path, new_to_raw, shape):
         lay = self._layout
         if path is None or lay["mode"] == "slice":
@@ -239,7 +286,8 @@ class FolderDataset(RegistrationDataset):
     def _load_pair(self, pair_id: str) -> RegistrationPair:
         e = self._rows[pair_id]
         fimg, flab, faff, fmap, spacing = self._prepare(e["fixed"], e["fixed_seg"], "fixed")
-        mimg, mlab, _, mmap, _ = self._prepare(e["moving"], e["moving_seg"], "moving")
+        mimg, mlab, maff, mmap, mspacing = self._prepare(e["moving"], e["moving_seg"], "moving")
+        self._warn_geometry(pair_id, (spacing, faff), (mspacing, maff))
         if fimg.shape != mimg.shape:
             raise ValueError(f"shape mismatch: fixed {e['fixed']} gives {fimg.shape} but moving "
                              f"{e['moving']} gives {mimg.shape}")

@@ -103,10 +103,38 @@ def _load_labels(path: str, num_classes: int | None, what: str = "label map") ->
     labels = data.astype(np.int64)
     if labels.size:
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or (num_classes is not None and hi > num_classes):
+        if lo < 0:
+            raise ValueError(f"{what} {path} has negative labels {np.unique(labels[labels < 0]).tolist()}; "
+                             f"labels are 0 (background) and 1..C (tissue classes)")
+        if num_classes is not None and hi > num_classes:
             raise ValueError(f"{what} {path} has labels outside 0..{num_classes}: "
                              f"{np.unique(labels).tolist()}")
     return labels.astype(np.int32)
+
+
+#: an image warns when its 99th percentile lies in the lowest this fraction of its min-max range
+OUTLIER_FRACTION = 0.05
+
+
+def minmax_scale(img: np.ndarray, clip_percentiles=None, what: str = "image") -> np.ndarray:
+    """The folder datasets' intensity scaling, the same wherever an image is read (training
+    data and ``register.py``): clip at the ``clip_percentiles`` ``(LO, HI)`` if given, then map
+    ``[min, max]`` to ``[0, 1]`` (float32). A constant image becomes zeros (warning). An image
+    whose range is set by a few outliers (its 99th percentile in the lowest
+    :data:`OUTLIER_FRACTION` of the range, e.g. one voxel at 1e6) warns, naming ``what`` and the
+    fix ``--clip-percentiles``; it is scaled as asked (warnings point to the caller's caller)."""
+    if clip_percentiles is not None:
+        img = np.clip(img, *np.percentile(img, clip_percentiles))
+    lo, hi = float(img.min()), float(img.max())
+    if hi <= lo:
+        warnings.warn(f"{what} is constant; it becomes all zeros", stacklevel=3)
+        return np.zeros_like(img, dtype=np.float32)
+    p99 = float(np.percentile(img, 99))
+    if p99 - lo < OUTLIER_FRACTION * (hi - lo):
+        warnings.warn(f"{what}: its maximum {hi:g} lies far above its 99th percentile {p99:g}, so min-max scaling "
+                      f"squeezes 99% of its voxels into [0, {(p99 - lo) / (hi - lo):.2g}]; pass --clip-percentiles "
+                      f"0.5 99.5 (applied to every image) if these are outliers", stacklevel=3)
+    return ((img - lo) / (hi - lo)).astype(np.float32)
 
 
 def _load_keypoints(path: str, ncols: int | tuple, what: str = "keypoint file") -> np.ndarray:

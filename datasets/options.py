@@ -78,15 +78,58 @@ def arg_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+#: an integer >= 1 / >= 0 (``ValueError`` naming the value otherwise)
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
+
+
+def split_class_names(value) -> tuple:
+    """Class names from ``"a,b,c"`` (or a sequence): stripped, none empty, none repeated
+    (``ValueError`` naming the repeated names: two classes of one name would be confused in
+    every table)."""
+    names = [c.strip() for c in value.split(",")] if isinstance(value, str) else [str(c).strip() for c in value]
+    if not names or any(not c for c in names):
+        raise ValueError(f"class names must be non-empty and comma-separated, got {value!r}")
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise ValueError(f"class names must differ, {', '.join(repeated)} is repeated in {value!r}")
+    return tuple(names)
+
+
+def _class_names_text(text: str) -> str:
+    split_class_names(text)
+    return text
+
+
+_class_names_text.__name__ = "class names"
+
+
 # ---- options several datasets share ------------------------------------------------------------
 NDIM = Option("ndim", type=int, choices=(2, 3),
               help="2D or 3D (if not given: synthetic/nlst/acdc 2, l2r-lung 3, folder: as the images)")
-IMAGE_SIZE = Option("image_size", type=int, nargs="+",
+IMAGE_SIZE = Option("image_size", type=arg_type(positive_int), nargs="+",
                     help="synthetic image size, e.g. 64 64 (one value = cube; default 64 per axis); "
                          "ignored by the other datasets")
 SLICE_AXIS = Option("slice_axis", type=int, choices=(0, 1, 2),
                     help="2D slices of 3D volumes: array axis to slice (if not given: nlst/l2r-lung 1 "
                          "= coronal, folder 2)")
+
+CLASS_NAMES = Option("class_names", type=arg_type(_class_names_text),
+                     help="folder: comma-separated class names, all different (if not given: class1, class2, ...)")
 
 #: options every dataset accepts (``get_dataset`` warns where the dataset fixes them)
 ACCEPTED_BY_ALL = ("ndim", "image_size")

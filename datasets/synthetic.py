@@ -40,7 +40,7 @@ import numpy as np
 
 from .base import RegistrationDataset, RegistrationPair
 from .cache import _decode, _encode, _generator_version, _roundtrip
-from .options import IMAGE_SIZE, NDIM, Option
+from .options import IMAGE_SIZE, NDIM, Option, arg_type, nonnegative_int, positive_int
 from .atomic import atomic_write
 
 SYNTHETIC_SEED_STRIDE = 100003
@@ -99,8 +99,9 @@ class SyntheticDataset(RegistrationDataset):
     # (this order is the order run_pipeline.py passes them on, kept for its "same command" check)
     OPTIONS = (
         NDIM,
-        Option("num_pairs", type=int, default=40, help="synthetic: total number of pairs, split 70/15/15"),
-        Option("data_seed", type=int, default=0,
+        Option("num_pairs", type=arg_type(positive_int), default=40,
+               help="synthetic: total number of pairs, split 70/15/15"),
+        Option("data_seed", type=arg_type(nonnegative_int), default=0,
                help="synthetic: base seed; pair i uses seed data_seed*100003+i"),
         Option("motion", type=_motion_arg, default=SYNTHETIC_MOTION_PRESETS["default"],
                help="synthetic: peak displacement as a fraction of the mean image size (varied by +-25%% "

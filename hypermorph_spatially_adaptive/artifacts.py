@@ -143,6 +143,46 @@ def read_train_logs(folders: Dict[str, str]) -> Dict:
             if os.path.isfile(os.path.join(folder, TRAIN_LOG))}
 
 
+def read_json(path: str, what: str, required: Sequence[str] = (), fix: str = "") -> Dict:
+    """A JSON object from ``path``; a truncated, non-UTF-8 or non-object file, or one without a
+    ``required`` key, raises ``ValueError`` naming the file (and the key) and ``fix``."""
+    hint = f": {fix}" if fix else ""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable {what}, truncated or corrupt ({type(e).__name__}: {e}){hint}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} is a JSON {type(data).__name__}, not an object{hint}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{path}: {what} lacks the key(s) {', '.join(repr(k) for k in missing)}{hint}")
+    return data
+
+
+def read_table(path: str, fix: str = ""):
+    """A stage CSV as a DataFrame whose ``pair_id`` column (if any) holds the ids as written
+    (``NA``, ``None``, ``nan`` stay strings, never NaN). A file that is not UTF-8, not a CSV table,
+    empty or only a header raises ``ValueError`` naming it and ``fix``."""
+    import pandas as pd
+
+    hint = f": {fix}" if fix else ""
+    try:
+        table = pd.read_csv(path, encoding="utf-8-sig")
+        if PAIR_ID in table:
+            table[PAIR_ID] = pd.read_csv(path, encoding="utf-8-sig", usecols=[PAIR_ID], dtype=str,
+                                         keep_default_na=False)[PAIR_ID]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}){hint}") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file{hint}") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path}: not a readable CSV table ({' '.join(str(e).split())}){hint}") from None
+    if table.empty:
+        raise ValueError(f"{path}: no rows, only a header{hint}")
+    return table
+
+
 @dataclass(frozen=True)
 class Identification:
     """An identification folder: its per-pair parameter table and metadata."""
@@ -185,19 +225,17 @@ def read_identification(folder: str, regularizer: Optional[str] = None,
     ``regularizer`` and ``columns`` (e.g. :func:`sa_columns`) make a folder of another
     regularizer or without those columns fail with a message naming the file.
     """
-    import pandas as pd
-
     csv_path = os.path.join(folder, IDENTIFIED_PARAMETERS)
     meta_path = os.path.join(folder, IDENTIFICATION_META)
     for path in (csv_path, meta_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: missing; run parameter_identification.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_json(meta_path, "identification record", required=(REGULARIZER, "data"),
+                     fix="rerun parameter_identification.py")
     if regularizer is not None and meta["regularizer"] != regularizer:
         raise ValueError(f"{meta_path}: identification was done for the {meta['regularizer']} regularizer, "
                          f"not {regularizer}")
-    table = pd.read_csv(csv_path, dtype={PAIR_ID: str})
+    table = read_table(csv_path, fix="rerun parameter_identification.py")
     missing = [c for c in [PAIR_ID, *columns] if c not in table]
     if missing:
         raise ValueError(f"{csv_path}: columns {missing} missing for the SA model (columns {list(columns)})")

@@ -518,17 +518,15 @@ def _check_pair(pair, objective: str) -> None:
 def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_names: Sequence[str],
                   g_names: Sequence[str]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], str]:
     """Start points ``(h0_sa [N, P_sa], h0_g [N, P_g], description)`` (``None`` = 0.5)."""
-    import pandas as pd
-
     if init == "center":
         return None, None, "center (0.5)"
-    from .artifacts import IDENTIFIED_PARAMETERS, PAIR_ID
+    from .artifacts import IDENTIFIED_PARAMETERS, PAIR_ID, read_table
 
     path = os.path.join(init_dir, IDENTIFIED_PARAMETERS) if init_dir else None
     if path is None or not os.path.isfile(path):
         print(f"[identify gradient] --init grid: no grid identification at {path}; starting at 0.5", flush=True)
         return None, None, "center (0.5; no grid identification found)"
-    df = pd.read_csv(path, dtype={PAIR_ID: str}).set_index(PAIR_ID)
+    df = read_table(path, fix="rerun the grid identification").set_index(PAIR_ID)
     cols = list(sa_names) + list(g_names)
     missing_cols = [c for c in cols if c not in df]
     missing_ids = [p for p in ids if p not in df.index]

@@ -51,6 +51,37 @@ def grid_values(steps: int) -> List[float]:
     return [round(float(x), 6) for x in np.linspace(0.0, 1.0, steps)]
 
 
+def grid_bytes(regularizer: str, n_values: int, image_shape: Sequence[int]) -> int:
+    """Bytes :func:`grid_dice` holds for one pair: every grid point's displacement
+    ``[*spatial, D]`` and warped image ``[*spatial, 1]`` in float32 (elastic: ``n_values^2``
+    points, diffusion: ``n_values``)."""
+    points = int(n_values) ** (2 if regularizer == "elastic" else 1)
+    voxels = int(np.prod([int(s) for s in image_shape]))
+    return points * voxels * (len(image_shape) + 1) * 4
+
+
+def check_grid_size(regularizer: str, n_values: int, image_shape: Sequence[int], max_gb: float,
+                    option: str = "--grid-steps") -> None:
+    """Refuse a grid whose one-pair memory (:func:`grid_bytes`) exceeds ``max_gb`` GB, with a
+    ``ValueError`` naming ``option``, the estimate and the largest value that fits."""
+    need = grid_bytes(regularizer, n_values, image_shape)
+    if need <= max_gb * 1e9:
+        return
+    per_point = grid_bytes(regularizer, 1, image_shape)
+    fit = int((max_gb * 1e9 / per_point) ** (0.5 if regularizer == "elastic" else 1.0))
+    points = int(n_values) ** (2 if regularizer == "elastic" else 1)
+    raise ValueError(f"{option} {n_values}: {points} {regularizer} grid points per pair at "
+                     f"{' x '.join(map(str, image_shape))} voxels hold ~{need / 1e9:.1f} GB of displacements and "
+                     f"warped images, above --max-grid-gb {max_gb:g}; use at most {max(fit, 1)} values per axis "
+                     f"(or raise --max-grid-gb if the memory is there)")
+
+
+def format_eta(seconds: float) -> str:
+    """``H:MM:SS`` of a non-negative duration."""
+    s = int(round(max(float(seconds), 0.0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def grid_dice(registrar, pair, grid: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
     """Class and mean Dice of one pair at every grid point (one batched forward pass).
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
-from tf_compat import import_voxelmorph
+from tf_compat import import_voxelmorph, quiet_onednn_notice
 
 from .params import REGULARIZERS, ParamSpec, parameter_maps, regularization_parameters  # noqa: F401 (re-export)
 from .unrolled import unroll_per_sample_layers
@@ -96,6 +96,7 @@ def build_model(cfg: ModelConfig, unroll: bool = True) -> "tf.keras.Model":
     same outputs and weights, about half the graph tracing time, the same step time.
     """
     cfg.validate()
+    quiet_onednn_notice(tf)  # the devices are set by now (tf_compat)
     if cfg.conditioning == "csain":
         from .csain import build_csain_model
 

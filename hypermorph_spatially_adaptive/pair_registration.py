@@ -110,28 +110,26 @@ def intensity_normalizer(data_config: Mapping):
     """The training intensity normalization of a run's dataset, as ``f(image) -> image in [0, 1]``.
 
     synthetic: clip to [0, 1] (its images are already in [0, 1]); folder: min-max, after
-    clipping at ``clip_percentiles`` if the run used them; nlst / l2r-lung: the dataset's HU
-    window scaled to [0, 1]; acdc: clip to [min, 99.5th percentile], scaled.
+    clipping at ``clip_percentiles`` if the run used them (``datasets.nifti.minmax_scale``, which
+    warns about outliers); nlst / l2r-lung: the dataset's HU window scaled to [0, 1]; acdc: clip
+    to [min, 99.5th percentile], scaled. Every normalizer takes the image's name (for warnings)
+    as an optional second argument.
     """
     import datasets
 
     name = datasets.dataset_class(data_config.get("name", "synthetic")).name
     if name == "synthetic":
-        return lambda img: np.clip(img, 0.0, 1.0).astype(np.float32)
+        return lambda img, what=None: np.clip(img, 0.0, 1.0).astype(np.float32)
     if name in ("nlst", "l2r-lung"):
         lo, hi = datasets.dataset_class(name).hu_window
     elif name == "acdc":
-        return lambda img: _scale(img, *datasets.ACDCDataset._normalize(img))
+        return lambda img, what=None: _scale(img, *datasets.ACDCDataset._normalize(img))
     else:  # folder
+        from datasets.nifti import minmax_scale
+
         pct = data_config.get("clip_percentiles")
-
-        def folder(img):
-            if pct:
-                img = np.clip(img, *np.percentile(img, pct))
-            return _scale(img, float(img.min()), float(img.max()))
-
-        return folder
-    return lambda img: _scale(img, lo, hi)
+        return lambda img, what="an input image": minmax_scale(img, pct or None, what)
+    return lambda img, what=None: _scale(img, lo, hi)
 
 
 def _scale(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -415,8 +413,8 @@ class PairRegistrar:
         msg = geo.spacing_warning(grid, self.train_spacing)
         if msg:
             warnings.warn(msg, stacklevel=2)
-        fixed_m = geo.resample(self.normalize(inp.fixed.data), inp.fixed.affine, grid.affine, grid.shape, 1)
-        moving_m = geo.resample(self.normalize(inp.moving.data), inp.moving.affine, grid.affine, grid.shape, 1)
+        fixed_m, moving_m = (geo.resample(self.normalize(v.data, v.name), v.affine, grid.affine, grid.shape, 1)
+                             for v in (inp.fixed, inp.moving))
         segs = [None if v is None else geo.resample(v.data, v.affine, grid.affine, grid.shape, 0)
                 for v in (inp.fixed_seg, inp.moving_seg)]
         seconds["resample"] = time.perf_counter() - t0

@@ -187,6 +187,23 @@ def arg_float(minimum: float = 0.0, maximum: Optional[float] = None, inclusive: 
     return parse
 
 
+def arg_argv(text: str) -> str:
+    """argparse ``type`` of an option holding other options as one string (``--train-args``):
+    the text is returned unchanged once ``shlex.split`` can split it (balanced quotes)."""
+    import argparse
+    import shlex
+
+    try:
+        shlex.split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r} into options ({exc}); balance the quotes "
+                                         "inside it") from None
+    return text
+
+
+arg_argv.__name__ = "options"
+
+
 # ---- refinement options (inference.py, run_pipeline.py) --------------------------------------
 #: Command-line defaults of the refinement's plausibility options (:class:`.refinement.Refiner`
 #: keyword arguments), chosen from ``benchmarks/bench_refine.py`` (README "Refinement that does

@@ -293,6 +293,17 @@ def check_args(args: argparse.Namespace) -> None:
                          f"{args.hyp_mapping} are two different weightings: choose one")
 
 
+def check_ncc_window(args: argparse.Namespace, image_shape: Sequence[int]) -> None:
+    """Refuse an ``--ncc-win`` longer than the smallest image side (the window would be mostly
+    zero padding, so the similarity would no longer be local); ``ValueError`` naming the option."""
+    side = min(int(n) for n in image_shape)
+    if int(args.ncc_win) > side:
+        largest = side if side % 2 else side - 1
+        raise ValueError(f"--ncc-win {args.ncc_win} is longer than the smallest image side ({side} voxels of "
+                         f"{' x '.join(str(int(n)) for n in image_shape)}); use an odd window <= {largest} "
+                         "(the default 9 suits most images)")
+
+
 def _check_folder(args: argparse.Namespace):
     """Refuse a run folder that must not be touched; returns ``(state, old config or None)``."""
     run_dir = args.out
@@ -444,6 +455,7 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     levels = len(args.enc_features)
     summary = datasets.validate_dataset(dataset, require=("train", "val") if args.val_every > 0 else ("train",),
                                         multiple=2 ** levels, log=lambda line: print(line, flush=True))
+    check_ncc_window(args, summary["image_shape"])
     n_train = summary["sizes"]["train"]
     steps = args.steps if args.epochs is None else int(math.ceil(args.epochs * n_train / args.batch_size))
     spacing = [float(s) for s in summary["spacing"]]

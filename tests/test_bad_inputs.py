@@ -1,4 +1,4 @@
-"""Bad inputs are caught early and clearly; run folders never lie and never vanish (issue #12).
+"""Bad inputs are caught early and clearly; run folders never lie and never vanish (issues #12, #24).
 
 Every case is one row of :data:`CASES`: ``(case, kind, argv/setup, expected message substring)``.
 ``kind`` picks the runner (``_run_<kind>``), which asserts the exact behaviour: the message, and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,29 @@ CASES = [
     ("identification grid-steps 1", "parse", "identify --run x --grid-steps 1",
      "argument --grid-steps: must be >= 2, got 1"),
     ("inference panels -1", "parse", "infer --panels -1", "argument --panels: must be >= 0, got -1"),
+    # --- issue 24: parse-time refusals that came late, as tracebacks or unclear ---------------
+    ("pipeline panels -1", "parse", "pipeline --panels -1", "argument --panels: must be >= 0, got -1"),
+    ("pipeline grid-steps 0", "parse", "pipeline --grid-steps 0", "argument --grid-steps: must be >= 2, got 0"),
+    ("pipeline seed -1", "parse", "pipeline --seed -1", "argument --seed: must be >= 0, got -1"),
+    ("pipeline train-args unbalanced quote", "parse", "pipeline --train-args \"--ncc-win '7\"",
+     "argument --train-args: cannot split \"--ncc-win '7\" into options (No closing quotation); balance the quotes"),
+    ("inference bootstrap 0", "parse", "infer --bootstrap 0", "argument --bootstrap: must be >= 100, got 0"),
+    ("inference seed -1", "parse", "infer --seed -1", "argument --seed: must be >= 0, got -1"),
+    ("inference refine-lr nan", "parse", "infer --refine-lr nan",
+     "argument --refine-lr: must be a finite number > 0, got nan"),
+    ("identification grid value 1.5", "parse", "identify --run x --grid 0 1.5",
+     "argument --grid: must be a finite number >= 0 and <= 1, got 1.5"),
+    ("gradient steps 0", "parse", "identify --run x --method gradient --steps 0",
+     "argument --steps: must be >= 1, got 0"),
+    ("gradient lr 0", "parse", "identify --run x --method gradient --lr 0",
+     "argument --lr: must be a finite number > 0, got 0"),
+    ("image-size 0", "parse", "train --image-size 0", "argument --image-size: must be >= 1, got 0"),
+    ("num-classes 0", "parse", "train --dataset folder --num-classes 0", "argument --num-classes: must be >= 1, got 0"),
+    ("class names repeated", "parse", "train --dataset folder --class-names lung,lung,liver",
+     "argument --class-names: class names must differ, lung is repeated in 'lung,lung,liver'"),
+    ("grid too large for memory", "grid", "--grid-steps 1000",
+     "--grid-steps 1000: 1000000 elastic grid points per pair at 32 x 32 voxels hold ~12.3 GB of displacements and "
+     "warped images, above --max-grid-gb 4; use at most 570 values per axis"),
     # --- 2: run folders are never destroyed silently -------------------------------------------
     ("train into a finished run", "folder", "",
      "already holds a finished elastic_global run (2 steps); use --resume to continue it, --overwrite"),
@@ -149,8 +173,34 @@ CASES = [
      "image size 24 x 24 is not divisible by 16 along axis 0, 1 (the U-Net halves the image 4 times); "
      "crop or pad the images, e.g. to 32 x 32"),
     ("corrupt test file", "data", "corrupt-test", "cannot read NIfTI fixed image {d}/img/fixed4.nii.gz"),
+    ("ncc-win beyond the image", "data", "plain --ncc-win 33",
+     "--ncc-win 33 is longer than the smallest image side (32 voxels of 32 x 32); use an odd window <= 31"),
+    ("label only in a moving map", "data", "moving-only-label-4",
+     "moving label map {d}/img/moving1_seg.nii.gz has label(s) [4] that no fixed label map of {d}/pairs.csv has "
+     "(fixed labels 0..3; 1 moving map(s) affected); fix the label map, or declare the classes"),
+    ("negative label", "data", "fixed-label-neg",
+     "fixed label map {d}/img/fixed1_seg.nii.gz has negative labels [-1]; labels are 0 (background) and 1..C"),
+    ("pairs CSV in latin-1", "data", "latin1-csv", "pairs CSV {d}/pairs.csv is not UTF-8 text (byte 0xe9 at offset"),
+    ("pairs CSV binary", "data", "binary-csv", "pairs CSV {d}/pairs.csv is not UTF-8 text (byte 0x89 at offset 0)"),
+    ("moving voxel size and affine differ (warning)", "warn-load", "moving-geometry",
+     "pair p1: moving image {d}/img/moving1.nii.gz differs from its fixed image {d}/img/fixed1.nii.gz in voxel "
+     "size (2.5, 2.5 mm vs 1, 1 mm) and axis directions (affine); nothing is resampled"),
+    ("one voxel at 1e6 (warning)", "warn-load", "outlier",
+     "image {d}/img/moving1.nii.gz: its maximum 1e+06 lies far above its 99th percentile"),
+    ("pairs CSV with BOM and CRLF", "csv-ok", "bom-crlf", "p0 p1 p2 p3 p4"),
+    ("pair ids NA, None, nan", "csv-ok", "na-ids", "NA None nan p3 p4"),
+    ("identification.json truncated", "ident", "truncate-json",
+     "{f}/identification.json: unreadable identification record, truncated or corrupt"),
+    ("identification.json without regularizer", "ident", "no-regularizer",
+     "{f}/identification.json: identification record lacks the key(s) 'regularizer': "
+     "rerun parameter_identification.py"),
+    ("identified_parameters.csv header only", "ident", "header-only",
+     "{f}/identified_parameters.csv: no rows, only a header: rerun parameter_identification.py"),
+    ("identified_parameters.csv in latin-1", "ident", "latin1-csv", "{f}/identified_parameters.csv: not UTF-8 text"),
     ("corrupt test file (pipeline)", "pipeline", "corrupt-test", "cannot read NIfTI fixed image {d}/img/fixed4.nii.gz"),
     ("empty test split (pipeline)", "pipeline", "no-test", "the test split is empty"),
+    ("ncc-win beyond the image (pipeline)", "pipeline", "plain --train-args '--ncc-win 33'",
+     "--ncc-win 33 is longer than the smallest image side (32 voxels of 32 x 32)"),
     # --- 6: weights that cannot be loaded ----------------------------------------------------
     ("truncated weights.h5", "weights", "truncate",
      "{run}/weights.h5: cannot load the weights of this elastic_global model"),
@@ -162,7 +212,7 @@ IDS = [c[0] for c in CASES]
 
 def _setup_data(tmp_path, setup: str):
     """Dataset variants named in the table; returns (csv path, extra argv)."""
-    words = setup.split()
+    words = shlex.split(setup)
     what, extra = words[0], words[1:]
     d = tmp_path / "data"
     if what == "size-24":
@@ -170,12 +220,35 @@ def _setup_data(tmp_path, setup: str):
     if what == "no-test":
         return make_dataset(d, split=["train", "train", "train", "val", "val"]), extra
     csv_path = make_dataset(d)
-    if what in ("fixed-label-7", "moving-label-7", "fixed-label-5"):
-        role, value = what.split("-")[0], int(what[-1])
+    if what in ("fixed-label-7", "moving-label-7", "fixed-label-5", "moving-only-label-4", "fixed-label-neg"):
+        role, value = what.split("-")[0], (-1 if what.endswith("neg") else int(what[-1]))
         path = d / "img" / f"{role}1_seg.nii.gz"
-        lab = np.asarray(nib.load(str(path)).dataobj).copy()
+        lab = np.asarray(nib.load(str(path)).dataobj).astype(np.int16)
         lab[0, 0] = value
         _save(path, lab)
+    elif what == "moving-geometry":  # 2.5 mm voxels, rotated by 30 degrees about the third axis
+        path = d / "img" / "moving1.nii.gz"
+        c, s_ = np.cos(np.pi / 6), np.sin(np.pi / 6)
+        aff = np.diag([2.5, 2.5, 1.0, 1.0])
+        aff[:2, :2] = 2.5 * np.array([[c, -s_], [s_, c]])
+        nib.save(nib.Nifti1Image(np.asarray(nib.load(str(path)).dataobj), aff), str(path))
+    elif what == "outlier":
+        path = d / "img" / "moving1.nii.gz"
+        img = np.asarray(nib.load(str(path)).dataobj).copy()
+        img[5, 5] = 1e6
+        _save(path, img)
+    elif what in ("latin1-csv", "binary-csv"):
+        text = open(csv_path).read().replace("p1,", "p\u00e91,")
+        data = text.encode("latin-1") if what == "latin1-csv" else b"\x89PNG\r\n\x1a\n\x00\x00" + bytes(range(256))
+        open(csv_path, "wb").write(data)
+    elif what == "bom-crlf":
+        text = open(csv_path).read()
+        open(csv_path, "wb").write(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    elif what == "na-ids":
+        text = open(csv_path).read()
+        for old, new in (("p0,", "NA,"), ("p1,", "None,"), ("p2,", "nan,")):
+            text = text.replace(old, new)
+        open(csv_path, "w").write(text)
     elif what == "moving-3d":
         _save(d / "img" / "moving2.nii.gz", np.random.default_rng(0).random((32, 32, 5)).astype(np.float32))
     elif what == "corrupt-test":
@@ -191,16 +264,21 @@ def _parser(script: str):
     import inference
     import parameter_identification
 
+    import run_pipeline
+
     return {"train": lambda: trainer.build_parser(PRESET), "identify": parameter_identification.build_parser,
-            "infer": inference.build_parser}[script]()
+            "infer": inference.build_parser, "pipeline": run_pipeline.build_parser}[script]()
 
 
 def _run_parse(case, setup, expected, tmp_path, capsys, request):
-    script, *argv = setup.split()
+    script, *argv = shlex.split(setup)
+    parser = _parser(script)
     with pytest.raises(SystemExit) as exc:
-        _parser(script).parse_args(argv)
+        parser.parse_args(argv)
     assert exc.value.code == 2
-    assert expected in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.startswith(parser.format_usage())  # the script's own usage block, not another stage's
 
 
 def _run_folder(case, setup, expected, tmp_path, capsys, request):
@@ -271,6 +349,93 @@ def _run_warn(case, setup, expected, tmp_path, capsys, request):
         D.validate_dataset(ds3, log=None)
 
 
+def _run_warn_load(case, setup, expected, tmp_path, capsys, request):
+    """Loading pair p1 warns (message below); the data still load, unchanged in shape."""
+    csv_path, _ = _setup_data(tmp_path, setup)
+    d = os.path.dirname(csv_path)
+    ds = D.get_dataset("folder", None, pairs_csv=csv_path)
+    with pytest.warns(UserWarning) as rec:
+        pair = ds.load_pair("p1")
+    assert any(expected.format(d=d) in str(w.message) for w in rec), [str(w.message) for w in rec]
+    assert pair.moving.shape == (32, 32, 1) and pair.spacing == (1.0, 1.0)  # the fixed image's spacing
+    if setup == "outlier":  # 99% of the image squeezed below 1e-5; clipping at percentiles restores it
+        assert np.percentile(pair.moving, 99) < 1e-5
+        clipped = D.get_dataset("folder", None, pairs_csv=csv_path, clip_percentiles=[0.5, 99.5]).load_pair("p1")
+        assert np.percentile(clipped.moving, 99) > 0.5
+        # register.py scales a folder run's images with the same function: same array, same warning
+        from hypermorph_spatially_adaptive.pair_registration import intensity_normalizer
+
+        raw = np.asarray(nib.load(os.path.join(d, "img", "moving1.nii.gz")).dataobj, np.float32)
+        with pytest.warns(UserWarning, match="lies far above its 99th percentile"):
+            scaled = intensity_normalizer({"name": "folder"})(raw, "moving image")
+        np.testing.assert_array_equal(scaled, pair.moving[..., 0])
+
+
+def _run_csv_ok(case, setup, expected, tmp_path, capsys, request):
+    """The CSV reads to the listed pair ids (strings as written); identification tables keep them too."""
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    csv_path, _ = _setup_data(tmp_path, setup)
+    ds = D.get_dataset("folder", None, pairs_csv=csv_path)
+    assert ds.all_ids() == expected.split()
+    assert ds.split_ids("test") == expected.split()[4:]
+    assert ds.load_pair(expected.split()[0]).moving.shape == (32, 32, 1)
+    folder = _identification_folder(tmp_path / "ident", expected.split())
+    ident = art.read_identification(str(folder), "elastic")
+    assert ident.pair_ids == expected.split()
+    from hypermorph_spatially_adaptive.gradient_identification import _start_points
+
+    _, h0_g, _ = _start_points("grid", str(folder), expected.split(), [], ["g_lambda", "g_mu"])  # --init grid
+    np.testing.assert_array_equal(h0_g, np.full((5, 2), 0.5))
+
+
+def _identification_folder(folder, ids=("p3", "p4")):
+    """A minimal identification folder (identification.json + identified_parameters.csv) of ``ids``."""
+    folder.mkdir(parents=True)
+    (folder / "identification.json").write_text(json.dumps({"regularizer": "elastic", "data": {"name": "folder"},
+                                                            "method": "grid", "split": "test"}))
+    rows = "".join(f"{p},elastic,0.5,0.5,0.6\n" for p in ids)
+    (folder / "identified_parameters.csv").write_text("pair_id,regularizer,g_lambda,g_mu,g_mean_dice\n" + rows)
+    return folder
+
+
+def _run_ident(case, setup, expected, tmp_path, capsys, request):
+    """A damaged identification folder is refused naming the file (and key)."""
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    folder = _identification_folder(tmp_path / "ident")
+    meta, table = folder / "identification.json", folder / "identified_parameters.csv"
+    if setup == "truncate-json":
+        meta.write_bytes(meta.read_bytes()[:30])
+    elif setup == "no-regularizer":
+        meta.write_text(json.dumps({"data": {"name": "folder"}}))
+    elif setup == "header-only":
+        table.write_text(table.read_text().splitlines()[0] + "\n")
+    elif setup == "latin1-csv":
+        table.write_bytes(table.read_text().replace("p3", "p\u00e93").encode("latin-1"))
+    with pytest.raises(ValueError) as exc:
+        art.read_identification(str(folder), "elastic")
+    assert expected.format(f=folder) in str(exc.value)
+
+
+def _run_grid(case, setup, expected, tmp_path, capsys, request):
+    """A grid too large for memory is refused before the model loads and before --out exists."""
+    import parameter_identification
+
+    b = request.getfixturevalue("base")
+    mp = request.getfixturevalue("monkeypatch")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the grid size was checked")
+
+    mp.setattr(runio, "load_run", no_model)
+    out = tmp_path / "ident"
+    with pytest.raises(ValueError) as exc:
+        parameter_identification.main(["--run", str(b["run"]), "--out", str(out), *setup.split()])
+    assert expected in str(exc.value)
+    assert not out.exists()
+
+
 def _run_pipeline(case, setup, expected, tmp_path, capsys, request):
     import run_pipeline
 
@@ -278,7 +443,7 @@ def _run_pipeline(case, setup, expected, tmp_path, capsys, request):
     out = tmp_path / "pipe"
     t0 = time.time()
     with pytest.raises(ValueError) as exc:
-        run_pipeline.main(data_argv(csv_path) + ["--quick", "--out", str(out)])
+        run_pipeline.main(data_argv(csv_path) + ["--quick", "--out", str(out), *extra])
     assert expected.format(d=os.path.dirname(csv_path)) in str(exc.value)
     assert not (out / "runs").exists()  # nothing trained
     assert time.time() - t0 < 60
@@ -427,3 +592,28 @@ def test_pipeline_resumes_unfinished_runs(tmp_path, monkeypatch, capsys):
     assert [p for p, _ in calls] == run_pipeline.PRESETS
     assert all(a[-1] == "--resume" for _, a in calls)
     assert capsys.readouterr().out.count("unfinished run with the same command found, resuming it") == 4
+
+
+def test_grid_progress_eta_and_memory_estimate():
+    """The ETA format of the identification's progress lines; the memory estimate is the float32
+    displacement + warped image of every grid point (11 x 11 elastic points at 32 x 32: 121 * 1024 * 3 * 4)."""
+    from hypermorph_spatially_adaptive import identification as ident
+
+    assert ident.format_eta(3725.4) == "1:02:05" and ident.format_eta(0) == "0:00:00"
+    assert ident.grid_bytes("elastic", 11, (32, 32)) == 121 * 1024 * 3 * 4
+    assert ident.grid_bytes("diffusion", 11, (16, 16, 16)) == 11 * 4096 * 4 * 4
+    ident.check_grid_size("elastic", 570, (32, 32), 4.0)  # the largest grid the message offers fits
+    with pytest.raises(ValueError, match="use at most 570 values per axis"):
+        ident.check_grid_size("elastic", 571, (32, 32), 4.0)
+
+
+def test_onednn_int32_notice_is_filtered():
+    """oneDNN's "DT_INT32 only on platforms with AVX-512" (ERROR level, first int32 transpose) is
+    dropped once quiet_onednn_notice ran (models.build_model calls it); nothing else is printed."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = ("import tf_compat, tensorflow as tf\n"
+            "tf_compat.quiet_onednn_notice(tf)\n"
+            "print(tf.transpose(tf.constant([[1, 2, 3], [4, 5, 6]], tf.int32)).numpy().tolist())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[[1, 4], [2, 5], [3, 6]]", r.stderr
+    assert r.stderr == "", r.stderr
