@@ -201,10 +201,11 @@ def test_command_line_options_reach_the_refiner():
     from hypermorph_spatially_adaptive import runio
 
     args = run_pipeline.build_parser().parse_args(["--refine-fold-weight", "7", "--refine-logj-weight", "0",
-                                                   "--refine-smooth", "2", "--refine-grid", "3", "--refine-svf"])
+                                                   "--refine-smooth", "2", "--refine-grid", "3", "--refine-svf",
+                                                   "--refine-scale", "2"])
     inf = inference.build_parser().parse_args(runio.refine_argv(args))
     kw = runio.refine_kwargs(inf)
-    assert kw == {"fold_weight": 7.0, "logj_weight": 0.0, "smooth": 2, "grid": 3, "svf": True}
+    assert kw == {"fold_weight": 7.0, "logj_weight": 0.0, "smooth": 2, "grid": 3, "svf": True, "scale": 2}
     Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], 5, **kw)  # accepted as keywords
     default = runio.refine_kwargs(inference.build_parser().parse_args([]))
     assert default == runio.REFINE_DEFAULTS
