@@ -31,7 +31,7 @@ all off by default = the original refinement, which optimizes ``u`` voxel by vox
   the images, ``u0`` as block mean / s in coarse voxels, the label at each block's centre, voxel
   size s times larger): s^D times fewer voxels per step. The best coarse update is upsampled to
   the block centres and multiplied by s; a pair keeps ``u0`` if the full-resolution objective
-  of the result is not below its start.
+  of the result is not below its start. ``scale = 0`` chooses :func:`auto_scale` per call.
 
 Without ``svf`` the result is ``u = u0 + S(P(p))`` (``P``: upsampling, ``S``: smoothing, ``p``
 the optimized array, zero at the start); with ``grid = 1, smooth = 0`` this is Adam on ``u``
@@ -205,6 +205,21 @@ def downsample(x: tf.Tensor, factor: int) -> tf.Tensor:
     return pool(x, ksize=factor, strides=factor, padding="VALID")
 
 
+#: ``scale = 0`` (auto) keeps at least this many voxels along every axis of the coarse level
+AUTO_SCALE_MIN_SIDE = 64
+
+
+def auto_scale(shape: Sequence[int], min_side: int = AUTO_SCALE_MIN_SIDE) -> int:
+    """The largest power of two ``s`` that divides every size of ``shape`` and leaves at least
+    ``min_side`` voxels per axis (1 if none): 1 at 64^2 (where a 32^2 level lost 0.02-0.05
+    Dice), 2 at 128^2 (4x faster per step and no Dice lost; README "Refinement that does not
+    tear")."""
+    s = 1
+    while all(int(n) % (2 * s) == 0 and int(n) // (2 * s) >= min_side for n in shape):
+        s *= 2
+    return s
+
+
 def _coarse_shape(shape: Sequence[int], grid: int) -> Tuple[int, ...]:
     return tuple(max(2, -(-int(n) // int(grid))) if grid > 1 else int(n) for n in shape)
 
@@ -222,7 +237,7 @@ class Refiner:
     log-Jacobian penalty, ``smooth`` (box-filter passes of the update), ``grid`` (update grid
     coarsening factor, >= 1), ``svf`` (refine a velocity field and compose its exponential with
     ``u0``), ``int_steps`` (its squarings) and ``scale`` (optimize on images downsampled by this
-    factor per axis; module docstring).
+    factor per axis, 0: :func:`auto_scale` of each call's image size; module docstring).
     """
 
     def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9,
@@ -244,9 +259,10 @@ class Refiner:
             raise ValueError(f"grid must be an integer >= 1, got {grid}")
         if int_steps < 0:
             raise ValueError(f"int_steps must be >= 0, got {int_steps}")
-        if scale < 1 or int(scale) != scale:
-            raise ValueError(f"scale must be an integer >= 1, got {scale}")
-        self.scale = int(scale)
+        if scale < 0 or int(scale) != scale:
+            raise ValueError(f"scale must be an integer >= 1, or 0 (auto), got {scale}")
+        self.scale_option = int(scale)
+        self.scale = max(int(scale), 1)
         self.fold_weight = float(fold_weight)
         self.fold_eps = float(fold_eps)
         self.logj_weight = float(logj_weight)
@@ -315,6 +331,8 @@ class Refiner:
         start = self.loss(moving, fixed, u0, hyp, seg).numpy()
         if steps == 0:
             return u0.copy(), start, start.copy()
+        if self.scale_option == 0:
+            self.scale = auto_scale(moving.shape[1:-1])
         level = self._level(moving, fixed, u0, seg)
         state = self._state(tuple(level[0].shape), seg is not None)
         state.reset(level[0], level[1], level[2], hyp, level[3],

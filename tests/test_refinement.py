@@ -247,3 +247,19 @@ def test_centred_upsampling_of_block_means_keeps_a_linear_field():
         moving, fixed = _pair((30, 30))
         Refiner(ParamSpec("diffusion", False, 1), [1.0, 1.0], win=5, scale=4)(
             moving, fixed, np.zeros((1, 30, 30, 2), np.float32), np.array([[0.3]], np.float32), steps=2)
+
+
+def test_auto_scale_keeps_64_voxels_per_axis():
+    from hypermorph_spatially_adaptive.refinement import auto_scale
+
+    assert auto_scale((64, 64)) == 1 and auto_scale((128, 128)) == 2 and auto_scale((256, 128)) == 2
+    assert auto_scale((192, 128, 192)) == 2 and auto_scale((96, 96)) == 1 and auto_scale((32, 32, 32)) == 1
+    assert auto_scale((512, 512)) == 8
+    # scale 0 = auto: at 64^2 the same result as scale 1, bit for bit
+    moving, fixed = _pair((64, 64))
+    spec = ParamSpec("diffusion", False, 1)
+    args = (moving, fixed, np.zeros((1, 64, 64, 2), np.float32), np.array([[0.3]], np.float32))
+    a = Refiner(spec, [1.0, 1.0], 5, scale=0)(*args, steps=3)
+    b = Refiner(spec, [1.0, 1.0], 5, scale=1)(*args, steps=3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
