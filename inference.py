@@ -47,7 +47,13 @@ data, the dense error against the true field overall and per tissue), ``table1.c
 -sas+io minus -g+io; mean difference, 95% studentized-bootstrap interval and its p, Holm-adjusted p,
 Wilcoxon p and its number of non-zero differences, n; see ``evaluation.paired_comparison``), Fig. 3-style panels
 ``fig3_<pair>.png``, ``dice_boxplots.png``, and with ``--save-nifti`` the warped image, warped
-labels and displacement of every pair as NIfTI with the fixed image's affine.
+labels and displacement of every pair as NIfTI with the fixed image's affine (file names from
+pair ids are sanitized, ``folders.safe_file_names``).
+
+``--out`` is locked while written and replaced whole at the end from a temporary sibling, so a
+killed run leaves the old results complete. ``inference.json`` records ``provenance``; an
+identification whose recorded weights (global, or the SA run of a gradient identification) or
+data hashes differ from the runs and data now is refused unless ``--force`` (recorded).
 """
 from __future__ import annotations
 
@@ -105,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-nifti", action="store_true", help="write warped image/labels and displacement as NIfTI")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
+    p.add_argument("--force", action="store_true",
+                   help="proceed although an identification's recorded weights or data hashes differ from the runs "
+                        "and data now (identification.json / config.json 'provenance'); recorded in inference.json")
     return p
 
 
@@ -194,8 +203,64 @@ def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> Non
         atomic_write(path, lambda tmp, a=arr: nib.save(nib.Nifti1Image(a, affine), tmp))
 
 
+def check_provenance(groups: List[Dict], dataset, split: str, args) -> Dict:
+    """Every identification must come from the weights of the global run (and, gradient, of the
+    SA run) used now and from the same data; every run's weights and data must be those its
+    config.json recorded. Refuses a mismatch unless ``--force``; returns inference.json's
+    ``provenance`` (data hash of the split, sha256 of every weights.h5 and identified_parameters.csv,
+    forced messages)."""
+    from hypermorph_spatially_adaptive import artifacts as art
+    from hypermorph_spatially_adaptive import provenance as prov
+
+    runs = {}
+    for g in groups:
+        runs[g["global_run"]] = g["g_cfg"]
+        runs.update({sa["run"]: sa["cfg"] for sa in g["sas"]})
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    out = prov.check_runs(list(runs.items()), dataset, [split], args.force, args.data_dir, "inference", log)
+    problems, idents = [], {}
+    for g in groups:
+        for src in g["sources"]:
+            idents[os.path.abspath(src.csv)] = prov.file_sha256(src.csv)
+            rec = src.meta.get("provenance")
+            meta_path = os.path.join(src.folder, art.IDENTIFICATION_META)
+            if not isinstance(rec, dict):
+                log(f"[inference] {meta_path}: no provenance recorded (made before it existed); weights and data "
+                    f"not checked")
+                continue
+            checks = [("global", rec.get("global_weights_sha256"), g["global_run"])]
+            if src.method != "grid":
+                own = [sa["run"] for sa in g["sas"] if applies_to(src, sa["run"], sa["cfg"])]
+                checks += [("SA", rec.get("sa_weights_sha256"), run) for run in own]
+                if not own:
+                    problems.append(f"{meta_path} is a gradient identification of the SA run {src.meta.get('sa_run')}, "
+                                    f"which is none of the --{g['reg']}-sa runs given")
+            for what, recorded, run in checks:
+                now = prov.weights_sha256(run)
+                if recorded and recorded != now:
+                    problems.append(f"{meta_path} was made with {what} weights sha256 {prov.short(recorded)}, but "
+                                    f"{os.path.join(run, art.WEIGHTS)} is {prov.short(now)} (another run, or "
+                                    f"retrained since)")
+            problems += prov.data_mismatches(rec.get("data"), {split: out["data"][split]}, meta_path,
+                                             "the dataset now")
+    out["forced"] += prov.refuse_or_force(problems, args.force, "inference", log)
+    out["identified_parameters_sha256"] = idents
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
+    from hypermorph_spatially_adaptive.folders import staged_folder
+
     args = build_parser().parse_args(argv)
+    # written into a temporary sibling that replaces --out only when everything succeeded: a killed
+    # or failed run leaves the old results folder complete, never a mixture of old and new files
+    with staged_folder(args.out, "results folder", log=lambda line: print(line, flush=True)) as dest:
+        _infer(args, argv, dest)
+    return args.out
+
+
+def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -> None:
+    """The body of :func:`main`; every file goes to ``dest`` (the staging folder)."""
     import numpy as np
     import pandas as pd
 
@@ -240,12 +305,15 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             if set(ids) != set(pair_ids):
                 raise ValueError(f"{src.csv}: identified pairs differ from {first.csv}")
 
+    provenance = check_provenance(groups, dataset, split, args)
+    from hypermorph_spatially_adaptive.folders import safe_file_names
+
+    file_names = safe_file_names(pair_ids)  # pair ids made safe for file names (no '/', '..', leading dot)
     pairs = [dataset.load_pair(p) for p in pair_ids]
     moving = np.stack([p.moving for p in pairs])
     fixed = np.stack([p.fixed for p in pairs])
     fixed_seg = np.stack([p.fixed_seg for p in pairs])
     n = len(pairs)
-    os.makedirs(args.out, exist_ok=True)
     print(f"[inference] {n} {split} pairs of {dataset.name}; regularizers: "
           f"{', '.join(g['reg'] for g in groups)}; refinement: {args.refine} steps", flush=True)
 
@@ -269,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 results[pair.pair_id][method] = {"warped": warped[k, ..., 0], "disp": disp[k], "warped_seg": warped_seg,
                                                  "dice": m["mean_dice"], "negj": m["percent_neg_jac"]}
             if args.save_nifti:
-                _save_nifti(os.path.join(args.out, "nifti", protocol, pair.pair_id), pair, method, warped[k],
+                _save_nifti(os.path.join(dest, "nifti", protocol, file_names[pair.pair_id]), pair, method, warped[k],
                             warped_seg, disp[k])
         print(f"[inference] {protocol} {method}: mean Dice "
               f"{np.mean([r['mean_dice'] for r in rows[-n:]]):.3f} ({seconds / n:.3f} s/pair)", flush=True)
@@ -334,9 +402,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     comparison = evaluation.paired_comparison(per_pair, evaluation.default_comparisons(per_pair["method"]),
                                               n_boot=args.bootstrap, seed=args.seed)
     from datasets.atomic import atomic_write
-    atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), per_pair)
-    atomic_write(os.path.join(args.out, art.TABLE1_CSV), numeric)
-    atomic_write(os.path.join(args.out, art.COMPARISON), comparison)
+    atomic_write(os.path.join(dest, art.PER_PAIR_METRICS), per_pair)
+    atomic_write(os.path.join(dest, art.TABLE1_CSV), numeric)
+    atomic_write(os.path.join(dest, art.COMPARISON), comparison)
     header = (f"Table 1 on {dataset.name} ({n} {split} pairs), mean(std) over pairs; "
               f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping (their HD95 is "
               "the image diagonal); [maps: ...] = what built a -sas+io row's refinement maps\n\n")
@@ -346,17 +414,17 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                    f"{args.bootstrap} resamples, seed {args.seed}], p_H = its p Holm-adjusted over the table's "
                    "family, W = two-sided Wilcoxon signed-rank p / number of non-zero differences; * = p_H < 0.05. "
                    "Dice: > 0 favours a; HD95 (same pair-classes), TRE, EPE (mm): < 0 favours a.\n\n" + comp_md)
-    atomic_write(os.path.join(args.out, art.TABLE1_MD), header + markdown + comp_md)
+    atomic_write(os.path.join(dest, art.TABLE1_MD), header + markdown + comp_md)
 
     labelled = per_pair.assign(method=[m if p in ("", "oracle") else f"{m} [{p[:3]}]"
                                        for m, p in zip(per_pair["method"], per_pair["protocol"])])
-    figures.plot_dice_boxplots(labelled, class_names, os.path.join(args.out, "dice_boxplots.png"))
+    figures.plot_dice_boxplots(labelled, class_names, os.path.join(dest, "dice_boxplots.png"))
     for pair in pairs[: max(args.panels, 0)]:
         for g in groups:
             short = evaluation.SHORT[g["reg"]]
             res = {m: r for m, r in results[pair.pair_id].items() if m.startswith(short + "-")}
             figures.plot_registration_panel(pair.moving[..., 0], pair.fixed[..., 0], pair.fixed_seg, res,
-                                            os.path.join(args.out, f"fig3_{short}_{pair.pair_id}.png"),
+                                            os.path.join(dest, f"fig3_{short}_{file_names[pair.pair_id]}.png"),
                                             title=f"{pair.pair_id}: {short} models (oracle protocol)",
                                             class_names=class_names)
     meta = {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sas"][0]["run"]),
@@ -367,12 +435,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                        for g in groups},
             "dataset": cfg0["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,
             "refine_lr": args.refine_lr, "refine_options": runio.refine_kwargs(args),
-            "bootstrap": args.bootstrap, "seed": args.seed,
-            "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
-    atomic_write(os.path.join(args.out, art.INFERENCE_META), json.dumps(meta, indent=2))
+            "bootstrap": args.bootstrap, "seed": args.seed, "provenance": provenance, "force": bool(args.force),
+            "file_names": {p: f for p, f in file_names.items() if p != f},
+            "command": ["inference.py"] + list(argv if argv is not None else sys.argv[1:])}
+    atomic_write(os.path.join(dest, art.INFERENCE_META), json.dumps(meta, indent=2))
     print(header + markdown + comp_md, flush=True)
     print(f"[inference] table: {os.path.join(args.out, art.TABLE1_MD)}  figures: {args.out}/*.png", flush=True)
-    return args.out
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ keeps one setting (per class the best mean class Dice over them) and writes it f
 The dataset is rebuilt from the run folder's config; ``--data-dir``/``--label-dir`` override
 its paths (e.g. when the data moved).
 
+Outputs are written into a temporary sibling folder that replaces ``--out`` at the end (a killed
+or failed run leaves the old folder complete; no file of an earlier run survives), ``--out`` is
+locked while written, and ``identification.json`` records ``provenance``: the data hashes of the
+split(s) used and the sha256 of the weights (:mod:`hypermorph_spatially_adaptive.provenance`);
+data or weights that differ from what the run's config.json recorded are refused unless ``--force``.
+
 ``--method gradient --sa-run RUN`` identifies the SA model's own parameters by gradient descent
 (:mod:`hypermorph_spatially_adaptive.gradient_identification`) and writes the same CSV columns
 (Dice = hard Dice after the identified registration) plus ``objective_trace.csv`` into
@@ -66,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
     p.add_argument("--no-figure", action="store_true", help="skip the Fig. 2 scatter plot")
+    p.add_argument("--force", action="store_true",
+                   help="proceed although the run's recorded data or weights hashes (config.json 'provenance') "
+                        "differ from the data and weights now; recorded in identification.json")
     g = p.add_argument_group("method (grid: paper sec. 2.2; gradient: README, Gradient identification)")
     g.add_argument("--method", default="grid", choices=["grid", "gradient"],
                    help="grid: grid search with the global model (the paper's proxy); gradient: Adam on the "
@@ -91,12 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_out(args: argparse.Namespace) -> str:
+    """``--out`` or the default identification folder inside ``--run`` (by method/protocol)."""
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    if args.out:
+        return args.out
+    if args.method == "gradient":  # as gradient_identification.run_cli names it
+        return os.path.join(args.run, art.IDENTIFICATION_DIRS["gradient"]
+                            + ("" if args.objective == "dice" else f"_{args.objective}")
+                            + ("_population" if args.protocol == "population" else ""))
+    return os.path.join(args.run, art.IDENTIFICATION_DIRS[args.protocol])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
+    from hypermorph_spatially_adaptive.folders import staged_folder
+
     args = build_parser().parse_args(argv)
+    out = default_out(args)
+    # written into a temporary sibling that replaces --out only when everything succeeded
+    with staged_folder(out, "identification folder", log=lambda line: print(line, flush=True)) as dest:
+        _identify(args, argv, out, dest)
+    return out
+
+
+def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str, dest: str) -> None:
     import pandas as pd
 
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import identification as ident
+    from hypermorph_spatially_adaptive import provenance as prov
     from hypermorph_spatially_adaptive import runio
     from hypermorph_spatially_adaptive.registration import Registrar
 
@@ -105,6 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         n_values = len(set(args.grid)) if args.grid is not None else args.grid_steps
         ident.check_grid_size(info.regularizer, n_values, info.config["model"]["image_shape"], args.max_grid_gb,
                               "--grid" if args.grid is not None else "--grid-steps")
+    # loading first: a truncated or foreign weights.h5 gets the load error that names the checkpoint to redo it
     model, config = runio.load_run(args.run, expect_sa=False)
     regularizer = config["model"]["regularizer"]
     class_names = list(config["class_names"])
@@ -114,16 +148,17 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.method == "gradient":  # README "Gradient identification"; writes <run>/identification_gradient[_epe]
         from hypermorph_spatially_adaptive import gradient_identification
 
-        return gradient_identification.run_cli(args, argv, model, config, dataset, ids)
+        return gradient_identification.run_cli(args, argv, model, config, dataset, ids, dest=dest)
     values = args.grid if args.grid is not None else ident.grid_values(args.grid_steps)
     grid = ident.make_grid(regularizer, values)
     population = args.protocol == "population"
-    out = args.out or os.path.join(args.run, art.IDENTIFICATION_DIRS[args.protocol])
-    os.makedirs(out, exist_ok=True)
     search_split = args.population_split if population else args.split
     search_ids = dataset.split_ids(search_split) if population else ids
     if not search_ids:
         raise ValueError(f"the {search_split} split of {dataset.name} is empty: nothing to identify on")
+    provenance = prov.check_runs([(args.run, config)], dataset, [args.split, search_split], args.force,
+                                 args.data_dir, log=lambda line: print(line, flush=True))
+    provenance["global_weights_sha256"] = prov.weights_sha256(args.run)
 
     registrar = Registrar(model, batch_size=args.batch_size or None)
     mb = ident.grid_bytes(regularizer, len(set(values)), dataset.image_shape) / 1e6
@@ -147,8 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     seconds = time.time() - t0
 
     from datasets.atomic import atomic_write
-    atomic_write(os.path.join(out, art.GRID_DICE), grid_df)
-    atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), choice)
+    atomic_write(os.path.join(dest, art.GRID_DICE), grid_df)
+    atomic_write(os.path.join(dest, art.IDENTIFIED_PARAMETERS), choice)
     meta = {"global_run": os.path.abspath(args.run), "regularizer": regularizer, "class_names": class_names,
             "data": config["data"], "split": args.split, "protocol": args.protocol, "method": "grid",
             "identified_on": search_split, "grid_values": [float(v) for v in values],
@@ -156,14 +191,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             "tie_rule": "equal Dice -> larger regularization: larger lambda+mu (diffusion: weight), "
                         "then larger mu, then larger lambda; background and -g use the best mean Dice",
             "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(search_ids), 1), 3),
-            "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
-    atomic_write(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
+            "provenance": provenance, "force": bool(args.force),
+            "command": ["parameter_identification.py"] + list(argv if argv is not None else sys.argv[1:])}
+    atomic_write(os.path.join(dest, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from hypermorph_spatially_adaptive import figures
 
-        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, art.FIG2))
+        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(dest, art.FIG2))
     print(f"[identify {regularizer}] done in {seconds:.1f} s -> {out}/{art.IDENTIFIED_PARAMETERS}", flush=True)
-    return out
 
 
 if __name__ == "__main__":

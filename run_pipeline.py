@@ -129,6 +129,22 @@ def _plot_training_curves(runs: dict, out_png: str) -> None:
         print(f"-- training curves: {out_png}", flush=True)
 
 
+def _refuse_shorter(args, run_dir: str) -> None:
+    """A run already trained past ``--steps`` cannot be resumed to fewer steps: say so in the
+    pipeline's own options (not the trainer's ``--resume``, which the user never typed)."""
+    from hypermorph_spatially_adaptive import runio
+
+    try:
+        latest = runio.latest_checkpoint(run_dir)
+    except (OSError, ValueError):
+        return  # the trainer's --resume reports a broken checkpoint itself
+    done = latest[1] if latest else 0
+    if done > args.steps:
+        raise ValueError(f"--steps {args.steps}: {run_dir} is already trained to step {done}, and the pipeline only "
+                         f"continues runs, never shortens them: use --steps {done} or more, --force to retrain the "
+                         f"models with {args.steps} steps, or another --out")
+
+
 def _train_all(args, preset_argv: dict, runs: dict) -> None:
     """Stage 1: train every model (reuse finished runs with the same command, resume unfinished ones)."""
     from hypermorph_spatially_adaptive import trainer
@@ -147,6 +163,7 @@ def _train_all(args, preset_argv: dict, runs: dict) -> None:
             print(f"-- [{k}/{n}] {name}", flush=True)
             trainer.main(preset, argv_p)
         else:
+            _refuse_shorter(args, runs[name])
             print(f"-- [{k}/{n}] {name}: " + ("unfinished run with the same command found, resuming it" if
                   state == "unfinished" else f"{runs[name]} holds a run made with another command; resuming it "
                   "(refused unless only the step target or logging changed)"), flush=True)

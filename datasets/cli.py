@@ -109,6 +109,16 @@ def dataset_from_args(args) -> RegistrationDataset:
     return get_dataset(**dataset_options(args))
 
 
+def _moved_csv(saved: str, data_dir: str) -> str:
+    """The pairs CSV of a folder dataset moved to ``data_dir``: its saved file name there (else
+    ``pairs.csv``); a clear error if neither exists."""
+    names = list(dict.fromkeys((os.path.basename(saved), "pairs.csv")))
+    for name in names:
+        if os.path.isfile(os.path.join(data_dir, name)):
+            return os.path.join(data_dir, name)
+    raise FileNotFoundError(f"--data-dir {data_dir}: no {' or '.join(names)} there (the run's pairs CSV was {saved})")
+
+
 def dataset_from_config(data: Mapping, data_dir: str | None = None,
                         label_dir: str | None = None) -> RegistrationDataset:
     """The dataset of a saved ``config.json["data"]`` dict (any version of this codebase wrote
@@ -116,6 +126,8 @@ def dataset_from_config(data: Mapping, data_dir: str | None = None,
     opts = dict(data)
     if data_dir is not None:
         opts["data_dir"] = os.path.abspath(data_dir)
+        if opts.get("pairs_csv"):  # a folder dataset: its saved (absolute) CSV path would win over data_dir
+            opts["pairs_csv"] = _moved_csv(opts["pairs_csv"], opts["data_dir"])
     if label_dir is not None:
         opts["label_dir"] = os.path.abspath(label_dir)
     name = opts.pop("name")

@@ -11,6 +11,8 @@ array conventions: CONVENTIONS.md. Submodules:
 - :mod:`.unrolled`   per-sample voxelmorph/neurite layers unrolled for static batches (speed)
 - :mod:`.artifacts`  names of run-folder and stage files; typed readers (RunInfo, Identification)
 - :mod:`.runio`      run folders: config JSON, weights, CLI helpers
+- :mod:`.folders`    folder locks, staged (all-or-nothing) stage outputs, --overwrite set-aside, safe file names
+- :mod:`.provenance` content hashes of data and weights recorded by every stage and compared by the next
 - :mod:`.pair_registration`  one pair of NIfTI images with a run folder (``register.py``)
 - :mod:`.pair_geometry`      its world geometry: model grid, resampling, ITK displacement fields
 """

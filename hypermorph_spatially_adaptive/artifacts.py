@@ -41,6 +41,10 @@ CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.csv"
 TENSORBOARD = "tensorboard"
 
+#: marker written into every run's config.json (``"format"``); a folder is a run folder only if its
+#: config.json is a JSON object with this marker (or, for runs made before it, ``preset`` + ``model``)
+RUN_FORMAT = "hypermorph-run/1"
+
 # ---- identification folder --------------------------------------------------------------------
 IDENTIFIED_PARAMETERS = "identified_parameters.csv"
 IDENTIFICATION_META = "identification.json"
@@ -75,6 +79,24 @@ def sa_columns(regularizer: str, class_names: Sequence[str]) -> List[str]:
     return ParamSpec(regularizer, True, len(class_names)).names(class_names)
 
 
+def run_config_problem(config: object, presets=None, need_model: bool = True) -> Optional[str]:
+    """Why ``config`` (parsed config.json) is not a run config of this code, or ``None`` if it is:
+    a JSON object whose ``format`` is :data:`RUN_FORMAT` (or, before the marker, that has none),
+    with a ``preset`` among ``presets`` (if given) and (``need_model``) a ``model`` object naming
+    ``regularizer`` and ``spatially_adaptive``."""
+    if not isinstance(config, dict):
+        return f"a JSON {type(config).__name__}, not an object"
+    fmt = config.get("format")
+    if fmt is not None and fmt != RUN_FORMAT:
+        return f"format {fmt!r}, expected {RUN_FORMAT!r}"
+    if presets is not None and config.get("preset") not in presets:
+        return f"preset {config.get('preset')!r} is none of {sorted(presets)}"
+    model = config.get("model")
+    if need_model and not (isinstance(model, dict) and {"regularizer", "spatially_adaptive"} <= set(model)):
+        return "no model object with regularizer and spatially_adaptive"
+    return None
+
+
 def read_config(run_dir: str) -> Dict:
     """``<run>/config.json`` as a dict; a clear error if it is missing or unreadable."""
     path = os.path.join(run_dir, CONFIG)
@@ -82,9 +104,13 @@ def read_config(run_dir: str) -> Dict:
         raise FileNotFoundError(f"{path}: no run config; is {run_dir!r} a training run folder?")
     with open(path) as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: unreadable run config ({e})") from e
+    problem = run_config_problem(config, need_model=False)
+    if problem:
+        raise ValueError(f"{path}: not a run config of the training scripts ({problem})")
+    return config
 
 
 def _kind(spatially_adaptive: bool) -> str:
@@ -121,6 +147,9 @@ class RunInfo:
 def read_run(folder: str, expect_regularizer: Optional[str] = None, expect_sa: Optional[bool] = None) -> RunInfo:
     """Read a run folder's config; ``expect_*`` make a mismatched folder fail naming the mismatch."""
     config = read_config(folder)
+    problem = run_config_problem(config)
+    if problem:
+        raise ValueError(f"{os.path.join(folder, CONFIG)}: not a run config of the training scripts ({problem})")
     model = config["model"]
     sa = bool(model["spatially_adaptive"])
     if expect_regularizer is not None and model["regularizer"] != expect_regularizer:

@@ -702,13 +702,16 @@ def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, k
     return rows, traces, meta, val, res_sa, res_g
 
 
-def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) -> str:
+def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], dest: Optional[str] = None) -> str:
     """``parameter_identification.py --method gradient``: identify, then write all files at once.
 
     ``args`` are the parsed options (``sa_run``, ``protocol``, ``population_split``, ``init``,
     ``init_from``, ``objective``, ``steps``, ``lr``, ``patience``, ``batch_size``, ``out``,
     ``run``, ``no_figure``); ``g_model``/``g_config`` the global run, ``dataset``/``ids`` the
-    pairs to identify (oracle) or to apply the population setting to. Returns the output folder.
+    pairs to identify (oracle) or to apply the population setting to. Files are written into
+    ``dest`` (the caller's temporary folder that replaces the output folder at the end; default:
+    the output folder itself). The runs' recorded data/weights hashes are checked first
+    (:func:`.provenance.check_runs`, ``--force``). Returns the output folder.
     """
     import pandas as pd
 
@@ -729,6 +732,14 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
     protocol = getattr(args, "protocol", "oracle")
     default_dir = art.IDENTIFICATION_DIRS["gradient"] + ("" if args.objective == "dice" else f"_{args.objective}")
     out = args.out or os.path.join(args.run, default_dir + ("_population" if protocol == "population" else ""))
+    dest = dest or out
+    from .provenance import check_runs, weights_sha256
+
+    splits = [args.split] + ([args.population_split] if protocol == "population" else [])
+    provenance = check_runs([(args.run, g_config), (args.sa_run, sa_config)], dataset, splits,
+                            bool(getattr(args, "force", False)), getattr(args, "data_dir", None),
+                            log=lambda line: print(line, flush=True))
+    provenance.update(global_weights_sha256=weights_sha256(args.run), sa_weights_sha256=weights_sha256(args.sa_run))
     n_opt = len(dataset.split_ids(args.population_split)) if protocol == "population" else len(ids)
     bs = args.batch_size or auto_batch_size(dataset.image_shape, n_opt, GRADIENT_VOXEL_BUDGET)
     kw = dict(steps=args.steps, lr=args.lr, patience=args.patience, num_classes=C)
@@ -744,7 +755,8 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
             "forward_backward_passes": {"sa": int(res_sa.steps.sum()), "g": int(res_g.steps.sum())},
             "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(opt_pairs), 1), 3),
             "seconds_sa": round(res_sa.seconds, 2), "seconds_g": round(res_g.seconds, 2),
-            "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
+            "provenance": provenance, "force": bool(getattr(args, "force", False)),
+            "command": ["parameter_identification.py"] + list(argv if argv is not None else sys.argv[1:])}
     if args.objective == "epe":
         per_pair = stiffness_order_summary(opt_pairs, res_sa.h, class_names, regularizer == "elastic")
         if per_pair:
@@ -756,13 +768,13 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str]) ->
                 print(f"    {key:20s} {json.dumps(s)}", flush=True)
 
     from datasets.atomic import atomic_write
-    atomic_write(os.path.join(out, art.IDENTIFIED_PARAMETERS), choice)
-    atomic_write(os.path.join(out, art.OBJECTIVE_TRACE), pd.DataFrame(trace_rows))
-    atomic_write(os.path.join(out, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
+    atomic_write(os.path.join(dest, art.IDENTIFIED_PARAMETERS), choice)
+    atomic_write(os.path.join(dest, art.OBJECTIVE_TRACE), pd.DataFrame(trace_rows))
+    atomic_write(os.path.join(dest, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:
         from . import figures
 
-        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(out, art.FIG2),
+        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(dest, art.FIG2),
                                        jitter=0.0)  # continuous values: no grid clusters to spread
     print(f"[identify gradient {regularizer}] {protocol}: SA mean Dice {choice['mean_dice'].mean():.3f}, -g "
           f"{choice[art.G_MEAN_DICE].mean():.3f}"

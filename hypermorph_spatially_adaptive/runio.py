@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from datasets.atomic import atomic_write
 
-from .artifacts import CHECKPOINTS, CONFIG, WEIGHTS
+from .artifacts import CHECKPOINTS, CONFIG, RUN_FORMAT, WEIGHTS, run_config_problem  # noqa: F401
 
 #: exceptions that mean "the input is wrong", reported as one ``error:`` line by :func:`cli_main`
 USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
@@ -42,6 +42,7 @@ def versions() -> Dict[str, str]:
 
 
 def save_config(run_dir: str, config: Dict) -> None:
+    config = {**config, "format": RUN_FORMAT}
     atomic_write(os.path.join(run_dir, CONFIG), json.dumps(config, indent=2, sort_keys=True))
 
 

@@ -6,9 +6,21 @@ pipeline, per-sample hyperparameter sampling, the compiled train step (``tf.func
 
 Run folders never lie and never vanish:
 
-- training into a folder that holds anything refuses unless ``--resume`` (continue the run in
-  it) or ``--overwrite`` (delete it, derived outputs such as ``identification/`` included);
-  a non-empty folder without ``config.json`` is never deleted;
+- a run folder is recognized by its ``config.json`` *content* (a JSON object with ``format``
+  :data:`runio.RUN_FORMAT`, or, for runs made before the marker, ``preset`` and ``model``), never
+  by the file name alone; any other non-empty folder is refused, never written or deleted;
+- training into a run folder refuses unless ``--resume`` (continue the run in it) or
+  ``--overwrite`` (replace it, derived outputs such as ``identification/`` included).
+  ``--overwrite`` first checks every option and the whole dataset, then renames the old run to
+  a hidden sibling (:func:`.folders.move_aside`) that is deleted only once the new run has
+  written its first checkpoint; an attempt that fails before that puts the old run back, and a
+  failed first attempt into a new folder leaves nothing that would block the corrected command;
+- one process at a time: the folder is locked while it is written (:class:`.folders.FolderLock`,
+  a stale lock of a dead process is taken over);
+- ``config.json`` records ``provenance`` (:mod:`.provenance`): sha256 of the data per split and,
+  at the end, of ``weights.h5``; ``--resume`` refuses data whose hash changed. Its ``command`` is
+  the preset's training script with its arguments, also when run_pipeline.py trained it, so it
+  replays;
 - ``--resume`` refuses any change of the options that decide the weights (data, loss,
   optimizer, architecture, seed, batch size; :data:`RESUME_MAY_CHANGE` lists those that may
   change: the step target ``--steps``/``--epochs`` may grow, logging/validation/checkpoint
@@ -111,8 +123,10 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
                         "refused if a data, loss, optimizer or architecture option differs from its config.json "
                         "(the step target --steps may grow)")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out: delete its weights, checkpoints, logs and derived outputs "
-                        "(e.g. identification/) first; without it (or --resume) a non-empty --out is refused")
+                   help="replace the run in --out (weights, checkpoints, logs, derived outputs such as "
+                        "identification/): after every check it is moved aside and deleted once the new run has "
+                        "its first checkpoint (restored if the new run fails before); without it (or --resume) "
+                        "a non-empty --out is refused, and a folder that is not a run is never replaced")
     g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     g.add_argument("--strategy", choices=["default", "mirrored", "multiworker"], default="default",
                    help="tf.distribute strategy: one device, MirroredStrategy over local GPUs, or "
@@ -208,12 +222,21 @@ def _write_checkpoint(ckpt, ckpt_dir: str, step: int, keep: int = 2) -> None:
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_dir, name)
     tmp = os.path.join(ckpt_dir, f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    ckpt.write(os.path.join(tmp, "ckpt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write(os.path.join(ckpt_dir, "latest"), name + "\n")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        ckpt.write(os.path.join(tmp, "ckpt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write(os.path.join(ckpt_dir, "latest"), name + "\n")
+    except Exception as exc:  # OSError (disk full, quota, read-only) or TensorFlow's own write errors
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (isinstance(exc, OSError) or type(exc).__module__.startswith("tensorflow")):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OSError(f"{ckpt_dir}: cannot write the checkpoint of step {step} ({type(exc).__name__}: {first}); "
+                      f"its temporary folder was removed and the previous checkpoint (if any) is intact: free "
+                      f"disk space and rerun with --resume") from exc
     old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and d != name)
     for d in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
@@ -238,7 +261,7 @@ def option_name(key: str) -> str:
 def changed_options(old: Dict, new: Dict) -> Dict[str, Tuple[object, object]]:
     """``{dotted key: (old, new)}`` for the result-deciding entries of ``new`` that differ in ``old``
     (entries in :data:`RESUME_MAY_CHANGE` and bookkeeping are ignored)."""
-    skip = ("command", "versions", "finished", "final_step", "train_seconds", "resumed")
+    skip = ("command", "versions", "finished", "final_step", "train_seconds", "resumed", "provenance", "format")
     a, b = _flatten(old), _flatten(new)
     a = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in a}, **a}
     return {k: (a.get(k), v) for k, v in b.items()
@@ -261,17 +284,29 @@ def _refuse_changes(run_dir: str, old: Dict, new: Dict) -> None:
 
 
 def _folder_state(run_dir: str):
-    """``("empty", None)``, ``("run", config)`` or ``("foreign", entries)`` for ``run_dir``."""
+    """``("empty", None)``, ``("run", config)`` or ``("foreign", reason)`` for ``run_dir``."""
+    from .runio import run_config_problem
+
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        return "foreign", "is a file, not a folder"
     entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
     if not entries:
         return "empty", None
-    if os.path.isfile(os.path.join(run_dir, art.CONFIG)):
-        config = art.read_config(run_dir)
-        if isinstance(config.get("loss"), dict):  # runs made before these options existed: K = 1, linear
-            config["loss"].setdefault("energy_scale", 1.0)
-            config["loss"].setdefault("hyp_mapping", {"kind": "linear"})
-        return "run", config
-    return "foreign", entries
+    listing = f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}"
+    if not os.path.isfile(os.path.join(run_dir, art.CONFIG)):
+        return "foreign", f"is not empty ({listing}) and holds no run (no config.json)"
+    try:
+        with open(os.path.join(run_dir, art.CONFIG)) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        return "foreign", f"holds a config.json that is not readable JSON ({type(exc).__name__}) besides {listing}"
+    problem = run_config_problem(config, PRESETS)
+    if problem:
+        return "foreign", f"holds a config.json that is not a run config of this code ({problem}) besides {listing}"
+    if isinstance(config.get("loss"), dict):  # runs made before these options existed: K = 1, linear
+        config["loss"].setdefault("energy_scale", 1.0)
+        config["loss"].setdefault("hyp_mapping", {"kind": "linear"})
+    return "run", config
 
 
 def _describe(config: Dict) -> str:
@@ -309,26 +344,14 @@ def _check_folder(args: argparse.Namespace):
     run_dir = args.out
     state, info = _folder_state(run_dir)
     if state == "foreign":
-        raise ValueError(f"{run_dir} is not empty ({', '.join(info[:5])}{', ...' if len(info) > 5 else ''}) "
-                         f"and holds no run (no config.json); refusing to write into it or delete it: "
-                         f"choose another --out")
+        raise ValueError(f"{run_dir} {info}; refusing to write into it or delete it (--overwrite and --resume "
+                         f"only act on run folders written by the training scripts): choose another --out")
     if state == "run" and not (args.resume or args.overwrite):
         raise ValueError(f"{run_dir} already holds {_describe(info)}; use --resume to continue it, "
                          f"--overwrite to replace it (deletes its weights, checkpoints, logs and outputs "
-                         f"derived from it such as identification/), or another --out")
+                         f"derived from it such as identification/, once the new run has written its first "
+                         f"checkpoint), or another --out")
     return state, (info if state == "run" else None)
-
-
-def _clear_run_folder(run_dir: str) -> List[str]:
-    """Delete everything inside a run folder (the caller checked that it holds config.json)."""
-    removed = sorted(os.listdir(run_dir))
-    for name in removed:
-        path = os.path.join(run_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    return removed
 
 
 def _args_config(preset: str, args: argparse.Namespace) -> Dict:
@@ -432,18 +455,33 @@ def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: in
     return train_step
 
 
+def script_command(preset: str, argv: Optional[Sequence[str]] = None) -> List[str]:
+    """The command that replays a training: the preset's script and its arguments (also when
+    another script, e.g. run_pipeline.py, called :func:`main` in-process)."""
+    return [f"train_hypermorph_{preset}.py"] + list(argv if argv is not None else sys.argv[1:])
+
+
 def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> str:
     """Train ``preset`` with parsed ``args``; returns the run folder.
 
-    Order: refuse an untouchable ``--out`` and (``--resume``) changed options, validate the whole
-    dataset, only then delete an ``--overwrite``-n run, import TensorFlow and build the model.
+    Order: check the options, lock ``--out``, refuse an untouchable ``--out`` and (``--resume``)
+    changed options, validate the whole dataset, only then move an ``--overwrite``-n run aside,
+    import TensorFlow and build the model (see the module docstring for the guarantees).
     """
+    from .folders import FolderLock
+
+    check_args(args)
+    with FolderLock(args.out, "run folder", log=lambda line: print(line, flush=True)):
+        return _run_locked(preset, args, argv)
+
+
+def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> str:
     import datasets
 
     from . import runio
+    from .provenance import data_hashes, data_mismatches
 
     run_dir = args.out
-    check_args(args)
     state, old = _check_folder(args)
     resuming = bool(args.resume and old is not None)
     if args.resume and old is None:
@@ -457,6 +495,13 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
                                         multiple=2 ** levels, log=lambda line: print(line, flush=True))
     check_ncc_window(args, summary["image_shape"])
     n_train = summary["sizes"]["train"]
+    hashes = data_hashes(dataset)
+    if resuming:
+        changed = data_mismatches((old.get("provenance") or {}).get("data"), hashes,
+                                  os.path.join(run_dir, art.CONFIG), "the dataset now")
+        if changed:
+            raise ValueError(f"{run_dir}: --resume refused: {'; '.join(changed)}. Resume with the original data, "
+                             f"or start over with --overwrite or another --out")
     steps = args.steps if args.epochs is None else int(math.ceil(args.epochs * n_train / args.batch_size))
     spacing = [float(s) for s in summary["spacing"]]
     from .models import ModelConfig
@@ -474,7 +519,8 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
         "model": mc.to_dict(), "hyperparameters": spec.names(dataset.class_names),
         "class_names": list(dataset.class_names), "loss": {"spacing": spacing},
         "training": {"steps": steps, "n_train_pairs": n_train}})
-    command = [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])
+    config["provenance"] = {"data": hashes}
+    command = script_command(preset, argv)
 
     start_step, session = 0, None
     if resuming:
@@ -496,23 +542,56 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
         if runio.versions() != old.get("versions"):
             session["versions"] = runio.versions()
         config = _merge(old, {"training": {k.split(".", 1)[1]: v for k, v in allowed.items()}})
+        config["provenance"] = {"data": hashes}  # unchanged (checked above); added to runs made before it
         config["resumed"] = list(old.get("resumed", [])) + [session]
         config["finished"] = False
         print(f"[{preset}] resuming {run_dir} at step {start_step} of {steps}"
               + (f" (changed: {', '.join(session['changed'])})" if session["changed"] else ""), flush=True)
     else:
         config.update(versions=runio.versions(), command=command, finished=False)
+    return _start(preset, args, run_dir, state, old, config, (dataset, mc, spec, steps, start_step, spacing))
+
+
+def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old: Optional[Dict], config: Dict,
+           train_args: tuple) -> str:
+    """Write the config and train; ``--overwrite`` moves the old run aside until the first
+    checkpoint exists (then deletes it), and a failure before that restores it (or, for a new
+    folder, removes what this attempt wrote)."""
+    from . import folders, runio
+
+    aside = None
     if state == "run" and args.overwrite:
-        removed = _clear_run_folder(run_dir)
-        print(f"[{preset}] --overwrite: deleted {_describe(old)} in {run_dir} "
-              f"({', '.join(removed)})", flush=True)
-    os.makedirs(run_dir, exist_ok=True)
-    runio.save_config(run_dir, config)
-    return _train(preset, args, run_dir, config, dataset, mc, spec, steps, start_step, spacing)
+        aside = folders.move_aside(run_dir)
+        print(f"[{preset}] --overwrite: {_describe(old)} in {run_dir} moved aside to {aside}; it is deleted once "
+              f"the new run has written its first checkpoint", flush=True)
+    created = not os.path.isdir(run_dir)
+    pending = {"aside": aside, "fresh": state != "run"}  # what a failure before the first checkpoint undoes
+
+    def first_checkpoint() -> None:
+        if pending["aside"]:
+            shutil.rmtree(pending["aside"], ignore_errors=True)
+            print(f"[{preset}] --overwrite: first checkpoint written; deleted the old run {pending['aside']}",
+                  flush=True)
+        pending.update(aside=None, fresh=False)
+
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        runio.save_config(run_dir, config)
+        return _train(preset, args, run_dir, config, *train_args, on_checkpoint=first_checkpoint)
+    except BaseException:
+        if pending["aside"]:
+            folders.restore(pending["aside"], run_dir)
+            print(f"[{preset}] the new run failed before its first checkpoint: the old run is back in {run_dir}",
+                  file=sys.stderr, flush=True)
+        elif pending["fresh"] and os.path.isdir(run_dir):  # no stub that would block the corrected command
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if not created:
+                os.makedirs(run_dir, exist_ok=True)
+        raise
 
 
 def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, dataset, mc, spec, steps: int,
-           resume_from: int, spacing: List[float]) -> str:
+           resume_from: int, spacing: List[float], on_checkpoint=None) -> str:
     """The TensorFlow part of :func:`run` (folder and data already checked, config written)."""
     _setup_devices(args)
     import numpy as np
@@ -632,9 +711,21 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
             acc, t_last, n_last = {}, time.time(), 0
         if step % args.checkpoint_every == 0 and step < steps:
             _write_checkpoint(ckpt, ckpt_dir, step)
+            if on_checkpoint is not None:
+                on_checkpoint()
     writer.flush()
     _write_checkpoint(ckpt, ckpt_dir, steps)
-    atomic_write(os.path.join(run_dir, art.WEIGHTS), lambda tmp: model.save_weights(tmp))
+    if on_checkpoint is not None:
+        on_checkpoint()
+    weights = os.path.join(run_dir, art.WEIGHTS)
+    try:
+        atomic_write(weights, lambda tmp: model.save_weights(tmp))
+    except OSError as exc:
+        raise OSError(f"{weights}: cannot write the final weights ({runio._short(exc)}); the checkpoint of step "
+                      f"{steps} is complete: free space and rerun with --resume to write them") from exc
+    from .provenance import file_sha256
+
+    config.setdefault("provenance", {})["weights_sha256"] = file_sha256(weights)
     seconds = round(time.time() - t0, 1)
     if config.get("resumed"):
         config["resumed"][-1]["seconds"] = seconds
