@@ -87,7 +87,7 @@ def snapshot(folder) -> dict:
 
 
 def _infer_argv(b, out, extra=()) -> list:
-    return ["--elastic-sa", str(b["sa"]), "--elastic-ident", str(b["ident"]), "--out", str(out), "--bootstrap", "50",
+    return ["--elastic-sa", str(b["sa"]), "--elastic-ident", str(b["ident"]), "--out", str(out), "--bootstrap", "100",
             "--panels", "1", *extra]
 
 
@@ -316,7 +316,7 @@ def test_inference_refuses_an_identification_of_other_weights(tmp_path, base):
     meta["provenance"]["global_weights_sha256"] = provenance.weights_sha256(str(base["run"]))
     open(other / art.IDENTIFICATION_META, "w").write(json.dumps(meta))
     argv = ["--elastic-sa", str(base["sa"]), "--elastic-ident", str(ident), str(other), "--out", str(tmp_path / "res"),
-            "--bootstrap", "20", "--panels", "0"]
+            "--bootstrap", "100", "--panels", "0"]
     with pytest.raises(ValueError, match="was made with global weights sha256 000000000000, but .*weights.h5 is") as err:
         inference.main(argv)
     assert f"ident_gradient/identification.json is a gradient identification of the SA run {meta['sa_run']}, which " \
