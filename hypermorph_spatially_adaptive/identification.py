@@ -83,16 +83,19 @@ def format_eta(seconds: float) -> str:
 
 
 def grid_dice(registrar, pair, grid: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
-    """Class and mean Dice of one pair at every grid point (one batched forward pass).
+    """Class and mean Dice of one pair at every grid point (batched forward passes).
 
     ``grid`` is ``[G, P]`` with P = 2 (elastic) or 1 (diffusion), the global model's input.
+    The grid runs chunk by chunk (``registrar.chunks``; chunk size ``registrar.batch_size`` or
+    :func:`.registration.auto_batch_size` of the image), each chunk's fields reduced to Dice
+    before the next, so memory holds one chunk of displacements, not G (3D).
     """
-    _, disp = registrar(pair.moving, pair.fixed, grid)
     C = len(class_names)
     dice = np.empty((len(grid), C), np.float64)
-    for g in range(len(grid)):
-        warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[g])
-        dice[g] = eval_metrics.dice_per_class(pair.fixed_seg, warped_seg, C)
+    for start, _, disp in registrar.chunks(pair.moving, pair.fixed, grid):
+        for k in range(len(disp)):
+            warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[k])
+            dice[start + k] = eval_metrics.dice_per_class(pair.fixed_seg, warped_seg, C)
     df = pd.DataFrame({PAIR_ID: pair.pair_id, "lambda": grid[:, 0]})
     if grid.shape[1] == 2:
         df["mu"] = grid[:, 1]
