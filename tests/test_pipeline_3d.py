@@ -3,7 +3,9 @@ loader through all three stages on a fake tree, a known 3D translation recovered
 (warp convention ``warped(x) = moving(x + u(x))``), and the chunked grid search that keeps 3D
 identification within memory.
 
-Sizes are the smallest that still mean something: 32^3 (at 16^3 the synthetic motion leaves the
+Budget: the synthetic pipeline and the unit checks run in ``make test``; the Learn2Reg case is a
+second pipeline and is marked ``slow`` (``make test PYTEST_ARGS='-m slow'``). Sizes are the
+smallest that still mean something: 32^3 (at 16^3 the synthetic motion leaves the
 label maps unchanged, initial Dice 1.0, so Table 1 would be all ties), 3 training steps, a 2 x 2
 grid, 3 refinement steps, tiny networks. The numbers of the models are not checked (they are not
 trained); shapes, hand-over files and conventions are.
@@ -19,18 +21,19 @@ import scipy.ndimage as ndi
 from hypermorph_spatially_adaptive import artifacts as art
 
 SIZE = (32, 32, 32)
-TINY_ARCH = ("--enc-features 4 8 8 8 --dec-features 8 8 8 8 8 4 4 --hyp-units 8 --hyp-layers 1 "
-             "--int-steps 4")
+# tiny networks, and no validation pass (run_pipeline's --val-every is overridden: a last option wins)
+TRAIN_ARGS = ("--enc-features 4 8 8 8 --dec-features 8 8 8 8 8 4 4 --hyp-units 8 --hyp-layers 1 "
+              "--int-steps 4 --val-every 0")
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 CLASSES = ["lung", "bone", "liver"]
 
 
-def _pipeline_argv(out, *data_args, steps=3):
-    return [*data_args, "--out", str(out), "--steps", str(steps), "--grid-steps", "2", "--refine", "3",
-            "--gradient-steps", "0", "--panels", "1", "--train-args", TINY_ARCH]
+def _pipeline_argv(out, *data_args, steps=3, refine=3, panels=1):
+    return [*data_args, "--out", str(out), "--steps", str(steps), "--grid-steps", "2", "--refine", str(refine),
+            "--gradient-steps", "0", "--panels", str(panels), "--train-args", TRAIN_ARGS]
 
 
-def _check_handovers(out, shape, n_test):
+def _check_handovers(out, shape, n_test, panels=1):
     """Every file a stage hands to the next exists, with the 3D shapes."""
     for p in PRESETS:
         cfg = art.read_config(str(out / "runs" / p))
@@ -47,8 +50,7 @@ def _check_handovers(out, shape, n_test):
     res = out / "results"
     for f in ("table1.csv", "table1.md", "per_pair_metrics.csv", "inference.json", "dice_boxplots.png"):
         assert (res / f).stat().st_size > 0, f
-    panels = sorted(res.glob("fig3_*.png"))
-    assert len(panels) == 2  # one test pair x {elastic, diffusion}, drawn as slices
+    assert len(list(res.glob("fig3_*.png"))) == 2 * panels  # {elastic, diffusion} per pair, drawn as slices
     per_pair = pd.read_csv(res / "per_pair_metrics.csv", dtype={"pair_id": str})
     assert per_pair["pair_id"].nunique() == n_test
     return per_pair
@@ -83,7 +85,9 @@ def test_3d_pipeline_hands_over_every_file(synthetic_3d):
 @pytest.fixture(scope="module")
 def l2r_3d(tmp_path_factory):
     """Fake LungCT tree (4 cases of 28 x 34 x 30 voxels: axes 0/2 padded, axis 1 centre-cropped
-    to 32 as the loader does at 192 x 128 x 192) through the pipeline, 2 training steps."""
+    to 32 as the loader does at 192 x 128 x 192) through the pipeline: 1 training step per preset,
+    grid identification in both protocols, inference without refinement or panels (the synthetic
+    case covers those)."""
     import run_pipeline
     from datasets.learn2reg import L2RLungDataset
     from test_datasets import make_l2r_tree
@@ -97,14 +101,16 @@ def l2r_3d(tmp_path_factory):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the centre-crop warning of axis 1
             run_pipeline.main(_pipeline_argv(root / "out", "--dataset", "l2r-lung", "--data-dir", str(data),
-                                             "--label-dir", str(labels), steps=2))
+                                             "--label-dir", str(labels), steps=1, refine=0,
+                                             panels=0))
     finally:
         mp.undo()
     return root / "out"
 
 
+@pytest.mark.slow  # a second full pipeline (4 trainings); make test PYTEST_ARGS='-m slow' runs it
 def test_l2r_lung_3d_through_all_three_stages(l2r_3d):
-    per_pair = _check_handovers(l2r_3d, SIZE, n_test=1)
+    per_pair = _check_handovers(l2r_3d, SIZE, n_test=1, panels=0)
     assert set(per_pair["pair_id"]) == {"LungCT_0004"}
     cfg = art.read_config(str(l2r_3d / "runs" / "elastic_sa"))
     assert list(cfg["loss"]["spacing"]) == [1.5, 1.25, 1.75]  # the NIfTI's voxel size, array-axis order
