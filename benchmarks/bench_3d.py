@@ -13,7 +13,7 @@ child process (this script re-invoked with ``--single``) so that peak memory is 
 - ``forward``: the elastic SA model's forward pass (inference, batch 1);
 - ``refine_step``: one Adam step of the elastic SA refinement
   (:class:`~hypermorph_spatially_adaptive.refinement.Refiner` with the pipeline's defaults
-  ``runio.REFINE_DEFAULTS``), timed as ``(t(1 + n steps) - t(1 step)) / n`` after a traced call.
+  ``runio.REFINE_DEFAULTS``), timed as ``(t(1 + n steps) - t(1 step)) / n``, n = 20, after a traced call.
 
 Seconds: median over ``--repeats`` calls after ``--warmup`` untimed ones (the first traces).
 Memory: the child's peak resident set (``VmHWM``, i.e. ``ru_maxrss``) and its growth over the
@@ -222,7 +222,7 @@ def run_single(job: Dict) -> Dict:
         refine = _refine_calls(job, data)
         base = _status_kb("VmRSS") or 0
         first, t1 = _median_seconds(lambda: refine(1), job["warmup"], job["repeats"])
-        n = 5
+        n = 20  # enough steps that the per-call overhead (start loss, reset) cancels in the difference
         _, tn = _median_seconds(lambda: refine(1 + n), 0, job["repeats"])
         seconds = max(tn - t1, 0.0) / n
     else:

@@ -42,9 +42,12 @@ Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is (bi/tri)linear
 clamped to the image (voxelmorph's ``SpatialTransformer`` with ``fill_value=None``). The result
 is a displacement in the same convention, so every metric applies unchanged.
 
-All pairs run as one batch; each pair's objective only depends on its own variables, so the
-summed objective gives every pair its own gradient (Adam's update is elementwise, so pairs do
-not interact). Each pair keeps its best iterate (lowest objective = training loss + the
+Pairs run as one batch, in chunks of at most ``pair_batch`` pairs (default: as many as hold
+about ``2**21`` voxels, :data:`PAIR_VOXEL_BUDGET`; all pairs of a 2D test split, one pair per
+chunk at 128^3 and above, so 3D memory does not grow with the number of test pairs); each
+pair's objective only depends on its own variables, so the summed objective gives every pair its
+own gradient (Adam's update is elementwise, so pairs do not interact and chunking does not
+change the result). Each pair keeps its best iterate (lowest objective = training loss + the
 Jacobian penalties), so the returned objective is never above the start; zero steps return ``u0``
 unchanged.
 """
@@ -220,6 +223,9 @@ def auto_scale(shape: Sequence[int], min_side: int = AUTO_SCALE_MIN_SIDE) -> int
     return s
 
 
+PAIR_VOXEL_BUDGET = 2 ** 21  # voxels per refinement chunk (64^3: 8 pairs; ~2.4 GB at the ~1.2 kB per voxel of README "3D")
+
+
 def _coarse_shape(shape: Sequence[int], grid: int) -> Tuple[int, ...]:
     return tuple(max(2, -(-int(n) // int(grid))) if grid > 1 else int(n) for n in shape)
 
@@ -236,14 +242,16 @@ class Refiner:
     ``fold_weight`` (>= 0) and ``fold_eps`` of the folding penalty, ``logj_weight`` (>= 0) of the
     log-Jacobian penalty, ``smooth`` (box-filter passes of the update), ``grid`` (update grid
     coarsening factor, >= 1), ``svf`` (refine a velocity field and compose its exponential with
-    ``u0``), ``int_steps`` (its squarings) and ``scale`` (optimize on images downsampled by this
-    factor per axis, 0: :func:`auto_scale` of each call's image size; module docstring).
+    ``u0``), ``int_steps`` (its squarings), ``scale`` (optimize on images downsampled by this
+    factor per axis, 0: :func:`auto_scale` of each call's image size) and ``pair_batch`` (pairs
+    per chunk, None: about :data:`PAIR_VOXEL_BUDGET` voxels per chunk; module docstring).
     """
 
     def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9,
                  energy_scale: float = 1.0, mapping: Optional[HypMapping] = None, *,
                  fold_weight: float = 0.0, fold_eps: float = 0.1, logj_weight: float = 0.0, smooth: int = 0,
-                 grid: int = 1, svf: bool = False, int_steps: int = 7, scale: int = 1):
+                 grid: int = 1, svf: bool = False, int_steps: int = 7, scale: int = 1,
+                 pair_batch: Optional[int] = None):
         self.spec = spec
         self.mapping = mapping
         self.spacing = None if spacing is None else [float(s) for s in spacing]
@@ -270,6 +278,9 @@ class Refiner:
         self.grid = int(grid)
         self.svf = bool(svf)
         self.int_steps = int(int_steps)
+        if pair_batch is not None and (int(pair_batch) != pair_batch or pair_batch < 1):
+            raise ValueError(f"pair_batch must be an integer >= 1 or None, got {pair_batch}")
+        self.pair_batch = None if pair_batch is None else int(pair_batch)
 
     @classmethod
     def from_config(cls, config: dict, spacing: Optional[Sequence[float]] = None, **options) -> "Refiner":
@@ -318,11 +329,19 @@ class Refiner:
     def __call__(self, moving: np.ndarray, fixed: np.ndarray, u0: np.ndarray, hyp: np.ndarray,
                  fixed_seg: Optional[np.ndarray] = None, steps: int = 100,
                  lr: float = 0.1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        moving = tf.constant(np.asarray(moving, np.float32))
-        fixed = tf.constant(np.asarray(fixed, np.float32))
-        hyp = tf.constant(np.asarray(hyp, np.float32))
+        from .registration import auto_batch_size
+
+        moving, fixed, hyp = (np.asarray(a, np.float32) for a in (moving, fixed, hyp))
         u0 = np.asarray(u0, np.float32)
         self._check(moving, u0, hyp, steps)
+        n = moving.shape[0]
+        chunk = self.pair_batch or auto_batch_size(moving.shape[1:-1], n, PAIR_VOXEL_BUDGET)
+        if chunk < n:  # pairs are independent (module docstring): refine chunk by chunk
+            parts = [self(moving[i:i + chunk], fixed[i:i + chunk], u0[i:i + chunk], hyp[i:i + chunk],
+                          None if fixed_seg is None else np.asarray(fixed_seg)[i:i + chunk], steps, lr)
+                     for i in range(0, n, chunk)]
+            return tuple(np.concatenate(p) for p in zip(*parts))
+        moving, fixed, hyp = tf.constant(moving), tf.constant(fixed), tf.constant(hyp)
         seg = None
         if self.spec.spatially_adaptive:
             if fixed_seg is None:
