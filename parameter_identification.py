@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=runio.arg_float(0.0, 1.0, inclusive=True), nargs="+", default=None,
                    help="explicit grid values in [0, 1] (overrides --grid-steps)")
     p.add_argument("--max-grid-gb", type=runio.arg_float(0.0), default=4.0, metavar="GB",
-                   help="refuse a grid whose displacements and warped images of one pair would exceed this "
-                        "many GB (float32: grid points x voxels x (D + 1) x 4 bytes), before the model loads")
+                   help="refuse a grid chunk (--batch-size points) whose displacements and warped images would "
+                        "exceed this many GB (float32: points x voxels x (D + 1) x 4 bytes), before the model loads")
     p.add_argument("--batch-size", type=runio.arg_int(0), default=0,
                    help="grid points per forward pass (0: as many as fit ~260k voxels, e.g. 16 at 128^2)")
     p.add_argument("--pairs", nargs="+", default=None, help="only these pair ids (default: the whole split)")
@@ -137,7 +137,7 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
         info = art.read_run(args.run, expect_sa=False)
         n_values = len(set(args.grid)) if args.grid is not None else args.grid_steps
         ident.check_grid_size(info.regularizer, n_values, info.config["model"]["image_shape"], args.max_grid_gb,
-                              "--grid" if args.grid is not None else "--grid-steps")
+                              args.batch_size or None)
     # loading first: a truncated or foreign weights.h5 gets the load error that names the checkpoint to redo it
     model, config = runio.load_run(args.run, expect_sa=False)
     regularizer = config["model"]["regularizer"]
@@ -161,9 +161,9 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     provenance["global_weights_sha256"] = prov.weights_sha256(args.run)
 
     registrar = Registrar(model, batch_size=args.batch_size or None)
-    mb = ident.grid_bytes(regularizer, len(set(values)), dataset.image_shape) / 1e6
+    mb = ident.grid_bytes(regularizer, len(set(values)), dataset.image_shape, args.batch_size or None) / 1e6
     print(f"[identify {regularizer}] {args.protocol}: {len(search_ids)} {search_split} pairs x {len(grid)} grid "
-          f"points ({len(values)} values per axis, {mb:.1f} MB per pair) with {args.run}", flush=True)
+          f"points ({len(values)} values per axis, {mb:.1f} MB of fields per chunk) with {args.run}", flush=True)
     t0 = time.time()
     tables = []
     for k, pid in enumerate(search_ids, 1):

@@ -51,29 +51,36 @@ def grid_values(steps: int) -> List[float]:
     return [round(float(x), 6) for x in np.linspace(0.0, 1.0, steps)]
 
 
-def grid_bytes(regularizer: str, n_values: int, image_shape: Sequence[int]) -> int:
-    """Bytes :func:`grid_dice` holds for one pair: every grid point's displacement
-    ``[*spatial, D]`` and warped image ``[*spatial, 1]`` in float32 (elastic: ``n_values^2``
-    points, diffusion: ``n_values``)."""
+def grid_bytes(regularizer: str, n_values: int, image_shape: Sequence[int],
+               batch_size: Optional[int] = None) -> int:
+    """Bytes of fields :func:`grid_dice` holds at once for one pair: the displacement
+    ``[*spatial, D]`` and warped image ``[*spatial, 1]`` (float32) of one chunk of grid points
+    (``batch_size``, or :func:`.registration.auto_batch_size` when None: about 2^18 voxels; at most
+    the whole grid: elastic ``n_values^2`` points, diffusion ``n_values``). Chunks are reduced to
+    Dice one at a time, so the grid's size does not enter beyond its first chunk."""
+    from .registration import auto_batch_size
+
     points = int(n_values) ** (2 if regularizer == "elastic" else 1)
+    held = min(points, int(batch_size) if batch_size else auto_batch_size(image_shape, points))
     voxels = int(np.prod([int(s) for s in image_shape]))
-    return points * voxels * (len(image_shape) + 1) * 4
+    return held * voxels * (len(image_shape) + 1) * 4
 
 
 def check_grid_size(regularizer: str, n_values: int, image_shape: Sequence[int], max_gb: float,
-                    option: str = "--grid-steps") -> None:
-    """Refuse a grid whose one-pair memory (:func:`grid_bytes`) exceeds ``max_gb`` GB, with a
-    ``ValueError`` naming ``option``, the estimate and the largest value that fits."""
-    need = grid_bytes(regularizer, n_values, image_shape)
+                    batch_size: Optional[int] = None) -> None:
+    """Refuse a grid chunk whose memory (:func:`grid_bytes`) exceeds ``max_gb`` GB, with a
+    ``ValueError`` naming ``--batch-size``, the estimate and the largest chunk that fits."""
+    need = grid_bytes(regularizer, n_values, image_shape, batch_size)
     if need <= max_gb * 1e9:
         return
-    per_point = grid_bytes(regularizer, 1, image_shape)
-    fit = int((max_gb * 1e9 / per_point) ** (0.5 if regularizer == "elastic" else 1.0))
-    points = int(n_values) ** (2 if regularizer == "elastic" else 1)
-    raise ValueError(f"{option} {n_values}: {points} {regularizer} grid points per pair at "
-                     f"{' x '.join(map(str, image_shape))} voxels hold ~{need / 1e9:.1f} GB of displacements and "
-                     f"warped images, above --max-grid-gb {max_gb:g}; use at most {max(fit, 1)} values per axis "
-                     f"(or raise --max-grid-gb if the memory is there)")
+    per_point = grid_bytes(regularizer, 1, image_shape, 1)
+    fit = int(max_gb * 1e9 // per_point)
+    held = need // per_point
+    where = f"{held} {regularizer} grid points per chunk at {' x '.join(map(str, image_shape))} voxels"
+    advice = (f"use --batch-size {fit} or less" if fit >= 1 else
+              "one grid point alone is larger: raise --max-grid-gb if the memory is there")
+    raise ValueError(f"--batch-size {batch_size or 'auto'}: {where} hold ~{need / 1e9:.1f} GB of displacements and "
+                     f"warped images, above --max-grid-gb {max_gb:g}; {advice}")
 
 
 def format_eta(seconds: float) -> str:

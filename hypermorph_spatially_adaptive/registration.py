@@ -93,7 +93,7 @@ class Registrar:
             if self.needs_segmentation:
                 raise ValueError("this model (CSAIN) builds its conditioning map from the fixed segmentation: "
                                  "pass fixed_seg")
-            return np.zeros((n, *self.image_shape), np.int32)
+            return np.broadcast_to(np.zeros(self.image_shape, np.int32), (n, *self.image_shape))  # no n copies
         seg = np.asarray(seg)
         if seg.shape == self.image_shape:
             return np.broadcast_to(seg[None].astype(np.int32), (n, *seg.shape))

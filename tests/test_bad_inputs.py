@@ -140,9 +140,9 @@ CASES = [
     ("num-classes 0", "parse", "train --dataset folder --num-classes 0", "argument --num-classes: must be >= 1, got 0"),
     ("class names repeated", "parse", "train --dataset folder --class-names lung,lung,liver",
      "argument --class-names: class names must differ, lung is repeated in 'lung,lung,liver'"),
-    ("grid too large for memory", "grid", "--grid-steps 1000",
-     "--grid-steps 1000: 1000000 elastic grid points per pair at 32 x 32 voxels hold ~12.3 GB of displacements and "
-     "warped images, above --max-grid-gb 4; use at most 570 values per axis"),
+    ("grid too large for memory", "grid", "--grid-steps 1000 --batch-size 1000000",
+     "--batch-size 1000000: 1000000 elastic grid points per chunk at 32 x 32 voxels hold ~12.3 GB of displacements "
+     "and warped images, above --max-grid-gb 4; use --batch-size 325520 or less"),
     # --- 2: run folders are never destroyed silently -------------------------------------------
     ("train into a finished run", "folder", "",
      "already holds a finished elastic_global run (2 steps); use --resume to continue it, --overwrite"),
@@ -596,15 +596,19 @@ def test_pipeline_resumes_unfinished_runs(tmp_path, monkeypatch, capsys):
 
 def test_grid_progress_eta_and_memory_estimate():
     """The ETA format of the identification's progress lines; the memory estimate is the float32
-    displacement + warped image of every grid point (11 x 11 elastic points at 32 x 32: 121 * 1024 * 3 * 4)."""
+    displacement + warped image of every grid point of one chunk (11 x 11 elastic points at 32 x 32 fit one
+    automatic chunk of 256: 121 * 1024 * 3 * 4); a larger grid only adds chunks."""
     from hypermorph_spatially_adaptive import identification as ident
 
     assert ident.format_eta(3725.4) == "1:02:05" and ident.format_eta(0) == "0:00:00"
     assert ident.grid_bytes("elastic", 11, (32, 32)) == 121 * 1024 * 3 * 4
     assert ident.grid_bytes("diffusion", 11, (16, 16, 16)) == 11 * 4096 * 4 * 4
-    ident.check_grid_size("elastic", 570, (32, 32), 4.0)  # the largest grid the message offers fits
-    with pytest.raises(ValueError, match="use at most 570 values per axis"):
-        ident.check_grid_size("elastic", 571, (32, 32), 4.0)
+    assert ident.grid_bytes("elastic", 1000, (32, 32)) == 256 * 1024 * 3 * 4  # auto chunk: 2^18 voxels
+    assert ident.grid_bytes("elastic", 11, (192, 128, 192)) == 192 * 128 * 192 * 4 * 4  # one point per chunk
+    ident.check_grid_size("elastic", 1000, (32, 32), 4.0)  # a huge grid in automatic chunks fits
+    ident.check_grid_size("elastic", 1000, (32, 32), 4.0, batch_size=325520)  # the chunk the message offers fits
+    with pytest.raises(ValueError, match="use --batch-size 325520 or less"):
+        ident.check_grid_size("elastic", 1000, (32, 32), 4.0, batch_size=325521)
 
 
 def test_onednn_int32_notice_is_filtered():
