@@ -288,44 +288,34 @@ def test_population_minimizes_the_mean_objective_and_keeps_its_best_iterate(tiny
     assert each.start.mean() == pytest.approx(pop.best[0], abs=1e-4)
 
 
-def test_cli_population_gradient_reads_no_test_label(tiny, tmp_path):
-    """One setting from the validation pairs, identical for every test pair; replacing every test
-    pair's labels with garbage changes nothing of it."""
-    import dataclasses
-
+def test_cli_population_gradient_reads_no_test_label(tiny, tmp_path, monkeypatch):
+    """One setting from the validation pairs, identical for every test pair; no test pair is even
+    loaded (loading one raises here)."""
     import parameter_identification
     from hypermorph_spatially_adaptive import artifacts as art
 
-    runs = tiny["runs"]
-    cmd = ["--run", runs["elastic_global"], "--method", "gradient", "--sa-run", runs["elastic_sa"],
-           "--protocol", "population", "--steps", "3", "--lr", "0.2", "--no-figure"]
-    out = parameter_identification.main(cmd + ["--out", str(tmp_path / "a")])
+    test_ids = set(tiny["dataset"].split_ids("test"))
+    real_load = art.load_dataset
+
+    def no_test_pairs(*a, **k):
+        ds = real_load(*a, **k)
+        load = ds.load_pair
+
+        def load_pair(pid):
+            if pid in test_ids:
+                raise AssertionError(f"the population protocol loaded test pair {pid}")
+            return load(pid)
+        ds.load_pair = load_pair
+        return ds
+
+    monkeypatch.setattr(art, "load_dataset", no_test_pairs)
+    out = parameter_identification.main(["--run", tiny["runs"]["elastic_global"], "--method", "gradient", "--sa-run",
+                                         tiny["runs"]["elastic_sa"], "--protocol", "population", "--steps", "3",
+                                         "--lr", "0.2", "--no-figure", "--out", str(tmp_path / "a")])
     choice = pd.read_csv(os.path.join(out, "identified_parameters.csv"), dtype={"pair_id": str})
     meta = json.loads(open(os.path.join(out, "identification.json")).read())
     assert meta["protocol"] == "population" and meta["identified_on"] == "val"
     assert list(choice.pair_id) == tiny["dataset"].split_ids("test")
     params = [c for c in choice.columns if c.startswith(("lambda_", "mu_", "g_lambda", "g_mu"))]
     assert (choice[params].nunique() == 1).all()
-
-    test_ids = set(tiny["dataset"].split_ids("test"))
-    real_load = art.load_dataset
-
-    def garbage_labels(*a, **k):
-        ds = real_load(*a, **k)
-        load = ds.load_pair
-
-        def load_pair(pid):
-            p = load(pid)
-            if pid not in test_ids:
-                return p
-            rng = np.random.default_rng(0)
-            return dataclasses.replace(p, fixed_seg=rng.integers(0, 4, p.fixed_seg.shape),
-                                       moving_seg=rng.integers(0, 4, p.moving_seg.shape))
-        ds.load_pair = load_pair
-        return ds
-
-    import unittest.mock as mock
-    with mock.patch.object(art, "load_dataset", garbage_labels):
-        out2 = parameter_identification.main(cmd + ["--out", str(tmp_path / "b")])
-    again = pd.read_csv(os.path.join(out2, "identified_parameters.csv"), dtype={"pair_id": str})
-    pd.testing.assert_frame_equal(choice, again)
+    assert (choice["objective"] <= choice["start_objective"]).all()

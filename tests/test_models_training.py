@@ -245,6 +245,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert steps == [5, 10, 12]
 
 
+@pytest.mark.slow  # 17-23 s of a subprocess; the suite's 10-min budget: make test PYTEST_ARGS='-m slow'
 def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
     code = ("import sys; sys.path.insert(0, %r); from hypermorph_spatially_adaptive.trainer import main; "
             "main('elastic_global', sys.argv[1:])" % ROOT)
