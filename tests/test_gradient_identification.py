@@ -270,9 +270,9 @@ def test_population_of_one_repeated_pair_follows_the_per_pair_optimizer(tiny):
     walks the same path as the per-pair one (float32 TF vs float64 NumPy Adam: close, not equal)."""
     p = tiny["pairs"][0]
     per_pair = gid.identify_by_gradient(tiny["sa"], p.moving[None], p.fixed[None], p.fixed_seg[None],
-                                        p.moving_seg[None], steps=6, lr=0.3, patience=0, num_classes=3)
-    pop = gid.identify_population(tiny["sa"], [p, p, p], steps=6, lr=0.3, patience=0, num_classes=3, batch_size=2)
-    assert pop.h.shape == (1, 8) and pop.batch_passes == 12  # 2 chunks x 6 steps
+                                        p.moving_seg[None], steps=4, lr=0.3, patience=0, num_classes=3)
+    pop = gid.identify_population(tiny["sa"], [p, p, p], steps=4, lr=0.3, patience=0, num_classes=3, batch_size=2)
+    assert pop.h.shape == (1, 8) and pop.batch_passes == 8  # 2 chunks x 4 steps
     np.testing.assert_allclose(pop.traces[0], per_pair.traces[0], atol=2e-4)
     np.testing.assert_allclose(pop.h, per_pair.h, atol=2e-3)
 
@@ -310,7 +310,7 @@ def test_cli_population_gradient_reads_no_test_label(tiny, tmp_path, monkeypatch
 
     monkeypatch.setattr(art, "load_dataset", no_test_pairs)
     out = parameter_identification.main(["--run", tiny["runs"]["elastic_global"], "--method", "gradient", "--sa-run",
-                                         tiny["runs"]["elastic_sa"], "--protocol", "population", "--steps", "3",
+                                         tiny["runs"]["elastic_sa"], "--protocol", "population", "--steps", "2",
                                          "--lr", "0.2", "--no-figure", "--out", str(tmp_path / "a")])
     choice = pd.read_csv(os.path.join(out, "identified_parameters.csv"), dtype={"pair_id": str})
     meta = json.loads(open(os.path.join(out, "identification.json")).read())
