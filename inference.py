@@ -181,14 +181,6 @@ def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], glo
             "sa_names": sa_names, "g_model": g_model, "g_cfg": g_cfg, "sources": sources}
 
 
-def map_segmentation(pairs, disp):
-    """Label-free segmentation in the fixed frame: the moving labels warped by ``disp``
-    (:func:`hypermorph_spatially_adaptive.registration.warped_moving_segmentation`)."""
-    from hypermorph_spatially_adaptive.registration import warped_moving_segmentation
-
-    return warped_moving_segmentation(pairs, disp)
-
-
 def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> None:
     import nibabel as nib
     import numpy as np
@@ -269,7 +261,7 @@ def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -
     from hypermorph_spatially_adaptive import evaluation, figures, runio
     from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
     from hypermorph_spatially_adaptive.models import needs_segmentation
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.registration import Registrar, warped_moving_segmentation
 
     groups = []
     for reg in REGS:
@@ -373,7 +365,7 @@ def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -
             net_seg = fixed_seg  # the segmentation a CSAIN network builds its input map from
             if source != "fixed" and any(needs_segmentation(models[k][0]) for _, _, k, _, _ in runs):
                 # label-free at test time: the moving labels warped by the -g network with this source's values
-                net_seg = map_segmentation(pairs, registrars["g"](moving, fixed, g_hyp)[1])
+                net_seg = warped_moving_segmentation(pairs, registrars["g"](moving, fixed, g_hyp)[1])
             for variant, tag, key, hyp, cols in runs:
                 csain = needs_segmentation(models[key][0])
                 t0 = time.time()
@@ -384,7 +376,7 @@ def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -
                 if args.refine and src.method == "grid" and "@" not in variant:
                     seg = None
                     if key != "g":
-                        seg = fixed_seg if source == "fixed" else map_segmentation(pairs, disp)
+                        seg = fixed_seg if source == "fixed" else warped_moving_segmentation(pairs, disp)
                     starts = [("+io", disp, seconds)] + ([(" zero+io", np.zeros_like(disp), 0.0)] if args.zero_io else [])
                     for label, u0, spent in starts:
                         t1 = time.time()

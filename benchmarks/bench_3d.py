@@ -46,6 +46,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from procmem import peak_rss_kb, status_kb
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa")
@@ -96,26 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ inside the child process
-
-def _status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _peak_kb() -> int:
-    hwm = _status_kb("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
-
 
 def _inputs(shape: Sequence[int], seed: int):
     """Images U(0, 1), blocky labels 0..NUM_CLASSES (blocks of size/8), hyp U(0, 1) [1, 8]."""
@@ -220,7 +201,7 @@ def run_single(job: Dict) -> Dict:
     stage = job["stage"]
     if stage == "refine_step":
         refine = _refine_calls(job, data)
-        base = _status_kb("VmRSS") or 0
+        base = status_kb("VmRSS") or 0
         first, t1 = _median_seconds(lambda: refine(1), job["warmup"], job["repeats"])
         n = 20  # enough steps that the per-call overhead (start loss, reset) cancels in the difference
         _, tn = _median_seconds(lambda: refine(1 + n), 0, job["repeats"])
@@ -228,9 +209,9 @@ def run_single(job: Dict) -> Dict:
     else:
         make = {"grid_point": _grid_point_call, "forward": _forward_call}.get(stage, _train_call)
         fn = make(job, data)
-        base = _status_kb("VmRSS") or 0
+        base = status_kb("VmRSS") or 0
         first, seconds = _median_seconds(fn, job["warmup"], job["repeats"])
-    return {"seconds": seconds, "first_seconds": first, "peak_mb": _peak_kb() / 1024, "base_mb": base / 1024}
+    return {"seconds": seconds, "first_seconds": first, "peak_mb": peak_rss_kb() / 1024, "base_mb": base / 1024}
 
 
 # ------------------------------------------------------------------ parent: runs, table, fit

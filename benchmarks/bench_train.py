@@ -56,6 +56,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from procmem import peak_rss_kb, reset_peak_rss, rss_kb
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (ndim, batch size); the image size comes from --size-2d / --size-3d (or --quick)
@@ -142,41 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 # measurement helpers (run inside the subprocess)
 # --------------------------------------------------------------------------------------------
-
-def _proc_status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_kb() -> int:
-    hwm = _proc_status_kb("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
-
-
-def _rss_kb() -> int:
-    rss = _proc_status_kb("VmRSS")
-    return rss if rss is not None else _peak_rss_kb()
-
 
 def _time_calls(fn, warmup: int, steps: int) -> Dict[str, float]:
     """Call ``fn`` (which must block until its result is on the host) warmup + steps times."""
@@ -416,13 +383,13 @@ def _time_pieces(tf, pieces: Dict, steps: int) -> Dict[str, float]:
 def run_single(job: Dict) -> Dict:
     """One (configuration, model, determinism) measurement in this process: time and peak RSS."""
     tf, vxm, data = _setup(job)
-    reset_ok = _reset_peak_rss()
-    rss0 = _rss_kb()
-    hwm0 = _peak_rss_kb()
+    reset_ok = reset_peak_rss()
+    rss0 = rss_kb()
+    hwm0 = peak_rss_kb()
     built = _build(job["model"], job, tf, vxm, data)
     model = built["model"]
     timing = _time_calls(built["step"], int(job["warmup"]), int(job["steps"]))
-    hwm1 = _peak_rss_kb()
+    hwm1 = peak_rss_kb()
     result = {
         "job": job, "sec": timing, "peak_growth_mb": (hwm1 - rss0) / 1024.0, "peak_rss_mb": hwm1 / 1024.0,
         "baseline_rss_mb": rss0 / 1024.0, "peak_reset": reset_ok, "hwm_before_mb": hwm0 / 1024.0,
