@@ -665,6 +665,38 @@ def plot_response_curves(curves: pd.DataFrame, out_png: str) -> str:
 # --------------------------------------------------------------------------------------
 # 4. Dice box plots
 # --------------------------------------------------------------------------------------
+def _draw_dice_boxes(ax, data: Sequence[np.ndarray], methods: Sequence[str], rng: np.random.Generator) -> None:
+    """One Dice subplot: a box (median, quartiles, 1.5 IQR whiskers) per method with finite values
+    ``data[i]``, the pairs as dots jittered by ``U(-0.15, 0.15)`` from ``rng`` and the mean as a white
+    diamond; y from just below the lowest value to 1."""
+    colors = matplotlib.colormaps["tab10"]
+    pos = np.arange(1, len(methods) + 1)
+    nonempty = [i for i, d in enumerate(data) if d.size]
+    if nonempty:
+        bp = ax.boxplot([data[i] for i in nonempty], positions=pos[nonempty], widths=0.6,
+                        patch_artist=True, showfliers=False,
+                        medianprops=dict(color="black", linewidth=1.3))
+        for patch, i in zip(bp["boxes"], nonempty):
+            patch.set_facecolor(colors(i % 10))
+            patch.set_alpha(0.35)
+    for i, d in enumerate(data):
+        if d.size:
+            x = pos[i] + rng.uniform(-0.15, 0.15, d.size)
+            ax.scatter(x, d, s=9, color=colors(i % 10), alpha=0.8, zorder=3,
+                       linewidths=0)
+            ax.scatter([pos[i]], [d.mean()], marker="D", s=22, color="white",
+                       edgecolors="black", linewidths=0.8, zorder=4)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(methods, rotation=30, ha="right")
+    ax.set_xlim(0.4, len(methods) + 0.6)
+    allv = np.concatenate(data) if data else np.array([])
+    if allv.size:
+        lo = float(allv.min())
+        ax.set_ylim(max(0.0, lo - 0.05 * max(1.0 - lo, 0.1)) if lo >= 0 else lo - 0.05, 1.005)
+    ax.set_ylabel("Dice")
+    ax.grid(True, axis="y", color="0.9", linewidth=0.6)
+
+
 def plot_dice_boxplots(per_pair: pd.DataFrame, class_names: List[str], out_png: str,
                        method_order: Optional[Sequence[str]] = None) -> str:
     """Box plots of the Dice per method: one subplot for ``mean_dice`` + one per class.
@@ -702,39 +734,14 @@ def plot_dice_boxplots(per_pair: pd.DataFrame, class_names: List[str], out_png: 
     width = max(3.2, 0.55 * len(methods) + 1.2)
     fig = _new_figure((width * ncols, 3.6 * nrows + 0.4))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    colors = matplotlib.colormaps["tab10"]
     rng = np.random.default_rng(0)
     for ax, col in zip(axes, cols):
         data = []
         for m in methods:
             v = _numeric(per_pair.loc[method_col == m, col])
             data.append(v[np.isfinite(v)])
-        pos = np.arange(1, len(methods) + 1)
-        nonempty = [i for i, d in enumerate(data) if d.size]
-        if nonempty:
-            bp = ax.boxplot([data[i] for i in nonempty], positions=pos[nonempty], widths=0.6,
-                            patch_artist=True, showfliers=False,
-                            medianprops=dict(color="black", linewidth=1.3))
-            for patch, i in zip(bp["boxes"], nonempty):
-                patch.set_facecolor(colors(i % 10))
-                patch.set_alpha(0.35)
-        for i, d in enumerate(data):
-            if d.size:
-                x = pos[i] + rng.uniform(-0.15, 0.15, d.size)
-                ax.scatter(x, d, s=9, color=colors(i % 10), alpha=0.8, zorder=3,
-                           linewidths=0)
-                ax.scatter([pos[i]], [d.mean()], marker="D", s=22, color="white",
-                           edgecolors="black", linewidths=0.8, zorder=4)
-        ax.set_xticks(pos)
-        ax.set_xticklabels(methods, rotation=30, ha="right")
-        ax.set_xlim(0.4, len(methods) + 0.6)
-        allv = np.concatenate(data) if data else np.array([])
-        if allv.size:
-            lo = float(allv.min())
-            ax.set_ylim(max(0.0, lo - 0.05 * max(1.0 - lo, 0.1)) if lo >= 0 else lo - 0.05, 1.005)
+        _draw_dice_boxes(ax, data, methods, rng)
         ax.set_title("mean Dice" if col == "mean_dice" else f"Dice {col[len('dice_'):]}")
-        ax.set_ylabel("Dice")
-        ax.grid(True, axis="y", color="0.9", linewidth=0.6)
     for ax in axes[k:]:
         ax.set_visible(False)
     n = per_pair.groupby(method_col).size()
