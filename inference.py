@@ -62,7 +62,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REGS = ("elastic", "diffusion")
 MAP_SOURCES = ("warped-moving", "fixed")
@@ -251,18 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     return args.out
 
 
-def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -> None:
-    """The body of :func:`main`; every file goes to ``dest`` (the staging folder)."""
-    import numpy as np
-    import pandas as pd
-
-    import eval_metrics
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import evaluation, figures, runio
-    from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
-    from hypermorph_spatially_adaptive.models import needs_segmentation
-    from hypermorph_spatially_adaptive.registration import Registrar, warped_moving_segmentation
-
+def _load_groups(args: argparse.Namespace) -> List[Dict]:
+    """One group (:func:`_load_group`) per regularizer whose ``--<reg>-sa`` and ``--<reg>-ident`` are given."""
     groups = []
     for reg in REGS:
         sa, ident, glob = (getattr(args, f"{reg}_sa"), getattr(args, f"{reg}_ident"), getattr(args, f"{reg}_global"))
@@ -273,14 +263,21 @@ def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -
         groups.append(_load_group(reg, sa, ident, glob))
     if not groups:
         raise SystemExit("nothing to do: give --elastic-sa/--elastic-ident and/or --diffusion-sa/--diffusion-ident")
+    return groups
+
+
+def _load_test_set(groups: List[Dict], args: argparse.Namespace) -> Tuple[object, str, List[str]]:
+    """The dataset all runs were trained on, the split and the pair ids every identification was made
+    on (those of the first one): ``(dataset, split, pair_ids)``. Refuses runs of different datasets or
+    incompatible with the dataset now, and identifications of other pairs or another split."""
+    from hypermorph_spatially_adaptive import artifacts as art
+    from hypermorph_spatially_adaptive import runio
 
     cfg0 = groups[0]["sa_cfg"]
     for g in groups[1:]:
         if g["sa_cfg"]["data"] != cfg0["data"]:
             raise ValueError(f"the {groups[0]['reg']} and {g['reg']} models were trained on different datasets")
     dataset = art.load_dataset(cfg0, args.data_dir, args.label_dir)
-    class_names = list(cfg0["class_names"])
-    C = len(class_names)
     first = groups[0]["sources"][0]
     split = first.split
     split_ids = dataset.split_ids(split)
@@ -296,10 +293,238 @@ def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -
                                  f"{dataset.name}")
             if set(ids) != set(pair_ids):
                 raise ValueError(f"{src.csv}: identified pairs differ from {first.csv}")
+    return dataset, split, pair_ids
 
-    provenance = check_provenance(groups, dataset, split, args)
+
+class _Rows:
+    """The rows of ``per_pair_metrics.csv`` and what the Fig. 3 panels need.
+
+    ``rows`` holds one dict per (pair, method); ``results[pair_id][method]`` the oracle-protocol
+    outputs of the first ``panels`` pairs (``warped [*spatial]``, ``disp [*spatial, D]`` in voxels,
+    ``warped_seg [*spatial]`` nearest-neighbour warped moving labels, mean Dice, %negJ). With
+    ``nifti_dir`` every recorded pair is also written as NIfTI under ``nifti_dir/<protocol>/<file name>``.
+    """
+
+    def __init__(self, pairs: Sequence, class_names: Sequence[str], panels: int, nifti_dir: Optional[str],
+                 file_names: Dict[str, str]):
+        self.pairs = list(pairs)
+        self.class_names = list(class_names)
+        self.nifti_dir = nifti_dir
+        self.file_names = file_names
+        self.rows: List[Dict] = []
+        self.results: Dict[str, Dict[str, dict]] = {p.pair_id: {} for p in self.pairs[: max(panels, 0)]}
+
+    def add_initial(self, image_shape: Sequence[int]) -> None:
+        """The ``initial`` rows: every pair scored with a zero displacement (no registration)."""
+        import numpy as np
+
+        from hypermorph_spatially_adaptive import evaluation
+
+        zero = np.zeros((*image_shape, len(image_shape)), np.float32)
+        for pair in self.pairs:
+            self.rows.append({"pair_id": pair.pair_id, "protocol": "", "method": "initial", "params": "",
+                              "seconds": 0.0, **evaluation.pair_metrics(pair, zero, len(self.class_names),
+                                                                        self.class_names)})
+
+    def record(self, method: str, protocol: str, warped, disp, hyp, cols: Sequence[str], seconds: float,
+               maps: str = "") -> None:
+        """Score every pair registered by one method: ``warped [N, *spatial, 1]``, ``disp [N, *spatial, D]``
+        (voxels), ``hyp [N, P]`` with column names ``cols``; ``seconds`` is the time of all N pairs."""
+        import numpy as np
+
+        import eval_metrics
+        from hypermorph_spatially_adaptive import artifacts as art
+        from hypermorph_spatially_adaptive import evaluation
+
+        n = len(self.pairs)
+        for k, pair in enumerate(self.pairs):
+            m = evaluation.pair_metrics(pair, disp[k], len(self.class_names), self.class_names)
+            params = json.dumps({c.replace(art.G_PREFIX, ""): round(float(v), 4) for c, v in zip(cols, hyp[k])})
+            self.rows.append({"pair_id": pair.pair_id, "protocol": protocol, "method": method, "params": params,
+                              "maps": maps, "seconds": seconds / n, **m})
+            panel = pair.pair_id in self.results and protocol == "oracle"
+            warped_seg = None
+            if panel or self.nifti_dir:
+                warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[k])
+            if panel:
+                self.results[pair.pair_id][method] = {"warped": warped[k, ..., 0], "disp": disp[k],
+                                                      "warped_seg": warped_seg, "dice": m["mean_dice"],
+                                                      "negj": m["percent_neg_jac"]}
+            if self.nifti_dir:
+                _save_nifti(os.path.join(self.nifti_dir, protocol, self.file_names[pair.pair_id]), pair, method,
+                            warped[k], warped_seg, disp[k])
+        print(f"[inference] {protocol} {method}: mean Dice "
+              f"{np.mean([r['mean_dice'] for r in self.rows[-n:]]):.3f} ({seconds / n:.3f} s/pair)", flush=True)
+
+
+def _traced_registrars(models: Dict[str, tuple], moving, fixed, fixed_seg) -> Dict:
+    """A :class:`Registrar` per model key, each called once on the first pair (hyp 0.5) so that tracing
+    stays outside the timed calls."""
+    import numpy as np
+
+    from hypermorph_spatially_adaptive.registration import Registrar
+
+    registrars = {key: Registrar(m) for key, (m, _, _, _) in models.items()}
+    for key, (model, _, _, _) in models.items():
+        registrars[key](moving[:1], fixed[:1], np.full((1, int(model.inputs[2].shape[-1])), 0.5, np.float32),
+                        fixed_seg[:1])
+    return registrars
+
+
+def _source_runs(src, g: Dict, models: Dict[str, tuple], g_hyp, sa_hyp, with_g: bool,
+                 num_classes: int) -> List[tuple]:
+    """The network rows one identification asks for, as ``(variant, tag, model key, hyp [N, P], columns)``:
+    ``g`` (when ``with_g``: not made yet for this protocol and method), ``sas`` of every SA run the
+    identification applies to (:func:`applies_to`) and, for a grid identification, the ``sas@g``
+    ablation (every class at the pair's -g values ``g_hyp [N, P_g]``, README "How to read the comparison")."""
+    import numpy as np
+
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    runs = [("g", "", "g", g_hyp, art.global_columns(g["reg"]))] if with_g else []
+    for key, (_, cfg, tag, run) in models.items():
+        if key == "g" or not applies_to(src, run, cfg):
+            continue
+        runs.append(("sas", tag, key, sa_hyp, g["sa_names"]))
+        if src.method == "grid":
+            runs.append(("sas@g", tag, key, np.repeat(g_hyp, num_classes + 1, axis=1), g["sa_names"]))
+    return runs
+
+
+def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed, fixed_seg,
+                    args: argparse.Namespace) -> None:
+    """Register the test pairs (``moving``/``fixed [N, *spatial, 1]``, ``fixed_seg [N, *spatial]``) with
+    every model of one regularizer group and every identification of it, network rows and (grid
+    identifications, ``--refine``) the refined +io rows, into ``rec``."""
+    import numpy as np
+
+    from hypermorph_spatially_adaptive import artifacts as art
+    from hypermorph_spatially_adaptive import evaluation, runio
+    from hypermorph_spatially_adaptive.models import needs_segmentation
+    from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+    from hypermorph_spatially_adaptive.registration import warped_moving_segmentation
+
+    short = evaluation.SHORT[g["reg"]]
+    g_cols = art.global_columns(g["reg"])
+    # one model per key: "g" and "sa0", "sa1", ... (one per conditioning)
+    models = {"g": (g["g_model"], g["g_cfg"], "", g["global_run"])}
+    models.update({f"sa{i}": (sa["model"], sa["cfg"], sa["tag"], sa["run"]) for i, sa in enumerate(g["sas"])})
+    registrars = _traced_registrars(models, moving, fixed, fixed_seg)
+    refiners = ({key: Refiner.from_config(cfg, **runio.refine_kwargs(args)) for key, (_, cfg, _, _) in models.items()}
+                if args.refine else {})
+    g_done = set()  # (protocol, suffix) whose -g row exists: gradient folders of two SA runs both hold one
+    for src in g["sources"]:
+        choice = src.table.loc[pair_ids]
+        g_hyp = choice[g_cols].to_numpy(np.float32)
+        runs = _source_runs(src, g, models, g_hyp, choice[g["sa_names"]].to_numpy(np.float32),
+                            (src.protocol, src.suffix) not in g_done, len(rec.class_names))
+        g_done.add((src.protocol, src.suffix))
+        source = "fixed" if src.protocol == "oracle" else args.population_maps
+        net_seg = fixed_seg  # the segmentation a CSAIN network builds its input map from
+        if source != "fixed" and any(needs_segmentation(models[k][0]) for _, _, k, _, _ in runs):
+            # label-free at test time: the moving labels warped by the -g network with this source's values
+            net_seg = warped_moving_segmentation(rec.pairs, registrars["g"](moving, fixed, g_hyp)[1])
+        for variant, tag, key, hyp, cols in runs:
+            csain = needs_segmentation(models[key][0])
+            t0 = time.time()
+            warped, disp = registrars[key](moving, fixed, hyp, net_seg if csain else None)
+            seconds = time.time() - t0
+            rec.record(f"{short}-{variant}{tag}{src.suffix}", src.protocol, warped, disp, hyp, cols, seconds,
+                       maps=(MAP_LABELS[source].replace("the network", "the -g network") if csain else ""))
+            if not (args.refine and src.method == "grid" and "@" not in variant):
+                continue
+            seg = None
+            if key != "g":
+                seg = fixed_seg if source == "fixed" else warped_moving_segmentation(rec.pairs, disp)
+            starts = [("+io", disp, seconds)] + ([(" zero+io", np.zeros_like(disp), 0.0)] if args.zero_io else [])
+            for label, u0, spent in starts:
+                t1 = time.time()
+                u, before, after = refiners[key](moving, fixed, u0, hyp, seg, args.refine, args.refine_lr)
+                rec.record(f"{short}-{variant}{label}{tag}", src.protocol, linear_warp(moving, u).numpy(), u, hyp,
+                           cols, spent + time.time() - t1, maps=MAP_LABELS[source] if key != "g" else "")
+                print(f"[inference]   refinement{label.replace('+io', '')} loss {before.mean():.4f} -> "
+                      f"{after.mean():.4f}", flush=True)
+
+
+def _write_tables(per_pair, class_names: Sequence[str], scope: str, dest: str, args: argparse.Namespace) -> str:
+    """Check the metrics' range, write ``per_pair_metrics.csv``, ``table1.csv``, ``comparison.csv`` and
+    ``table1.md`` into ``dest``; returns the Markdown text (``scope`` names the dataset, pairs and split)."""
+    from datasets.atomic import atomic_write
+    from hypermorph_spatially_adaptive import artifacts as art
+    from hypermorph_spatially_adaptive import evaluation
+
+    problem = evaluation.check_range(per_pair, class_names)
+    if problem:
+        raise FloatingPointError(f"metrics out of range: {problem}")
+    numeric, markdown = evaluation.table1(per_pair, class_names)
+    comparison = evaluation.paired_comparison(per_pair, evaluation.default_comparisons(per_pair["method"]),
+                                              n_boot=args.bootstrap, seed=args.seed)
+    atomic_write(os.path.join(dest, art.PER_PAIR_METRICS), per_pair)
+    atomic_write(os.path.join(dest, art.TABLE1_CSV), numeric)
+    atomic_write(os.path.join(dest, art.COMPARISON), comparison)
+    header = (f"Table 1 on {scope}, mean(std) over pairs; "
+              f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping (their HD95 is "
+              "the image diagonal); [maps: ...] = what built a -sas+io row's refinement maps\n\n")
+    comp_md = evaluation.comparison_markdown(comparison)
+    if comp_md:
+        comp_md = (f"\nPaired comparison, a - b per pair: mean [95% CI: studentized bootstrap over pairs, "
+                   f"{args.bootstrap} resamples, seed {args.seed}], p_H = its p Holm-adjusted over the table's "
+                   "family, W = two-sided Wilcoxon signed-rank p / number of non-zero differences; * = p_H < 0.05. "
+                   "Dice: > 0 favours a; HD95 (same pair-classes), TRE, EPE (mm): < 0 favours a.\n\n" + comp_md)
+    text = header + markdown + comp_md
+    atomic_write(os.path.join(dest, art.TABLE1_MD), text)
+    return text
+
+
+def _write_figures(per_pair, rec: _Rows, groups: List[Dict], panels: int, dest: str) -> None:
+    """``dice_boxplots.png`` (population rows labelled ``[pop]``) and a Fig. 3 panel per regularizer
+    for each of the first ``panels`` pairs (oracle protocol)."""
+    from hypermorph_spatially_adaptive import evaluation, figures
+
+    labelled = per_pair.assign(method=[m if p in ("", "oracle") else f"{m} [{p[:3]}]"
+                                       for m, p in zip(per_pair["method"], per_pair["protocol"])])
+    figures.plot_dice_boxplots(labelled, rec.class_names, os.path.join(dest, "dice_boxplots.png"))
+    for pair in rec.pairs[: max(panels, 0)]:
+        for g in groups:
+            short = evaluation.SHORT[g["reg"]]
+            res = {m: r for m, r in rec.results[pair.pair_id].items() if m.startswith(short + "-")}
+            figures.plot_registration_panel(pair.moving[..., 0], pair.fixed[..., 0], pair.fixed_seg, res,
+                                            os.path.join(dest, f"fig3_{short}_{rec.file_names[pair.pair_id]}.png"),
+                                            title=f"{pair.pair_id}: {short} models (oracle protocol)",
+                                            class_names=rec.class_names)
+
+
+def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional[Sequence[str]], split: str,
+                    n: int, provenance: Dict, file_names: Dict[str, str]) -> Dict:
+    """The content of ``inference.json``: runs and identifications used (absolute paths), dataset,
+    split, options, provenance, the pair ids whose file names differ and the command."""
+    from hypermorph_spatially_adaptive import runio
+
+    return {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sas"][0]["run"]),
+                                  "sa_runs": {sa["tag"].strip(" ()") or "hypernetwork": os.path.abspath(sa["run"])
+                                              for sa in g["sas"]},
+                                  "global_run": os.path.abspath(g["global_run"]),
+                                  "identification": [os.path.abspath(s.csv) for s in g["sources"]]}
+                       for g in groups},
+            "dataset": groups[0]["sa_cfg"]["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,
+            "refine_lr": args.refine_lr, "refine_options": runio.refine_kwargs(args),
+            "bootstrap": args.bootstrap, "seed": args.seed, "provenance": provenance, "force": bool(args.force),
+            "file_names": {p: f for p, f in file_names.items() if p != f},
+            "command": ["inference.py"] + list(argv if argv is not None else sys.argv[1:])}
+
+
+def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -> None:
+    """The body of :func:`main`; every file goes to ``dest`` (the staging folder)."""
+    import numpy as np
+    import pandas as pd
+
+    from datasets.atomic import atomic_write
+    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive.folders import safe_file_names
 
+    groups = _load_groups(args)
+    dataset, split, pair_ids = _load_test_set(groups, args)
+    provenance = check_provenance(groups, dataset, split, args)
     file_names = safe_file_names(pair_ids)  # pair ids made safe for file names (no '/', '..', leading dot)
     pairs = [dataset.load_pair(p) for p in pair_ids]
     moving = np.stack([p.moving for p in pairs])
@@ -309,129 +534,18 @@ def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -
     print(f"[inference] {n} {split} pairs of {dataset.name}; regularizers: "
           f"{', '.join(g['reg'] for g in groups)}; refinement: {args.refine} steps", flush=True)
 
-    rows: List[Dict] = []
-    results: Dict[str, Dict[str, dict]] = {p.pair_id: {} for p in pairs[: max(args.panels, 0)]}
-    zero = np.zeros((*dataset.image_shape, len(dataset.image_shape)), np.float32)
-    for pair in pairs:
-        rows.append({"pair_id": pair.pair_id, "protocol": "", "method": "initial", "params": "", "seconds": 0.0,
-                     **evaluation.pair_metrics(pair, zero, C, class_names)})
-
-    def record(method: str, protocol: str, warped, disp, hyp, cols, seconds: float, maps: str = "") -> None:
-        for k, pair in enumerate(pairs):
-            m = evaluation.pair_metrics(pair, disp[k], C, class_names)
-            params = json.dumps({c.replace(art.G_PREFIX, ""): round(float(v), 4) for c, v in zip(cols, hyp[k])})
-            rows.append({"pair_id": pair.pair_id, "protocol": protocol, "method": method, "params": params,
-                         "maps": maps, "seconds": seconds / n, **m})
-            warped_seg = None
-            if pair.pair_id in results and protocol == "oracle" or args.save_nifti:
-                warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[k])
-            if pair.pair_id in results and protocol == "oracle":
-                results[pair.pair_id][method] = {"warped": warped[k, ..., 0], "disp": disp[k], "warped_seg": warped_seg,
-                                                 "dice": m["mean_dice"], "negj": m["percent_neg_jac"]}
-            if args.save_nifti:
-                _save_nifti(os.path.join(dest, "nifti", protocol, file_names[pair.pair_id]), pair, method, warped[k],
-                            warped_seg, disp[k])
-        print(f"[inference] {protocol} {method}: mean Dice "
-              f"{np.mean([r['mean_dice'] for r in rows[-n:]]):.3f} ({seconds / n:.3f} s/pair)", flush=True)
-
+    rec = _Rows(pairs, groups[0]["sa_cfg"]["class_names"], args.panels,
+                os.path.join(dest, "nifti") if args.save_nifti else None, file_names)
+    rec.add_initial(dataset.image_shape)
     for g in groups:
-        short = evaluation.SHORT[g["reg"]]
-        g_cols = art.global_columns(g["reg"])
-        # one model per key: "g" and "sa0", "sa1", ... (one per conditioning)
-        models = {"g": (g["g_model"], g["g_cfg"], "", g["global_run"])}
-        models.update({f"sa{i}": (sa["model"], sa["cfg"], sa["tag"], sa["run"]) for i, sa in enumerate(g["sas"])})
-        registrars = {key: Registrar(m) for key, (m, _, _, _) in models.items()}
-        for key, (model, _, _, _) in models.items():  # trace once, outside the timings
-            registrars[key](moving[:1], fixed[:1], np.full((1, int(model.inputs[2].shape[-1])), 0.5, np.float32),
-                            fixed_seg[:1])
-        refiners = {}
-        if args.refine:
-            for key, (_, cfg, _, _) in models.items():
-                refiners[key] = Refiner.from_config(cfg, **runio.refine_kwargs(args))
-        g_done = set()  # (protocol, suffix) whose -g row exists: gradient folders of two SA runs both hold one
-        for src in g["sources"]:
-            choice = src.table.loc[pair_ids]
-            g_hyp = choice[g_cols].to_numpy(np.float32)
-            sa_hyp = choice[g["sa_names"]].to_numpy(np.float32)
-            runs = [] if (src.protocol, src.suffix) in g_done else [("g", "", "g", g_hyp, g_cols)]
-            g_done.add((src.protocol, src.suffix))
-            for key, (_, cfg, tag, run) in models.items():
-                if key == "g" or not applies_to(src, run, cfg):
-                    continue
-                runs.append(("sas", tag, key, sa_hyp, g["sa_names"]))
-                if src.method == "grid":  # ablation: every class at the pair's -g values (README "How to read the comparison")
-                    runs.append(("sas@g", tag, key, np.repeat(g_hyp, C + 1, axis=1), g["sa_names"]))
-            source = "fixed" if src.protocol == "oracle" else args.population_maps
-            net_seg = fixed_seg  # the segmentation a CSAIN network builds its input map from
-            if source != "fixed" and any(needs_segmentation(models[k][0]) for _, _, k, _, _ in runs):
-                # label-free at test time: the moving labels warped by the -g network with this source's values
-                net_seg = warped_moving_segmentation(pairs, registrars["g"](moving, fixed, g_hyp)[1])
-            for variant, tag, key, hyp, cols in runs:
-                csain = needs_segmentation(models[key][0])
-                t0 = time.time()
-                warped, disp = registrars[key](moving, fixed, hyp, net_seg if csain else None)
-                seconds = time.time() - t0
-                record(f"{short}-{variant}{tag}{src.suffix}", src.protocol, warped, disp, hyp, cols, seconds,
-                       maps=(MAP_LABELS[source].replace("the network", "the -g network") if csain else ""))
-                if args.refine and src.method == "grid" and "@" not in variant:
-                    seg = None
-                    if key != "g":
-                        seg = fixed_seg if source == "fixed" else warped_moving_segmentation(pairs, disp)
-                    starts = [("+io", disp, seconds)] + ([(" zero+io", np.zeros_like(disp), 0.0)] if args.zero_io else [])
-                    for label, u0, spent in starts:
-                        t1 = time.time()
-                        u, before, after = refiners[key](moving, fixed, u0, hyp, seg, args.refine, args.refine_lr)
-                        record(f"{short}-{variant}{label}{tag}", src.protocol, linear_warp(moving, u).numpy(), u, hyp,
-                               cols, spent + time.time() - t1, maps=MAP_LABELS[source] if key != "g" else "")
-                        print(f"[inference]   refinement{label.replace('+io', '')} loss {before.mean():.4f} -> "
-                              f"{after.mean():.4f}", flush=True)
+        _register_group(g, rec, pair_ids, moving, fixed, fixed_seg, args)
 
-    per_pair = pd.DataFrame(rows)
-    problem = evaluation.check_range(per_pair, class_names)
-    if problem:
-        raise FloatingPointError(f"metrics out of range: {problem}")
-    numeric, markdown = evaluation.table1(per_pair, class_names)
-    comparison = evaluation.paired_comparison(per_pair, evaluation.default_comparisons(per_pair["method"]),
-                                              n_boot=args.bootstrap, seed=args.seed)
-    from datasets.atomic import atomic_write
-    atomic_write(os.path.join(dest, art.PER_PAIR_METRICS), per_pair)
-    atomic_write(os.path.join(dest, art.TABLE1_CSV), numeric)
-    atomic_write(os.path.join(dest, art.COMPARISON), comparison)
-    header = (f"Table 1 on {dataset.name} ({n} {split} pairs), mean(std) over pairs; "
-              f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping (their HD95 is "
-              "the image diagonal); [maps: ...] = what built a -sas+io row's refinement maps\n\n")
-    comp_md = evaluation.comparison_markdown(comparison)
-    if comp_md:
-        comp_md = (f"\nPaired comparison, a - b per pair: mean [95% CI: studentized bootstrap over pairs, "
-                   f"{args.bootstrap} resamples, seed {args.seed}], p_H = its p Holm-adjusted over the table's "
-                   "family, W = two-sided Wilcoxon signed-rank p / number of non-zero differences; * = p_H < 0.05. "
-                   "Dice: > 0 favours a; HD95 (same pair-classes), TRE, EPE (mm): < 0 favours a.\n\n" + comp_md)
-    atomic_write(os.path.join(dest, art.TABLE1_MD), header + markdown + comp_md)
-
-    labelled = per_pair.assign(method=[m if p in ("", "oracle") else f"{m} [{p[:3]}]"
-                                       for m, p in zip(per_pair["method"], per_pair["protocol"])])
-    figures.plot_dice_boxplots(labelled, class_names, os.path.join(dest, "dice_boxplots.png"))
-    for pair in pairs[: max(args.panels, 0)]:
-        for g in groups:
-            short = evaluation.SHORT[g["reg"]]
-            res = {m: r for m, r in results[pair.pair_id].items() if m.startswith(short + "-")}
-            figures.plot_registration_panel(pair.moving[..., 0], pair.fixed[..., 0], pair.fixed_seg, res,
-                                            os.path.join(dest, f"fig3_{short}_{file_names[pair.pair_id]}.png"),
-                                            title=f"{pair.pair_id}: {short} models (oracle protocol)",
-                                            class_names=class_names)
-    meta = {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sas"][0]["run"]),
-                                  "sa_runs": {sa["tag"].strip(" ()") or "hypernetwork": os.path.abspath(sa["run"])
-                                              for sa in g["sas"]},
-                                  "global_run": os.path.abspath(g["global_run"]),
-                                  "identification": [os.path.abspath(s.csv) for s in g["sources"]]}
-                       for g in groups},
-            "dataset": cfg0["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,
-            "refine_lr": args.refine_lr, "refine_options": runio.refine_kwargs(args),
-            "bootstrap": args.bootstrap, "seed": args.seed, "provenance": provenance, "force": bool(args.force),
-            "file_names": {p: f for p, f in file_names.items() if p != f},
-            "command": ["inference.py"] + list(argv if argv is not None else sys.argv[1:])}
+    per_pair = pd.DataFrame(rec.rows)
+    text = _write_tables(per_pair, rec.class_names, f"{dataset.name} ({n} {split} pairs)", dest, args)
+    _write_figures(per_pair, rec, groups, args.panels, dest)
+    meta = _inference_meta(groups, args, argv, split, n, provenance, file_names)
     atomic_write(os.path.join(dest, art.INFERENCE_META), json.dumps(meta, indent=2))
-    print(header + markdown + comp_md, flush=True)
+    print(text, flush=True)
     print(f"[inference] table: {os.path.join(args.out, art.TABLE1_MD)}  figures: {args.out}/*.png", flush=True)
 
 

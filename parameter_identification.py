@@ -40,7 +40,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,31 +124,59 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     return out
 
 
-def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str, dest: str) -> None:
-    import pandas as pd
-
+def _load_global_run(args: argparse.Namespace) -> Tuple[object, Dict, object, List[str]]:
+    """The global run and its data: ``(model, config, dataset, ids of the --split/--pairs pairs)``. A grid
+    too large for --max-grid-gb is refused before the model loads (README "Bad inputs")."""
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import identification as ident
-    from hypermorph_spatially_adaptive import provenance as prov
     from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.registration import Registrar
 
-    if args.method == "grid":  # bounded before the model loads (README "Bad inputs")
+    if args.method == "grid":
         info = art.read_run(args.run, expect_sa=False)
         n_values = len(set(args.grid)) if args.grid is not None else args.grid_steps
         ident.check_grid_size(info.regularizer, n_values, info.config["model"]["image_shape"], args.max_grid_gb,
                               args.batch_size or None)
     # loading first: a truncated or foreign weights.h5 gets the load error that names the checkpoint to redo it
     model, config = runio.load_run(args.run, expect_sa=False)
-    regularizer = config["model"]["regularizer"]
-    class_names = list(config["class_names"])
     dataset = art.load_dataset(config, args.data_dir, args.label_dir)
     runio.check_compatible(args.run, config, dataset)
-    ids = dataset.select_ids(args.split, args.pairs)
+    return model, config, dataset, dataset.select_ids(args.split, args.pairs)
+
+
+def _search_grid(registrar, dataset, search_ids: Sequence[str], grid, class_names: List[str], regularizer: str):
+    """Class and mean Dice of every grid point for every pair of ``search_ids`` (one table, progress
+    printed per pair)."""
+    import pandas as pd
+
+    from hypermorph_spatially_adaptive import identification as ident
+
+    t0 = time.time()
+    tables = []
+    for k, pid in enumerate(search_ids, 1):
+        pair = dataset.load_pair(pid)
+        tables.append(ident.grid_dice(registrar, pair, grid, class_names))
+        best = tables[-1]["mean_dice"].max()
+        per_pair = (time.time() - t0) / k
+        print(f"[identify {regularizer}] {k}/{len(search_ids)} {pid}: best mean Dice {best:.3f} "
+              f"({per_pair:.2f} s/pair, ETA {ident.format_eta(per_pair * (len(search_ids) - k))})", flush=True)
+    return pd.concat(tables, ignore_index=True)
+
+
+def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str, dest: str) -> None:
+    """The body of :func:`main`: identify and write every file into ``dest`` (the staging folder of ``out``)."""
+    from datasets.atomic import atomic_write
+    from hypermorph_spatially_adaptive import artifacts as art
+    from hypermorph_spatially_adaptive import identification as ident
+    from hypermorph_spatially_adaptive import provenance as prov
+    from hypermorph_spatially_adaptive.registration import Registrar
+
+    model, config, dataset, ids = _load_global_run(args)
     if args.method == "gradient":  # README "Gradient identification"; writes <run>/identification_gradient[_epe]
         from hypermorph_spatially_adaptive import gradient_identification
 
         return gradient_identification.run_cli(args, argv, model, config, dataset, ids, dest=dest)
+    regularizer = config["model"]["regularizer"]
+    class_names = list(config["class_names"])
     values = args.grid if args.grid is not None else ident.grid_values(args.grid_steps)
     grid = ident.make_grid(regularizer, values)
     population = args.protocol == "population"
@@ -165,15 +193,7 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     print(f"[identify {regularizer}] {args.protocol}: {len(search_ids)} {search_split} pairs x {len(grid)} grid "
           f"points ({len(values)} values per axis, {mb:.1f} MB of fields per chunk) with {args.run}", flush=True)
     t0 = time.time()
-    tables = []
-    for k, pid in enumerate(search_ids, 1):
-        pair = dataset.load_pair(pid)
-        tables.append(ident.grid_dice(registrar, pair, grid, class_names))
-        best = tables[-1]["mean_dice"].max()
-        per_pair = (time.time() - t0) / k
-        print(f"[identify {regularizer}] {k}/{len(search_ids)} {pid}: best mean Dice {best:.3f} "
-              f"({per_pair:.2f} s/pair, ETA {ident.format_eta(per_pair * (len(search_ids) - k))})", flush=True)
-    grid_df = pd.concat(tables, ignore_index=True)
+    grid_df = _search_grid(registrar, dataset, search_ids, grid, class_names, regularizer)
     if population:
         choice = ident.population_choice(grid_df, regularizer, class_names, ids)
     else:
@@ -181,7 +201,6 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     choice.insert(1, art.REGULARIZER, regularizer)
     seconds = time.time() - t0
 
-    from datasets.atomic import atomic_write
     atomic_write(os.path.join(dest, art.GRID_DICE), grid_df)
     atomic_write(os.path.join(dest, art.IDENTIFIED_PARAMETERS), choice)
     meta = {"global_run": os.path.abspath(args.run), "regularizer": regularizer, "class_names": class_names,

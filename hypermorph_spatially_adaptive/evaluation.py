@@ -96,6 +96,63 @@ def _protocols(per_pair: pd.DataFrame) -> List[str]:
     return [p for p in PROTOCOLS if p in found] + sorted(set(found) - set(PROTOCOLS)) or [""]
 
 
+def _aggregate_block(sub: pd.DataFrame, protocol: str, metrics: Sequence[str], n_classes: int) -> List[Dict]:
+    """Table 1 rows of one protocol block (``sub``: its per-pair rows and ``initial``'s), in
+    :func:`_method_order`: ``n_pairs``, ``<metric>_mean``/``_std`` over the pairs where the metric is
+    finite (NaN if none), ``maps``, ``lost_classes`` (sum) and ``pair_classes`` (pairs x ``n_classes``)."""
+    block = []
+    for method in _method_order(sub["method"]):
+        df = sub[sub["method"] == method]
+        row: Dict = {"protocol": "" if method == "initial" else protocol, "method": method,
+                     "n_pairs": len(df)}
+        for k in metrics:
+            v = df[k].to_numpy(float)
+            v = v[np.isfinite(v)]
+            row[f"{k}_mean"] = float(v.mean()) if v.size else np.nan
+            row[f"{k}_std"] = float(v.std()) if v.size else np.nan
+        maps = sorted({str(v) for v in df.get("maps", pd.Series(dtype=object)).dropna() if str(v)})
+        row["maps"] = "; ".join(maps)
+        row["lost_classes"] = int(df["lost_classes"].sum())
+        row["pair_classes"] = int(len(df) * n_classes)
+        block.append(row)
+    return block
+
+
+def _markdown_block(protocol: str, block: Sequence[Dict], head: Sequence[str], class_names: Sequence[str],
+                    has_tre: bool, epe: Sequence[str]) -> str:
+    """One protocol's Markdown table (columns ``head``; TRE and EPE columns as :func:`table1` chose
+    them), titled by its protocol and followed by the folding footnote when a +io row is flagged."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    flagged = False
+    for r in block:
+        cls = "[" + ", ".join(f"{r[f'dice_{n}_mean']:.3f}" for n in class_names) + "]"
+        hd = _fmt(r["hd95_mean"], r["hd95_std"])
+        if r["lost_classes"]:
+            hd += f" ({r['lost_classes']}/{r['pair_classes']} pair-classes lost, at the image diagonal)"
+        folds = "+io" in r["method"] and r["percent_neg_jac_mean"] > FOLD_FLAG_PERCENT
+        flagged = flagged or folds
+        label = r["method"] + (f" [maps: {r['maps']}]" if r["maps"] else "") + (f" {FOLD_MARK}" if folds else "")
+        cells = [label, cls, _fmt(r["mean_dice_mean"], r["mean_dice_std"]), hd]
+        if has_tre:
+            cells.append(_fmt(r["tre_mean"], r["tre_std"]))
+        if "dense_epe" in epe:
+            cells.append(_fmt(r["dense_epe_mean"], r["dense_epe_std"]))
+        if len(epe) > 1:
+            cells.append("[" + ", ".join(f"{r[f'dense_epe_{n}_mean']:.2f}" for n in class_names) + "]")
+        initial = r["method"] == "initial"
+        cells.append("-" if initial else _fmt(r["percent_neg_jac_mean"], r["percent_neg_jac_std"]))
+        cells.append("-" if initial else _fmt(r["sdlogj_mean"], r["sdlogj_std"]))
+        cells.append(str(r["lost_classes"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    title = {"oracle": "**oracle protocol** (the paper's): parameters identified on each test pair's "
+                       "own labels, scored on the same labels",
+             "population": "**population protocol** (label-free at test time): one setting identified "
+                           "on the validation split, applied to every test pair"}.get(protocol)
+    if flagged:
+        lines += ["", FOLD_FOOTNOTE]
+    return (title + "\n\n" if title else "") + "\n".join(lines) + "\n"
+
+
 def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataFrame, str]:
     """Aggregate per-pair metrics into Table 1, one block per protocol.
 
@@ -122,31 +179,16 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
     per_pair["protocol"] = per_pair["protocol"].fillna("")
     if "lost_classes" not in per_pair:
         per_pair["lost_classes"] = 0
+    blocks = [(protocol, _aggregate_block(per_pair[(per_pair["protocol"] == protocol)
+                                                   | (per_pair["method"] == "initial")],
+                                          protocol, metrics, len(class_names)))
+              for protocol in _protocols(per_pair)]
     rows: List[Dict] = []
-    blocks: List[Tuple[str, List[Dict]]] = []
-    for protocol in _protocols(per_pair):
-        sub = per_pair[(per_pair["protocol"] == protocol) | (per_pair["method"] == "initial")]
-        block = []
-        for method in _method_order(sub["method"]):
-            df = sub[sub["method"] == method]
-            row: Dict = {"protocol": "" if method == "initial" else protocol, "method": method,
-                         "n_pairs": len(df)}
-            for k in metrics:
-                v = df[k].to_numpy(float)
-                v = v[np.isfinite(v)]
-                row[f"{k}_mean"] = float(v.mean()) if v.size else np.nan
-                row[f"{k}_std"] = float(v.std()) if v.size else np.nan
-            maps = sorted({str(v) for v in df.get("maps", pd.Series(dtype=object)).dropna() if str(v)})
-            row["maps"] = "; ".join(maps)
-            row["lost_classes"] = int(df["lost_classes"].sum())
-            row["pair_classes"] = int(len(df) * len(class_names))
-            block.append(row)
-        blocks.append((protocol, block))
     for k, (_, block) in enumerate(blocks):  # numeric table: 'initial' once, then every protocol's rows
         rows.extend(r for r in block if r["method"] != "initial" or k == 0)
     numeric = pd.DataFrame(rows)
 
-    has_tre = np.isfinite(numeric["tre_mean"]).any()
+    has_tre = bool(np.isfinite(numeric["tre_mean"]).any())
     head = ["Model", f"Class DSC [{', '.join(class_names)}]", "Mean DSC", "HD95 (mm)"]
     if has_tre:
         head.append("TRE (mm)")
@@ -155,37 +197,7 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
     if len(epe) > 1:
         head.append(f"EPE [{', '.join(class_names)}]")
     head += ["%negJ", "SDlogJ", "lost"]
-    texts = []
-    for protocol, block in blocks:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        flagged = False
-        for r in block:
-            cls = "[" + ", ".join(f"{r[f'dice_{n}_mean']:.3f}" for n in class_names) + "]"
-            hd = _fmt(r["hd95_mean"], r["hd95_std"])
-            if r["lost_classes"]:
-                hd += f" ({r['lost_classes']}/{r['pair_classes']} pair-classes lost, at the image diagonal)"
-            folds = "+io" in r["method"] and r["percent_neg_jac_mean"] > FOLD_FLAG_PERCENT
-            flagged = flagged or folds
-            label = r["method"] + (f" [maps: {r['maps']}]" if r["maps"] else "") + (f" {FOLD_MARK}" if folds else "")
-            cells = [label, cls, _fmt(r["mean_dice_mean"], r["mean_dice_std"]), hd]
-            if has_tre:
-                cells.append(_fmt(r["tre_mean"], r["tre_std"]))
-            if "dense_epe" in epe:
-                cells.append(_fmt(r["dense_epe_mean"], r["dense_epe_std"]))
-            if len(epe) > 1:
-                cells.append("[" + ", ".join(f"{r[f'dense_epe_{n}_mean']:.2f}" for n in class_names) + "]")
-            initial = r["method"] == "initial"
-            cells.append("-" if initial else _fmt(r["percent_neg_jac_mean"], r["percent_neg_jac_std"]))
-            cells.append("-" if initial else _fmt(r["sdlogj_mean"], r["sdlogj_std"]))
-            cells.append(str(r["lost_classes"]))
-            lines.append("| " + " | ".join(cells) + " |")
-        title = {"oracle": "**oracle protocol** (the paper's): parameters identified on each test pair's "
-                           "own labels, scored on the same labels",
-                 "population": "**population protocol** (label-free at test time): one setting identified "
-                               "on the validation split, applied to every test pair"}.get(protocol)
-        if flagged:
-            lines += ["", FOLD_FOOTNOTE]
-        texts.append((title + "\n\n" if title else "") + "\n".join(lines) + "\n")
+    texts = [_markdown_block(protocol, block, head, class_names, has_tre, epe) for protocol, block in blocks]
     return numeric, "\n".join(texts)
 
 

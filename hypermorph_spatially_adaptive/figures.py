@@ -204,6 +204,87 @@ def _regularizer_kind(regularizer: str) -> str:
     )
 
 
+def _check_choices(choices: pd.DataFrame, names: Sequence[str], params: Sequence[str]) -> None:
+    """``choices`` must hold ``pair_id`` and ``<param>_<class>`` for every class name and parameter, at
+    least one row, and values in [0, 1] (NaN allowed)."""
+    required = ["pair_id"] + [f"{p}_{c}" for c in names for p in params]
+    _require_columns(choices, required, "choices")
+    if len(choices) == 0:
+        raise ValueError("choices has no rows")
+    for col in required[1:]:
+        v = _numeric(choices[col])
+        bad = v[np.isfinite(v) & ((v < -1e-9) | (v > 1 + 1e-9))]
+        if bad.size:
+            raise ValueError(f"choices[{col!r}] has values outside [0, 1]: {bad[:5].tolist()}")
+
+
+#: axis range and ticks of the parameter plots (values in [0, 1] with a small margin)
+_PARAM_LIM = (-0.05, 1.05)
+_PARAM_TICKS = np.linspace(0, 1, 6)
+
+
+def _elastic_scatter(choices: pd.DataFrame, names: Sequence[str], jitter: float, seed: int) -> Figure:
+    """Fig. 2, elastic: one square ``mu`` (x) / ``lambda`` (y) subplot per class, points jittered by
+    ``U(-jitter, jitter)`` from ``default_rng(seed)`` (drawn class by class, x then y)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = _PARAM_LIM
+    k = len(names)
+    ncols = min(k, 4)
+    nrows = int(np.ceil(k / ncols))
+    fig = _new_figure((3.0 * ncols + 0.4, 3.0 * nrows + 1.0))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, c in zip(axes, names):
+        mu = _numeric(choices[f"mu_{c}"])
+        lam = _numeric(choices[f"lambda_{c}"])
+        ok = np.isfinite(mu) & np.isfinite(lam)
+        mu, lam = mu[ok], lam[ok]
+        jx = rng.uniform(-jitter, jitter, mu.size) if jitter > 0 else 0.0
+        jy = rng.uniform(-jitter, jitter, lam.size) if jitter > 0 else 0.0
+        ax.scatter(mu + jx, lam + jy, s=22, color=_POINT_COLOR, alpha=0.7,
+                   edgecolors="white", linewidths=0.4, zorder=3)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xticks(_PARAM_TICKS)
+        ax.set_yticks(_PARAM_TICKS)
+        ax.set_aspect("equal")
+        ax.grid(True, color="0.88", linewidth=0.6, zorder=0)
+        ax.set_title(f"{c} (n = {int(ok.sum())})")
+        ax.set_xlabel(r"$\mu$")
+        ax.set_ylabel(r"$\lambda$")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    note = f"\none dot per pair, jittered by up to ±{jitter:g}" if jitter > 0 else ""
+    fig.suptitle(f"Identified tissue-specific parameters, elastic regularizer "
+                 f"({len(choices)} pairs){note}")
+    return fig
+
+
+def _diffusion_strip(choices: pd.DataFrame, names: Sequence[str]) -> Figure:
+    """Fig. 2, diffusion: one strip of weights per class (deterministic swarm layout, median bar)."""
+    fig = _new_figure((max(4.0, 1.5 * len(names) + 1.8), 4.2))
+    ax = fig.subplots()
+    labels = []
+    for i, c in enumerate(names):
+        w = _numeric(choices[f"lambda_{c}"])
+        w = w[np.isfinite(w)]
+        x = i + _swarm_offsets(w)
+        ax.scatter(x, w, s=22, color=_POINT_COLOR, alpha=0.75, edgecolors="white",
+                   linewidths=0.4, zorder=3)
+        if w.size:
+            ax.hlines(np.median(w), i - 0.4, i + 0.4, colors="0.25", linewidths=1.5, zorder=4)
+        labels.append(f"{c}\nn = {w.size}")
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels(labels)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylim(*_PARAM_LIM)
+    ax.set_yticks(_PARAM_TICKS)
+    ax.grid(True, axis="y", color="0.88", linewidth=0.6, zorder=0)
+    ax.set_ylabel(r"diffusion weight $\lambda$")
+    fig.suptitle(f"Identified tissue-specific weights, diffusion regularizer ({len(choices)} pairs)"
+                 f"\none dot per pair, bar = median")
+    return fig
+
+
 def plot_parameter_scatter(choices: pd.DataFrame, class_names: List[str], regularizer: str,
                            out_png: str, jitter: float = SCATTER_JITTER, seed: int = 0,
                            include_background: bool = False) -> str:
@@ -242,72 +323,8 @@ def plot_parameter_scatter(choices: pd.DataFrame, class_names: List[str], regula
         names = ["background"] + names
     if jitter < 0 or not np.isfinite(jitter):
         raise ValueError(f"jitter must be a finite number >= 0, got {jitter}")
-    params = ("lambda", "mu") if kind == "elastic" else ("lambda",)
-    required = ["pair_id"] + [f"{p}_{c}" for c in names for p in params]
-    _require_columns(choices, required, "choices")
-    if len(choices) == 0:
-        raise ValueError("choices has no rows")
-    for col in required[1:]:
-        v = _numeric(choices[col])
-        bad = v[np.isfinite(v) & ((v < -1e-9) | (v > 1 + 1e-9))]
-        if bad.size:
-            raise ValueError(f"choices[{col!r}] has values outside [0, 1]: {bad[:5].tolist()}")
-
-    rng = np.random.default_rng(seed)
-    lo, hi = -0.05, 1.05
-    ticks = np.linspace(0, 1, 6)
-    n_pairs = len(choices)
-    if kind == "elastic":
-        k = len(names)
-        ncols = min(k, 4)
-        nrows = int(np.ceil(k / ncols))
-        fig = _new_figure((3.0 * ncols + 0.4, 3.0 * nrows + 1.0))
-        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-        for ax, c in zip(axes, names):
-            mu = _numeric(choices[f"mu_{c}"])
-            lam = _numeric(choices[f"lambda_{c}"])
-            ok = np.isfinite(mu) & np.isfinite(lam)
-            mu, lam = mu[ok], lam[ok]
-            jx = rng.uniform(-jitter, jitter, mu.size) if jitter > 0 else 0.0
-            jy = rng.uniform(-jitter, jitter, lam.size) if jitter > 0 else 0.0
-            ax.scatter(mu + jx, lam + jy, s=22, color=_POINT_COLOR, alpha=0.7,
-                       edgecolors="white", linewidths=0.4, zorder=3)
-            ax.set_xlim(lo, hi)
-            ax.set_ylim(lo, hi)
-            ax.set_xticks(ticks)
-            ax.set_yticks(ticks)
-            ax.set_aspect("equal")
-            ax.grid(True, color="0.88", linewidth=0.6, zorder=0)
-            ax.set_title(f"{c} (n = {int(ok.sum())})")
-            ax.set_xlabel(r"$\mu$")
-            ax.set_ylabel(r"$\lambda$")
-        for ax in axes[len(names):]:
-            ax.set_visible(False)
-        note = f"\none dot per pair, jittered by up to ±{jitter:g}" if jitter > 0 else ""
-        fig.suptitle(f"Identified tissue-specific parameters, elastic regularizer "
-                     f"({n_pairs} pairs){note}")
-    else:
-        fig = _new_figure((max(4.0, 1.5 * len(names) + 1.8), 4.2))
-        ax = fig.subplots()
-        labels = []
-        for i, c in enumerate(names):
-            w = _numeric(choices[f"lambda_{c}"])
-            w = w[np.isfinite(w)]
-            x = i + _swarm_offsets(w)
-            ax.scatter(x, w, s=22, color=_POINT_COLOR, alpha=0.75, edgecolors="white",
-                       linewidths=0.4, zorder=3)
-            if w.size:
-                ax.hlines(np.median(w), i - 0.4, i + 0.4, colors="0.25", linewidths=1.5, zorder=4)
-            labels.append(f"{c}\nn = {w.size}")
-        ax.set_xticks(np.arange(len(names)))
-        ax.set_xticklabels(labels)
-        ax.set_xlim(-0.6, len(names) - 0.4)
-        ax.set_ylim(lo, hi)
-        ax.set_yticks(ticks)
-        ax.grid(True, axis="y", color="0.88", linewidth=0.6, zorder=0)
-        ax.set_ylabel(r"diffusion weight $\lambda$")
-        fig.suptitle(f"Identified tissue-specific weights, diffusion regularizer ({n_pairs} pairs)"
-                     f"\none dot per pair, bar = median")
+    _check_choices(choices, names, ("lambda", "mu") if kind == "elastic" else ("lambda",))
+    fig = _elastic_scatter(choices, names, jitter, seed) if kind == "elastic" else _diffusion_strip(choices, names)
     return _save_png_atomic(fig, out_png)
 
 
@@ -351,6 +368,123 @@ def _robust_range(*arrays: np.ndarray) -> Tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _panel_label(method, res: Mapping) -> str:
+    """Row label of a panel row: the method name and, when given, its mean Dice and %negJ."""
+    label = str(method)
+    extras = []
+    for key, fmt in (("dice", "Dice {:.3f}"), ("negj", "%negJ {:.3f}")):
+        if res.get(key) is not None:
+            try:
+                extras.append(fmt.format(float(res[key])))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"results[{method!r}][{key!r}] must be a number, "
+                                 f"got {res[key]!r}") from e
+    if extras:
+        label += "\n" + "\n".join(extras)
+    return label
+
+
+def _panel_rows(results: Mapping[str, Mapping], shape: Tuple[int, ...]) -> List[dict]:
+    """Validate the entries of the non-empty ``results`` (see :func:`plot_registration_panel`) against the image ``shape`` and
+    return one dict per method with its ``label`` and the drawn slices: ``warped``, ``wseg``
+    (``[H, W]``), ``disp`` (``[H, W, 2]``, in-plane channels 0 and 1, voxels) and ``det``
+    (``det(I + grad u)`` of the full field, ``[H, W]``)."""
+    import eval_metrics  # repo-root module (numpy / scipy only)
+
+    nd = len(shape)
+    rows = []
+    for method, res in results.items():
+        if not isinstance(res, Mapping):
+            raise ValueError(f"results[{method!r}] must be a dict, got {type(res).__name__}")
+        missing = [k for k in ("warped", "disp", "warped_seg") if k not in res]
+        if missing:
+            raise ValueError(f"results[{method!r}] is missing key(s) {missing}")
+        warped = _as_image(res["warped"], f"results[{method!r}]['warped']")
+        wseg = _as_labels(res["warped_seg"], f"results[{method!r}]['warped_seg']")
+        disp = np.asarray(res["disp"], dtype=np.float64)
+        if warped.shape != shape:
+            raise ValueError(f"results[{method!r}]['warped'] has shape {warped.shape}, "
+                             f"expected the image shape {shape}")
+        if wseg.shape != shape:
+            raise ValueError(f"results[{method!r}]['warped_seg'] has shape {wseg.shape}, "
+                             f"expected the image shape {shape}")
+        if disp.shape != (*shape, nd):
+            raise ValueError(f"results[{method!r}]['disp'] has shape {disp.shape}, expected "
+                             f"{(*shape, nd)} ([*spatial, D] for images of shape {shape})")
+        det = eval_metrics.jacobian_determinant(disp)
+        label = _panel_label(method, res)
+        rows.append(dict(label=label, warped=_mid(warped, nd), wseg=_mid(wseg, nd),
+                         disp=_mid(disp, nd)[..., :2], det=_mid(det, nd)))
+    return rows
+
+
+def _panel_scales(m2: np.ndarray, f2: np.ndarray, rows: Sequence[dict]) -> dict:
+    """Colour scales shared by every row of the panel, from the drawn slices ``m2``, ``f2`` ``[H, W]``:
+    ``image`` (imshow keywords of the grey images: robust 1-99 % range of M and F), ``dmax`` (top of
+    the difference scale: 99th percentile of the before-registration ``|F - M|``) and ``jnorm``
+    (determinant range ``1 +- r``, ``r`` the 99th percentile of ``|det - 1|`` clipped to [0.1, 1])."""
+    vmin, vmax = _robust_range(m2, f2)
+    before = np.abs(f2 - m2)
+    dmax = float(np.percentile(before, 99)) if before.size else 0.0
+    if not np.isfinite(dmax) or dmax <= 0:
+        dmax = max(float(np.nanmax(before)) if before.size else 0.0, 1e-6)
+    devs = np.concatenate([np.abs(r["det"][np.isfinite(r["det"])] - 1).ravel() for r in rows])
+    jr = float(np.percentile(devs, 99)) if devs.size else 0.0
+    jr = float(np.clip(jr, 0.1, 1.0))
+    return {"image": dict(cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest"), "dmax": dmax,
+            "jnorm": Normalize(vmin=1 - jr, vmax=1 + jr)}
+
+
+def _draw_panel_row(ax: Sequence, r: dict, m2: np.ndarray, f2: np.ndarray, s2: np.ndarray, classes: Sequence[int],
+                    scales: dict, step: int) -> tuple:
+    """Draw the seven columns of one method's row ``r`` (from :func:`_panel_rows`) into the axes ``ax``;
+    ``m2``, ``f2``, ``s2`` are the drawn slices of M, F and the fixed labels. Returns the Jacobian
+    and the difference images (for the colour bars)."""
+    im_kw = scales["image"]
+    h, w = f2.shape
+    ax[0].imshow(m2, **im_kw)
+    ax[1].imshow(f2, **im_kw)
+    ax[2].imshow(r["warped"], **im_kw)
+    ax[3].imshow(r["warped"], alpha=0.45, **im_kw)
+    row_lines, col_lines = deformed_grid_lines(r["disp"], step)
+    segs = [line[:, ::-1] for line in list(row_lines) + list(col_lines)]  # (x=col, y=row)
+    ax[3].add_collection(LineCollection(segs, colors="tab:orange", linewidths=0.6))
+    ax[3].set_xlim(-0.5, w - 0.5)
+    ax[3].set_ylim(h - 0.5, -0.5)
+    jac_im = ax[4].imshow(r["det"], cmap=_JAC_CMAP, norm=scales["jnorm"], interpolation="nearest")
+    neg = np.ma.masked_where(~(r["det"] <= 0), np.ones_like(r["det"]))
+    ax[4].imshow(neg, cmap=ListedColormap(["red"]), vmin=0, vmax=1, interpolation="nearest")
+    diff = np.abs(f2 - r["warped"])
+    diff_im = ax[5].imshow(diff, cmap="magma", vmin=0, vmax=scales["dmax"], interpolation="nearest")
+    ax[5].text(0.03, 0.97, f"mean {np.mean(diff):.3g}", transform=ax[5].transAxes,
+               ha="left", va="top", fontsize=7, color="white")
+    ax[6].imshow(f2, **im_kw)
+    for c in classes:
+        for seg, ls in ((s2, "solid"), (r["wseg"], "dashed")):
+            mask = seg == c
+            if mask.any() and not mask.all():
+                ax[6].contour(mask.astype(float), levels=[0.5], colors=[_class_color(c)],
+                              linestyles=ls, linewidths=0.9)
+    for a in ax:
+        a.set_xticks([])
+        a.set_yticks([])
+    ax[0].set_ylabel(r["label"], fontsize=9)
+    return jac_im, diff_im
+
+
+def _panel_legend(fig: Figure, classes: Sequence[int], class_names: Optional[Sequence[str]]) -> None:
+    """Contour legend under the panel: one colour per class (``class_names`` of classes 1..C, else
+    ``class <c>``) and the line styles of fixed / warped labels."""
+    names = list(class_names) if class_names is not None else []
+    handles = [Line2D([], [], color=_class_color(c), lw=1.5,
+                      label=names[c - 1] if c - 1 < len(names) else f"class {c}")
+               for c in classes]
+    handles += [Line2D([], [], color="0.2", lw=1.2, ls="solid", label="fixed"),
+                Line2D([], [], color="0.2", lw=1.2, ls="dashed", label="warped")]
+    fig.legend(handles=handles, loc="outside lower right", ncols=min(len(handles), 4),
+               fontsize=8, frameon=False)
+
+
 def plot_registration_panel(moving, fixed, fixed_seg, results: Mapping[str, Mapping],
                             out_png: str, title: str = "",
                             class_names: Optional[Sequence[str]] = None,
@@ -381,8 +515,6 @@ def plot_registration_panel(moving, fixed, fixed_seg, results: Mapping[str, Mapp
     corner), (6) class contours of the fixed labels (solid) and warped labels (dashed) over F,
     one colour per class.
     """
-    import eval_metrics  # repo-root module (numpy / scipy only)
-
     out_png = _check_out_png(out_png)
     mov = _as_image(moving, "moving")
     fix = _as_image(fixed, "fixed")
@@ -397,96 +529,23 @@ def plot_registration_panel(moving, fixed, fixed_seg, results: Mapping[str, Mapp
         raise ValueError(f"grid_step must be >= 1, got {grid_step}")
     shape = fix.shape
     nd = len(shape)
-
-    rows = []
-    for method, res in results.items():
-        if not isinstance(res, Mapping):
-            raise ValueError(f"results[{method!r}] must be a dict, got {type(res).__name__}")
-        missing = [k for k in ("warped", "disp", "warped_seg") if k not in res]
-        if missing:
-            raise ValueError(f"results[{method!r}] is missing key(s) {missing}")
-        warped = _as_image(res["warped"], f"results[{method!r}]['warped']")
-        wseg = _as_labels(res["warped_seg"], f"results[{method!r}]['warped_seg']")
-        disp = np.asarray(res["disp"], dtype=np.float64)
-        if warped.shape != shape:
-            raise ValueError(f"results[{method!r}]['warped'] has shape {warped.shape}, "
-                             f"expected the image shape {shape}")
-        if wseg.shape != shape:
-            raise ValueError(f"results[{method!r}]['warped_seg'] has shape {wseg.shape}, "
-                             f"expected the image shape {shape}")
-        if disp.shape != (*shape, nd):
-            raise ValueError(f"results[{method!r}]['disp'] has shape {disp.shape}, expected "
-                             f"{(*shape, nd)} ([*spatial, D] for images of shape {shape})")
-        det = eval_metrics.jacobian_determinant(disp)
-        label = str(method)
-        extras = []
-        for key, fmt in (("dice", "Dice {:.3f}"), ("negj", "%negJ {:.3f}")):
-            if res.get(key) is not None:
-                try:
-                    extras.append(fmt.format(float(res[key])))
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"results[{method!r}][{key!r}] must be a number, "
-                                     f"got {res[key]!r}") from e
-        if extras:
-            label += "\n" + "\n".join(extras)
-        rows.append(dict(label=label, warped=_mid(warped, nd), wseg=_mid(wseg, nd),
-                         disp=_mid(disp, nd)[..., :2], det=_mid(det, nd)))
+    rows = _panel_rows(results, shape)
 
     m2, f2, s2 = _mid(mov, nd), _mid(fix, nd), _mid(fseg, nd)
     h, w = f2.shape
     step = int(grid_step) if grid_step is not None else max(4, int(round(min(h, w) / 32)))
-    vmin, vmax = _robust_range(m2, f2)
-    before = np.abs(f2 - m2)
-    dmax = float(np.percentile(before, 99)) if before.size else 0.0
-    if not np.isfinite(dmax) or dmax <= 0:
-        dmax = max(float(np.nanmax(before)) if before.size else 0.0, 1e-6)
-    devs = np.concatenate([np.abs(r["det"][np.isfinite(r["det"])] - 1).ravel() for r in rows])
-    jr = float(np.percentile(devs, 99)) if devs.size else 0.0
-    jr = float(np.clip(jr, 0.1, 1.0))
-    jnorm = Normalize(vmin=1 - jr, vmax=1 + jr)
-    red = ListedColormap(["red"])
+    scales = _panel_scales(m2, f2, rows)
     classes = sorted(set(np.unique(s2).tolist()).union(*[np.unique(r["wseg"]).tolist() for r in rows])
                      - {0})
 
     ncols = 7
-    nrows = len(rows)
     cell = 1.9
-    aspect = h / w
-    fig = _new_figure((cell * ncols + 0.6, cell * aspect * nrows + 1.9))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig = _new_figure((cell * ncols + 0.6, cell * (h / w) * len(rows) + 1.9))
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
     col_titles = ["moving M", "fixed F", "warped M∘φ", "deformation grid",
                   "Jacobian det (red: ≤ 0)", "|F − M∘φ|", "contours F (—) / M∘φ (--)"]
-    im_kw = dict(cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-    jac_im = diff_im = None
     for i, r in enumerate(rows):
-        ax = axes[i]
-        ax[0].imshow(m2, **im_kw)
-        ax[1].imshow(f2, **im_kw)
-        ax[2].imshow(r["warped"], **im_kw)
-        ax[3].imshow(r["warped"], alpha=0.45, **im_kw)
-        row_lines, col_lines = deformed_grid_lines(r["disp"], step)
-        segs = [line[:, ::-1] for line in list(row_lines) + list(col_lines)]  # (x=col, y=row)
-        ax[3].add_collection(LineCollection(segs, colors="tab:orange", linewidths=0.6))
-        ax[3].set_xlim(-0.5, w - 0.5)
-        ax[3].set_ylim(h - 0.5, -0.5)
-        jac_im = ax[4].imshow(r["det"], cmap=_JAC_CMAP, norm=jnorm, interpolation="nearest")
-        neg = np.ma.masked_where(~(r["det"] <= 0), np.ones_like(r["det"]))
-        ax[4].imshow(neg, cmap=red, vmin=0, vmax=1, interpolation="nearest")
-        diff = np.abs(f2 - r["warped"])
-        diff_im = ax[5].imshow(diff, cmap="magma", vmin=0, vmax=dmax, interpolation="nearest")
-        ax[5].text(0.03, 0.97, f"mean {np.mean(diff):.3g}", transform=ax[5].transAxes,
-                   ha="left", va="top", fontsize=7, color="white")
-        ax[6].imshow(f2, **im_kw)
-        for c in classes:
-            for seg, ls in ((s2, "solid"), (r["wseg"], "dashed")):
-                mask = seg == c
-                if mask.any() and not mask.all():
-                    ax[6].contour(mask.astype(float), levels=[0.5], colors=[_class_color(c)],
-                                  linestyles=ls, linewidths=0.9)
-        for a in ax:
-            a.set_xticks([])
-            a.set_yticks([])
-        ax[0].set_ylabel(r["label"], fontsize=9)
+        jac_im, diff_im = _draw_panel_row(axes[i], r, m2, f2, s2, classes, scales, step)
     for j, t in enumerate(col_titles):
         axes[0, j].set_title(t, fontsize=9)
     # colour bars in inset axes under the last row: the image columns keep equal sizes
@@ -497,15 +556,8 @@ def plot_registration_panel(moving, fixed, fixed_seg, results: Mapping[str, Mapp
         cb.ax.tick_params(labelsize=7)
         cb.set_label(lab, fontsize=8)
     if classes:
-        names = list(class_names) if class_names is not None else []
-        handles = [Line2D([], [], color=_class_color(c), lw=1.5,
-                          label=names[c - 1] if c - 1 < len(names) else f"class {c}")
-                   for c in classes]
-        handles += [Line2D([], [], color="0.2", lw=1.2, ls="solid", label="fixed"),
-                    Line2D([], [], color="0.2", lw=1.2, ls="dashed", label="warped")]
-        fig.legend(handles=handles, loc="outside lower right", ncols=min(len(handles), 4),
-                   fontsize=8, frameon=False)
-    sub = f"before registration: mean |F − M| = {np.mean(before):.3g}"
+        _panel_legend(fig, classes, class_names)
+    sub = f"before registration: mean |F − M| = {np.mean(np.abs(f2 - m2)):.3g}"
     if nd == 3:
         sub += f"; 3D, middle slice z = {shape[2] // 2} of {shape[2]}"
     fig.suptitle(f"{title}\n{sub}" if title else sub, fontsize=10)
@@ -613,6 +665,38 @@ def plot_response_curves(curves: pd.DataFrame, out_png: str) -> str:
 # --------------------------------------------------------------------------------------
 # 4. Dice box plots
 # --------------------------------------------------------------------------------------
+def _draw_dice_boxes(ax, data: Sequence[np.ndarray], methods: Sequence[str], rng: np.random.Generator) -> None:
+    """One Dice subplot: a box (median, quartiles, 1.5 IQR whiskers) per method with finite values
+    ``data[i]``, the pairs as dots jittered by ``U(-0.15, 0.15)`` from ``rng`` and the mean as a white
+    diamond; y from just below the lowest value to 1."""
+    colors = matplotlib.colormaps["tab10"]
+    pos = np.arange(1, len(methods) + 1)
+    nonempty = [i for i, d in enumerate(data) if d.size]
+    if nonempty:
+        bp = ax.boxplot([data[i] for i in nonempty], positions=pos[nonempty], widths=0.6,
+                        patch_artist=True, showfliers=False,
+                        medianprops=dict(color="black", linewidth=1.3))
+        for patch, i in zip(bp["boxes"], nonempty):
+            patch.set_facecolor(colors(i % 10))
+            patch.set_alpha(0.35)
+    for i, d in enumerate(data):
+        if d.size:
+            x = pos[i] + rng.uniform(-0.15, 0.15, d.size)
+            ax.scatter(x, d, s=9, color=colors(i % 10), alpha=0.8, zorder=3,
+                       linewidths=0)
+            ax.scatter([pos[i]], [d.mean()], marker="D", s=22, color="white",
+                       edgecolors="black", linewidths=0.8, zorder=4)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(methods, rotation=30, ha="right")
+    ax.set_xlim(0.4, len(methods) + 0.6)
+    allv = np.concatenate(data) if data else np.array([])
+    if allv.size:
+        lo = float(allv.min())
+        ax.set_ylim(max(0.0, lo - 0.05 * max(1.0 - lo, 0.1)) if lo >= 0 else lo - 0.05, 1.005)
+    ax.set_ylabel("Dice")
+    ax.grid(True, axis="y", color="0.9", linewidth=0.6)
+
+
 def plot_dice_boxplots(per_pair: pd.DataFrame, class_names: List[str], out_png: str,
                        method_order: Optional[Sequence[str]] = None) -> str:
     """Box plots of the Dice per method: one subplot for ``mean_dice`` + one per class.
@@ -650,39 +734,14 @@ def plot_dice_boxplots(per_pair: pd.DataFrame, class_names: List[str], out_png: 
     width = max(3.2, 0.55 * len(methods) + 1.2)
     fig = _new_figure((width * ncols, 3.6 * nrows + 0.4))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    colors = matplotlib.colormaps["tab10"]
     rng = np.random.default_rng(0)
     for ax, col in zip(axes, cols):
         data = []
         for m in methods:
             v = _numeric(per_pair.loc[method_col == m, col])
             data.append(v[np.isfinite(v)])
-        pos = np.arange(1, len(methods) + 1)
-        nonempty = [i for i, d in enumerate(data) if d.size]
-        if nonempty:
-            bp = ax.boxplot([data[i] for i in nonempty], positions=pos[nonempty], widths=0.6,
-                            patch_artist=True, showfliers=False,
-                            medianprops=dict(color="black", linewidth=1.3))
-            for patch, i in zip(bp["boxes"], nonempty):
-                patch.set_facecolor(colors(i % 10))
-                patch.set_alpha(0.35)
-        for i, d in enumerate(data):
-            if d.size:
-                x = pos[i] + rng.uniform(-0.15, 0.15, d.size)
-                ax.scatter(x, d, s=9, color=colors(i % 10), alpha=0.8, zorder=3,
-                           linewidths=0)
-                ax.scatter([pos[i]], [d.mean()], marker="D", s=22, color="white",
-                           edgecolors="black", linewidths=0.8, zorder=4)
-        ax.set_xticks(pos)
-        ax.set_xticklabels(methods, rotation=30, ha="right")
-        ax.set_xlim(0.4, len(methods) + 0.6)
-        allv = np.concatenate(data) if data else np.array([])
-        if allv.size:
-            lo = float(allv.min())
-            ax.set_ylim(max(0.0, lo - 0.05 * max(1.0 - lo, 0.1)) if lo >= 0 else lo - 0.05, 1.005)
+        _draw_dice_boxes(ax, data, methods, rng)
         ax.set_title("mean Dice" if col == "mean_dice" else f"Dice {col[len('dice_'):]}")
-        ax.set_ylabel("Dice")
-        ax.grid(True, axis="y", color="0.9", linewidth=0.6)
     for ax in axes[k:]:
         ax.set_visible(False)
     n = per_pair.groupby(method_col).size()

@@ -303,6 +303,43 @@ def _check_options(objective: str, steps: int, lr: float) -> None:
         raise ValueError(f"lr must be a positive number, got {lr}")
 
 
+class _PairTracker:
+    """Per-pair bookkeeping of the Adam loop of :func:`identify_by_gradient` for N pairs:
+    ``active [N]`` (1.0 while a pair is optimized, float32 for the compiled step), ``best [N]`` and
+    ``best_z [N, P]`` (lowest objective and its iterate), ``since [N]`` steps without an improvement
+    > ``min_delta``, ``traces`` (objective of every evaluated iterate) and ``used [N]`` passes."""
+
+    def __init__(self, z0: np.ndarray, patience: Optional[int], min_delta: float):
+        n = z0.shape[0]
+        self.patience, self.min_delta = patience, min_delta
+        self.active = np.ones(n, np.float32)
+        self.best = np.full(n, np.inf)
+        self.best_z = z0.copy()
+        self.since = np.zeros(n, int)
+        self.traces: List[List[float]] = [[] for _ in range(n)]
+        self.used = np.zeros(n, int)
+
+    def update(self, k: int, obj: np.ndarray, finite: np.ndarray, z: np.ndarray, ids: Sequence[str],
+               objective: str) -> None:
+        """Record step ``k``: objective ``obj [N]`` at the iterate ``z [N, P]`` and ``finite [N]`` (gradient
+        finite) for every active pair; keep the best iterate and stop pairs out of patience.
+        ``FloatingPointError`` naming the pair if its objective or gradient is not finite."""
+        for i in np.flatnonzero(self.active):
+            if not (np.isfinite(obj[i]) and finite[i]):
+                what = "objective" if not np.isfinite(obj[i]) else "gradient"
+                raise FloatingPointError(
+                    f"pair {ids[i]}: the {objective} {what} became non-finite at step {k} "
+                    f"(h = {np.round(1 / (1 + np.exp(-z[i])), 4).tolist()}); try a smaller --lr")
+            self.traces[i].append(float(obj[i]))
+            self.used[i] += 1
+            self.since[i] = 0 if (obj[i] < self.best[i] - self.min_delta or k == 0) else self.since[i] + 1
+            if obj[i] < self.best[i]:
+                self.best[i] = obj[i]
+                self.best_z[i] = z[i]
+            if self.patience and self.since[i] >= self.patience:
+                self.active[i] = 0.0
+
+
 def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, steps: int = 50,
                          lr: float = 0.05, patience: Optional[int] = 10, objective: str = "dice",
                          disp_true=None, mask=None, spacing: Optional[Sequence[float]] = None,
@@ -347,46 +384,26 @@ def identify_by_gradient(model, moving, fixed, fixed_seg, moving_seg, h0=None, s
     step = _make_step(model, objective)
     m = np.zeros_like(z)
     v = np.zeros_like(z)
-    active = np.ones(n, np.float32)
-    best = np.full(n, np.inf)
-    best_z = z.copy()
-    since = np.zeros(n, int)
-    traces: List[List[float]] = [[] for _ in range(n)]
-    used = np.zeros(n, int)
+    track = _PairTracker(z, patience, min_delta)
     passes = 0
     lr_t = tf.constant(lr, tf.float32)
     for k in range(steps):
         try:
             obj, finite, z_new, m, v = step(tf.constant(z), tf.constant(m), tf.constant(v),
-                                            tf.constant(float(k + 1)), lr_t, tf.constant(active), *args_fixed)
+                                            tf.constant(float(k + 1)), lr_t, tf.constant(track.active), *args_fixed)
         except tf.errors.InvalidArgumentError as e:  # e.g. NaN displacement -> invalid gather index
             raise FloatingPointError(f"pairs {ids}: the network failed at step {k} (non-finite displacement?); "
                                      f"try a smaller --lr. TensorFlow: {e.message.splitlines()[0]}") from e
         passes += 1
-        obj = obj.numpy().astype(np.float64)
-        finite = finite.numpy()
-        for i in np.flatnonzero(active):
-            if not (np.isfinite(obj[i]) and finite[i]):
-                what = "objective" if not np.isfinite(obj[i]) else "gradient"
-                raise FloatingPointError(
-                    f"pair {ids[i]}: the {objective} {what} became non-finite at step {k} "
-                    f"(h = {np.round(1 / (1 + np.exp(-z[i])), 4).tolist()}); try a smaller --lr")
-            traces[i].append(float(obj[i]))
-            used[i] += 1
-            since[i] = 0 if (obj[i] < best[i] - min_delta or k == 0) else since[i] + 1
-            if obj[i] < best[i]:
-                best[i] = obj[i]
-                best_z[i] = z[i]
-            if patience and since[i] >= patience:
-                active[i] = 0.0
-        if not active.any():
+        track.update(k, obj.numpy().astype(np.float64), finite.numpy(), z, ids, objective)
+        if not track.active.any():
             break
         z = z_new.numpy()
         m = m.numpy()
         v = v.numpy()
-    h = 1.0 / (1.0 + np.exp(-best_z.astype(np.float64)))
-    return GradientResult(h=h, best=best, start=np.array([t[0] for t in traces]),
-                          traces=[np.asarray(t) for t in traces], steps=used, batch_passes=passes,
+    h = 1.0 / (1.0 + np.exp(-track.best_z.astype(np.float64)))
+    return GradientResult(h=h, best=track.best, start=np.array([t[0] for t in track.traces]),
+                          traces=[np.asarray(t) for t in track.traces], steps=track.used, batch_passes=passes,
                           seconds=time.perf_counter() - t_start, objective=objective)
 
 
@@ -702,6 +719,53 @@ def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, k
     return rows, traces, meta, val, res_sa, res_g
 
 
+def _load_sa_for(args, g_config: Dict, dataset) -> Tuple:
+    """The SA run ``--sa-run`` of the global run's regularizer, trained on the same data and classes and
+    compatible with ``dataset``: ``(model, config)``."""
+    from . import runio
+
+    if args.sa_run is None:
+        raise ValueError("--method gradient needs --sa-run (the spatially adaptive run folder)")
+    sa_model, sa_config = runio.load_run(args.sa_run, expect_regularizer=g_config["model"]["regularizer"],
+                                         expect_sa=True)
+    if sa_config["data"] != g_config["data"] or list(sa_config["class_names"]) != list(g_config["class_names"]):
+        raise ValueError(f"{args.sa_run} and {args.run} were trained on different datasets/classes")
+    runio.check_compatible(args.sa_run, sa_config, dataset)
+    return sa_model, sa_config
+
+
+def _add_stiffness_order(meta: Dict, pairs, h_sa: np.ndarray, class_names: Sequence[str], regularizer: str) -> None:
+    """``--objective epe`` on synthetic pairs with known Lamé values: put the per-pair Spearman
+    correlations and their summary (:func:`stiffness_order_summary`) into ``meta`` and print the summary."""
+    per_pair = stiffness_order_summary(pairs, h_sa, class_names, regularizer == "elastic")
+    if not per_pair:
+        return
+    summary = {key: _summarize([r[key] for r in per_pair.values()]) for key in next(iter(per_pair.values()))}
+    meta["stiffness_order_spearman"] = {"summary": summary, "per_pair": per_pair}
+    print(f"[identify gradient {regularizer}] stiffness order, Spearman(identified, true) per pair over "
+          f"tissues {class_names}:", flush=True)
+    for key, s in summary.items():
+        print(f"    {key:20s} {json.dumps(s)}", flush=True)
+
+
+def _write_identification(dest: str, choice, trace_rows: List[Dict], meta: Dict, figure: bool,
+                          class_names: Sequence[str], regularizer: str) -> None:
+    """identified_parameters.csv, the objective trace, identification.json and (``figure``) Fig. 2 into ``dest``."""
+    import pandas as pd
+
+    from datasets.atomic import atomic_write
+    from . import artifacts as art
+
+    atomic_write(os.path.join(dest, art.IDENTIFIED_PARAMETERS), choice)
+    atomic_write(os.path.join(dest, art.OBJECTIVE_TRACE), pd.DataFrame(trace_rows))
+    atomic_write(os.path.join(dest, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
+    if figure:
+        from . import figures
+
+        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(dest, art.FIG2),
+                                       jitter=0.0)  # continuous values: no grid clusters to spread
+
+
 def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], dest: Optional[str] = None) -> str:
     """``parameter_identification.py --method gradient``: identify, then write all files at once.
 
@@ -716,25 +780,18 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], de
     import pandas as pd
 
     from . import artifacts as art
-    from . import runio
+    from .provenance import check_runs, weights_sha256
     from .registration import auto_batch_size
 
-    if args.sa_run is None:
-        raise ValueError("--method gradient needs --sa-run (the spatially adaptive run folder)")
+    sa_model, sa_config = _load_sa_for(args, g_config, dataset)
     regularizer = g_config["model"]["regularizer"]
     class_names = list(g_config["class_names"])
     C = len(class_names)
-    sa_model, sa_config = runio.load_run(args.sa_run, expect_regularizer=regularizer, expect_sa=True)
-    if sa_config["data"] != g_config["data"] or list(sa_config["class_names"]) != class_names:
-        raise ValueError(f"{args.sa_run} and {args.run} were trained on different datasets/classes")
-    runio.check_compatible(args.sa_run, sa_config, dataset)
     names = (art.sa_columns(regularizer, class_names), art.global_columns(regularizer), class_names, regularizer)
     protocol = getattr(args, "protocol", "oracle")
     default_dir = art.IDENTIFICATION_DIRS["gradient"] + ("" if args.objective == "dice" else f"_{args.objective}")
     out = args.out or os.path.join(args.run, default_dir + ("_population" if protocol == "population" else ""))
     dest = dest or out
-    from .provenance import check_runs, weights_sha256
-
     splits = [args.split] + ([args.population_split] if protocol == "population" else [])
     provenance = check_runs([(args.run, g_config), (args.sa_run, sa_config)], dataset, splits,
                             bool(getattr(args, "force", False)), getattr(args, "data_dir", None),
@@ -758,24 +815,8 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], de
             "provenance": provenance, "force": bool(getattr(args, "force", False)),
             "command": ["parameter_identification.py"] + list(argv if argv is not None else sys.argv[1:])}
     if args.objective == "epe":
-        per_pair = stiffness_order_summary(opt_pairs, res_sa.h, class_names, regularizer == "elastic")
-        if per_pair:
-            summary = {key: _summarize([r[key] for r in per_pair.values()]) for key in next(iter(per_pair.values()))}
-            meta["stiffness_order_spearman"] = {"summary": summary, "per_pair": per_pair}
-            print(f"[identify gradient {regularizer}] stiffness order, Spearman(identified, true) per pair over "
-                  f"tissues {class_names}:", flush=True)
-            for key, s in summary.items():
-                print(f"    {key:20s} {json.dumps(s)}", flush=True)
-
-    from datasets.atomic import atomic_write
-    atomic_write(os.path.join(dest, art.IDENTIFIED_PARAMETERS), choice)
-    atomic_write(os.path.join(dest, art.OBJECTIVE_TRACE), pd.DataFrame(trace_rows))
-    atomic_write(os.path.join(dest, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
-    if not args.no_figure:
-        from . import figures
-
-        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(dest, art.FIG2),
-                                       jitter=0.0)  # continuous values: no grid clusters to spread
+        _add_stiffness_order(meta, opt_pairs, res_sa.h, class_names, regularizer)
+    _write_identification(dest, choice, trace_rows, meta, not args.no_figure, class_names, regularizer)
     print(f"[identify gradient {regularizer}] {protocol}: SA mean Dice {choice['mean_dice'].mean():.3f}, -g "
           f"{choice[art.G_MEAN_DICE].mean():.3f}"
           f"{' (validation means)' if protocol == 'population' else ''}; done in {seconds:.1f} s -> "

@@ -78,25 +78,22 @@ LEGACY_DEFAULTS = {"model.conditioning": "hypernetwork", "model.smooth_sigma": 0
 LOG_FIELDS = ["step", "loss", "similarity", "regularization", "ncc", "val_loss", "val_ncc", "sec_per_step"]
 
 
-def build_parser(preset: str) -> argparse.ArgumentParser:
-    """The command line of one preset (every value checked at parse time)."""
-    import datasets
-
+def _add_optimization_args(g: argparse._ArgumentGroup, preset: str) -> None:
+    """Run folder, step budget, batch size and learning rate (into the ``training`` group)."""
     from .runio import arg_float, arg_int
 
-    reg, sa = PRESETS[preset]
-    p = argparse.ArgumentParser(
-        description=f"Train the {'spatially adaptive' if sa else 'global'} HyperMorph model with the "
-                    f"{reg} regularizer (preset {preset}). Writes a self-contained run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    datasets.add_dataset_args(p)
-    g = p.add_argument_group("training")
     g.add_argument("--out", default=os.path.join("runs", preset), help="run folder to write")
     g.add_argument("--steps", type=arg_int(1), default=2000, help="number of optimizer steps")
     g.add_argument("--epochs", type=arg_float(0.0), default=None,
                    help="train for this many passes over the training split instead of --steps")
     g.add_argument("--batch-size", type=arg_int(1), default=1, help="global batch size")
     g.add_argument("--lr", type=arg_float(0.0), default=1e-4, help="Adam learning rate")
+
+
+def _add_loss_args(g: argparse._ArgumentGroup) -> None:
+    """Similarity window, regularized field, energy scale, hyperparameter mapping and sampling."""
+    from .runio import arg_float, arg_int
+
     g.add_argument("--ncc-win", type=arg_int(1, odd=True), default=9, help="local NCC window per axis (odd)")
     g.add_argument("--reg-field", choices=["disp", "svf"], default="disp",
                    help="field the regularizer acts on: integrated displacement (paper) or the SVF")
@@ -114,6 +111,12 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
     g.add_argument("--oversample-endpoints", type=arg_float(0.0, 1.0, inclusive=True), default=0.0, metavar="P",
                    help="probability that a sampled hyperparameter is replaced by 0 or 1 "
                         "(HyperMorph's endpoint oversampling; the paper uses 0)")
+
+
+def _add_session_args(g: argparse._ArgumentGroup) -> None:
+    """Seed, logging/validation/checkpoint intervals, resume/overwrite, devices and determinism."""
+    from .runio import arg_int
+
     g.add_argument("--seed", type=arg_int(0), default=0, help="seed for data order, hyperparameters and init")
     g.add_argument("--val-every", type=arg_int(0), default=200, help="validation loss every N steps (0: never)")
     g.add_argument("--log-every", type=arg_int(1), default=20, help="log/progress every N steps")
@@ -135,7 +138,12 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
                    help="split the CPU into N logical devices (to try --strategy mirrored without GPUs)")
     g.add_argument("--no-determinism", action="store_true",
                    help="do not enable TF op determinism (may be faster on GPU)")
-    m = p.add_argument_group("model (HyperVxmDense)")
+
+
+def _add_model_args(m: argparse._ArgumentGroup) -> None:
+    """The HyperVxmDense architecture: U-Net features, integration and hypernetwork size."""
+    from .runio import arg_int
+
     m.add_argument("--enc-features", type=arg_int(1), nargs="+", default=[16, 32, 32, 32],
                    help="U-Net encoder features (image sizes must be divisible by 2^levels, 16 by default)")
     m.add_argument("--dec-features", type=arg_int(1), nargs="+", default=[32, 32, 32, 32, 32, 16, 16],
@@ -144,22 +152,45 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
     m.add_argument("--int-resolution", type=arg_int(1), default=2, help="relative voxel size of the integration")
     m.add_argument("--hyp-layers", type=arg_int(1), default=6, help="dense layers of the hypernetwork")
     m.add_argument("--hyp-units", type=arg_int(1), default=128, help="units per hypernetwork layer")
+
+
+def _add_conditioning_args(c: argparse._ArgumentGroup) -> None:
+    """Spatially adaptive presets only: conditioning (hypernetwork / CSAIN), map smoothing, weight range."""
+    from .runio import arg_float, arg_int
+
+    c.add_argument("--conditioning", choices=["hypernetwork", "csain"], default="hypernetwork",
+                   help="hypernetwork: HyperMorph (per-class values -> hyper-convolutions); csain: the same "
+                        "U-Net conditioned on the voxelwise parameter map by CSAIN layers (Wang et al.; "
+                        "--hyp-layers/--hyp-units unused)")
+    c.add_argument("--smooth-maps", type=arg_float(0.0, inclusive=True), default=0.0, metavar="SIGMA",
+                   help="Gaussian-smooth the parameter maps with this sigma in voxels (window 2 ceil(2.5 sigma) "
+                        "+ 1; CSAIN paper: 0.8, window 5) in the loss, the CSAIN input, validation and every "
+                        "later stage; 0: piecewise constant maps")
+    c.add_argument("--weight-range", choices=["unit", "paper"], default="unit",
+                   help="unit: hyperparameters in [0, 1] are the weights of paper eq. (1); paper: the CSAIN "
+                        "paper's loss, regularization weights 10 * hyp ~ U(0, 10) and unit similarity weight "
+                        "(hyp stays in [0, 1] in every file)")
+    c.add_argument("--csain-blocks", type=arg_int(0), default=2,
+                   help="CSAIN residual blocks at the U-Net bottleneck (--conditioning csain)")
+
+
+def build_parser(preset: str) -> argparse.ArgumentParser:
+    """The command line of one preset (every value checked at parse time)."""
+    import datasets
+
+    reg, sa = PRESETS[preset]
+    p = argparse.ArgumentParser(
+        description=f"Train the {'spatially adaptive' if sa else 'global'} HyperMorph model with the "
+                    f"{reg} regularizer (preset {preset}). Writes a self-contained run folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    datasets.add_dataset_args(p)
+    g = p.add_argument_group("training")
+    _add_optimization_args(g, preset)
+    _add_loss_args(g)
+    _add_session_args(g)
+    _add_model_args(p.add_argument_group("model (HyperVxmDense)"))
     if sa:
-        c = p.add_argument_group("conditioning and parameter maps (spatially adaptive presets)")
-        c.add_argument("--conditioning", choices=["hypernetwork", "csain"], default="hypernetwork",
-                       help="hypernetwork: HyperMorph (per-class values -> hyper-convolutions); csain: the same "
-                            "U-Net conditioned on the voxelwise parameter map by CSAIN layers (Wang et al.; "
-                            "--hyp-layers/--hyp-units unused)")
-        c.add_argument("--smooth-maps", type=arg_float(0.0, inclusive=True), default=0.0, metavar="SIGMA",
-                       help="Gaussian-smooth the parameter maps with this sigma in voxels (window 2 ceil(2.5 sigma) "
-                            "+ 1; CSAIN paper: 0.8, window 5) in the loss, the CSAIN input, validation and every "
-                            "later stage; 0: piecewise constant maps")
-        c.add_argument("--weight-range", choices=["unit", "paper"], default="unit",
-                       help="unit: hyperparameters in [0, 1] are the weights of paper eq. (1); paper: the CSAIN "
-                            "paper's loss, regularization weights 10 * hyp ~ U(0, 10) and unit similarity weight "
-                            "(hyp stays in [0, 1] in every file)")
-        c.add_argument("--csain-blocks", type=arg_int(0), default=2,
-                       help="CSAIN residual blocks at the U-Net bottleneck (--conditioning csain)")
+        _add_conditioning_args(p.add_argument_group("conditioning and parameter maps (spatially adaptive presets)"))
     return p
 
 
@@ -475,11 +506,87 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
         return _run_locked(preset, args, argv)
 
 
-def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> str:
+def _checked_data(preset: str, args: argparse.Namespace, old: Optional[Dict]) -> Tuple[object, Dict, Dict]:
+    """Load and validate the whole dataset (every pair of the splits training needs); with ``old``
+    (the config of the run being resumed) refuse data whose hashes changed. Returns ``(dataset,
+    summary of datasets.validate_dataset, data hashes per split)``."""
     import datasets
 
-    from . import runio
     from .provenance import data_hashes, data_mismatches
+
+    dataset = datasets.dataset_from_args(args)
+    levels = len(args.enc_features)
+    summary = datasets.validate_dataset(dataset, require=("train", "val") if args.val_every > 0 else ("train",),
+                                        multiple=2 ** levels, log=lambda line: print(line, flush=True))
+    check_ncc_window(args, summary["image_shape"])
+    hashes = data_hashes(dataset)
+    if old is not None:
+        changed = data_mismatches((old.get("provenance") or {}).get("data"), hashes,
+                                  os.path.join(args.out, art.CONFIG), "the dataset now")
+        if changed:
+            raise ValueError(f"{args.out}: --resume refused: {'; '.join(changed)}. Resume with the original data, "
+                             f"or start over with --overwrite or another --out")
+    return dataset, summary, hashes
+
+
+def _new_config(preset: str, args: argparse.Namespace, dataset, spacing: List[float], steps: int, n_train: int,
+                hashes: Dict):
+    """The model configuration, its parameter spec and the run's config.json content (before the
+    command/versions or resume entries): ``(ModelConfig, ParamSpec, config)``."""
+    from .models import ModelConfig
+
+    reg, sa = PRESETS[preset]
+    mc = ModelConfig(image_shape=tuple(dataset.image_shape), regularizer=reg, spatially_adaptive=sa,
+                     num_classes=dataset.num_classes, enc_features=tuple(args.enc_features),
+                     dec_features=tuple(args.dec_features), int_steps=args.int_steps,
+                     int_resolution=args.int_resolution, hyp_layers=args.hyp_layers, hyp_units=args.hyp_units,
+                     **_conditioning_options(args))
+    mc.validate()
+    spec = mc.spec
+    config = _merge(_args_config(preset, args), {
+        "model": mc.to_dict(), "hyperparameters": spec.names(dataset.class_names),
+        "class_names": list(dataset.class_names), "loss": {"spacing": spacing},
+        "training": {"steps": steps, "n_train_pairs": n_train}})
+    config["provenance"] = {"data": hashes}
+    return mc, spec, config
+
+
+def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: List[str], hashes: Dict,
+                   steps: int) -> Optional[Tuple[Dict, int]]:
+    """The config of a resumed run: the old one with the options that may change updated and a
+    dated ``resumed`` entry added; returns ``(config, step of the latest checkpoint)``, or ``None``
+    when the run is already finished at ``steps``. Refuses changed options and a shrinking target."""
+    from . import runio
+
+    _refuse_changes(run_dir, old, config)
+    latest = runio.latest_checkpoint(run_dir)
+    start_step = latest[1] if latest else 0
+    if start_step > steps:
+        raise ValueError(f"{run_dir}: --resume with --steps {steps} (or --epochs), but the run's checkpoint "
+                         f"is at step {start_step}; the step target can only grow")
+    if old.get("finished") and old.get("final_step") == steps and \
+            os.path.isfile(os.path.join(run_dir, art.WEIGHTS)):
+        print(f"[{preset}] {run_dir} is already finished at step {steps}; nothing to do", flush=True)
+        return None
+    allowed = {k: v for k, v in _flatten(config).items()
+               if k in RESUME_MAY_CHANGE and _flatten(old).get(k) != v}
+    session = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "command": command, "from_step": start_step, "steps": steps,
+               "changed": {option_name(k): [_flatten(old).get(k), v] for k, v in allowed.items()}}
+    if runio.versions() != old.get("versions"):
+        session["versions"] = runio.versions()
+    config = _merge(old, {"training": {k.split(".", 1)[1]: v for k, v in allowed.items()}})
+    config["provenance"] = {"data": hashes}  # unchanged (checked above); added to runs made before it
+    config["resumed"] = list(old.get("resumed", [])) + [session]
+    config["finished"] = False
+    print(f"[{preset}] resuming {run_dir} at step {start_step} of {steps}"
+          + (f" (changed: {', '.join(session['changed'])})" if session["changed"] else ""), flush=True)
+    return config, start_step
+
+
+def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> str:
+    """:func:`run` with ``--out`` locked: check the folder, options and data, write the config, train."""
+    from . import runio
 
     run_dir = args.out
     state, old = _check_folder(args)
@@ -489,64 +596,19 @@ def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[s
     if resuming:  # options known before reading any data
         _refuse_changes(run_dir, old, _args_config(preset, args))
 
-    dataset = datasets.dataset_from_args(args)
-    levels = len(args.enc_features)
-    summary = datasets.validate_dataset(dataset, require=("train", "val") if args.val_every > 0 else ("train",),
-                                        multiple=2 ** levels, log=lambda line: print(line, flush=True))
-    check_ncc_window(args, summary["image_shape"])
+    dataset, summary, hashes = _checked_data(preset, args, old if resuming else None)
     n_train = summary["sizes"]["train"]
-    hashes = data_hashes(dataset)
-    if resuming:
-        changed = data_mismatches((old.get("provenance") or {}).get("data"), hashes,
-                                  os.path.join(run_dir, art.CONFIG), "the dataset now")
-        if changed:
-            raise ValueError(f"{run_dir}: --resume refused: {'; '.join(changed)}. Resume with the original data, "
-                             f"or start over with --overwrite or another --out")
     steps = args.steps if args.epochs is None else int(math.ceil(args.epochs * n_train / args.batch_size))
     spacing = [float(s) for s in summary["spacing"]]
-    from .models import ModelConfig
-    from .params import ParamSpec
-
-    reg, sa = PRESETS[preset]
-    mc = ModelConfig(image_shape=tuple(dataset.image_shape), regularizer=reg, spatially_adaptive=sa,
-                     num_classes=dataset.num_classes, enc_features=tuple(args.enc_features),
-                     dec_features=tuple(args.dec_features), int_steps=args.int_steps,
-                     int_resolution=args.int_resolution, hyp_layers=args.hyp_layers, hyp_units=args.hyp_units,
-                     **_conditioning_options(args))
-    mc.validate()
-    spec: ParamSpec = mc.spec
-    config = _merge(_args_config(preset, args), {
-        "model": mc.to_dict(), "hyperparameters": spec.names(dataset.class_names),
-        "class_names": list(dataset.class_names), "loss": {"spacing": spacing},
-        "training": {"steps": steps, "n_train_pairs": n_train}})
-    config["provenance"] = {"data": hashes}
+    mc, spec, config = _new_config(preset, args, dataset, spacing, steps, n_train, hashes)
     command = script_command(preset, argv)
 
-    start_step, session = 0, None
+    start_step = 0
     if resuming:
-        _refuse_changes(run_dir, old, config)
-        latest = runio.latest_checkpoint(run_dir)
-        start_step = latest[1] if latest else 0
-        if start_step > steps:
-            raise ValueError(f"{run_dir}: --resume with --steps {steps} (or --epochs), but the run's checkpoint "
-                             f"is at step {start_step}; the step target can only grow")
-        if old.get("finished") and old.get("final_step") == steps and \
-                os.path.isfile(os.path.join(run_dir, art.WEIGHTS)):
-            print(f"[{preset}] {run_dir} is already finished at step {steps}; nothing to do", flush=True)
+        resumed = _resume_config(preset, run_dir, old, config, command, hashes, steps)
+        if resumed is None:
             return run_dir
-        allowed = {k: v for k, v in _flatten(config).items()
-                   if k in RESUME_MAY_CHANGE and _flatten(old).get(k) != v}
-        session = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   "command": command, "from_step": start_step, "steps": steps,
-                   "changed": {option_name(k): [_flatten(old).get(k), v] for k, v in allowed.items()}}
-        if runio.versions() != old.get("versions"):
-            session["versions"] = runio.versions()
-        config = _merge(old, {"training": {k.split(".", 1)[1]: v for k, v in allowed.items()}})
-        config["provenance"] = {"data": hashes}  # unchanged (checked above); added to runs made before it
-        config["resumed"] = list(old.get("resumed", [])) + [session]
-        config["finished"] = False
-        print(f"[{preset}] resuming {run_dir} at step {start_step} of {steps}"
-              + (f" (changed: {', '.join(session['changed'])})" if session["changed"] else ""), flush=True)
+        config, start_step = resumed
     else:
         config.update(versions=runio.versions(), command=command, finished=False)
     return _start(preset, args, run_dir, state, old, config, (dataset, mc, spec, steps, start_step, spacing))
@@ -590,67 +652,39 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
         raise
 
 
-def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, dataset, mc, spec, steps: int,
-           resume_from: int, spacing: List[float], on_checkpoint=None) -> str:
-    """The TensorFlow part of :func:`run` (folder and data already checked, config written)."""
-    _setup_devices(args)
-    import numpy as np
+def _train_batches(dataset, strategy, num_params: int, args: argparse.Namespace, start: int):
+    """Iterator over the distributed training batches from step ``start + 1`` on: a deterministic stream
+    in which batch k always carries the same pairs and the hyperparameters ``hyp [batch, num_params]``
+    drawn from ``(seed, k)``, so skipping ``start`` batches resumes exactly."""
     import tensorflow as tf
 
     import datasets
 
-    from . import runio
-    from datasets.atomic import atomic_write
-    from .losses import loss_terms
-    from .models import build_model, call_model
-
-    tf.keras.utils.set_random_seed(args.seed)
-    if not args.no_determinism:
-        tf.config.experimental.enable_op_determinism()
-    ckpt_dir = os.path.join(run_dir, art.CHECKPOINTS)
-    n_train = config["training"]["n_train_pairs"]
-
-    strategy = _strategy(args.strategy)
-    replicas = strategy.num_replicas_in_sync
-    if args.batch_size % replicas:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {replicas} replicas")
-    with strategy.scope():
-        model = build_model(mc)
-        optimizer = make_optimizer(model, args.lr)
-        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
-    resume_prefix = None
-    if resume_from:
-        resume_prefix = runio.latest_checkpoint(run_dir)[0]
-        ckpt.read(resume_prefix).assert_existing_objects_matched()
-        print(f"[{preset}] resumed from {resume_prefix} at step {int(step_var.numpy())}", flush=True)
-    start = int(step_var.numpy())
-
-    # data: deterministic stream of batches; batch k always carries the same pairs and the
-    # hyperparameters drawn from (seed, k), so skipping `start` batches resumes exactly
     seed = int(args.seed)
-    nparams, oversample, bsz = spec.num_params, float(args.oversample_endpoints), int(args.batch_size)
+    oversample, bsz = float(args.oversample_endpoints), int(args.batch_size)
 
     def add_hyp(k, batch):
         batch = dict(batch)
-        batch["hyp"] = sample_hyperparameters(seed, k, bsz, nparams, oversample)
+        batch["hyp"] = sample_hyperparameters(seed, k, bsz, num_params, oversample)
         return batch
 
     ds = datasets.make_tf_dataset(dataset, "train", bsz, seed, shuffle=True, repeat=True)
     ds = ds.enumerate().skip(start).map(add_hyp).prefetch(tf.data.AUTOTUNE)
-    it = iter(strategy.experimental_distribute_dataset(ds))
+    return iter(strategy.experimental_distribute_dataset(ds))
+
+
+def _validator(model, dataset, spec, spacing: List[float], args: argparse.Namespace, energy_scale: float, mapping):
+    """``validate() -> (mean loss, mean NCC)`` over every validation pair with fixed hyperparameters
+    (drawn from ``seed + 104729``), one compiled forward pass per batch; ``(nan, nan)`` without
+    validation (``--val-every 0``)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from .losses import loss_terms
+    from .models import call_model
 
     use_svf = args.reg_field == "svf"
-    win = int(args.ncc_win)
-
-    from .params import HypMapping
-
-    energy_scale = float(config["loss"].get("energy_scale", 1.0))
-    mapping = HypMapping.from_loss_config(config["loss"])
-    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf, bsz, energy_scale,
-                                 mapping)
-
-    # validation: every val pair with fixed hyperparameters (seeded), one compiled forward pass
+    win, seed, bsz = int(args.ncc_win), int(args.seed), int(args.batch_size)
     val_ids = dataset.split_ids("val") if args.val_every > 0 else []
     val = dataset.arrays("val") if val_ids else None
 
@@ -665,7 +699,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
             return float("nan"), float("nan")
         losses, nccs = [], []
         n = len(val["fixed"])
-        hyp_all = sample_hyperparameters(seed + 104729, 0, n, nparams).numpy()
+        hyp_all = sample_hyperparameters(seed + 104729, 0, n, spec.num_params).numpy()
         for i in range(0, n, bsz):
             sl = slice(i, i + bsz)
             l, c = eval_batch(val["moving"][sl], val["fixed"][sl], val["fixed_seg"][sl], hyp_all[sl])
@@ -673,21 +707,32 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
             nccs.append(c.numpy())
         return float(np.mean(np.concatenate(losses))), float(np.mean(np.concatenate(nccs)))
 
+    return validate, val is not None
+
+
+def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, batches, validate, has_val: bool,
+               ckpt, start: int, steps: int, rows: List[Dict], on_checkpoint=None) -> None:
+    """Steps ``start + 1 .. steps``: log means of the loss terms every ``--log-every`` steps (and at
+    validations) to ``train_log.csv`` (``rows``: the log so far) and TensorBoard, checkpoint every
+    ``--checkpoint-every`` steps and at the end (``on_checkpoint`` after each); a step-0 validation
+    row first when starting from scratch. Non-finite loss or NCC stops with ``FloatingPointError``."""
+    import numpy as np
+    import tensorflow as tf
+
+    from datasets.atomic import atomic_write
+
+    ckpt_dir = os.path.join(run_dir, art.CHECKPOINTS)
     log_path = os.path.join(run_dir, art.TRAIN_LOG)
-    rows = _read_log(log_path, start) if resume_prefix else []
     writer = tf.summary.create_file_writer(os.path.join(run_dir, art.TENSORBOARD))
     progress = _Progress(preset, steps)
     acc: Dict[str, List[float]] = {}
     t_last, n_last = time.time(), 0
-    t0 = time.time()
-    print(f"[{preset}] {n_train} training pairs, image {tuple(mc.image_shape)}, {spec.num_params} "
-          f"hyperparameters, {steps} steps, batch {bsz}, {replicas} replica(s) -> {run_dir}", flush=True)
-    if start == 0 and val is not None:  # step-0 validation: the untrained baseline of the curve
+    if start == 0 and has_val:  # step-0 validation: the untrained baseline of the curve
         v_loss, v_ncc = validate()
         rows.append({"step": 0, "loss": "", "similarity": "", "regularization": "", "ncc": "",
                      "val_loss": v_loss, "val_ncc": v_ncc, "sec_per_step": ""})
     for step in range(start + 1, steps + 1):
-        out = train_step(next(it))
+        out = train_step(next(batches))
         for k, v in out.items():
             acc.setdefault(k, []).append(float(v))
         n_last += 1
@@ -717,14 +762,21 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     _write_checkpoint(ckpt, ckpt_dir, steps)
     if on_checkpoint is not None:
         on_checkpoint()
+
+
+def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: float) -> str:
+    """Write ``weights.h5`` atomically, record its sha256, the session's seconds and ``finished`` in
+    config.json; returns the run folder."""
+    from . import runio
+    from datasets.atomic import atomic_write
+    from .provenance import file_sha256
+
     weights = os.path.join(run_dir, art.WEIGHTS)
     try:
         atomic_write(weights, lambda tmp: model.save_weights(tmp))
     except OSError as exc:
         raise OSError(f"{weights}: cannot write the final weights ({runio._short(exc)}); the checkpoint of step "
                       f"{steps} is complete: free space and rerun with --resume to write them") from exc
-    from .provenance import file_sha256
-
     config.setdefault("provenance", {})["weights_sha256"] = file_sha256(weights)
     seconds = round(time.time() - t0, 1)
     if config.get("resumed"):
@@ -734,6 +786,53 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     runio.save_config(run_dir, config)
     print(f"[{preset}] done in {time.time() - t0:.0f} s -> {run_dir}", flush=True)
     return run_dir
+
+
+def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, dataset, mc, spec, steps: int,
+           resume_from: int, spacing: List[float], on_checkpoint=None) -> str:
+    """The TensorFlow part of :func:`run` (folder and data already checked, config written)."""
+    _setup_devices(args)
+    import tensorflow as tf
+
+    from . import runio
+    from .models import build_model
+    from .params import HypMapping
+
+    tf.keras.utils.set_random_seed(args.seed)
+    if not args.no_determinism:
+        tf.config.experimental.enable_op_determinism()
+    n_train = config["training"]["n_train_pairs"]
+
+    strategy = _strategy(args.strategy)
+    replicas = strategy.num_replicas_in_sync
+    if args.batch_size % replicas:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {replicas} replicas")
+    with strategy.scope():
+        model = build_model(mc)
+        optimizer = make_optimizer(model, args.lr)
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
+    resume_prefix = None
+    if resume_from:
+        resume_prefix = runio.latest_checkpoint(run_dir)[0]
+        ckpt.read(resume_prefix).assert_existing_objects_matched()
+        print(f"[{preset}] resumed from {resume_prefix} at step {int(step_var.numpy())}", flush=True)
+    start = int(step_var.numpy())
+    batches = _train_batches(dataset, strategy, spec.num_params, args, start)
+
+    energy_scale = float(config["loss"].get("energy_scale", 1.0))
+    mapping = HypMapping.from_loss_config(config["loss"])
+    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, int(args.ncc_win),
+                                 args.reg_field == "svf", int(args.batch_size), energy_scale, mapping)
+    validate, has_val = _validator(model, dataset, spec, spacing, args, energy_scale, mapping)
+
+    rows = _read_log(os.path.join(run_dir, art.TRAIN_LOG), start) if resume_prefix else []
+    t0 = time.time()
+    print(f"[{preset}] {n_train} training pairs, image {tuple(mc.image_shape)}, {spec.num_params} "
+          f"hyperparameters, {steps} steps, batch {int(args.batch_size)}, {replicas} replica(s) -> {run_dir}",
+          flush=True)
+    _run_steps(preset, args, run_dir, train_step, batches, validate, has_val, ckpt, start, steps, rows, on_checkpoint)
+    return _finish_run(preset, run_dir, config, model, steps, t0)
 
 
 def _write_log(path: str, rows: List[Dict]) -> None:
