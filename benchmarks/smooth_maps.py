@@ -31,8 +31,9 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: SA rows compared with their unsmoothed twins (those present in both tables are used)
-SA_METHODS = ("elas-sas", "diff-sas", "elas-sas+io", "diff-sas+io", "elas-sas (csain)", "diff-sas (csain)",
-              "elas-sas (csain)+io", "diff-sas (csain)+io")
+SA_METHODS = ("elas-sas", "diff-sas", "elas-sas@g", "diff-sas@g", "elas-sas+io", "diff-sas+io",
+              "elas-sas (csain)", "diff-sas (csain)", "elas-sas@g (csain)", "diff-sas@g (csain)",
+              "elas-sas+io (csain)", "diff-sas+io (csain)")
 #: metrics compared
 METRICS = ("mean_dice", "hd95", "dense_epe", "percent_neg_jac", "sdlogj")
 
