@@ -226,7 +226,9 @@ def test_training_lowers_the_loss_and_run_folder_stands_alone(tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    base = _data_argv(tmp_path) + SMALL_ARGV + ["--val-every", "0", "--log-every", "5", "--checkpoint-every", "5"]
+    # --int-steps 1: three short trainings, mostly graph building and tracing (half of it the 7 squarings)
+    base = _data_argv(tmp_path) + SMALL_ARGV + ["--int-steps", "1", "--val-every", "0", "--log-every", "5",
+                                                "--checkpoint-every", "5"]
     full, part = tmp_path / "full", tmp_path / "part"
     train_main("elastic_sa", base + ["--out", str(full), "--steps", "12"])
     train_main("elastic_sa", base + ["--out", str(part), "--steps", "7"])   # "interrupted" after step 7

@@ -71,12 +71,24 @@ def test_table1_mean_std_and_layout():
 
 # ---------------------------------------------------------------- end to end (--quick)
 
+# The --quick pipeline with two test-only training options (a last option wins): one
+# scaling-and-squaring step instead of 7 and no validation passes. Nearly all of the fixture's time
+# is TensorFlow tracing, and every traced function (training step, grid chunk, gradient
+# identification, inference) carries the integration: 1 step keeps the integration and its rescale
+# in every graph at about half the tracing time (7 squarings are checked in test_models_training).
+QUICK_TRAIN_ARGS = "--int-steps 1 --val-every 0"
+
+
+def _quick_argv(out, *extra):
+    return ["--quick", "--out", str(out), "--cache-dir", str(out / "cache"), "--train-args", QUICK_TRAIN_ARGS, *extra]
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     import run_pipeline
 
     out = tmp_path_factory.mktemp("quick")
-    run_pipeline.main(["--quick", "--out", str(out), "--cache-dir", str(out / "cache")])
+    run_pipeline.main(_quick_argv(out, "--panels", "1"))  # Fig. 3 of one pair (a panel costs seconds of drawing)
     return out
 
 
@@ -121,7 +133,7 @@ def test_quick_pipeline_table(quick_run):
     assert md.count("\n| initial |") == 2 and "population protocol" in md and "Paired comparison" in md
     for f in ["dice_boxplots.png", "per_pair_metrics.csv", "inference.json"]:
         assert (res / f).stat().st_size > 0
-    assert len(list(res.glob("fig3_*.png"))) == 4
+    assert len(list(res.glob("fig3_*.png"))) == 2  # --panels 1: {elastic, diffusion} of the first pair
     assert (quick_run / "identification" / "elastic" / "fig2_parameters.png").stat().st_size > 0
     assert (quick_run / "training_curves.png").stat().st_size > 0
 
@@ -196,7 +208,7 @@ def test_quick_pipeline_rerun_reuses_finished_runs(quick_run, capsys, monkeypatc
                         {"elastic": [], "diffusion": []})
     monkeypatch.setattr(inference, "main", lambda argv: calls.append("inference") or str(quick_run / "results"))
     before = {p: (quick_run / "runs" / p / "weights.h5").stat().st_mtime for p in run_pipeline.PRESETS}
-    run_pipeline.main(["--quick", "--out", str(quick_run), "--cache-dir", str(quick_run / "cache"), "--panels", "0"])
+    run_pipeline.main(_quick_argv(quick_run, "--panels", "0"))
     out = capsys.readouterr().out
     assert out.count("reused") >= len(run_pipeline.PRESETS), out
     assert calls == [sorted(run_pipeline.PRESETS), "inference"]  # the later stages get the reused runs
@@ -244,7 +256,7 @@ def test_population_protocol_reads_no_test_fixed_label(quick_run, tmp_path, monk
 
     runs = quick_run / "runs"
     argv = ["--elastic-sa", str(runs / "elastic_sa"), "--elastic-ident", _population_ident(quick_run, tmp_path, "elastic"),
-            "--refine", "5", "--panels", "0", "--save-nifti"]
+            "--refine", "5", "--panels", "0", "--save-nifti", "--bootstrap", "100"]
     # elastic only (the diffusion rows take the same code path; kept out for the suite's time)
     inference.main(argv + ["--out", str(tmp_path / "clean")])
     clean = _disp_files(tmp_path / "clean")
