@@ -209,19 +209,20 @@ def test_pairs_without_labels_or_truth_are_rejected(tiny):
 
 # ---------------------------------------------------------------- CLI and inference
 
-def test_cli_gradient_csv_is_read_by_inference(tiny):
-    import inference
-    import parameter_identification
+def test_cli_gradient_csv_is_read_by_inference(quick_run):
+    """The gradient identification CLI's CSV and trace, and inference's '(gradient)' rows made from
+    them: read from the session's --quick pipeline run (tests/conftest.py), which runs
+    ``parameter_identification.py --method gradient --sa-run ... --init center`` and hands its folder
+    to ``inference.py`` (a second CLI run and inference here would only repeat that)."""
+    import run_pipeline
+    from hypermorph_spatially_adaptive.artifacts import load_dataset, read_config
 
-    runs, root = tiny["runs"], tiny["root"]
-    out = root / "ident_gradient"
-    parameter_identification.main(["--run", runs["elastic_global"], "--method", "gradient", "--sa-run",
-                                   runs["elastic_sa"], "--init", "center", "--steps", "4", "--lr", "0.2",
-                                   "--out", str(out), "--no-figure"])
+    out = quick_run / "identification_gradient" / "elastic"
     choice = pd.read_csv(out / "identified_parameters.csv", dtype={"pair_id": str})
     meta = json.loads((out / "identification.json").read_text())
-    assert meta["method"] == "gradient" and meta["objective"] == "dice" and meta["steps"] == 4
-    test_ids = tiny["dataset"].split_ids("test")
+    steps = run_pipeline.QUICK["gradient_steps"]
+    assert meta["method"] == "gradient" and meta["objective"] == "dice" and meta["steps"] == steps
+    test_ids = load_dataset(read_config(str(quick_run / "runs" / "elastic_sa"))).split_ids("test")
     assert list(choice["pair_id"]) == test_ids
     sa_cols = [f"{f}_{c}" for f in ("lambda", "mu") for c in ["background"] + CLASSES]
     expected = ["pair_id", "regularizer", *sa_cols, *[f"dice_{c}" for c in CLASSES], "mean_dice", "g_lambda",
@@ -231,14 +232,11 @@ def test_cli_gradient_csv_is_read_by_inference(tiny):
     assert (choice["objective"] <= choice["start_objective"]).all()
     assert (choice["g_objective"] <= choice["g_start_objective"]).all()
     trace = pd.read_csv(out / "objective_trace.csv", dtype={"pair_id": str})
-    assert set(trace["model"]) == {"sa", "g"} and trace["step"].max() <= 3
+    assert set(trace["model"]) == {"sa", "g"} and trace["step"].max() <= steps - 1
     first = trace[(trace.step == 0) & (trace.model == "sa")].set_index("pair_id")["objective"]
     np.testing.assert_allclose(first.loc[choice.pair_id].to_numpy(), choice["start_objective"].to_numpy())
 
-    res = root / "results_gradient"
-    inference.main(["--out", str(res), "--panels", "0", "--elastic-sa", runs["elastic_sa"],
-                    "--elastic-ident", str(out)])
-    per_pair = pd.read_csv(res / "per_pair_metrics.csv", dtype={"pair_id": str})
+    per_pair = pd.read_csv(quick_run / "results" / "per_pair_metrics.csv", dtype={"pair_id": str})
     # inference names the rows of a gradient identification "<reg>-sas (gradient)" / "<reg>-g (gradient)"
     sas = per_pair[per_pair.method == "elas-sas (gradient)"].set_index("pair_id")
     g = per_pair[per_pair.method == "elas-g (gradient)"].set_index("pair_id")

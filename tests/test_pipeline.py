@@ -71,25 +71,7 @@ def test_table1_mean_std_and_layout():
 
 # ---------------------------------------------------------------- end to end (--quick)
 
-# The --quick pipeline with two test-only training options (a last option wins): one
-# scaling-and-squaring step instead of 7 and no validation passes. Nearly all of the fixture's time
-# is TensorFlow tracing, and every traced function (training step, grid chunk, gradient
-# identification, inference) carries the integration: 1 step keeps the integration and its rescale
-# in every graph at about half the tracing time (7 squarings are checked in test_models_training).
-QUICK_TRAIN_ARGS = "--int-steps 1 --val-every 0"
-
-
-def _quick_argv(out, *extra):
-    return ["--quick", "--out", str(out), "--cache-dir", str(out / "cache"), "--train-args", QUICK_TRAIN_ARGS, *extra]
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    import run_pipeline
-
-    out = tmp_path_factory.mktemp("quick")
-    run_pipeline.main(_quick_argv(out, "--panels", "1"))  # Fig. 3 of one pair (a panel costs seconds of drawing)
-    return out
+# quick_run: the session's --quick pipeline run (tests/conftest.py)
 
 
 def test_quick_pipeline_table(quick_run):
@@ -197,7 +179,7 @@ def test_stages_fail_clearly(quick_run, tmp_path):
     assert not (tmp_path / "r" / "table1.md").exists()  # nothing half-written
 
 
-def test_quick_pipeline_rerun_reuses_finished_runs(quick_run, capsys, monkeypatch):
+def test_quick_pipeline_rerun_reuses_finished_runs(quick_run, quick_argv, capsys, monkeypatch):
     """A rerun with the same options trains nothing (stages 2 and 3, which always rerun, are
     stubbed here: the test is about stage 1's reuse decision)."""
     import inference
@@ -208,7 +190,7 @@ def test_quick_pipeline_rerun_reuses_finished_runs(quick_run, capsys, monkeypatc
                         {"elastic": [], "diffusion": []})
     monkeypatch.setattr(inference, "main", lambda argv: calls.append("inference") or str(quick_run / "results"))
     before = {p: (quick_run / "runs" / p / "weights.h5").stat().st_mtime for p in run_pipeline.PRESETS}
-    run_pipeline.main(_quick_argv(quick_run, "--panels", "0"))
+    run_pipeline.main(quick_argv(quick_run, "--panels", "0"))
     out = capsys.readouterr().out
     assert out.count("reused") >= len(run_pipeline.PRESETS), out
     assert calls == [sorted(run_pipeline.PRESETS), "inference"]  # the later stages get the reused runs
