@@ -30,7 +30,8 @@ def _data_argv(tmp_path, size=32, pairs=10):
 @pytest.mark.parametrize("reg,sa,nparams", [("elastic", True, 8), ("elastic", False, 2),
                                             ("diffusion", True, 4), ("diffusion", False, 1)])
 def test_build_shapes(shape, reg, sa, nparams):
-    cfg = ModelConfig(image_shape=shape, regularizer=reg, spatially_adaptive=sa, num_classes=3, **SMALL)
+    # int_steps=1: the integration and its rescale are in the graph, at a fraction of 7 steps' build time
+    cfg = ModelConfig(image_shape=shape, regularizer=reg, spatially_adaptive=sa, num_classes=3, int_steps=1, **SMALL)
     assert cfg.spec.num_params == nparams
     model = build_model(cfg)
     x = np.random.default_rng(0).random((2, *shape, 1)).astype(np.float32)
@@ -186,7 +187,8 @@ def test_hyperparameter_sampling_per_sample_and_seeded():
 
 
 def test_save_load_roundtrip_identical_predictions(tmp_path):
-    cfg = ModelConfig(image_shape=(32, 32), regularizer="elastic", spatially_adaptive=True, num_classes=3, **SMALL)
+    cfg = ModelConfig(image_shape=(32, 32), regularizer="elastic", spatially_adaptive=True, num_classes=3, int_steps=1,
+                      **SMALL)
     model = build_model(cfg)
     runio.save_config(str(tmp_path), {"model": cfg.to_dict()})
     from datasets.atomic import atomic_write
