@@ -249,15 +249,28 @@ def assemble_elasticity(lam_map, mu_map, spacing=None):
     if min(shape) < 3:
         raise ValueError("every axis needs at least 3 voxels (border voxels are fixed)")
     h = _spacing(spacing, D)
-    inner = tuple(slice(1, n - 1) for n in shape)
     interior = np.zeros(shape, dtype=bool)
-    interior[inner] = True
+    interior[tuple(slice(1, n - 1) for n in shape)] = True
+    entries = _stencil_entries(lam_map, mu_map, h)
+    return _entries_to_csr(entries, int(interior.sum()), D), interior
+
+
+def _stencil_entries(lam_map: np.ndarray, mu_map: np.ndarray, h: tuple) -> dict:
+    """The stencil of :func:`assemble_elasticity` as ``{a: [(column offset, V), ...]}``.
+
+    For row component ``a``, every entry is a column offset ``b * N + flat(d)`` (column
+    component ``b``, neighbour offset ``d``, ``N`` interior voxels, C-order strides of the
+    interior grid) and values ``V`` of shape ``[*interior shape]``, one per row voxel ``y``;
+    NaN where the neighbour ``y + d`` is a (Dirichlet) border voxel. Every row of component
+    block ``a`` has the same K candidate entries, so sorting them by column offset gives sorted
+    CSR rows directly. ``lam_map``, ``mu_map``: float64 ``[*shape]``; ``h``: spacing per axis.
+    """
+    shape = lam_map.shape
+    D = len(shape)
+    inner = tuple(slice(1, n - 1) for n in shape)
     m = tuple(n - 2 for n in shape)
     N = int(np.prod(m))
     strides = [int(np.prod(m[k + 1:])) for k in range(D)]
-    # Every row of component block a has the same K candidate entries (b, d); an entry whose
-    # neighbour y + d is a (Dirichlet) border voxel is marked NaN and dropped. Sorting the
-    # candidates by column offset b * N + flat(d) gives sorted CSR rows directly.
     entries = {a: [] for a in range(D)}
 
     def add(a, b, d, values, region):
@@ -297,6 +310,15 @@ def assemble_elasticity(lam_map, mu_map, spacing=None):
                         mu_map[_shifted(region, _unit(D, i, -sigma))]
                         + lam_map[_shifted(region, _unit(D, j, tau))])
                     add(j, i, d, vals, region)
+    return entries
+
+
+def _entries_to_csr(entries: dict, N: int, D: int) -> sp.csr_matrix:
+    """CSR matrix ``[D N, D N]`` from :func:`_stencil_entries` (NaN candidates dropped).
+
+    Rows are component-major (``j * N + k``); the index arrays are int32 unless the candidate
+    count needs int64. Rows come out sorted (``has_sorted_indices`` is set).
+    """
     K = len(entries[0])
     itype = np.int32 if D * N * K < 2 ** 31 - 1 else np.int64
     base = np.arange(N, dtype=itype)
@@ -313,7 +335,7 @@ def assemble_elasticity(lam_map, mu_map, spacing=None):
     np.cumsum(valid.reshape(D * N, K).sum(axis=1), out=indptr[1:])
     A = sp.csr_matrix((data[valid], cols[valid], indptr), shape=(D * N, D * N))
     A.has_sorted_indices = True
-    return A, interior
+    return A
 
 
 def elastic_energy(disp, lam_map, mu_map, spacing=None):
@@ -475,6 +497,35 @@ def _pcg(A, b, apply_m, rtol, maxiter):
     return x, maxiter, False
 
 
+def _solve_system(A: sp.csr_matrix, b: np.ndarray, interior_shape: tuple, *, method: str,
+                  rtol: float, maxiter: int, direct_max: int | None) -> tuple:
+    """Solve ``A x = b`` for the stiffness matrix of :func:`assemble_elasticity`.
+
+    ``interior_shape`` is the grid of the unknown voxels (its length is D; the multigrid
+    coarsens it). ``method``, ``rtol``, ``maxiter``, ``direct_max`` as in
+    :func:`solve_navier_cauchy`. Returns ``(x, info)`` with ``info`` = method actually used,
+    CG iterations (0 for the direct solver) and the relative residual ``|A x - b| / |b|``.
+    """
+    D = len(interior_shape)
+    if method == "auto":
+        method = "direct" if b.size <= (direct_max if direct_max is not None else
+                                        (4000 if D == 2 else 1000)) else "cg"
+    info = {"method": method, "iterations": 0}
+    if method == "direct":
+        lu = spla.splu(A.tocsc(), permc_spec="MMD_AT_PLUS_A")
+        x = lu.solve(b)
+    elif method == "cg":
+        M = _MultigridPreconditioner(A, interior_shape, D)
+        x, info["iterations"], converged = _pcg(A, b, M.apply, rtol, maxiter)
+        if not converged:
+            raise RuntimeError(f"CG did not reach rtol={rtol} in {maxiter} iterations")
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    bn = np.linalg.norm(b)
+    info["relative_residual"] = float(np.linalg.norm(A @ x - b) / bn) if bn > 0 else 0.0
+    return x, info
+
+
 def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", rtol=1e-8,
                         maxiter=1000, direct_max=None, return_info=False, pad=0,
                         pad_lame=None):
@@ -522,25 +573,9 @@ def solve_navier_cauchy(lam_map, mu_map, force, spacing=None, *, method="auto", 
         return (disp, info) if return_info else disp
     A, interior = assemble_elasticity(lam_map, mu_map, spacing)
     b = np.concatenate([force[..., j][interior] for j in range(D)])
-    n = b.size
-    if method == "auto":
-        method = "direct" if n <= (direct_max if direct_max is not None else
-                                   (4000 if D == 2 else 1000)) else "cg"
-    info = {"method": method, "iterations": 0}
-    if method == "direct":
-        lu = spla.splu(A.tocsc(), permc_spec="MMD_AT_PLUS_A")
-        x = lu.solve(b)
-    elif method == "cg":
-        ishape = tuple(s - 2 for s in shape)
-        M = _MultigridPreconditioner(A, ishape, D)
-        x, info["iterations"], converged = _pcg(A, b, M.apply, rtol, maxiter)
-        if not converged:
-            raise RuntimeError(f"CG did not reach rtol={rtol} in {maxiter} iterations")
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    bn = np.linalg.norm(b)
-    info["relative_residual"] = float(np.linalg.norm(A @ x - b) / bn) if bn > 0 else 0.0
-    N = n // D
+    x, info = _solve_system(A, b, tuple(s - 2 for s in shape), method=method, rtol=rtol,
+                            maxiter=maxiter, direct_max=direct_max)
+    N = b.size // D
     disp = np.zeros(shape + (D,))
     for j in range(D):
         disp[..., j][interior] = x[j * N:(j + 1) * N]
@@ -614,6 +649,18 @@ def make_phantom(shape, rng, return_body: bool = False):
         raise ValueError("shape must be 2D or 3D")
     if isinstance(rng, (int, np.integer)) or rng is None:
         rng = np.random.default_rng(rng)
+    seg, body = _phantom_labels(shape, rng)
+    img = _phantom_image(seg, body, rng)
+    return (seg, img, body.astype(bool)) if return_body else (seg, img)
+
+
+def _phantom_labels(shape: tuple, rng: np.random.Generator) -> tuple:
+    """Tissue layout of :func:`make_phantom`: ``(seg int32 [*shape], body bool [*shape])``.
+
+    Draws the jittered body, lungs, liver, ribs and spine (geometry: see :func:`make_phantom`)
+    from ``rng``; tissue labels are set only inside the body (bone over lung over liver).
+    """
+    D = len(shape)
     g = _norm_coords(shape)
     z, x = g[0], g[-1]
     y = g[1] if D == 3 else 0.0
@@ -661,8 +708,16 @@ def make_phantom(shape, rng, return_body: bool = False):
     seg[liver & body] = LIVER
     seg[lungs & body] = LUNG
     seg[(ribs | spine) & body] = BONE
+    return seg, body
 
-    # intensities
+
+def _phantom_image(seg: np.ndarray, body: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intensities of :func:`make_phantom`: float32 ``[*shape]`` in [0, 1].
+
+    Per-tissue mean (jittered) + smooth random texture inside ``body``, dark faint texture
+    outside, a slight blur (partial volume) and a little noise, clipped to [0, 1].
+    """
+    shape = seg.shape
     n = min(shape)
     sigma_tex = max(1.0, n / 80.0)
     tex1 = _smooth_noise(shape, rng, sigma_tex)
@@ -678,8 +733,7 @@ def make_phantom(shape, rng, return_body: bool = False):
     img[outside] = 0.03 + 0.01 * tex2[outside]
     img = ndi.gaussian_filter(img, 0.6)
     img = img + 0.008 * rng.standard_normal(shape)
-    img = np.clip(img, 0.0, 1.0).astype(np.float32)
-    return (seg, img, body.astype(bool)) if return_body else (seg, img)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
 def _rigid_modes(shape, weight):
@@ -811,6 +865,60 @@ def _interp_jacobian(disp, coords):
     return out
 
 
+def _inverse_defect(disp: np.ndarray, grid: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``p + disp(p) - y`` ``[*shape, D]`` at ``p = y + v(y)`` for every grid point ``y``
+    (``grid`` = :func:`_grid`, ``disp`` interpolated linearly)."""
+    return v + _sample_field(disp, grid + np.moveaxis(v, -1, 0))
+
+
+def _fixed_point_step(disp: np.ndarray, grid: np.ndarray, v: np.ndarray, F: np.ndarray,
+                      rn: np.ndarray) -> None:
+    """One step ``v <- v - F`` of :func:`invert_displacement`, kept (in place in ``v``, the
+    defect ``F [*shape, D]`` and its norm ``rn [*shape]``) only where it lowers the residual."""
+    v_fp = v - F
+    F_fp = _inverse_defect(disp, grid, v_fp)
+    rn_fp = np.linalg.norm(F_fp, axis=-1)
+    better = rn_fp < rn
+    v[better], F[better], rn[better] = v_fp[better], F_fp[better], rn_fp[better]
+
+
+def _damped_newton_step(disp: np.ndarray, grid: np.ndarray, v: np.ndarray, F: np.ndarray,
+                        rn: np.ndarray, tol: float) -> bool:
+    """One damped Newton step of :func:`invert_displacement` at the points with ``rn >= tol``.
+
+    Updates ``v``, ``F``, ``rn`` in place (shapes as in :func:`_fixed_point_step`): Newton
+    direction with the interpolant's Jacobian ``I + grad disp(p)`` (fixed-point direction where
+    its determinant is <= 1e-3), step halved up to 10 times until the point's residual
+    decreases. Returns whether any point accepted a step.
+    """
+    D = disp.ndim - 1
+    act = rn >= tol                                           # points still iterating
+    va, Fa, ra = v[act], F[act], rn[act]
+    ya = np.stack([grid[k][act] for k in range(D)])           # [D, n]
+    J = np.eye(D) + _interp_jacobian(disp, ya + va.T)         # [n, D, D]
+    det = np.linalg.det(J)
+    ok = det > 1e-3
+    step = Fa.copy()                                          # fixed-point step
+    if ok.any():
+        step[ok] = np.linalg.solve(J[ok], Fa[ok][..., None])[..., 0]
+    accepted = np.zeros(ra.shape, dtype=bool)
+    t = 1.0
+    for _ in range(11):
+        pend = ~accepted
+        cand = va[pend] - t * step[pend]
+        Fc = cand + _sample_field(disp, ya[:, pend] + cand.T)
+        rc = np.linalg.norm(Fc, axis=-1)
+        good = rc < ra[pend]
+        idx = np.flatnonzero(pend)[good]
+        va[idx], Fa[idx], ra[idx] = cand[good], Fc[good], rc[good]
+        accepted[idx] = True
+        if accepted.all():
+            break
+        t *= 0.5
+    v[act], F[act], rn[act] = va, Fa, ra
+    return bool(accepted.any())
+
+
 def invert_displacement(disp, n_iter: int = 100, tol: float = 1e-6, *, n_fixed_point: int = 3,
                         return_info: bool = False):
     """Inverse field ``v [*shape, D]`` of ``x -> x + disp(x)`` at the grid points.
@@ -831,54 +939,19 @@ def invert_displacement(disp, n_iter: int = 100, tol: float = 1e-6, *, n_fixed_p
     (bool), ``residual`` (``[*shape]`` final ``|p + disp(p) - y|``), ``max_residual``.
     """
     disp = np.asarray(disp, dtype=np.float64)
-    shape = disp.shape[:-1]
-    D = len(shape)
-    grid = _grid(shape)
-
-    def resid(vv):
-        return vv + _sample_field(disp, grid + np.moveaxis(vv, -1, 0))  # p + u(p) - y
-
+    grid = _grid(disp.shape[:-1])
     v = -disp.copy()
-    F = resid(v)
+    F = _inverse_defect(disp, grid, v)
     rn = np.linalg.norm(F, axis=-1)
     it = 0
     for _ in range(n_fixed_point):
         if rn.max() < tol or it >= n_iter:
             break
-        v_fp = v - F
-        F_fp = resid(v_fp)
-        rn_fp = np.linalg.norm(F_fp, axis=-1)
-        better = rn_fp < rn
-        v[better], F[better], rn[better] = v_fp[better], F_fp[better], rn_fp[better]
+        _fixed_point_step(disp, grid, v, F, rn)
         it += 1
-    eye = np.eye(D)
     while rn.max() >= tol and it < n_iter:
         it += 1
-        act = rn >= tol                                           # points still iterating
-        va, Fa, ra = v[act], F[act], rn[act]
-        ya = np.stack([grid[k][act] for k in range(D)])           # [D, n]
-        J = eye + _interp_jacobian(disp, ya + va.T)               # [n, D, D]
-        det = np.linalg.det(J)
-        ok = det > 1e-3
-        step = Fa.copy()                                          # fixed-point step
-        if ok.any():
-            step[ok] = np.linalg.solve(J[ok], Fa[ok][..., None])[..., 0]
-        accepted = np.zeros(ra.shape, dtype=bool)
-        t = 1.0
-        for _ in range(11):
-            pend = ~accepted
-            cand = va[pend] - t * step[pend]
-            Fc = cand + _sample_field(disp, ya[:, pend] + cand.T)
-            rc = np.linalg.norm(Fc, axis=-1)
-            good = rc < ra[pend]
-            idx = np.flatnonzero(pend)[good]
-            va[idx], Fa[idx], ra[idx] = cand[good], Fc[good], rc[good]
-            accepted[idx] = True
-            if accepted.all():
-                break
-            t *= 0.5
-        v[act], F[act], rn[act] = va, Fa, ra
-        if not accepted.any():
+        if not _damped_newton_step(disp, grid, v, F, rn, tol):
             break                                                  # stagnated everywhere
     if not return_info:
         return v
@@ -944,6 +1017,91 @@ def motion_to_max_disp(seed: int, shape: tuple, motion: float) -> tuple:
     return motion * float(np.mean(shape)) * jitter, LUNG_STRAIN_PER_MOTION * motion
 
 
+def _scaled_displacement(lam_map: np.ndarray, mu_map: np.ndarray, force: np.ndarray,
+                         lung: np.ndarray, target: float, max_lung_strain: float | None,
+                         air: tuple, solver_method: str) -> tuple:
+    """Solve the padded Navier-Cauchy problem and rescale it (step 3 of :func:`generate_pair`).
+
+    The Dirichlet wall of the solve is moved ``pad = ceil(target)`` voxels away from the image
+    border (extra air): the body surface moves up to about the peak displacement, and a body
+    pressed against a wall a few voxels away folds the air in between. The linear solution is
+    scaled to the peak displacement ``target`` (voxels), and further down if the 95th
+    percentile of the principal strain inside ``lung`` (bool ``[*shape]``) would exceed
+    ``max_lung_strain``. ``force`` ``[*shape, D]`` is scaled in place by the same factor.
+    Returns ``(disp float32 [*shape, D], force, pad, solve_info)``.
+    """
+    pad = int(math.ceil(target))
+    disp, solve_info = solve_navier_cauchy(lam_map, mu_map, force, method=solver_method,
+                                           return_info=True, pad=pad, pad_lame=air)
+    peak = np.sqrt(np.sum(disp * disp, axis=-1)).max()
+    scale = target / peak if peak > 0 else 0.0
+    if max_lung_strain is not None and lung.any():
+        p95 = float(np.percentile(principal_strain(disp)[lung], 95))
+        if p95 * scale > max_lung_strain:
+            scale = float(max_lung_strain) / p95
+    disp = (disp * scale).astype(np.float32)
+    force *= scale
+    return disp, force, pad, solve_info
+
+
+def _inverse_residual(u: np.ndarray, v: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """``|v(y) + u(y + v(y))|`` (voxels, 1-D) at the moving-grid points ``y`` whose source
+    ``y + v(y)`` lies in ``body``; ``u``, ``v`` float64 ``[*shape, D]``."""
+    src = _grid(u.shape[:-1]) + np.moveaxis(v, -1, 0)
+    r = np.linalg.norm(v + _sample_field(u, src), axis=-1)
+    from_body = ndi.map_coordinates(body, src, order=0, mode="nearest").astype(bool)
+    return r[from_body]
+
+
+def _checked_inverse(u: np.ndarray, body: np.ndarray, seed: int, target: float,
+                     residual_bound: float) -> tuple:
+    """Inverse of ``u`` (float64 ``[*shape, D]``) checked inside ``body`` (step 4 of
+    :func:`generate_pair`).
+
+    :func:`invert_displacement` with its defaults, retried as pure damped Newton with 10x more
+    steps when the residual (:func:`_inverse_residual` of the float32 inverse, the one that is
+    stored) exceeds ``residual_bound`` voxel. Returns ``(inv float32 [*shape, D], inv_info,
+    residuals)``; raises :class:`SyntheticPairError` naming ``seed`` if the bound still fails.
+    """
+    inv, inv_info = invert_displacement(u, return_info=True)
+    inv = inv.astype(np.float32)  # the stored inverse is the one that is checked
+    res = _inverse_residual(u, inv.astype(np.float64), body)
+    if not res.max() <= residual_bound:  # more robust: pure damped Newton, 10x more steps
+        inv2, info2 = invert_displacement(u, n_iter=1000, n_fixed_point=0, return_info=True)
+        res2 = _inverse_residual(u, inv2.astype(np.float32).astype(np.float64), body)
+        if res2.max() < res.max():
+            inv, inv_info, res = inv2.astype(np.float32), info2, res2
+    if not res.max() <= residual_bound:
+        raise SyntheticPairError(
+            f"synthetic pair seed={int(seed)} shape={tuple(u.shape[:-1])} max_disp={target:.3g}: "
+            f"inverse residual {res.max():.3g} voxel inside the body exceeds the bound "
+            f"{residual_bound:g} (min Jacobian {jacobian_determinant(u)[body].min():.3g}); "
+            f"the deformation is not invertible there, use a smaller motion / max_disp")
+    return inv, inv_info, res
+
+
+def _pair_meta(u: np.ndarray, v: np.ndarray, res: np.ndarray, body: np.ndarray,
+               lung: np.ndarray, air: tuple, pad: int) -> dict:
+    """The checks of ``generate_pair``'s ``meta`` (see its docstring) from the stored field
+    ``u``, its inverse ``v`` (float64 ``[*shape, D]``), the inverse residuals ``res`` and the
+    ``body`` / ``lung`` masks; the caller adds the iteration counts."""
+    cons = inverse_consistency(u, v)[body]
+    jac = jacobian_determinant(u)
+    return {
+        "residual_max": float(res.max()),
+        "residual_mean": float(res.mean()),
+        "consistency_residual_max": float(cons.max()),
+        "consistency_residual_mean": float(cons.mean()),
+        "jacobian_min": float(jac[body].min()),
+        "jacobian_min_all": float(jac.min()),
+        "lung_strain_p95": float(np.percentile(principal_strain(u)[lung], 95))
+        if lung.any() else 0.0,
+        "max_disp": float(np.sqrt(np.sum(u * u, axis=-1)).max()),
+        "lame_air": tuple(float(a) for a in air),
+        "solve_pad": pad,
+    }
+
+
 def generate_pair(seed: int, shape: tuple, lame: dict | None = None,
                   max_disp: float | None = None, *, max_lung_strain: float | None = None,
                   n_keypoints: int = 50, image_order: int = 1, solver_method: str = "auto",
@@ -997,7 +1155,6 @@ def generate_pair(seed: int, shape: tuple, lame: dict | None = None,
             ``residual_bound`` after the Newton inversion and a 10x longer retry.
     """
     shape = tuple(int(s) for s in shape)
-    D = len(shape)
     rng = np.random.default_rng(int(seed))
     table = dict(DEFAULT_LAME)
     if lame is not None:
@@ -1013,44 +1170,11 @@ def generate_pair(seed: int, shape: tuple, lame: dict | None = None,
             max_lung_strain = default_cap
     else:
         target = float(max_disp)
-    # the Dirichlet wall of the solve is moved ceil(target) voxels away from the image border
-    # (extra air): the body surface moves up to about the peak displacement, and a body pressed
-    # against a wall a few voxels away folds the air in between
-    pad = int(math.ceil(target))
-    disp, solve_info = solve_navier_cauchy(lam_map, mu_map, force, method=solver_method,
-                                           return_info=True, pad=pad, pad_lame=air)
     lung = fixed_seg == LUNG
-    peak = np.sqrt(np.sum(disp * disp, axis=-1)).max()
-    scale = target / peak if peak > 0 else 0.0
-    if max_lung_strain is not None and lung.any():
-        p95 = float(np.percentile(principal_strain(disp)[lung], 95))
-        if p95 * scale > max_lung_strain:
-            scale = float(max_lung_strain) / p95
-    disp = (disp * scale).astype(np.float32)
-    force *= scale
+    disp, force, pad, solve_info = _scaled_displacement(
+        lam_map, mu_map, force, lung, target, max_lung_strain, air, solver_method)
     u = disp.astype(np.float64)  # every check uses exactly the stored field
-
-    def inverse_residual(v):
-        """``|v(y) + u(y + v(y))|`` at the moving-grid points whose source is in the body."""
-        src = _grid(shape) + np.moveaxis(v, -1, 0)
-        r = np.linalg.norm(v + _sample_field(u, src), axis=-1)
-        from_body = ndi.map_coordinates(body, src, order=0, mode="nearest").astype(bool)
-        return r[from_body]
-
-    inv, inv_info = invert_displacement(u, return_info=True)
-    inv = inv.astype(np.float32)  # the stored inverse is the one that is checked
-    res = inverse_residual(inv.astype(np.float64))
-    if not res.max() <= residual_bound:  # more robust: pure damped Newton, 10x more steps
-        inv2, info2 = invert_displacement(u, n_iter=1000, n_fixed_point=0, return_info=True)
-        res2 = inverse_residual(inv2.astype(np.float32).astype(np.float64))
-        if res2.max() < res.max():
-            inv, inv_info, res = inv2.astype(np.float32), info2, res2
-    if not res.max() <= residual_bound:
-        raise SyntheticPairError(
-            f"synthetic pair seed={int(seed)} shape={shape} max_disp={target:.3g}: inverse "
-            f"residual {res.max():.3g} voxel inside the body exceeds the bound "
-            f"{residual_bound:g} (min Jacobian {jacobian_determinant(u)[body].min():.3g}); "
-            f"the deformation is not invertible there, use a smaller motion / max_disp")
+    inv, inv_info, res = _checked_inverse(u, body, seed, target, residual_bound)
     v = inv.astype(np.float64)
     moving = np.clip(warp(fixed.astype(np.float64), v, order=image_order), 0.0, 1.0)
     moving = moving.astype(np.float32)
@@ -1059,23 +1183,9 @@ def generate_pair(seed: int, shape: tuple, lame: dict | None = None,
     fixed_kp = sample_keypoints(fixed_seg, rng, n_keypoints)
     moving_kp = fixed_kp + _sample_field(u, fixed_kp.T) if len(fixed_kp) else fixed_kp.copy()
 
-    cons = inverse_consistency(u, v)[body]
-    jac = jacobian_determinant(u)
-    meta = {
-        "residual_max": float(res.max()),
-        "residual_mean": float(res.mean()),
-        "consistency_residual_max": float(cons.max()),
-        "consistency_residual_mean": float(cons.mean()),
-        "jacobian_min": float(jac[body].min()),
-        "jacobian_min_all": float(jac.min()),
-        "lung_strain_p95": float(np.percentile(principal_strain(u)[lung], 95))
-        if lung.any() else 0.0,
-        "max_disp": float(np.sqrt(np.sum(u * u, axis=-1)).max()),
-        "lame_air": tuple(float(a) for a in air),
-        "solve_pad": pad,
-        "solver_iterations": int(solve_info["iterations"]),
-        "inverse_iterations": int(inv_info["iterations"]),
-    }
+    meta = _pair_meta(u, v, res, body, lung, air, pad)
+    meta["solver_iterations"] = int(solve_info["iterations"])
+    meta["inverse_iterations"] = int(inv_info["iterations"])
     return {
         "fixed": fixed,
         "moving": moving,
