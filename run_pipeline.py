@@ -207,10 +207,9 @@ def _identify_all(args, runs: dict) -> dict:
     return ident
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    import shlex
-
-    args = build_parser().parse_args(argv)
+def _apply_quick_and_cache(args) -> None:
+    """``--quick`` sizes (only where the user kept the defaults) and the demo's synthetic cache
+    folder ``.cache/synthetic`` when no data or cache folder is given; edits ``args`` in place."""
     if args.quick:
         if args.dataset == "synthetic" and args.image_size is None:
             args.image_size = QUICK["image_size"]
@@ -221,13 +220,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.dataset == "synthetic" and args.cache_dir is None and args.data_dir is None:
         args.cache_dir = os.path.join(".cache", "synthetic")
 
-    import datasets
-    import inference
-    from hypermorph_spatially_adaptive import artifacts as art
 
-    t0 = time.time()
-    names = PRESETS + ([f"{r}_sa_csain" for r in ("elastic", "diffusion")] if args.csain else [])
-    runs = {p: os.path.join(args.out, "runs", p) for p in names}
+def _preset_argv(args, runs: dict) -> dict:
+    """The training command line (argv of train_hypermorph_*.py) of every preset in ``runs``
+    (preset -> run folder): data options, steps and schedule, ``--train-args``, the energy
+    scale unless 1, the hyp mapping unless linear, ``--sa-train-args`` for SA presets, CSAIN
+    conditioning for ``*_csain``."""
+    import shlex
+
+    import datasets
+
     common = datasets.dataset_argv(args) + ["--steps", str(args.steps), "--lr", repr(args.lr), "--batch-size", str(args.batch_size),
                                  "--seed", str(args.seed), "--log-every", str(max(1, min(50, args.steps // 10))),
                                  "--val-every", str(max(1, args.steps // 4))]
@@ -237,13 +239,27 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     mapping = [] if args.hyp_mapping == "linear" else ["--hyp-mapping", args.hyp_mapping,
                                                         "--log-decades", repr(args.log_decades)]
     preset_argv = {}
-    for p in names:
+    for p in runs:
         k = getattr(args, f"{p.split('_')[0]}_energy_scale")
         sa_only = shlex.split(args.sa_train_args) if "_sa" in p else []
         csain = ["--conditioning", "csain"] if p.endswith("_csain") else []
         # K = 1 leaves the command (and so the reuse of runs made before --energy-scale) as it was
         preset_argv[p] = (common + (["--energy-scale", repr(k)] if k != 1.0 else []) + mapping + sa_only + csain
                           + ["--out", runs[p]])
+    return preset_argv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    args = build_parser().parse_args(argv)
+    _apply_quick_and_cache(args)
+
+    import inference
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    t0 = time.time()
+    names = PRESETS + ([f"{r}_sa_csain" for r in ("elastic", "diffusion")] if args.csain else [])
+    runs = {p: os.path.join(args.out, "runs", p) for p in names}
+    preset_argv = _preset_argv(args, runs)
     _check_inputs(args, preset_argv)
     _train_all(args, preset_argv, runs)
     _plot_training_curves({p: runs[p] for p in PRESETS}, os.path.join(args.out, "training_curves.png"))
