@@ -219,153 +219,183 @@ def _setup(job: Dict):
 def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
     """Model + optimizer + compiled train step of model ``name``; returns ``step`` (a callable
     that runs one step and fetches its outputs), ``model``, and for --breakdown ``pieces``."""
-    ndim, size, bsz = int(job["ndim"]), int(job["size"]), int(job["batch"])
-    shape = (size,) * ndim
-    win, spacing = int(job["ncc_win"]), [1.0] * ndim
-    moving, fixed, fixed_seg, hyp_np = data["moving"], data["fixed"], data["fixed_seg"], data["hyp_all"]
-
-    pieces = {}  # extra compiled callables for --breakdown
     if MODELS[name][0] != "plain":
-        # ---- ours: same computation as trainer.run's per_replica / train_step ----
-        from hypermorph_spatially_adaptive import losses as hm_losses
-        from hypermorph_spatially_adaptive.losses import loss_terms
-        from hypermorph_spatially_adaptive.models import ModelConfig, build_model, call_model
-        from hypermorph_spatially_adaptive.params import regularization_parameters
-        from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
-        import regularizers
+        return _build_ours(name, job, tf, vxm, data)
+    return _build_plain(name, job, tf, vxm, data)
 
-        reg, sa, unroll, *cond = MODELS[name]
-        mc = ModelConfig(image_shape=shape, regularizer=reg, spatially_adaptive=sa, num_classes=NUM_CLASSES,
-                         conditioning=cond[0] if cond else "hypernetwork")
-        mc.validate()
-        spec = mc.spec
-        strategy = tf.distribute.get_strategy()
-        with strategy.scope():
-            model = build_model(mc, unroll=unroll)
-            optimizer = make_optimizer(model, float(job["lr"]))
-            step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        hyp = tf.constant(hyp_np[:, :spec.num_params])
-        batch = {"moving": moving, "fixed": fixed, "fixed_seg": fixed_seg, "hyp": hyp}
-        use_svf = False  # trainer default --reg-field disp
 
-        train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf,
-                                     bsz)  # the trainer's own compiled step
+def _build_ours(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
+    """Our model ``name`` with the trainer's optimizer and compiled step (same computation as
+    trainer.run's per_replica / train_step); the :func:`_build` contract."""
+    from hypermorph_spatially_adaptive.models import ModelConfig, build_model
+    from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
 
-        def step():
-            out = train_step(batch)
-            return {k: float(v) for k, v in out.items()}  # the trainer fetches every term each step
+    ndim, size, bsz = int(job["ndim"]), int(job["size"]), int(job["batch"])
+    win, spacing = int(job["ncc_win"]), [1.0] * ndim
+    reg, sa, unroll, *cond = MODELS[name]
+    mc = ModelConfig(image_shape=(size,) * ndim, regularizer=reg, spatially_adaptive=sa,
+                     num_classes=NUM_CLASSES, conditioning=cond[0] if cond else "hypernetwork")
+    mc.validate()
+    spec = mc.spec
+    strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_model(mc, unroll=unroll)
+        optimizer = make_optimizer(model, float(job["lr"]))
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    hyp = tf.constant(data["hyp_all"][:, :spec.num_params])
+    batch = {"moving": data["moving"], "fixed": data["fixed"], "fixed_seg": data["fixed_seg"], "hyp": hyp}
+    use_svf = False  # trainer default --reg-field disp
 
-        if job["breakdown"]:
-            @tf.function
-            def fwd(batch):
-                warped, disp, _svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
-                                             training=True)
-                return warped, disp
+    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf,
+                                 bsz)  # the trainer's own compiled step
 
-            @tf.function
-            def fwd_loss(batch):
-                warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
-                                             training=True)
-                terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"], spacing, win)
-                return tf.reduce_sum(terms["loss"]) / bsz
+    def step():
+        out = train_step(batch)
+        return {k: float(v) for k, v in out.items()}  # the trainer fetches every term each step
 
-            @tf.function
-            def fwd_loss_grad(batch):
-                with tf.GradientTape() as tape:
-                    warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
-                                             training=True)
-                    terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"],
-                                       spacing, win)
-                    loss = tf.reduce_sum(terms["loss"]) / bsz
-                grads = tape.gradient(loss, model.trainable_variables)
-                with tf.control_dependencies(grads):
-                    return tf.identity(loss)
-
-            warped0, disp0 = fwd(batch)
-            warped0, disp0 = tf.identity(warped0), tf.identity(disp0)
-
-            def reg_ours(d, h, s):
-                lam, mu = regularization_parameters(spec, h, s)
-                if spec.regularizer == "elastic":
-                    return regularizers.elastic_regularizer(d, lam, mu, spacing)
-                return regularizers.diffusion_regularizer(d, lam, spacing)
-
-            pm = tf.function(lambda h, s: regularization_parameters(spec, h, s))
-            pieces = {
-                "forward": lambda: [t.numpy() for t in fwd(batch)],
-                "forward+loss": lambda: float(fwd_loss(batch)),
-                "forward+loss+grad": lambda: float(fwd_loss_grad(batch)),
-                "step": step,
-                "loss_terms fwd+bwd": (_value_and_grad_fn(
-                    tf, lambda w, d, f, h, s: loss_terms(spec, f, w, d, h, s, spacing, win)["loss"], 2),
-                    (warped0, disp0, fixed, hyp, fixed_seg)),
-                "ncc ours fwd+bwd": (_value_and_grad_fn(
-                    tf, lambda w, f: hm_losses.ncc_map(f, w, win), 1), (warped0, fixed)),
-                "ncc vxm fwd+bwd": (_value_and_grad_fn(
-                    tf, lambda w, f: vxm.losses.NCC(win=[win] * ndim).loss(f, w), 1), (warped0, fixed)),
-                "reg ours fwd+bwd": (_value_and_grad_fn(tf, reg_ours, 1), (disp0, hyp, fixed_seg)),
-                "param maps fwd": (pm, (hyp, fixed_seg)),
-            }
-    else:
-        # ---- plain voxelmorph HyperMorph step: nothing of ours ----
-        model = vxm.networks.HyperVxmDense(shape, nb_hyp_params=1, int_steps=7, int_resolution=2,
-                                           svf_resolution=1)
-        if MODELS[name][1]:
-            from hypermorph_spatially_adaptive.unrolled import unroll_per_sample_layers
-            unroll_per_sample_layers(model)
-        optimizer = tf.keras.optimizers.Adam(learning_rate=float(job["lr"]))
-        ncc_loss = vxm.losses.NCC(win=[win] * ndim).loss
-        grad_loss = vxm.losses.Grad("l2", loss_mult=2).loss
-        hyp = tf.constant(hyp_np[:, :1])
-
-        def plain_loss(moving, fixed, hyp):
-            warped, flow = model([moving, fixed, hyp], training=True)
-            h = hyp[:, 0]
-            per_sample = (1.0 - h) * ncc_loss(fixed, warped) + h * grad_loss(None, flow)
-            return tf.reduce_mean(per_sample)
-
-        @tf.function
-        def train_step(moving, fixed, hyp):
-            with tf.GradientTape() as tape:
-                loss = plain_loss(moving, fixed, hyp)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        def step():
-            return float(train_step(moving, fixed, hyp))
-
-        if job["breakdown"]:
-            @tf.function
-            def fwd(moving, fixed, hyp):
-                return model([moving, fixed, hyp], training=True)
-
-            @tf.function
-            def fwd_loss(moving, fixed, hyp):
-                return plain_loss(moving, fixed, hyp)
-
-            @tf.function
-            def fwd_loss_grad(moving, fixed, hyp):
-                with tf.GradientTape() as tape:
-                    loss = plain_loss(moving, fixed, hyp)
-                grads = tape.gradient(loss, model.trainable_variables)
-                with tf.control_dependencies(grads):
-                    return tf.identity(loss)
-
-            warped0, flow0 = [tf.identity(t) for t in fwd(moving, fixed, hyp)]
-            pieces = {
-                "forward": lambda: [t.numpy() for t in fwd(moving, fixed, hyp)],
-                "forward+loss": lambda: float(fwd_loss(moving, fixed, hyp)),
-                "forward+loss+grad": lambda: float(fwd_loss_grad(moving, fixed, hyp)),
-                "step": step,
-                "loss_terms fwd+bwd": (_value_and_grad_fn(
-                    tf, lambda w, d, f, h: (1.0 - h[:, 0]) * ncc_loss(f, w) + h[:, 0] * grad_loss(None, d), 2),
-                    (warped0, flow0, fixed, hyp)),
-                "ncc vxm fwd+bwd": (_value_and_grad_fn(tf, lambda w, f: ncc_loss(f, w), 1), (warped0, fixed)),
-                "grad vxm (half-res svf) fwd+bwd": (_value_and_grad_fn(tf, lambda d: grad_loss(None, d), 1), (flow0,)),
-            }
-
+    pieces = _ours_pieces(tf, vxm, model, spec, batch, step, job) if job["breakdown"] else {}
     return {"step": step, "model": model, "pieces": pieces}
+
+
+def _ours_pieces(tf, vxm, model, spec, batch: Dict, step, job: Dict) -> Dict:
+    """--breakdown callables of our model: forward, +loss, +gradient, the step, and the loss
+    pieces (``loss_terms``, our / voxelmorph's NCC, our regularizer, parameter maps) fwd+bwd
+    on the warped image and field of one forward pass. Values: a callable, or
+    ``(compiled fn, args)``."""
+    from hypermorph_spatially_adaptive import losses as hm_losses
+    from hypermorph_spatially_adaptive.losses import loss_terms
+    from hypermorph_spatially_adaptive.models import call_model
+    from hypermorph_spatially_adaptive.params import regularization_parameters
+    import regularizers
+
+    ndim, bsz = int(job["ndim"]), int(job["batch"])
+    win, spacing = int(job["ncc_win"]), [1.0] * ndim
+    fixed, hyp, fixed_seg = batch["fixed"], batch["hyp"], batch["fixed_seg"]
+
+    @tf.function
+    def fwd(batch):
+        warped, disp, _svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
+                                        training=True)
+        return warped, disp
+
+    @tf.function
+    def fwd_loss(batch):
+        warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
+                                       training=True)
+        terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"], spacing, win)
+        return tf.reduce_sum(terms["loss"]) / bsz
+
+    @tf.function
+    def fwd_loss_grad(batch):
+        with tf.GradientTape() as tape:
+            warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
+                                           training=True)
+            terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"],
+                               spacing, win)
+            loss = tf.reduce_sum(terms["loss"]) / bsz
+        grads = tape.gradient(loss, model.trainable_variables)
+        with tf.control_dependencies(grads):
+            return tf.identity(loss)
+
+    warped0, disp0 = fwd(batch)
+    warped0, disp0 = tf.identity(warped0), tf.identity(disp0)
+
+    def reg_ours(d, h, s):
+        lam, mu = regularization_parameters(spec, h, s)
+        if spec.regularizer == "elastic":
+            return regularizers.elastic_regularizer(d, lam, mu, spacing)
+        return regularizers.diffusion_regularizer(d, lam, spacing)
+
+    pm = tf.function(lambda h, s: regularization_parameters(spec, h, s))
+    return {
+        "forward": lambda: [t.numpy() for t in fwd(batch)],
+        "forward+loss": lambda: float(fwd_loss(batch)),
+        "forward+loss+grad": lambda: float(fwd_loss_grad(batch)),
+        "step": step,
+        "loss_terms fwd+bwd": (_value_and_grad_fn(
+            tf, lambda w, d, f, h, s: loss_terms(spec, f, w, d, h, s, spacing, win)["loss"], 2),
+            (warped0, disp0, fixed, hyp, fixed_seg)),
+        "ncc ours fwd+bwd": (_value_and_grad_fn(
+            tf, lambda w, f: hm_losses.ncc_map(f, w, win), 1), (warped0, fixed)),
+        "ncc vxm fwd+bwd": (_value_and_grad_fn(
+            tf, lambda w, f: vxm.losses.NCC(win=[win] * ndim).loss(f, w), 1), (warped0, fixed)),
+        "reg ours fwd+bwd": (_value_and_grad_fn(tf, reg_ours, 1), (disp0, hyp, fixed_seg)),
+        "param maps fwd": (pm, (hyp, fixed_seg)),
+    }
+
+
+def _build_plain(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
+    """The plain voxelmorph HyperMorph step, nothing of ours (``plain_unrolled``: with our
+    unrolled per-sample layers); the :func:`_build` contract."""
+    ndim, size = int(job["ndim"]), int(job["size"])
+    win = int(job["ncc_win"])
+    moving, fixed = data["moving"], data["fixed"]
+    model = vxm.networks.HyperVxmDense((size,) * ndim, nb_hyp_params=1, int_steps=7, int_resolution=2,
+                                       svf_resolution=1)
+    if MODELS[name][1]:
+        from hypermorph_spatially_adaptive.unrolled import unroll_per_sample_layers
+        unroll_per_sample_layers(model)
+    optimizer = tf.keras.optimizers.Adam(learning_rate=float(job["lr"]))
+    ncc_loss = vxm.losses.NCC(win=[win] * ndim).loss
+    grad_loss = vxm.losses.Grad("l2", loss_mult=2).loss
+    hyp = tf.constant(data["hyp_all"][:, :1])
+
+    def plain_loss(moving, fixed, hyp):
+        warped, flow = model([moving, fixed, hyp], training=True)
+        h = hyp[:, 0]
+        per_sample = (1.0 - h) * ncc_loss(fixed, warped) + h * grad_loss(None, flow)
+        return tf.reduce_mean(per_sample)
+
+    @tf.function
+    def train_step(moving, fixed, hyp):
+        with tf.GradientTape() as tape:
+            loss = plain_loss(moving, fixed, hyp)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    def step():
+        return float(train_step(moving, fixed, hyp))
+
+    pieces = {}
+    if job["breakdown"]:
+        pieces = _plain_pieces(tf, model, plain_loss, ncc_loss, grad_loss, (moving, fixed, hyp), step)
+    return {"step": step, "model": model, "pieces": pieces}
+
+
+def _plain_pieces(tf, model, plain_loss, ncc_loss, grad_loss, inputs: tuple, step) -> Dict:
+    """--breakdown callables of the plain step (``inputs`` = moving, fixed, hyp): forward,
+    +loss, +gradient, the step, and voxelmorph's loss pieces fwd+bwd on one forward pass."""
+    moving, fixed, hyp = inputs
+
+    @tf.function
+    def fwd(moving, fixed, hyp):
+        return model([moving, fixed, hyp], training=True)
+
+    @tf.function
+    def fwd_loss(moving, fixed, hyp):
+        return plain_loss(moving, fixed, hyp)
+
+    @tf.function
+    def fwd_loss_grad(moving, fixed, hyp):
+        with tf.GradientTape() as tape:
+            loss = plain_loss(moving, fixed, hyp)
+        grads = tape.gradient(loss, model.trainable_variables)
+        with tf.control_dependencies(grads):
+            return tf.identity(loss)
+
+    warped0, flow0 = [tf.identity(t) for t in fwd(moving, fixed, hyp)]
+    return {
+        "forward": lambda: [t.numpy() for t in fwd(moving, fixed, hyp)],
+        "forward+loss": lambda: float(fwd_loss(moving, fixed, hyp)),
+        "forward+loss+grad": lambda: float(fwd_loss_grad(moving, fixed, hyp)),
+        "step": step,
+        "loss_terms fwd+bwd": (_value_and_grad_fn(
+            tf, lambda w, d, f, h: (1.0 - h[:, 0]) * ncc_loss(f, w) + h[:, 0] * grad_loss(None, d), 2),
+            (warped0, flow0, fixed, hyp)),
+        "ncc vxm fwd+bwd": (_value_and_grad_fn(tf, lambda w, f: ncc_loss(f, w), 1), (warped0, fixed)),
+        "grad vxm (half-res svf) fwd+bwd": (_value_and_grad_fn(tf, lambda d: grad_loss(None, d), 1), (flow0,)),
+    }
 
 
 def _time_pieces(tf, pieces: Dict, steps: int) -> Dict[str, float]:
@@ -492,11 +522,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     keys = [] if args.skip_separate else [(c, m, False) for c in args.configs for m in args.models]
     if args.determinism and not args.skip_separate:
         keys += [(c, m, True) for c in args.determinism_configs for m in args.determinism_models]
-    results: Dict[tuple, List[Dict]] = {k: [] for k in keys}
-    n_total = len(keys) * args.rounds
     print(f"bench_train: {len(keys)} runs x {args.rounds} round(s), each in its own subprocess; "
           f"2D {size2d}^2 ({warm2d} warm-up + {steps2d} timed steps), 3D {size3d}^3 "
           f"({warm3d} + {steps3d}); load average {os.getloadavg()[0]:.2f}", flush=True)
+    results = _run_separate(args, keys, job_for)
+    rows, agg = _aggregate(keys, results, job_for)
+
+    # ---- table ----
+    if rows:
+        _print_separate(rows, agg, args)
+
+    if args.paired:
+        rows += _run_and_print_paired(args, job_for, agg)
+
+    if args.breakdown and keys:
+        _print_breakdown(keys, results, args)
+
+    if args.csv:
+        _write_csv(rows, args.csv)
+    return 0 if all(r["rounds_ok"] > 0 for r in rows) else 1
+
+
+def _run_separate(args, keys: List[tuple], job_for) -> Dict[tuple, List[Dict]]:
+    """Run every ``(config, model, determinism)`` key ``args.rounds`` times, each in its own
+    subprocess (:func:`_spawn`), printing one line per run; returns the results per key."""
+    results: Dict[tuple, List[Dict]] = {k: [] for k in keys}
+    n_total = len(keys) * args.rounds
     i = 0
     for r in range(args.rounds):
         for key in keys:
@@ -513,8 +564,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{label}: {s['median']:.4f} s/step (min {s['min']:.4f}, first {s['first']:.1f} s), "
                       f"peak +{res['peak_growth_mb']:.0f} MB, load {res['loadavg']:.2f}, "
                       f"subprocess {res['wall_s']:.0f} s", flush=True)
+    return results
 
-    # ---- aggregate ----
+
+def _aggregate(keys: List[tuple], results: Dict[tuple, List[Dict]], job_for) -> tuple:
+    """``(rows, agg)``: one table/CSV row per key (medians over the successful rounds, the
+    ratio to ``plain`` of the same configuration without determinism), ``agg`` keyed like
+    ``results``."""
     rows = []
     agg = {}
     for key in keys:
@@ -539,29 +595,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plain = agg.get((row["config"], "plain", False))
         if plain is not None and plain["sec_median"] == plain["sec_median"]:
             row["ratio_vs_plain"] = row["sec_median"] / plain["sec_median"]
+    return rows, agg
 
-    # ---- table ----
-    if rows:
-        _print_separate(rows, agg, args)
 
-    if args.paired:
-        rows += _run_and_print_paired(args, job_for, agg)
-
-    if args.breakdown and keys:
-        _print_breakdown(keys, results, args)
-
-    if args.csv:
-        fields = ["config", "label", "size", "batch", "model", "determinism", "steps", "warmup", "rounds_ok",
-                  "sec_median", "sec_min", "first_step_s", "peak_mb", "peak_rss_mb", "ratio_vs_plain",
-                  "paired_sec_median", "paired_ratio_vs_plain", "params",
-                  "loadavg", "error"]
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        print(f"\nwrote {args.csv}")
-    return 0 if all(r["rounds_ok"] > 0 for r in rows) else 1
+def _write_csv(rows: List[Dict], path: str) -> None:
+    """The aggregated (and paired) rows as a CSV at ``path``."""
+    fields = ["config", "label", "size", "batch", "model", "determinism", "steps", "warmup", "rounds_ok",
+              "sec_median", "sec_min", "first_step_s", "peak_mb", "peak_rss_mb", "ratio_vs_plain",
+              "paired_sec_median", "paired_ratio_vs_plain", "params",
+              "loadavg", "error"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nwrote {path}")
 
 
 def _print_separate(rows, agg, args) -> None:
