@@ -37,7 +37,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Options of the speed benchmark and of the ``--compare-gradient`` mode."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", type=int, nargs="+", default=[128, 128], help="image size (2D or 3D)")
@@ -58,10 +59,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     g.add_argument("--patience", type=int, default=10, help="gradient: plateau patience (0: never stop early)")
     g.add_argument("--objective", default="dice", choices=["dice", "epe"], help="gradient objective")
     g.add_argument("--csv", default=None, help="also write the per-pair table here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.compare_gradient:
         return compare_gradient(args)
+    _print_speed(args, _time_grid_search(args))
 
+
+def _time_grid_search(args) -> dict:
+    """Median seconds per pair of every grid-search variant and of SA inference on one random
+    pair (random weights unless ``--run``); keys ``shape``, ``n_grid``, ``batch_size``,
+    ``batched``, ``single``, ``chunks`` ({chunk size: s}), ``predict`` (NaN if skipped), ``sa``."""
     import numpy as np
 
     import eval_metrics
@@ -123,11 +134,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         t_chunks[c] = timeit(lambda: dice_all(reg(moving, fixed, grid)[1]))
     t_p = float("nan") if args.skip_predict else timeit(run_predict)
     t_sa = timeit(run_sa)
-    print(f"grid search, image {shape}, {len(grid)} grid points, one pair (median of {args.repeats}):")
-    print(f"  batched (chunks of {batched.batch_size or 'auto'})  {t_b:8.2f} s/pair")
+    return {"shape": shape, "n_grid": len(grid), "batch_size": batched.batch_size, "batched": t_b,
+            "single": t_s, "chunks": t_chunks, "predict": t_p, "sa": t_sa}
+
+
+def _print_speed(args, t: dict) -> None:
+    """The speed table of :func:`_time_grid_search`'s result ``t``."""
+    shape, t_b, t_s, t_p, t_sa = t["shape"], t["batched"], t["single"], t["predict"], t["sa"]
+    print(f"grid search, image {shape}, {t['n_grid']} grid points, one pair (median of {args.repeats}):")
+    print(f"  batched (chunks of {t['batch_size'] or 'auto'})  {t_b:8.2f} s/pair")
     print(f"  one-by-one compiled calls        {t_s:8.2f} s/pair   ratio one-by-one/batched {t_s / t_b:5.2f}")
-    for c, t in t_chunks.items():
-        print(f"  chunks of {c:<3d} grid points         {t:8.2f} s/pair   ratio chunked/batched    {t / t_b:5.2f}")
+    for c, tc in t["chunks"].items():
+        print(f"  chunks of {c:<3d} grid points         {tc:8.2f} s/pair   ratio chunked/batched    {tc / t_b:5.2f}")
     print(f"  model.predict loop               {t_p:8.2f} s/pair   ratio predict/batched    {t_p / t_b:5.2f}")
     print(f"SA inference (one forward pass)    {t_sa:8.3f} s/pair")
 
@@ -140,26 +158,15 @@ def compare_gradient(args) -> None:
     import eval_metrics
     from hypermorph_spatially_adaptive import gradient_identification as gid
     from hypermorph_spatially_adaptive import identification as ident
-    from hypermorph_spatially_adaptive import runio
     from datasets.atomic import atomic_write
     from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.registration import Registrar
-    from hypermorph_spatially_adaptive.artifacts import load_dataset
 
-    if not (args.run and args.sa_run):
-        raise SystemExit("--compare-gradient needs --run (global) and --sa-run (SA)")
-    g_model, g_cfg = runio.load_run(args.run, expect_sa=False)
+    g_model, sa_model, g_cfg, dataset, pairs = _load_compare_runs(args)
     reg = g_cfg["model"]["regularizer"]
-    sa_model, sa_cfg = runio.load_run(args.sa_run, expect_regularizer=reg, expect_sa=True)
-    if sa_cfg["data"] != g_cfg["data"]:
-        raise SystemExit(f"{args.run} and {args.sa_run} were trained on different data")
     classes = list(g_cfg["class_names"])
     C = len(classes)
     sa_names = ParamSpec(reg, True, C).names(classes)
-    dataset = load_dataset(g_cfg)
-    ids = dataset.split_ids(args.split)
-    ids = ids[: args.num_pairs] if args.num_pairs else ids
-    pairs = [dataset.load_pair(i) for i in ids]
     grid = ident.make_grid(reg, ident.grid_values(args.grid_steps))
     g_reg, sa_reg = Registrar(g_model), Registrar(sa_model)
 
@@ -189,44 +196,82 @@ def compare_gradient(args) -> None:
           f"{len(grid)} points; gradient <= {args.steps} steps, lr {args.lr}, patience {args.patience}, "
           f"objective {args.objective}; first calls (tracing + one run): grid {t_trace_grid:.1f} s, "
           f"gradient {t_trace_grad:.1f} s", flush=True)
-    rows = []
-    for pair in pairs:
-        t = time.perf_counter()
-        h_grid = grid_proxy(pair)
-        t_grid = time.perf_counter() - t
-        res = gradient(pair, None)
-        res_ref = gradient(pair, h_grid[None])
-        row = {"pair_id": pair.pair_id, "grid_s": t_grid, "grid_passes": len(grid), "grid_dice": sa_dice(pair, h_grid),
-               "grad_s": res.seconds, "grad_passes": int(res.steps[0]), "grad_dice": sa_dice(pair, res.h[0]),
-               "grad_obj_start": res.start[0], "grad_obj_best": res.best[0],
-               "refine_s": t_grid + res_ref.seconds, "refine_passes": f"{len(grid)}+{int(res_ref.steps[0])}",
-               "refine_dice": sa_dice(pair, res_ref.h[0])}
-        if args.objective == "epe":
-            for name, h in (("grid", h_grid), ("grad", res.h[0]), ("refine", res_ref.h[0])):
-                rho = gid.stiffness_order_summary([pair], h[None], classes, reg == "elastic")
-                row[f"{name}_rho_mu"] = rho[pair.pair_id]["mu"] if rho else float("nan")
-        rows.append(row)
-        print(f"  {pair.pair_id}: grid {t_grid:6.2f} s {len(grid):4d} fwd  Dice {row['grid_dice']:.4f} | gradient "
-              f"{res.seconds:6.2f} s {row['grad_passes']:3d} fwd+bwd Dice {row['grad_dice']:.4f} "
-              f"(obj {res.start[0]:.4f} -> {res.best[0]:.4f}) | grid+gradient {row['refine_s']:6.2f} s "
-              f"Dice {row['refine_dice']:.4f}", flush=True)
+    rows = [_compare_pair(pair, len(grid), grid_proxy, gradient, sa_dice, classes, reg, args.objective)
+            for pair in pairs]
     df = pd.DataFrame(rows)
     if args.csv:
         atomic_write(args.csv, df)
+    _print_comparison(df, len(grid), classes, args.objective)
+
+
+def _load_compare_runs(args) -> tuple:
+    """``(global model, SA model, global run config, dataset, pairs)`` of ``--run`` /
+    ``--sa-run`` (same regularizer and data, else SystemExit) and the first ``--num-pairs``
+    pairs of ``--split``."""
+    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive.artifacts import load_dataset
+
+    if not (args.run and args.sa_run):
+        raise SystemExit("--compare-gradient needs --run (global) and --sa-run (SA)")
+    g_model, g_cfg = runio.load_run(args.run, expect_sa=False)
+    reg = g_cfg["model"]["regularizer"]
+    sa_model, sa_cfg = runio.load_run(args.sa_run, expect_regularizer=reg, expect_sa=True)
+    if sa_cfg["data"] != g_cfg["data"]:
+        raise SystemExit(f"{args.run} and {args.sa_run} were trained on different data")
+    dataset = load_dataset(g_cfg)
+    ids = dataset.split_ids(args.split)
+    ids = ids[: args.num_pairs] if args.num_pairs else ids
+    pairs = [dataset.load_pair(i) for i in ids]
+    return g_model, sa_model, g_cfg, dataset, pairs
+
+
+def _compare_pair(pair, n_grid: int, grid_proxy, gradient, sa_dice, classes: list, reg: str,
+                  objective: str) -> dict:
+    """One pair of ``--compare-gradient``: grid proxy, gradient from 0.5 and gradient from the
+    grid's choice, timed; prints one line and returns the CSV row (SA hard mean Dice of each
+    choice, passes, objective values; with ``objective`` epe the Spearman rho of mu)."""
+    from hypermorph_spatially_adaptive import gradient_identification as gid
+
+    t = time.perf_counter()
+    h_grid = grid_proxy(pair)
+    t_grid = time.perf_counter() - t
+    res = gradient(pair, None)
+    res_ref = gradient(pair, h_grid[None])
+    row = {"pair_id": pair.pair_id, "grid_s": t_grid, "grid_passes": n_grid, "grid_dice": sa_dice(pair, h_grid),
+           "grad_s": res.seconds, "grad_passes": int(res.steps[0]), "grad_dice": sa_dice(pair, res.h[0]),
+           "grad_obj_start": res.start[0], "grad_obj_best": res.best[0],
+           "refine_s": t_grid + res_ref.seconds, "refine_passes": f"{n_grid}+{int(res_ref.steps[0])}",
+           "refine_dice": sa_dice(pair, res_ref.h[0])}
+    if objective == "epe":
+        for name, h in (("grid", h_grid), ("grad", res.h[0]), ("refine", res_ref.h[0])):
+            rho = gid.stiffness_order_summary([pair], h[None], classes, reg == "elastic")
+            row[f"{name}_rho_mu"] = rho[pair.pair_id]["mu"] if rho else float("nan")
+    print(f"  {pair.pair_id}: grid {t_grid:6.2f} s {n_grid:4d} fwd  Dice {row['grid_dice']:.4f} | gradient "
+          f"{res.seconds:6.2f} s {row['grad_passes']:3d} fwd+bwd Dice {row['grad_dice']:.4f} "
+          f"(obj {res.start[0]:.4f} -> {res.best[0]:.4f}) | grid+gradient {row['refine_s']:6.2f} s "
+          f"Dice {row['refine_dice']:.4f}", flush=True)
+    return row
+
+
+def _print_comparison(df, n_grid: int, classes: list, objective: str) -> None:
+    """Summary of the per-pair table ``df`` of ``--compare-gradient`` (means, goal check,
+    with ``objective`` epe the stiffness order)."""
+    import numpy as np
+
     ratio = df["grad_s"].mean() / df["grid_s"].mean()
     print(f"\nmean over {len(df)} pairs (SA hard mean Dice; seconds per pair, tracing excluded):")
     print(f"  {'method':16s} {'seconds':>8s} {'passes':>14s} {'SA mean Dice':>13s}")
-    print(f"  {'grid proxy':16s} {df.grid_s.mean():8.2f} {len(grid):>10d} fwd {df.grid_dice.mean():13.4f}")
+    print(f"  {'grid proxy':16s} {df.grid_s.mean():8.2f} {n_grid:>10d} fwd {df.grid_dice.mean():13.4f}")
     print(f"  {'gradient':16s} {df.grad_s.mean():8.2f} {df.grad_passes.mean():>6.1f} fwd+bwd {df.grad_dice.mean():13.4f}")
     extra = df.refine_passes.str.split("+").str[1].astype(int).mean()
-    print(f"  {'grid + gradient':16s} {df.refine_s.mean():8.2f} {f'{len(grid)} + {extra:.1f}':>14s} "
+    print(f"  {'grid + gradient':16s} {df.refine_s.mean():8.2f} {f'{n_grid} + {extra:.1f}':>14s} "
           f"{df.refine_dice.mean():13.4f}")
     diff = (df.grad_dice - df.grid_dice).to_numpy()
     print(f"  gradient - grid Dice per pair: mean {diff.mean():+.4f}, gradient >= grid in "
           f"{int((diff >= 0).sum())}/{len(diff)} pairs; time ratio gradient/grid {ratio:.3f}")
     goal = df.grad_dice.mean() >= df.grid_dice.mean() and ratio <= 0.2
     print(f"  goal (gradient Dice >= grid Dice in <= 1/5 of the grid's time): {'met' if goal else 'NOT met'}")
-    if args.objective == "epe":
+    if objective == "epe":
         for name in ("grid", "grad", "refine"):
             v = df[f"{name}_rho_mu"].to_numpy(float)
             v = v[np.isfinite(v)]
