@@ -346,8 +346,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     ants = import_ants(args.threads, args.seed)
     import pandas as pd
 
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import evaluation
 
     dataset, data_opts = load_dataset(args)
@@ -365,6 +363,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
         return None
 
     merged = read_merge(args.merge, ids) if args.merge else None
+    class_names = list(dataset.class_names)
+    rows, total = _register_all(ants, dataset, ids, args)
+
+    per_pair = pd.DataFrame(rows)
+    problem = evaluation.check_range(per_pair, class_names)
+    if problem:
+        raise FloatingPointError(f"metrics out of range: {problem}")
+    table_rows = per_pair
+    if args.merge:
+        per_pair = pd.concat([per_pair, merge_rows(per_pair, merged, args.merge)], ignore_index=True)
+        table_rows = _repeat_per_protocol(per_pair)
+    _write_results(args, argv, per_pair, table_rows, dataset, data_opts, ids, version, total)
+    return args.out
+
+
+def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -> Tuple[List[Dict], float]:
+    """Register every pair of ``ids`` with ANTs (one temporary folder each), printing one line
+    per pair. Returns the per-pair metric rows (an ``initial`` row and a :data:`METHOD` row per
+    pair) and the total seconds."""
+    from hypermorph_spatially_adaptive import evaluation
+
     class_names = list(dataset.class_names)
     C = len(class_names)
     params = json.dumps({"type_of_transform": args.transform, "seed": args.seed, "threads": args.threads})
@@ -384,16 +403,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
         rows.append({"pair_id": pid, "method": METHOD, "params": params, **m, "seconds": seconds})
         print(f"[bench_peer] {k}/{len(ids)} {pid}: mean Dice {init['mean_dice']:.3f} -> {m['mean_dice']:.3f}, "
               f"%negJ {m['percent_neg_jac']:.3f}, {seconds:.2f} s", flush=True)
-    total = time.perf_counter() - t_all
+    return rows, time.perf_counter() - t_all
 
-    per_pair = pd.DataFrame(rows)
-    problem = evaluation.check_range(per_pair, class_names)
-    if problem:
-        raise FloatingPointError(f"metrics out of range: {problem}")
-    table_rows = per_pair
-    if args.merge:
-        per_pair = pd.concat([per_pair, merge_rows(per_pair, merged, args.merge)], ignore_index=True)
-        table_rows = _repeat_per_protocol(per_pair)
+
+def _write_results(args: argparse.Namespace, argv: Optional[Sequence[str]], per_pair, table_rows,
+                   dataset, data_opts: Dict, ids: Sequence[str], version: str, total: float) -> None:
+    """Table 1 of ``table_rows`` plus seconds per method, written to ``args.out`` (per-pair CSV,
+    table CSV / markdown, ``bench_peer.json`` with versions and the command) and printed."""
+    from datasets.atomic import atomic_write
+    from hypermorph_spatially_adaptive import artifacts as art
+    from hypermorph_spatially_adaptive import evaluation
+
+    class_names = list(dataset.class_names)
     numeric, markdown = evaluation.table1(table_rows, class_names)
     secs = per_pair.groupby("method")["seconds"]
     numeric["seconds_mean"] = numeric["method"].map(secs.mean())
@@ -419,7 +440,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     atomic_write(os.path.join(args.out, "bench_peer.json"), json.dumps(meta, indent=2))
     print(header + markdown + footer, flush=True)
     print(f"[bench_peer] wrote {args.out}/per_pair_metrics.csv, table1.md, table1.csv, bench_peer.json", flush=True)
-    return args.out
 
 
 if __name__ == "__main__":
