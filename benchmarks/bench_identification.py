@@ -69,17 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _print_speed(args, _time_grid_search(args))
 
 
-def _time_grid_search(args) -> dict:
-    """Median seconds per pair of every grid-search variant and of SA inference on one random
-    pair (random weights unless ``--run``); keys ``shape``, ``n_grid``, ``batch_size``,
-    ``batched``, ``single``, ``chunks`` ({chunk size: s}), ``predict`` (NaN if skipped), ``sa``."""
-    import numpy as np
-
-    import eval_metrics
-    from hypermorph_spatially_adaptive import identification as ident
+def _speed_models(args) -> tuple:
+    """``(global elastic model, SA elastic model, image shape)``: the ``--run`` model and its
+    shape, else a random-weight global model of ``--size``; the SA model has random weights
+    (3 tissue classes)."""
     from hypermorph_spatially_adaptive import runio
     from hypermorph_spatially_adaptive.models import ModelConfig, build_model
-    from hypermorph_spatially_adaptive.registration import Registrar
 
     shape = tuple(args.size)
     if args.run:
@@ -88,6 +83,20 @@ def _time_grid_search(args) -> dict:
     else:
         g_model = build_model(ModelConfig(shape, "elastic", False, 3))
     sa_model = build_model(ModelConfig(shape, "elastic", True, 3))
+    return g_model, sa_model, shape
+
+
+def _time_grid_search(args) -> dict:
+    """Median seconds per pair of every grid-search variant and of SA inference on one random
+    pair (random weights unless ``--run``); keys ``shape``, ``n_grid``, ``batch_size``,
+    ``batched``, ``single``, ``chunks`` ({chunk size: s}), ``predict`` (NaN if skipped), ``sa``."""
+    import numpy as np
+
+    import eval_metrics
+    from hypermorph_spatially_adaptive import identification as ident
+    from hypermorph_spatially_adaptive.registration import Registrar
+
+    g_model, sa_model, shape = _speed_models(args)
     rng = np.random.default_rng(0)
     moving = rng.random((*shape, 1)).astype(np.float32)
     fixed = rng.random((*shape, 1)).astype(np.float32)
