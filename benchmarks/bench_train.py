@@ -257,20 +257,11 @@ def _build_ours(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
     return {"step": step, "model": model, "pieces": pieces}
 
 
-def _ours_pieces(tf, vxm, model, spec, batch: Dict, step, job: Dict) -> Dict:
-    """--breakdown callables of our model: forward, +loss, +gradient, the step, and the loss
-    pieces (``loss_terms``, our / voxelmorph's NCC, our regularizer, parameter maps) fwd+bwd
-    on the warped image and field of one forward pass. Values: a callable, or
-    ``(compiled fn, args)``."""
-    from hypermorph_spatially_adaptive import losses as hm_losses
+def _ours_passes(tf, model, spec, spacing: list, win: int, bsz: int) -> tuple:
+    """Compiled ``(forward, forward + loss, forward + loss + gradient)`` of our model on a
+    batch dict (moving, fixed, hyp, fixed_seg), the loss as in the trainer (sum / batch)."""
     from hypermorph_spatially_adaptive.losses import loss_terms
     from hypermorph_spatially_adaptive.models import call_model
-    from hypermorph_spatially_adaptive.params import regularization_parameters
-    import regularizers
-
-    ndim, bsz = int(job["ndim"]), int(job["batch"])
-    win, spacing = int(job["ncc_win"]), [1.0] * ndim
-    fixed, hyp, fixed_seg = batch["fixed"], batch["hyp"], batch["fixed_seg"]
 
     @tf.function
     def fwd(batch):
@@ -297,6 +288,23 @@ def _ours_pieces(tf, vxm, model, spec, batch: Dict, step, job: Dict) -> Dict:
         with tf.control_dependencies(grads):
             return tf.identity(loss)
 
+    return fwd, fwd_loss, fwd_loss_grad
+
+
+def _ours_pieces(tf, vxm, model, spec, batch: Dict, step, job: Dict) -> Dict:
+    """--breakdown callables of our model: forward, +loss, +gradient, the step, and the loss
+    pieces (``loss_terms``, our / voxelmorph's NCC, our regularizer, parameter maps) fwd+bwd
+    on the warped image and field of one forward pass. Values: a callable, or
+    ``(compiled fn, args)``."""
+    from hypermorph_spatially_adaptive import losses as hm_losses
+    from hypermorph_spatially_adaptive.losses import loss_terms
+    from hypermorph_spatially_adaptive.params import regularization_parameters
+    import regularizers
+
+    ndim = int(job["ndim"])
+    win, spacing = int(job["ncc_win"]), [1.0] * ndim
+    fixed, hyp, fixed_seg = batch["fixed"], batch["hyp"], batch["fixed_seg"]
+    fwd, fwd_loss, fwd_loss_grad = _ours_passes(tf, model, spec, spacing, win, int(job["batch"]))
     warped0, disp0 = fwd(batch)
     warped0, disp0 = tf.identity(warped0), tf.identity(disp0)
 
