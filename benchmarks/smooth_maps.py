@@ -68,24 +68,22 @@ def _sa_runs(unit: str, csain: bool) -> Dict[str, str]:
 def _train_smoothed(unit: str, runs: Dict[str, str], sigma: float) -> Dict[str, str]:
     """Retrain each SA run with its own command plus ``--smooth-maps sigma``; returns the new run folders."""
     from hypermorph_spatially_adaptive import artifacts as art, trainer
+    from run_pipeline import _run_state
 
     out = {}
     for k, (name, run_dir) in enumerate(runs.items(), 1):
         cfg = art.read_config(run_dir)
-        argv = list((cfg.get("resumed") or [cfg])[0]["command"][1:])
+        argv = [a for a in (cfg.get("resumed") or [cfg])[-1]["command"][1:] if a not in ("--resume", "--overwrite")]
         new_dir = os.path.join(unit, _tag(sigma), "runs", name)
-        i = argv.index("--out")
-        argv[i + 1] = new_dir
-        argv = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--smooth-maps", f"{sigma:g}"]
+        argv[argv.index("--out") + 1] = new_dir
+        argv += ["--smooth-maps", f"{sigma:g}"]
         out[name] = new_dir
-        if os.path.isfile(os.path.join(new_dir, art.CONFIG)):
-            new_cfg = art.read_config(new_dir)
-            if new_cfg.get("finished") and os.path.isfile(os.path.join(new_dir, art.WEIGHTS)):
-                print(f"[smooth] [{k}/{len(runs)}] {new_dir}: finished, reused", flush=True)
-                continue
-            argv = argv + ["--resume"]
+        state = _run_state(new_dir, argv)  # the pipeline's reuse rule: same command and finished
+        if state == "finished":
+            print(f"[smooth] [{k}/{len(runs)}] {new_dir}: finished, reused", flush=True)
+            continue
         print(f"[smooth] [{k}/{len(runs)}] training {name} with --smooth-maps {sigma:g} -> {new_dir}", flush=True)
-        trainer.main(cfg["preset"], argv)
+        trainer.main(cfg["preset"], argv + (["--resume"] if state != "none" else []))
     return out
 
 

@@ -10,6 +10,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import tf_compat  # noqa: E402,F401  (shims before TensorFlow: TF_USE_LEGACY_KERAS, getargspec)
+from run_pipeline import QUICK  # noqa: E402
 
 # The --quick pipeline with two test-only training options (a last option wins): one
 # scaling-and-squaring step instead of 7 and no validation passes. Nearly all of its time is
@@ -18,6 +19,10 @@ import tf_compat  # noqa: E402,F401  (shims before TensorFlow: TF_USE_LEGACY_KER
 # its rescale in every graph at about half the cost (7 squarings are checked in
 # test_models_training).
 QUICK_TRAIN_ARGS = "--int-steps 1 --val-every 0"
+
+# The tiny architecture of the test models that train for a few steps: run_pipeline's --quick
+# networks with the same single scaling-and-squaring step (importable as ``from conftest import TINY_ARCH``).
+TINY_ARCH = [*QUICK["arch"], "--int-steps", "1"]
 
 
 def _quick_argv(out, *extra) -> list:

@@ -27,15 +27,13 @@ sys.path.insert(0, ROOT)
 
 import datasets as D  # noqa: E402
 from hypermorph_spatially_adaptive import runio, trainer  # noqa: E402
-from run_pipeline import QUICK  # noqa: E402
+from conftest import TINY_ARCH  # noqa: E402
 
 nib = pytest.importorskip("nibabel")
 
 PRESET = "elastic_global"
 SPLITS5 = ["train", "train", "train", "val", "test"]
-# one scaling-and-squaring step instead of 7: these models are only trained for a few steps, and most of
-# their cost is building and tracing the graph, about half of which the 7 squarings take
-ARCH = [*QUICK["arch"], "--int-steps", "1"]
+ARCH = TINY_ARCH
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,12 +12,9 @@ from hypermorph_spatially_adaptive import gradient_identification as gid
 from hypermorph_spatially_adaptive import runio
 from hypermorph_spatially_adaptive.evaluation import pair_metrics
 from hypermorph_spatially_adaptive.registration import Registrar
+from conftest import TINY_ARCH  # noqa: E402
 
-# one scaling-and-squaring step instead of 7: these models are only trained for a few steps, and most of
-# their cost is building and tracing the graph, about half of which the 7 squarings take
-ARCH = ["--enc-features", "8", "16", "16", "16", "--dec-features", "16", "16", "16", "16", "16", "8", "8",
-        "--hyp-units", "32", "--hyp-layers", "2",
-        "--int-steps", "1"]
+ARCH = TINY_ARCH
 CLASSES = ["lung", "bone", "liver"]
 
 

@@ -6,12 +6,9 @@ import pytest
 
 from hypermorph_spatially_adaptive import pair_geometry as geo
 from hypermorph_spatially_adaptive.pair_registration import resolve_params
+from conftest import TINY_ARCH  # noqa: E402
 
-# one scaling-and-squaring step instead of 7: these models are only trained for a few steps, and most of
-# their cost is building and tracing the graph, about half of which the 7 squarings take
-ARCH = ["--enc-features", "8", "16", "16", "16", "--dec-features", "16", "16", "16", "16", "16", "8", "8",
-        "--hyp-units", "16", "--hyp-layers", "2",
-        "--int-steps", "1"]
+ARCH = [*TINY_ARCH, "--hyp-units", "16"]  # a last option wins
 NAMES = ["lambda_background", "lambda_lung", "mu_background", "mu_lung"]
 
 

@@ -37,16 +37,14 @@ sys.path.insert(0, ROOT)
 import datasets as D  # noqa: E402
 from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
 from hypermorph_spatially_adaptive import folders, provenance, trainer  # noqa: E402
-from run_pipeline import QUICK  # noqa: E402
+from conftest import TINY_ARCH  # noqa: E402
 
 nib = pytest.importorskip("nibabel")
 
 PRESET = "elastic_global"
 IDS = ["p0", "p1", "p2", "p3", "../../esc"]
 SPLITS = ["train", "train", "train", "val", "test"]
-# one scaling-and-squaring step instead of 7: these models are only trained for a few steps, and most of
-# their cost is building and tracing the graph, about half of which the 7 squarings take
-ARCH = [*QUICK["arch"], "--int-steps", "1"]
+ARCH = TINY_ARCH
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
 
 

@@ -6,13 +6,10 @@ import sys
 import pytest
 
 from hypermorph_spatially_adaptive import artifacts as art
+from conftest import TINY_ARCH  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# one scaling-and-squaring step instead of 7: these models are only trained for a few steps, and most of
-# their cost is building and tracing the graph, about half of which the 7 squarings take
-ARCH = ["--enc-features", "8", "16", "16", "16", "--dec-features", "16", "16", "16", "16", "16", "8", "8",
-        "--hyp-units", "16", "--hyp-layers", "2",
-        "--int-steps", "1"]
+ARCH = [*TINY_ARCH, "--hyp-units", "16"]  # a last option wins
 
 
 def _fresh(code: str) -> str:
