@@ -125,12 +125,19 @@ def _replay_inference(unit: str, new_runs: Dict[str, str], sigma: float) -> str:
         i += 1
     argv = [a for a in argv if a != "--zero-io"]
     out_csv = os.path.join(results, "per_pair_metrics.csv")
-    if os.path.isfile(out_csv):
+    if os.path.isfile(out_csv) and (_has_csain_rows(out_csv) or not any("csain" in n for n in new_runs)):
         print(f"[smooth] {out_csv}: exists, reused", flush=True)
         return out_csv
     print(f"[smooth] inference -> {results}", flush=True)
     inference.main(argv)
     return out_csv
+
+
+def _has_csain_rows(csv: str) -> bool:
+    """Whether a smoothed results table holds CSAIN rows (it was made with ``--csain``)."""
+    import pandas as pd
+
+    return bool(pd.read_csv(csv, usecols=["method"])["method"].str.contains("csain").any())
 
 
 def compare_units(pairs: Sequence[tuple], sigma: float, n_boot: int):
@@ -181,8 +188,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         if not os.path.isfile(os.path.join(unit, "DONE.json")):
             raise FileNotFoundError(f"{unit}: the study unit is not finished (no DONE.json)")
         print(f"[smooth] unit {k}/{len(args.seeds)}: {unit}", flush=True)
-        new_runs = _train_smoothed(unit, _sa_runs(unit, args.csain), args.sigma)
-        smooth_csv = _replay_inference(unit, new_runs, args.sigma)
+        smooth_csv = os.path.join(unit, _tag(args.sigma), "results", "per_pair_metrics.csv")
+        if os.path.isfile(smooth_csv) and _has_csain_rows(smooth_csv) >= args.csain:
+            # finished before (or restored from the study's record): its models need not exist here
+            print(f"[smooth] {smooth_csv}: exists, reused", flush=True)
+        else:
+            new_runs = _train_smoothed(unit, _sa_runs(unit, args.csain), args.sigma)
+            smooth_csv = _replay_inference(unit, new_runs, args.sigma)
         units.append((seed, os.path.join(unit, "results", "per_pair_metrics.csv"), smooth_csv))
         print(f"[smooth] unit {k}/{len(args.seeds)} done ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
     comp = compare_units(units, args.sigma, args.bootstrap)

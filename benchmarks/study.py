@@ -23,7 +23,8 @@ same test pairs when antspyx is installed (``make bench-setup``). Then it writes
 - ``study_forest_mean_dice.png``, ``study_forest_percent_neg_jac.png``: the comparisons as forest
   plots, pooled and per seed.
 
-Resumable: a unit (setting, seed) whose ``DONE.json`` exists is skipped; an interrupted unit
+Resumable: a unit (setting, seed) whose ``DONE.json`` exists is skipped, and a unit kept in the
+record (``--record``, in git: ``benchmarks/study_record.py``) is restored from it; an interrupted unit
 resumes inside ``run_pipeline.py`` (finished models are reused, an unfinished one resumes from
 its checkpoint). ``--refresh`` re-runs identification and inference of finished units (training
 reused), e.g. after a change of the evaluation code. Progress and an ETA are printed per unit.
@@ -39,6 +40,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 #: run_pipeline.py options per regularization setting. "calibrated" (README 'Calibrated energy'): the
 #: log mapping over 2 decades centred where benchmarks/calibrate_energy.py puts the optimal amplitude
@@ -68,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run identification and inference of finished units (the trained models are reused)")
     p.add_argument("--quick", action="store_true", help="smoke run: run_pipeline --quick, one seed, 24 pairs")
     p.add_argument("--bootstrap", type=int, default=4000, help="resamples of the seeds x pairs intervals")
+    p.add_argument("--record", default=None,
+                   help="durable record of finished units in git (benchmarks/study_record.py): a unit found there "
+                        "is restored instead of re-run, a finished unit is saved there. Default: docs/study_record "
+                        "(none with --quick); '' for none")
     return p
 
 
@@ -308,10 +314,23 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         args.seeds = args.seeds[:1]
     units_todo = [(s, seed) for s in args.settings for seed in args.seeds]
     print(f"[study] {len(units_todo)} units (settings {args.settings} x seeds {args.seeds}) -> {args.out}", flush=True)
+    if args.record is None:
+        args.record = "" if args.quick else os.path.join("docs", "study_record")
+    import study_record
+
     t0, units, spent = time.time(), [], []
     for k, (setting, seed) in enumerate(units_todo, 1):
         t_unit = time.time()
+        unit = os.path.join(setting, f"seed{seed}")
+        unit_dir = os.path.join(args.out, unit)
+        recorded = bool(args.record) and os.path.isfile(os.path.join(args.record, unit, "DONE.json"))
+        if recorded and not os.path.isfile(os.path.join(unit_dir, "DONE.json")):
+            study_record.restore_unit(args.out, args.record, unit)
+            print(f"[study] {unit}: restored from the record {args.record} (not re-run)", flush=True)
         info = _run_unit(args, setting, seed)
+        _identify_epe(args, unit_dir)
+        if args.record and (not recorded or args.refresh):
+            study_record.save_unit(args.out, args.record, unit)
         units.append(info)
         if time.time() - t_unit > 5:
             spent.append(time.time() - t_unit)
@@ -343,7 +362,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     stiff = []
     for u in units:
         unit_dir = os.path.join(args.out, u["setting"], f"seed{u['seed']}")
-        _identify_epe(args, unit_dir)
         from datasets.phantoms import CLASS_NAMES
 
         stiff.append(stiffness_recovery(unit_dir, CLASS_NAMES, _true_lame()).assign(setting=u["setting"], seed=u["seed"]))

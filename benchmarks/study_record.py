@@ -1,0 +1,147 @@
+"""The study's durable record: the small files of each finished unit, kept in git.
+
+A study unit (one setting x seed of ``benchmarks/study.py``) takes about an hour on 2 cores, and a
+work tree does not always outlive a session. Its weights and volumes are large and stay in
+``outputs/``; everything the study's tables, comparisons and response/stiffness checks read is
+small. ``save`` copies those files of a finished unit into ``--record`` (CSV files gzipped, so a
+unit costs a few hundred kB); ``restore`` puts them back, so that ``study.py`` finds the unit
+finished (``DONE.json``) and collects it without re-running it, and ``smooth_maps.py`` finds its
+smoothed results.
+
+Kept per unit: ``DONE.json``; every ``.csv``, ``.json`` and ``.md`` below the unit except inside a
+trained run folder (``runs/<name>/``), of which only ``config.json`` is kept (the command that
+trained it). Not kept: weights, checkpoints, NIfTI volumes, figures, logs.
+
+Usage::
+
+    .venv/bin/python benchmarks/study_record.py save    --study outputs/study --record docs/study_record
+    .venv/bin/python benchmarks/study_record.py restore --study outputs/study --record docs/study_record
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import sys
+from typing import Iterator, List, Optional, Sequence
+
+#: file types kept from a unit
+KEPT_SUFFIXES = (".csv", ".json", ".md")
+
+
+def _kept(rel: str) -> bool:
+    """Whether the unit-relative path ``rel`` belongs to the record."""
+    parts = rel.split(os.sep)
+    if not rel.endswith(KEPT_SUFFIXES):
+        return False
+    if "runs" in parts[:-1]:
+        # inside runs/<name>/...: only the run's own config.json (its training command)
+        i = parts.index("runs")
+        return len(parts) == i + 3 and parts[-1] == "config.json"
+    return True
+
+
+def _unit_files(unit_dir: str) -> Iterator[str]:
+    for root, _, files in os.walk(unit_dir):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), unit_dir)
+            if _kept(rel):
+                yield rel
+
+
+def units(folder: str) -> List[str]:
+    """Unit folders ``<setting>/seed<S>`` (relative) below ``folder`` that hold a ``DONE.json``."""
+    out = []
+    if not os.path.isdir(folder):
+        return out
+    for setting in sorted(os.listdir(folder)):
+        sdir = os.path.join(folder, setting)
+        if not os.path.isdir(sdir):
+            continue
+        for seed in sorted(os.listdir(sdir)):
+            if seed.startswith("seed") and os.path.isfile(os.path.join(sdir, seed, "DONE.json")):
+                out.append(os.path.join(setting, seed))
+    return out
+
+
+def save_unit(study: str, record: str, unit: str) -> int:
+    """Copy the kept files of ``study/unit`` into ``record/unit`` (CSV gzipped, deterministic bytes:
+    no time stamp in the gzip header); the record folder of the unit is replaced as a whole.
+    Returns the number of files."""
+    src = os.path.join(study, unit)
+    if not os.path.isfile(os.path.join(src, "DONE.json")):
+        raise FileNotFoundError(f"{src}: the unit is not finished (no DONE.json)")
+    dst = os.path.join(record, unit)
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    n = 0
+    for rel in _unit_files(src):
+        out = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        if rel.endswith(".csv"):
+            with open(os.path.join(src, rel), "rb") as f, open(out + ".gz", "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as g:
+                    shutil.copyfileobj(f, g)
+        else:
+            shutil.copyfile(os.path.join(src, rel), out)
+        n += 1
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return n
+
+
+def restore_unit(study: str, record: str, unit: str) -> int:
+    """Copy ``record/unit`` back into ``study/unit`` (CSV un-gzipped), without overwriting files
+    that exist there; ``DONE.json`` last, so an interrupted restore leaves the unit unfinished.
+    Returns the number of files written."""
+    src, dst = os.path.join(record, unit), os.path.join(study, unit)
+    files = []
+    for root, _, names in os.walk(src):
+        files += [os.path.relpath(os.path.join(root, n), src) for n in names]
+    files.sort(key=lambda r: r == "DONE.json")
+    n = 0
+    for rel in files:
+        target = os.path.join(dst, rel[:-3] if rel.endswith(".csv.gz") else rel)
+        if os.path.exists(target):
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        part = target + ".part"
+        if rel.endswith(".csv.gz"):
+            with gzip.open(os.path.join(src, rel), "rb") as g, open(part, "wb") as f:
+                shutil.copyfileobj(g, f)
+        else:
+            shutil.copyfile(os.path.join(src, rel), part)
+        os.replace(part, target)
+        n += 1
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("action", choices=["save", "restore"],
+                   help="save: finished units of --study into --record; restore: recorded units back into --study")
+    p.add_argument("--study", default=os.path.join("outputs", "study"), help="study folder (benchmarks/study.py --out)")
+    p.add_argument("--record", default=os.path.join("docs", "study_record"), help="record folder (in git)")
+    p.add_argument("--units", nargs="*", default=None,
+                   help="units as <setting>/seed<S> (default: every finished unit of the source)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[str]:
+    args = build_parser().parse_args(argv)
+    source = args.study if args.action == "save" else args.record
+    todo = args.units if args.units is not None else units(source)
+    for unit in todo:
+        if args.action == "save":
+            n = save_unit(args.study, args.record, unit)
+            print(f"[record] saved {unit}: {n} files -> {os.path.join(args.record, unit)}", flush=True)
+        else:
+            n = restore_unit(args.study, args.record, unit)
+            print(f"[record] restored {unit}: {n} files -> {os.path.join(args.study, unit)}", flush=True)
+    return list(todo)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
