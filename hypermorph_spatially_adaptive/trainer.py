@@ -710,12 +710,30 @@ def _validator(model, dataset, spec, spacing: List[float], args: argparse.Namesp
     return validate, val is not None
 
 
+#: A log window whose mean loss exceeds this factor times max(1, |first window's mean loss|) stops
+#: training as diverged. The similarity term is bounded (NCC in [-1, 1], MSE of [0, 1] images by 1,
+#: times a weight <= 1), so such a loss is the energy of an exploded field (measured: a 3D elastic SA
+#: model at lr 1e-3 went from -0.87 to 4e4 within 100 steps and never came back).
+DIVERGENCE_FACTOR = 1e3
+
+
+def _check_divergence(preset: str, step: int, loss: float, first_loss: float) -> None:
+    """Raise ``FloatingPointError`` when ``loss`` (mean of a log window) shows the run diverged."""
+    limit = DIVERGENCE_FACTOR * max(1.0, abs(first_loss))
+    if loss > limit:
+        raise FloatingPointError(
+            f"[{preset}] training diverged at step {step}: mean loss {loss:.4g} > {limit:.4g} "
+            f"({DIVERGENCE_FACTOR:g} x max(1, |first logged loss {first_loss:.4g}|)); the run is left unfinished. "
+            "Retrain with a lower --lr (e.g. half; --overwrite, or run_pipeline.py --force).")
+
+
 def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, batches, validate, has_val: bool,
                ckpt, start: int, steps: int, rows: List[Dict], on_checkpoint=None) -> None:
     """Steps ``start + 1 .. steps``: log means of the loss terms every ``--log-every`` steps (and at
     validations) to ``train_log.csv`` (``rows``: the log so far) and TensorBoard, checkpoint every
     ``--checkpoint-every`` steps and at the end (``on_checkpoint`` after each); a step-0 validation
-    row first when starting from scratch. Non-finite loss or NCC stops with ``FloatingPointError``."""
+    row first when starting from scratch. Non-finite loss or NCC, or a diverged loss
+    (:func:`_check_divergence`), stops with ``FloatingPointError``."""
     import numpy as np
     import tensorflow as tf
 
@@ -726,7 +744,7 @@ def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, 
     writer = tf.summary.create_file_writer(os.path.join(run_dir, art.TENSORBOARD))
     progress = _Progress(preset, steps)
     acc: Dict[str, List[float]] = {}
-    t_last, n_last = time.time(), 0
+    t_last, n_last, first_loss = time.time(), 0, None
     if start == 0 and has_val:  # step-0 validation: the untrained baseline of the curve
         v_loss, v_ncc = validate()
         rows.append({"step": 0, "loss": "", "similarity": "", "regularization": "", "ncc": "",
@@ -745,6 +763,8 @@ def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, 
                 row["val_loss"], row["val_ncc"] = validate()
             if not all(np.isfinite(row[k]) for k in ("loss", "ncc")):
                 raise FloatingPointError(f"[{preset}] non-finite loss at step {step}: {row}")
+            first_loss = row["loss"] if first_loss is None else first_loss
+            _check_divergence(preset, step, row["loss"], first_loss)
             rows.append(row)
             with writer.as_default(step=step):
                 for k in ("loss", "similarity", "regularization", "ncc", "val_loss", "val_ncc"):

@@ -261,3 +261,21 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
     assert "2 replica(s)" in r.stdout
     log = pd.read_csv(tmp_path / "m" / "train_log.csv")
     assert log["step"].tolist() == [1, 2, 3] and np.isfinite(log["loss"]).all()
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_is_not_finished(tmp_path):
+    """A loss that explodes (the energy of a blown-up field) stops training instead of saving a
+    broken model as finished; the limit is relative to the first logged loss."""
+    from hypermorph_spatially_adaptive import trainer
+
+    trainer._check_divergence("x", 5, 999.0, -0.8)          # limit 1000 x max(1, 0.8)
+    with pytest.raises(FloatingPointError, match="diverged at step 5"):
+        trainer._check_divergence("x", 5, 1001.0, -0.8)
+    trainer._check_divergence("x", 5, 4000.0, -5.0)         # limit 5000
+    out = tmp_path / "run"
+    argv = _data_argv(tmp_path) + SMALL_ARGV + ["--int-steps", "1", "--val-every", "0", "--log-every", "2",
+                                                "--out", str(out), "--steps", "40", "--lr", "3",
+                                                "--energy-scale", "1000"]
+    with pytest.raises(FloatingPointError, match="diverged|non-finite"):
+        train_main("elastic_global", argv)
+    assert not os.path.isfile(out / "weights.h5")
