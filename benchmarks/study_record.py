@@ -10,7 +10,7 @@ smoothed results.
 
 Kept per unit: ``DONE.json``; every ``.csv``, ``.json`` and ``.md`` below the unit except inside a
 trained run folder (``runs/<name>/``), of which only ``config.json`` is kept (the command that
-trained it). Not kept: weights, checkpoints, NIfTI volumes, figures, logs.
+trained it), and the gradient identifications' ``objective_trace.csv``. Not kept: weights, checkpoints, NIfTI volumes, figures, logs.
 
 Usage::
 
@@ -28,12 +28,15 @@ from typing import Iterator, List, Optional, Sequence
 
 #: file types kept from a unit
 KEPT_SUFFIXES = (".csv", ".json", ".md")
+#: files of those types left out: per-step traces of the gradient identification (~20 % of a unit's
+#: record; nothing of the study reads them)
+LEFT_OUT = ("objective_trace.csv",)
 
 
 def _kept(rel: str) -> bool:
     """Whether the unit-relative path ``rel`` belongs to the record."""
     parts = rel.split(os.sep)
-    if not rel.endswith(KEPT_SUFFIXES):
+    if not rel.endswith(KEPT_SUFFIXES) or parts[-1] in LEFT_OUT:
         return False
     if "runs" in parts[:-1]:
         # inside runs/<name>/...: only the run's own config.json (its training command)

@@ -37,6 +37,7 @@ def _fake_unit(study):
         "results/pair_007/moved.nii.gz": b"\x1f\x8b",
         "results/fig3.png": b"\x89PNG",
         "pipeline.log": b"log",
+        "identification_gradient/elastic/objective_trace.csv": b"step,objective\n0,0.2\n",
     }
     for rel, data in {**files, **dropped}.items():
         _write(os.path.join(u, rel), data)
