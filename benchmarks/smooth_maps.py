@@ -124,20 +124,24 @@ def _replay_inference(unit: str, new_runs: Dict[str, str], sigma: float) -> str:
         argv.append(a)
         i += 1
     argv = [a for a in argv if a != "--zero-io"]
-    out_csv = os.path.join(results, "per_pair_metrics.csv")
-    if os.path.isfile(out_csv) and (_has_csain_rows(out_csv) or not any("csain" in n for n in new_runs)):
-        print(f"[smooth] {out_csv}: exists, reused", flush=True)
-        return out_csv
     print(f"[smooth] inference -> {results}", flush=True)
     inference.main(argv)
-    return out_csv
+    return _results_csv(unit, sigma)
 
 
-def _has_csain_rows(csv: str) -> bool:
-    """Whether a smoothed results table holds CSAIN rows (it was made with ``--csain``)."""
+def _results_csv(unit: str, sigma: float) -> str:
+    """The smoothed models' per-pair metrics of a unit."""
+    return os.path.join(unit, _tag(sigma), "results", "per_pair_metrics.csv")
+
+
+def _reusable(csv: str, csain: bool) -> bool:
+    """Whether a unit's smoothed table is finished and holds the rows asked for (CSAIN rows with
+    ``--csain``); such a unit is not retrained, so its models need not exist here (e.g. restored
+    from the study's record)."""
     import pandas as pd
 
-    return bool(pd.read_csv(csv, usecols=["method"])["method"].str.contains("csain").any())
+    return os.path.isfile(csv) and (not csain or bool(
+        pd.read_csv(csv, usecols=["method"])["method"].str.contains("csain").any()))
 
 
 def compare_units(pairs: Sequence[tuple], sigma: float, n_boot: int):
@@ -188,9 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         if not os.path.isfile(os.path.join(unit, "DONE.json")):
             raise FileNotFoundError(f"{unit}: the study unit is not finished (no DONE.json)")
         print(f"[smooth] unit {k}/{len(args.seeds)}: {unit}", flush=True)
-        smooth_csv = os.path.join(unit, _tag(args.sigma), "results", "per_pair_metrics.csv")
-        if os.path.isfile(smooth_csv) and _has_csain_rows(smooth_csv) >= args.csain:
-            # finished before (or restored from the study's record): its models need not exist here
+        smooth_csv = _results_csv(unit, args.sigma)
+        if _reusable(smooth_csv, args.csain):
             print(f"[smooth] {smooth_csv}: exists, reused", flush=True)
         else:
             new_runs = _train_smoothed(unit, _sa_runs(unit, args.csain), args.sigma)

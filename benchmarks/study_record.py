@@ -26,6 +26,10 @@ import shutil
 import sys
 from typing import Iterator, List, Optional, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets.atomic import atomic_write  # noqa: E402
+
 #: file types kept from a unit
 KEPT_SUFFIXES = (".csv", ".json", ".md")
 #: files of those types left out: per-step traces of the gradient identification (~20 % of a unit's
@@ -108,14 +112,9 @@ def restore_unit(study: str, record: str, unit: str) -> int:
         target = os.path.join(dst, rel[:-3] if rel.endswith(".csv.gz") else rel)
         if os.path.exists(target):
             continue
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        part = target + ".part"
-        if rel.endswith(".csv.gz"):
-            with gzip.open(os.path.join(src, rel), "rb") as g, open(part, "wb") as f:
-                shutil.copyfileobj(g, f)
-        else:
-            shutil.copyfile(os.path.join(src, rel), part)
-        os.replace(part, target)
+        opener = gzip.open if rel.endswith(".csv.gz") else open
+        with opener(os.path.join(src, rel), "rb") as f:
+            atomic_write(target, f.read())
         n += 1
     return n
 
@@ -147,4 +146,4 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()
