@@ -1,0 +1,246 @@
+"""The README's tables of the study: both settings side by side, the reported family of comparisons
+with Holm over exactly that family, calibrated - paper, the grid response and the stiffness order
+with intervals over seeds x pairs.
+
+Reads what ``benchmarks/study.py`` wrote into ``--study`` (``study_table.csv``,
+``study_comparisons.csv``, ``grid_response.csv``, ``stiffness.csv``), writes ``study_report.md``
+there (printed as well) and the forest plot of the reported family (``--figure``; pooled and per
+seed, one panel per setting)::
+
+    .venv/bin/python benchmarks/study_report.py --study outputs/study --figure docs/study_forest.png
+
+Which comparisons the README reports is fixed here (``FAMILY``, ``CROSS_METHODS``), so the Holm
+family is the set of rows a reader sees (mean Dice, pooled over seeds x pairs), not whatever
+``study.py`` happened to compute.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: the within-setting comparisons the README reports: (protocol, a, b), a - b in mean Dice
+FAMILY = (
+    ("oracle", "elas-sas", "elas-g"), ("oracle", "diff-sas", "diff-g"), ("oracle", "elas-sas", "elas-sas@g"),
+    ("oracle", "elas-sas+io", "elas-g+io"), ("oracle", "elas-sas (gradient)", "elas-g (gradient)"),
+    ("oracle", "elas-sas (gradient)", "elas-sas"), ("oracle", "elas-sas+io", "elas-sas"),
+    ("oracle", "elas-sas zero+io", "elas-sas+io"), ("oracle", "elas-g zero+io", "elas-g+io"),
+    ("oracle", "elas-sas (csain)", "elas-sas"), ("oracle", "diff-sas (csain)", "diff-sas"),
+    ("oracle", "elas-sas", "ants-syn"), ("oracle", "elas-sas+io", "ants-syn"),
+    ("population", "elas-sas", "elas-g"), ("population", "elas-sas+io", "elas-g+io"),
+    ("population", "elas-sas (gradient)", "elas-sas"), ("population", "elas-sas (csain)", "elas-g"),
+    ("population", "elas-g+io", "elas-g"), ("population", "elas-sas+io", "ants-syn"),
+)
+#: methods whose calibrated - paper difference the README reports, per protocol
+CROSS_METHODS = (
+    ("oracle", "elas-g"), ("oracle", "elas-sas"), ("oracle", "diff-g"), ("oracle", "diff-sas"),
+    ("oracle", "elas-sas (csain)"), ("oracle", "elas-g+io"), ("oracle", "elas-sas+io"),
+    ("population", "elas-sas"), ("population", "elas-sas+io"),
+)
+#: rows of the side-by-side table: (protocol, method); '' = no protocol (initial, SyN)
+TABLE_ROWS = (
+    ("", "initial"), ("", "ants-syn"), ("oracle", "elas-g"), ("oracle", "elas-sas"), ("oracle", "diff-g"),
+    ("oracle", "diff-sas"), ("oracle", "elas-sas (csain)"), ("oracle", "diff-sas (csain)"),
+    ("oracle", "elas-sas (gradient)"), ("oracle", "elas-g+io"), ("oracle", "elas-sas+io"),
+    ("oracle", "elas-g zero+io"), ("oracle", "elas-sas zero+io"), ("population", "elas-g"),
+    ("population", "elas-sas"), ("population", "elas-g+io"), ("population", "elas-sas+io"),
+)
+CROSS = "calibrated - paper"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--study", default=os.path.join("outputs", "study"), help="folder written by benchmarks/study.py")
+    p.add_argument("--figure", default="", help="forest plot of the reported family (.png; '' = none)")
+    p.add_argument("--metric", default="mean_dice", help="metric of the comparisons and the Holm family")
+    return p
+
+
+def _read(study: str, name: str):
+    import pandas as pd
+
+    path = os.path.join(study, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run benchmarks/study.py first (it writes it after the units)")
+    df = pd.read_csv(path, dtype={"seed": str})
+    if "protocol" in df:
+        df["protocol"] = df["protocol"].fillna("")
+    return df
+
+
+def reported_family(comp, metric: str = "mean_dice"):
+    """The reported rows of ``study_comparisons.csv`` (every seed scope) for ``metric``, with
+    ``p_family``: Holm over the pooled rows of the family (every setting's ``FAMILY`` rows and
+    the ``CROSS_METHODS`` rows of calibrated - paper that are present). Rows keep their order."""
+    import pandas as pd
+
+    from hypermorph_spatially_adaptive.intervals import holm
+
+    wanted = [(s, prot, f"{a} - {b}") for s in comp["setting"].unique() if s != CROSS for prot, a, b in FAMILY]
+    wanted += [(CROSS, prot, f"{m} [calibrated] - {m} [paper]") for prot, m in CROSS_METHODS]
+    df = comp[comp["metric"] == metric]
+    parts = [df[(df["setting"] == s) & (df["protocol"] == prot) & (df["comparison"] == name)]
+             for s, prot, name in wanted]
+    fam = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(len(p) for p in parts) else df.iloc[:0]
+    fam = fam.copy()
+    pooled = fam["seed"].astype(str) == "all"
+    fam["p_family"] = np.nan
+    fam.loc[pooled, "p_family"] = holm(fam.loc[pooled, "p"].to_numpy())
+    return fam
+
+
+def _cell(r) -> str:
+    return f"{r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+
+
+def _p(x: float) -> str:
+    return "-" if not np.isfinite(x) else (f"{x:.2g}" if x < 0.995 else "1")
+
+
+def _per_seed(rows) -> str:
+    per = rows[rows["seed"].astype(str) != "all"]
+    return ", ".join(f"{v:+.3f}" for v in per.sort_values("seed")["mean_diff"]) or "-"
+
+
+def family_markdown(fam) -> str:
+    """One row per reported comparison, one column group per setting: pooled difference [95 %
+    interval], p, Holm p over the family, and the per-seed differences."""
+    settings = [s for s in dict.fromkeys(fam["setting"]) if s != CROSS]
+    head = "| protocol | a - b | " + " | ".join(f"{s}: pooled [95 %] | p / p_H | per seed" for s in settings) + " |"
+    lines = [head, "|---|---|" + "---|---|---|" * len(settings)]
+    within = fam[fam["setting"] != CROSS]
+    for (prot, name), _ in within.groupby(["protocol", "comparison"], sort=False):
+        cells = []
+        for s in settings:
+            rows = within[(within["setting"] == s) & (within["protocol"] == prot) & (within["comparison"] == name)]
+            pooled = rows[rows["seed"].astype(str) == "all"]
+            if pooled.empty:
+                cells.append("- | - | -")
+                continue
+            r = pooled.iloc[0]
+            cells.append(f"{_cell(r)} ({int(r['n_seeds'])} x {int(r['n_pairs'])}) | {_p(r['p'])} / "
+                         f"{_p(r['p_family'])} | {_per_seed(rows)}")
+        lines.append(f"| {prot} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cross_markdown(fam) -> str:
+    """calibrated - paper per reported method: pooled difference [95 %], p / Holm p (family)."""
+    cross = fam[(fam["setting"] == CROSS) & (fam["seed"].astype(str) == "all")]
+    if cross.empty:
+        return ""
+    lines = ["| protocol | method | calibrated - paper [95 %] | seeds x pairs | p / p_H |", "|---|---|---|---|---|"]
+    for _, r in cross.iterrows():
+        method = r["comparison"].split(" [calibrated]")[0]
+        lines.append(f"| {r['protocol']} | {method} | {_cell(r)} | {int(r['n_seeds'])} x {int(r['n_pairs'])} | "
+                     f"{_p(r['p'])} / {_p(r['p_family'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def settings_table_markdown(table, rows: Sequence = TABLE_ROWS) -> str:
+    """Both settings side by side: mean Dice (range of the seed means), HD95, dense EPE, %negJ
+    per setting; s/pair of the first setting."""
+    settings = list(dict.fromkeys(table["setting"]))
+    head = "| protocol | row | " + " | ".join(f"{s}: Dice (seed range) | HD95 | EPE | %negJ" for s in settings)
+    lines = [head + " | s/pair |", "|---|---|" + "---|---|---|---|" * len(settings) + "---|"]
+    for prot, method in rows:
+        sel = table[(table["method"] == method) & ((table["protocol"] == prot) | (prot == ""))]
+        if sel.empty:
+            continue
+        cells, seconds = [], "-"
+        for s in settings:
+            r = sel[sel["setting"] == s]
+            if r.empty:
+                cells.append("- | - | - | -")
+                continue
+            r = r.iloc[0]
+            cells.append(f"{r['mean_dice']:.3f} ({r['mean_dice_seed_range']:.3f}) | {r['hd95']:.2f} | "
+                         f"{r['dense_epe']:.2f} | {r['percent_neg_jac']:.3f}")
+            if seconds == "-" and np.isfinite(r.get("seconds", np.nan)):
+                seconds = f"{r['seconds']:.2f}"
+        lines.append(f"| {prot or '-'} | {method} | " + " | ".join(cells) + f" | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def response_markdown(response) -> str:
+    """Grid response per setting and regularizer: mean over seeds (per-seed values)."""
+    lines = ["| setting | regularizer | grid Dice spread: mean (per seed) | -g inside the box: mean (per seed) |",
+             "|---|---|---|---|"]
+    for (s, reg), g in response.groupby(["setting", "regularizer"], sort=False):
+        g = g.sort_values("seed")
+        spread = ", ".join(f"{v:.3f}" for v in g["grid_spread_mean"])
+        inside = ", ".join(f"{100 * v:.0f} %" for v in g["interior_fraction"])
+        lines.append(f"| {s} | {reg} | {g['grid_spread_mean'].mean():.3f} ({spread}) | "
+                     f"{100 * g['interior_fraction'].mean():.0f} % ({inside}) |")
+    return "\n".join(lines) + "\n"
+
+
+def stiffness_summary(stiff):
+    """Per setting, objective and parameter (mu, lambda): the mean Spearman over seeds x pairs,
+    its crossed 95 % interval (:func:`.intervals.crossed_interval` on the seeds x pairs table;
+    pairs missing under a seed dropped), the per-seed means and n."""
+    import pandas as pd
+
+    from hypermorph_spatially_adaptive.intervals import crossed_interval
+
+    rows = []
+    for (s, obj), g in stiff.groupby(["setting", "objective"], sort=False):
+        for param in ("mu", "lambda"):
+            t = g.pivot_table(index="seed", columns="pair_id", values=f"spearman_{param}").dropna(axis=1)
+            if t.shape[1] < 2:
+                continue
+            lo, hi, _ = crossed_interval(t.to_numpy(np.float64))
+            rows.append({"setting": s, "objective": obj, "parameter": param, "mean": float(t.to_numpy().mean()),
+                         "ci_low": float(lo), "ci_high": float(hi), "n_seeds": t.shape[0], "n_pairs": t.shape[1],
+                         "per_seed": ", ".join(f"{v:.2f}" for v in t.mean(axis=1))})
+    return pd.DataFrame(rows)
+
+
+def stiffness_markdown(summary) -> str:
+    lines = ["| setting | identification | parameter | mean Spearman [95 %] | seeds x pairs | per seed |",
+             "|---|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        lines.append(f"| {r['setting']} | {r['objective']} | {r['parameter']} | {r['mean']:+.2f} "
+                     f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['n_seeds']} x {r['n_pairs']} | {r['per_seed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    args = build_parser().parse_args(argv)
+    comp = _read(args.study, "study_comparisons.csv")
+    fam = reported_family(comp, args.metric)
+    if fam.empty:
+        raise ValueError(f"{args.study}/study_comparisons.csv has none of the reported comparisons for {args.metric}")
+    n_family = int((fam["seed"].astype(str) == "all").sum())
+    parts = ["## Both settings, mean over seeds x pairs", settings_table_markdown(_read(args.study, "study_table.csv")),
+             f"## Reported comparisons ({args.metric}; p_H: Holm over these {n_family} pooled rows)",
+             family_markdown(fam), "## calibrated - paper", cross_markdown(fam),
+             "## Grid response of the global models", response_markdown(_read(args.study, "grid_response.csv")),
+             "## Stiffness order (elastic SA model vs the phantom's Lame values)",
+             stiffness_markdown(stiffness_summary(_read(args.study, "stiffness.csv")))]
+    text = "\n".join(parts)
+    from datasets.atomic import atomic_write
+
+    out = os.path.join(args.study, "study_report.md")
+    atomic_write(out, text)
+    if args.figure:
+        from hypermorph_spatially_adaptive.figures import plot_comparison_forest
+
+        within = fam[fam["setting"] != CROSS].assign(p_holm=fam["p_family"])
+        plot_comparison_forest(within, args.figure, args.metric)
+        print(f"[study_report] wrote {args.figure}", flush=True)
+    print(text, flush=True)
+    print(f"[study_report] wrote {out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    from hypermorph_spatially_adaptive.runio import cli_main
+
+    cli_main(main)

@@ -1,0 +1,94 @@
+"""The README's study report (benchmarks/study_report.py): the Holm family is exactly the reported
+pooled rows, stiffness intervals come from the seeds x pairs table, and the report is written."""
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import study_report  # noqa: E402
+
+
+def _comp_row(setting, protocol, comparison, seed, mean, p, metric="mean_dice"):
+    return {"setting": setting, "protocol": protocol, "comparison": comparison, "seed": seed, "metric": metric,
+            "n_seeds": 2 if seed == "all" else 1, "n_pairs": 5, "n": 10, "mean_diff": mean, "ci_low": mean - 0.01,
+            "ci_high": mean + 0.01, "interval": "x", "p": p, "p_holm": p, "wilcoxon_p": p, "n_nonzero": 5,
+            "better": "a"}
+
+
+def _fake_comparisons():
+    rows = [
+        _comp_row("paper", "oracle", "elas-sas - elas-g", "all", 0.02, 0.01),
+        _comp_row("paper", "oracle", "elas-sas - elas-g", "0", 0.01, 0.2),
+        _comp_row("paper", "oracle", "elas-sas - elas-g", "1", 0.03, 0.02),
+        _comp_row("paper", "oracle", "elas-sas - elas-g", "all", 0.5, 0.0001, metric="hd95"),  # other metric
+        _comp_row("paper", "oracle", "diff-sas@g - diff-g", "all", 0.0, 0.0001),  # not reported
+        _comp_row("paper", "population", "elas-sas+io - ants-syn", "all", 0.01, 0.04),
+        _comp_row("calibrated", "oracle", "elas-sas - elas-g", "all", -0.01, 0.3),
+        _comp_row("calibrated - paper", "oracle", "elas-sas [calibrated] - elas-sas [paper]", "all", -0.04, 0.002),
+        _comp_row("calibrated - paper", "oracle", "initial [calibrated] - initial [paper]", "all", 0.0, 1.0),
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_family_is_the_reported_pooled_rows_with_holm_over_them():
+    fam = study_report.reported_family(_fake_comparisons())
+    assert set(fam["metric"]) == {"mean_dice"}
+    assert "diff-sas@g - diff-g" not in set(fam["comparison"])
+    assert "initial [calibrated] - initial [paper]" not in set(fam["comparison"])
+    pooled = fam[fam["seed"] == "all"].set_index(["setting", "comparison"])["p_family"]
+    # 4 pooled rows, p = 0.002, 0.01, 0.04, 0.3 -> Holm 0.008, 0.03, 0.08, 0.3 (by hand)
+    assert pooled[("calibrated - paper", "elas-sas [calibrated] - elas-sas [paper]")] == pytest.approx(0.008)
+    assert pooled[("paper", "elas-sas - elas-g")] == pytest.approx(0.03)
+    assert pooled[("paper", "elas-sas+io - ants-syn")] == pytest.approx(0.08)
+    assert pooled[("calibrated", "elas-sas - elas-g")] == pytest.approx(0.3)
+    assert fam.loc[fam["seed"] != "all", "p_family"].isna().all()  # per-seed rows are not in the family
+    md = study_report.family_markdown(fam)
+    assert "| oracle | elas-sas - elas-g | +0.020 [+0.010, +0.030] (2 x 5) | 0.01 / 0.03 | +0.010, +0.030 |" in md
+    assert "+0.040" not in study_report.cross_markdown(fam) and "-0.040 [-0.050, -0.030]" in study_report.cross_markdown(fam)
+
+
+def test_stiffness_summary_pools_seeds_by_pairs_and_drops_missing_pairs():
+    rows = []
+    values = {0: [1.0, 0.5, 0.5, -0.5], 1: [1.0, 1.0, 0.5, np.nan]}  # pair 3 missing under seed 1
+    for seed, vals in values.items():
+        for k, v in enumerate(vals):
+            rows.append({"setting": "paper", "objective": "dice", "pair_id": f"p{k}", "seed": str(seed),
+                         "spearman_mu": v, "spearman_lambda": -v})
+    s = study_report.stiffness_summary(pd.DataFrame(rows)).set_index("parameter")
+    assert s.loc["mu", "n_pairs"] == 3 and s.loc["mu", "n_seeds"] == 2
+    assert s.loc["mu", "mean"] == pytest.approx((1 + 0.5 + 0.5 + 1 + 1 + 0.5) / 6)
+    assert s.loc["lambda", "mean"] == pytest.approx(-s.loc["mu", "mean"])
+    assert s.loc["mu", "ci_low"] < s.loc["mu", "mean"] < s.loc["mu", "ci_high"]
+    assert s.loc["mu", "per_seed"] == "0.67, 0.83"
+
+
+def test_main_writes_report_and_figure(tmp_path):
+    study = tmp_path / "study"
+    study.mkdir()
+    _fake_comparisons().to_csv(study / "study_comparisons.csv", index=False)
+    table = pd.DataFrame([{"setting": s, "protocol": p, "method": m, "n_seeds": 2, "n_pairs": 5, "mean_dice": d,
+                           "mean_dice_seed_range": 0.01, "hd95": 2.0, "dense_epe": 1.0, "percent_neg_jac": 0.0,
+                           "seconds": 0.5}
+                          for s, d in (("paper", 0.8), ("calibrated", 0.7))
+                          for p, m in (("", "initial"), ("oracle", "elas-g"))])
+    table.to_csv(study / "study_table.csv", index=False)
+    pd.DataFrame([{"regularizer": "elastic", "grid_spread_mean": 0.03, "interior_fraction": 0.4, "setting": "paper",
+                   "seed": 0}]).to_csv(study / "grid_response.csv", index=False)
+    pd.DataFrame([{"setting": "paper", "objective": "dice", "pair_id": f"p{k}", "seed": 0, "spearman_mu": 0.5 * k,
+                   "spearman_lambda": 0.5} for k in range(3)]).to_csv(study / "stiffness.csv", index=False)
+    fig = tmp_path / "forest.png"
+    out = study_report.main(["--study", str(study), "--figure", str(fig)])
+    text = open(out).read()
+    assert "| - | initial | 0.800 (0.010) | 2.00 | 1.00 | 0.000 | 0.700 (0.010) |" in text
+    assert "Holm over these 4 pooled rows" in text
+    assert "| paper | elastic | 0.030 (0.030) | 40 % (40 %) |" in text
+    assert fig.stat().st_size > 1000
+
+
+def test_missing_input_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="study_comparisons.csv"):
+        study_report.main(["--study", str(tmp_path)])
