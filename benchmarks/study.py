@@ -308,14 +308,11 @@ def compare(study, n_boot: int):
     return pd.concat(frames, ignore_index=True)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.seeds = args.seeds[:1]
+def run_units(args) -> List[Dict]:
+    """Every (setting, seed) unit in order: restored from the record if kept there, else run (or
+    resumed), then the EPE-oracle identification and the record; progress and ETA per unit."""
     units_todo = [(s, seed) for s in args.settings for seed in args.seeds]
     print(f"[study] {len(units_todo)} units (settings {args.settings} x seeds {args.seeds}) -> {args.out}", flush=True)
-    if args.record is None:
-        args.record = "" if args.quick else os.path.join("docs", "study_record")
     import study_record
 
     t0, units, spent = time.time(), [], []
@@ -337,14 +334,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         eta = (len(units_todo) - k) * (sum(spent) / len(spent)) / 60 if spent else 0.0
         print(f"[study] {k}/{len(units_todo)} {setting} seed {seed} done ({info['seconds'] / 60:.1f} min); "
               f"elapsed {(time.time() - t0) / 60:.1f} min, eta {eta:.0f} min", flush=True)
-    syn_table = None if args.no_syn else _run_syn(args)
-    from datasets.atomic import atomic_write
+    return units
 
-    study = collect(args, units, syn_table)
-    path = os.path.join(args.out, "study.csv")
-    atomic_write(path, study)
-    print(f"[study] wrote {path} ({len(study)} rows)", flush=True)
+
+def write_comparisons(args, study) -> None:
+    """``study_comparisons.csv/.md``, ``study_table.csv/.md`` and the forest plots (within settings)."""
+    from datasets.atomic import atomic_write
     from hypermorph_spatially_adaptive.evaluation import comparison_markdown
+    from hypermorph_spatially_adaptive.figures import plot_comparison_forest
 
     comp = compare(study, args.bootstrap)
     atomic_write(os.path.join(args.out, "study_comparisons.csv"), comp)
@@ -354,31 +351,51 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     table = study_table(study)
     atomic_write(os.path.join(args.out, "study_table.csv"), table)
     atomic_write(os.path.join(args.out, "study_table.md"), table_markdown(table) + "\n")
-    from hypermorph_spatially_adaptive.figures import plot_comparison_forest
-
     within = comp[comp["setting"] != "calibrated - paper"]
     for metric in ("mean_dice", "percent_neg_jac"):
         plot_comparison_forest(within, os.path.join(args.out, f"study_forest_{metric}.png"), metric)
-    stiff = []
-    for u in units:
-        unit_dir = os.path.join(args.out, u["setting"], f"seed{u['seed']}")
-        from datasets.phantoms import CLASS_NAMES
 
-        stiff.append(stiffness_recovery(unit_dir, CLASS_NAMES, _true_lame()).assign(setting=u["setting"], seed=u["seed"]))
+
+def write_response_and_stiffness(args, units: Sequence[Dict]) -> None:
+    """``grid_response.csv`` and ``stiffness.csv`` over every unit, with their means printed."""
     import pandas as pd
 
-    stiff = pd.concat(stiff, ignore_index=True)
-    response = pd.concat([grid_response(os.path.join(args.out, u["setting"], f"seed{u['seed']}"))
-                          .assign(setting=u["setting"], seed=u["seed"]) for u in units], ignore_index=True)
+    from datasets.atomic import atomic_write
+    from datasets.phantoms import CLASS_NAMES
+
+    dirs = [(u, os.path.join(args.out, u["setting"], f"seed{u['seed']}")) for u in units]
+    response = pd.concat([grid_response(d).assign(setting=u["setting"], seed=u["seed"]) for u, d in dirs],
+                         ignore_index=True)
     atomic_write(os.path.join(args.out, "grid_response.csv"), response)
     print("[study] grid response of the global models (mean over seeds):\n"
           + response.groupby(["setting", "regularizer"])[["grid_spread_mean", "interior_fraction"]].mean()
           .round(3).to_string(), flush=True)
+    stiff = pd.concat([stiffness_recovery(d, CLASS_NAMES, _true_lame()).assign(setting=u["setting"], seed=u["seed"])
+                       for u, d in dirs], ignore_index=True)
     atomic_write(os.path.join(args.out, "stiffness.csv"), stiff)
     summary = stiff.groupby(["setting", "objective"])[["spearman_mu", "spearman_lambda"]].agg(["mean", "count"])
     print("[study] stiffness order recovered by the elastic SA model (Spearman over lung/bone/liver vs the "
           "phantom's Lame values, mean over seeds x pairs):\n" + summary.round(3).to_string(), flush=True)
-    print(f"[study] wrote study_comparisons.csv/.md, stiffness.csv in {args.out}", flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    if args.record is None:
+        args.record = "" if args.quick else os.path.join("docs", "study_record")
+    units = run_units(args)
+    syn_table = None if args.no_syn else _run_syn(args)
+    from datasets.atomic import atomic_write
+
+    study = collect(args, units, syn_table)
+    path = os.path.join(args.out, "study.csv")
+    atomic_write(path, study)
+    print(f"[study] wrote {path} ({len(study)} rows)", flush=True)
+    write_comparisons(args, study)
+    write_response_and_stiffness(args, units)
+    print(f"[study] wrote study_comparisons.csv/.md, study_table.csv/.md, grid_response.csv, stiffness.csv in "
+          f"{args.out} (README tables: benchmarks/study_report.py)", flush=True)
     return path
 
 
