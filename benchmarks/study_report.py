@@ -184,7 +184,8 @@ def response_markdown(response) -> str:
 def stiffness_summary(stiff):
     """Per setting, objective and parameter (mu, lambda): the mean Spearman over seeds x pairs,
     its crossed 95 % interval (:func:`.intervals.crossed_interval` on the seeds x pairs table;
-    pairs missing under a seed dropped), the per-seed means and n."""
+    pairs missing under a seed dropped; clipped to [-1, 1], the range of a Spearman correlation,
+    which the t interval exceeds with few seeds), the per-seed means and n."""
     import pandas as pd
 
     from hypermorph_spatially_adaptive.intervals import crossed_interval
@@ -197,7 +198,7 @@ def stiffness_summary(stiff):
                 continue
             lo, hi, _ = crossed_interval(t.to_numpy(np.float64))
             rows.append({"setting": s, "objective": obj, "parameter": param, "mean": float(t.to_numpy().mean()),
-                         "ci_low": float(lo), "ci_high": float(hi), "n_seeds": t.shape[0], "n_pairs": t.shape[1],
+                         "ci_low": max(-1.0, float(lo)), "ci_high": min(1.0, float(hi)), "n_seeds": t.shape[0], "n_pairs": t.shape[1],
                          "per_seed": ", ".join(f"{v:.2f}" for v in t.mean(axis=1))})
     return pd.DataFrame(rows)
 

@@ -64,6 +64,7 @@ def test_stiffness_summary_pools_seeds_by_pairs_and_drops_missing_pairs():
     assert s.loc["lambda", "mean"] == pytest.approx(-s.loc["mu", "mean"])
     assert s.loc["mu", "ci_low"] < s.loc["mu", "mean"] < s.loc["mu", "ci_high"]
     assert s.loc["mu", "per_seed"] == "0.67, 0.83"
+    assert s.loc["mu", "ci_high"] == 1.0  # the t interval over 2 seeds exceeds 1: clipped to the range
 
 
 def test_main_writes_report_and_figure(tmp_path):
