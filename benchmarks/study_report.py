@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -84,11 +84,8 @@ def reported_family(comp, metric: str = "mean_dice"):
 
     wanted = [(s, prot, f"{a} - {b}") for s in comp["setting"].unique() if s != CROSS for prot, a, b in FAMILY]
     wanted += [(CROSS, prot, f"{m} [calibrated] - {m} [paper]") for prot, m in CROSS_METHODS]
-    df = comp[comp["metric"] == metric]
-    parts = [df[(df["setting"] == s) & (df["protocol"] == prot) & (df["comparison"] == name)]
-             for s, prot, name in wanted]
-    fam = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(len(p) for p in parts) else df.iloc[:0]
-    fam = fam.copy()
+    keys = pd.DataFrame(wanted, columns=["setting", "protocol", "comparison"])
+    fam = keys.merge(comp[comp["metric"] == metric], on=["setting", "protocol", "comparison"], how="inner")
     pooled = fam["seed"].astype(str) == "all"
     fam["p_family"] = np.nan
     fam.loc[pooled, "p_family"] = holm(fam.loc[pooled, "p"].to_numpy())
@@ -108,25 +105,34 @@ def _per_seed(rows) -> str:
     return ", ".join(f"{v:+.3f}" for v in per.sort_values("seed")["mean_diff"]) or "-"
 
 
+def _setting_cells(settings: Sequence[str], groups, key, fmt, empty: str) -> List[str]:
+    """One cell group per setting: ``fmt(rows)`` of the rows of ``groups[setting]`` with index
+    ``key``, or ``empty`` when that setting has none."""
+    cells = []
+    for s in settings:
+        g = groups.get(s)
+        rows = g.loc[[key]] if g is not None and key in g.index else None
+        cells.append(empty if rows is None else fmt(rows))
+    return cells
+
+
+def _family_cell(rows) -> str:
+    r = rows[rows["seed"].astype(str) == "all"].iloc[0]
+    return (f"{_cell(r)} ({int(r['n_seeds'])} x {int(r['n_pairs'])}) | {_p(r['p'])} / {_p(r['p_family'])} | "
+            f"{_per_seed(rows)}")
+
+
 def family_markdown(fam) -> str:
     """One row per reported comparison, one column group per setting: pooled difference [95 %
     interval], p, Holm p over the family, and the per-seed differences."""
-    settings = [s for s in dict.fromkeys(fam["setting"]) if s != CROSS]
+    within = fam[fam["setting"] != CROSS]
+    settings = list(dict.fromkeys(within["setting"]))
+    groups = {s: g.set_index(["protocol", "comparison"]) for s, g in within.groupby("setting", sort=False)}
     head = "| protocol | a - b | " + " | ".join(f"{s}: pooled [95 %] | p / p_H | per seed" for s in settings) + " |"
     lines = [head, "|---|---|" + "---|---|---|" * len(settings)]
-    within = fam[fam["setting"] != CROSS]
-    for (prot, name), _ in within.groupby(["protocol", "comparison"], sort=False):
-        cells = []
-        for s in settings:
-            rows = within[(within["setting"] == s) & (within["protocol"] == prot) & (within["comparison"] == name)]
-            pooled = rows[rows["seed"].astype(str) == "all"]
-            if pooled.empty:
-                cells.append("- | - | -")
-                continue
-            r = pooled.iloc[0]
-            cells.append(f"{_cell(r)} ({int(r['n_seeds'])} x {int(r['n_pairs'])}) | {_p(r['p'])} / "
-                         f"{_p(r['p_family'])} | {_per_seed(rows)}")
-        lines.append(f"| {prot} | {name} | " + " | ".join(cells) + " |")
+    for key in dict.fromkeys(zip(within["protocol"], within["comparison"])):
+        cells = _setting_cells(settings, groups, key, _family_cell, "- | - | -")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,28 +149,30 @@ def cross_markdown(fam) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table_cell(rows) -> str:
+    r = rows.iloc[0]
+    return (f"{r['mean_dice']:.3f} ({r['mean_dice_seed_range']:.3f}) | {r['hd95']:.2f} | {r['dense_epe']:.2f} | "
+            f"{r['percent_neg_jac']:.3f}")
+
+
 def settings_table_markdown(table, rows: Sequence = TABLE_ROWS) -> str:
     """Both settings side by side: mean Dice (range of the seed means), HD95, dense EPE, %negJ
-    per setting; s/pair of the first setting."""
+    per setting; s/pair of the first setting that has the row. A row without protocol ('')
+    takes the first protocol's entry (initial and SyN are the same in every protocol)."""
     settings = list(dict.fromkeys(table["setting"]))
+    groups = {s: g.drop_duplicates("method").set_index("method") for s, g in table.groupby("setting", sort=False)}
+    by_protocol = {s: g.set_index(["protocol", "method"]) for s, g in table.groupby("setting", sort=False)}
     head = "| protocol | row | " + " | ".join(f"{s}: Dice (seed range) | HD95 | EPE | %negJ" for s in settings)
     lines = [head + " | s/pair |", "|---|---|" + "---|---|---|---|" * len(settings) + "---|"]
     for prot, method in rows:
-        sel = table[(table["method"] == method) & ((table["protocol"] == prot) | (prot == ""))]
-        if sel.empty:
+        src, key = (groups, method) if prot == "" else (by_protocol, (prot, method))
+        found = [src[s].loc[[key]] for s in settings if key in src[s].index]
+        if not found:
             continue
-        cells, seconds = [], "-"
-        for s in settings:
-            r = sel[sel["setting"] == s]
-            if r.empty:
-                cells.append("- | - | - | -")
-                continue
-            r = r.iloc[0]
-            cells.append(f"{r['mean_dice']:.3f} ({r['mean_dice_seed_range']:.3f}) | {r['hd95']:.2f} | "
-                         f"{r['dense_epe']:.2f} | {r['percent_neg_jac']:.3f}")
-            if seconds == "-" and np.isfinite(r.get("seconds", np.nan)):
-                seconds = f"{r['seconds']:.2f}"
-        lines.append(f"| {prot or '-'} | {method} | " + " | ".join(cells) + f" | {seconds} |")
+        cells = _setting_cells(settings, src, key, _table_cell, "- | - | - | -")
+        seconds = found[0]["seconds"].iloc[0] if "seconds" in found[0] else np.nan
+        lines.append(f"| {prot or '-'} | {method} | " + " | ".join(cells) + " | "
+                     + (f"{seconds:.2f}" if np.isfinite(seconds) else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
