@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from typing import List, Optional, Sequence
+
+from hypermorph_spatially_adaptive.timing import StageTimer
 
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, "refine": 5, "gradient_steps": 3,
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sa-train-args", default="", type=arg_argv,
                    help="extra options for the SA models only (HyperMorph-SA and CSAIN), e.g. \"--smooth-maps 0.8\"")
     g.add_argument("--batch-size", type=arg_int(1), default=1, help="training batch size")
+    g.add_argument("--jobs", type=arg_int(0), default=0,
+                   help="models trained side by side, each in its own process with its share of the cores' "
+                        "TensorFlow threads; 0: one per core (1 with --quick). Same weights whatever the value "
+                        "(op determinism); on 2 cores 2 jobs train the four demo models ~1.4x sooner")
     g.add_argument("--grid-steps", type=arg_int(2), default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=arg_int(0), default=0, help="training seed (all four models)")
     g.add_argument("--refine", type=arg_int(0), default=100,
@@ -145,55 +150,107 @@ def _refuse_shorter(args, run_dir: str) -> None:
                          f"models with {args.steps} steps, or another --out")
 
 
-def _train_all(args, preset_argv: dict, runs: dict) -> None:
-    """Stage 1: train every model (reuse finished runs with the same command, resume unfinished ones)."""
-    from hypermorph_spatially_adaptive import trainer
-
+def _training_plan(args, preset_argv: dict, runs: dict) -> list:
+    """What stage 1 does with every model: ``(name, preset, argv or None, message)``; ``argv`` is
+    the training command (``--overwrite``/``--resume`` added as needed), None for a reused run."""
+    plan = []
     n = len(preset_argv)
-    print(f"== stage 1/3: training {n} models ({args.steps} steps each) -> {args.out}/runs", flush=True)
     for k, (name, argv_p) in enumerate(preset_argv.items(), 1):
         preset = name.replace("_csain", "")  # the CSAIN runs are the SA presets with --conditioning csain
         state = _run_state(runs[name], argv_p)
         if state != "none" and args.force:
-            print(f"-- [{k}/{n}] {name}: --force: the run in {runs[name]} is replaced (--overwrite)", flush=True)
-            trainer.main(preset, argv_p + ["--overwrite"])
+            plan.append((name, preset, argv_p + ["--overwrite"],
+                         f"-- [{k}/{n}] {name}: --force: the run in {runs[name]} is replaced (--overwrite)"))
         elif state == "finished":
-            print(f"-- [{k}/{n}] {name}: finished run with the same command found, reused", flush=True)
+            plan.append((name, preset, None, f"-- [{k}/{n}] {name}: finished run with the same command found, reused"))
         elif state == "none":
-            print(f"-- [{k}/{n}] {name}", flush=True)
-            trainer.main(preset, argv_p)
+            plan.append((name, preset, argv_p, f"-- [{k}/{n}] {name}"))
         else:
             _refuse_shorter(args, runs[name])
-            print(f"-- [{k}/{n}] {name}: " + ("unfinished run with the same command found, resuming it" if
-                  state == "unfinished" else f"{runs[name]} holds a run made with another command; resuming it "
-                  "(refused unless only the step target or logging changed)"), flush=True)
-            try:
-                trainer.main(preset, argv_p + ["--resume"])
-            except ValueError as exc:
-                if "--resume refused" not in str(exc):
+            plan.append((name, preset, argv_p + ["--resume"], f"-- [{k}/{n}] {name}: " + (
+                "unfinished run with the same command found, resuming it" if state == "unfinished" else
+                f"{runs[name]} holds a run made with another command; resuming it "
+                "(refused unless only the step target or logging changed)")))
+    return plan
+
+
+def _resume_refused(exc_text: str) -> ValueError:
+    return ValueError(f"{exc_text} [run_pipeline.py: --force retrains the models]")
+
+
+def _train_all(args, preset_argv: dict, runs: dict, timer: "StageTimer") -> None:
+    """Stage 1: train every model (reuse finished runs with the same command, resume unfinished
+    ones); ``--jobs`` > 1 trains them side by side in child processes (same weights: see
+    :mod:`hypermorph_spatially_adaptive.jobs`)."""
+    from hypermorph_spatially_adaptive import jobs as jobs_mod
+    from hypermorph_spatially_adaptive import trainer
+
+    plan = _training_plan(args, preset_argv, runs)
+    todo = [(name, preset, argv) for name, preset, argv, _ in plan if argv is not None]
+    parallel = _jobs(args, len(todo))
+    threads = jobs_mod.threads_per_job(parallel)
+    print(f"== stage 1/3: training {len(plan)} models ({args.steps} steps each) -> {args.out}/runs"
+          + (f" ({parallel} at a time, {threads} TensorFlow thread(s) each; --jobs)" if parallel > 1 else ""),
+          flush=True)
+    for *_, message in plan:
+        print(message, flush=True)
+    if parallel == 1:
+        for name, preset, argv in todo:
+            with timer.stage(f"train {name}"):
+                try:
+                    trainer.main(preset, argv)
+                except ValueError as exc:
+                    if "--resume" in argv and "--resume refused" in str(exc):
+                        raise _resume_refused(str(exc)) from exc
                     raise
-                raise ValueError(f"{exc} [run_pipeline.py: --force retrains the models]") from exc
+        return
+    work = [jobs_mod.script_job(name, f"train_hypermorph_{preset}.py", argv, weight=_TRAIN_WEIGHT.get(name, 1.0))
+            for name, preset, argv in todo]
+    with timer.stage(f"train {len(work)} models, {parallel} at a time"):
+        try:
+            seconds = jobs_mod.run_jobs(work, parallel, threads)
+        except jobs_mod.JobFailed as exc:
+            if "--resume refused" in exc.message:
+                raise _resume_refused(f"{exc.name}: {exc.message}") from exc
+            raise ValueError(f"training {exc} (its output is above)") from exc
+    for name, s in seconds.items():
+        timer.record(f"  train {name} (in parallel)", s, counted=False)
 
 
-def _identify_all(args, runs: dict) -> dict:
-    """Stage 2: grid identification in both protocols, gradient identification per SA run."""
-    import parameter_identification
+# relative cost of one training step (2D, CPU): heavier runs start first when trained side by side
+_TRAIN_WEIGHT = {"elastic_sa": 4.0, "diffusion_sa": 3.0, "elastic_global": 2.0, "diffusion_global": 1.0,
+                 "elastic_sa_csain": 6.0, "diffusion_sa_csain": 5.0}
+
+
+def _jobs(args, n_work: int) -> int:
+    """Parallel child processes for ``n_work`` independent jobs: ``--jobs`` or, at 0 (auto), one
+    per core (at most ``n_work``); ``--quick`` auto stays in-process (1)."""
+    from hypermorph_spatially_adaptive import jobs as jobs_mod
+
+    if n_work <= 1:
+        return 1
+    if args.jobs:
+        return min(args.jobs, n_work)
+    return 1 if args.quick else jobs_mod.default_jobs(n_work)
+
+
+def _identification_plan(args, runs: dict) -> tuple:
+    """Stage 2's calls of ``parameter_identification.py``: ``(ident, calls)`` with ``ident[reg]``
+    the identification folders inference reads and ``calls`` a list of ``(name, argv, weight)``."""
     from hypermorph_spatially_adaptive import artifacts as art
 
-    print("== stage 2/3: parameter identification (grid: oracle and population protocol; gradient: oracle"
-          + (" and population)" if args.gradient_population else ")"),
-          flush=True)
-    ident = {}
+    ident, calls = {}, []
     for reg in ("elastic", "diffusion"):
         ident[reg] = []
         for protocol in ("oracle", "population"):
             ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS[protocol], reg))
-            parameter_identification.main(["--run", runs[f"{reg}_global"], "--out", ident[reg][-1],
-                                           "--grid-steps", str(args.grid_steps), "--protocol", protocol])
+            calls.append((f"identify {reg} grid ({protocol})",
+                          ["--run", runs[f"{reg}_global"], "--out", ident[reg][-1], "--grid-steps",
+                           str(args.grid_steps), "--protocol", protocol], 1.0 if protocol == "oracle" else 0.5))
         if not args.gradient_steps:
             continue
-        # README "Gradient identification": Adam on the models' own inputs from 0.5 (not from the grid's
-        # choice: grid values of 0 or 1 sit where the sigmoid is flat; benchmarks/README.md)
+        # docs/extensions.md, gradient identification: Adam on the models' own inputs from 0.5 (not from the
+        # grid's choice: grid values of 0 or 1 sit where the sigmoid is flat; benchmarks/README.md)
         for sa, folder in ((f"{reg}_sa", art.IDENTIFICATION_DIRS["gradient"]),
                            (f"{reg}_sa_csain", art.IDENTIFICATION_DIRS["gradient"] + "_csain")):
             if sa not in runs:
@@ -201,9 +258,37 @@ def _identify_all(args, runs: dict) -> dict:
             for protocol in ("oracle", "population") if args.gradient_population else ("oracle",):
                 ident[reg].append(os.path.join(args.out, folder + ("_population" if protocol == "population" else ""),
                                                reg))
-                parameter_identification.main(["--run", runs[f"{reg}_global"], "--sa-run", runs[sa],
-                                               "--method", "gradient", "--init", "center", "--protocol", protocol,
-                                               "--steps", str(args.gradient_steps), "--out", ident[reg][-1]])
+                calls.append((f"identify {sa} gradient ({protocol})",
+                              ["--run", runs[f"{reg}_global"], "--sa-run", runs[sa], "--method", "gradient",
+                               "--init", "center", "--protocol", protocol, "--steps", str(args.gradient_steps),
+                               "--out", ident[reg][-1]], 2.0))
+    return ident, calls
+
+
+def _identify_all(args, runs: dict, timer: "StageTimer") -> dict:
+    """Stage 2: grid identification in both protocols, gradient identification per SA run;
+    ``--jobs`` > 1 runs the calls side by side in child processes."""
+    import parameter_identification
+    from hypermorph_spatially_adaptive import jobs as jobs_mod
+
+    ident, calls = _identification_plan(args, runs)
+    parallel = _jobs(args, len(calls))
+    print("== stage 2/3: parameter identification (grid: oracle and population protocol; gradient: oracle"
+          + (" and population)" if args.gradient_population else ")")
+          + (f", {parallel} at a time" if parallel > 1 else ""), flush=True)
+    if parallel == 1:
+        for name, argv, _ in calls:
+            with timer.stage(name):
+                parameter_identification.main(argv)
+        return ident
+    work = [jobs_mod.script_job(name, "parameter_identification.py", argv, weight) for name, argv, weight in calls]
+    with timer.stage(f"identification, {len(work)} calls, {parallel} at a time"):
+        try:
+            seconds = jobs_mod.run_jobs(work, parallel, jobs_mod.threads_per_job(parallel))
+        except jobs_mod.JobFailed as exc:
+            raise ValueError(f"{exc} (its output is above)") from exc
+    for name, sec in seconds.items():
+        timer.record(f"  {name} (in parallel)", sec, counted=False)
     return ident
 
 
@@ -256,25 +341,30 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     import inference
     from hypermorph_spatially_adaptive import artifacts as art
 
-    t0 = time.time()
+    timer = StageTimer()
     names = PRESETS + ([f"{r}_sa_csain" for r in ("elastic", "diffusion")] if args.csain else [])
     runs = {p: os.path.join(args.out, "runs", p) for p in names}
     preset_argv = _preset_argv(args, runs)
-    _check_inputs(args, preset_argv)
-    _train_all(args, preset_argv, runs)
-    _plot_training_curves({p: runs[p] for p in PRESETS}, os.path.join(args.out, "training_curves.png"))
-    ident = _identify_all(args, runs)
+    with timer.stage("check data and options"):
+        _check_inputs(args, preset_argv)
+    _train_all(args, preset_argv, runs, timer)
+    with timer.stage("training curves figure"):
+        _plot_training_curves({p: runs[p] for p in PRESETS}, os.path.join(args.out, "training_curves.png"))
+    ident = _identify_all(args, runs, timer)
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
     from hypermorph_spatially_adaptive.runio import refine_argv
 
     sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
-    inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine), *refine_argv(args),
-                    *(["--zero-io"] if args.zero_io else []),
-                    "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
-                    "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
-    minutes = (time.time() - t0) / 60
+    with timer.stage("inference: register, refine, Table 1, figures"):
+        inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine),
+                        *refine_argv(args), *(["--zero-io"] if args.zero_io else []),
+                        "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
+                        "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
+    timer.write_csv(os.path.join(results, art.STAGE_TIMES))
+    minutes = timer.total() / 60
+    print(f"\nWall time per stage ({art.STAGE_TIMES} in {results}):\n{timer.table()}", flush=True)
     print(f"\nPipeline finished in {minutes:.1f} min.\n  Table 1: {results}/{art.TABLE1_MD} (and .csv)\n"
           f"  per-pair metrics: {results}/{art.PER_PAIR_METRICS}\n  figures: {results}/*.png, "
           f"{args.out}/{art.IDENTIFICATION_DIRS['oracle']}/*/{art.FIG2}, {args.out}/training_curves.png\n"

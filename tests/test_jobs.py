@@ -1,0 +1,85 @@
+"""run_pipeline.py --jobs: parallel child processes (jobs.py) and the per-stage time table (timing.py)."""
+import csv
+import sys
+import time
+
+import pytest
+
+from hypermorph_spatially_adaptive import jobs, timing
+
+
+def _py(code: str) -> list:
+    return [sys.executable, "-c", code]
+
+
+def test_jobs_run_in_parallel_up_to_the_limit_with_prefixed_output(tmp_path):
+    # each job records its start and end time; with parallel=2 at most two intervals overlap
+    code = ("import os, sys, time; t0 = time.time(); time.sleep(0.6); print('threads', "
+            "os.environ['TF_NUM_INTRAOP_THREADS']); open(sys.argv[1], 'w').write(f'{t0} {time.time()}')")
+    work = [jobs.Job(f"j{i}", [sys.executable, "-c", code, str(tmp_path / f"j{i}.txt")]) for i in range(4)]
+    lines = []
+    t0 = time.time()
+    seconds = jobs.run_jobs(work, parallel=2, threads=3, write=lines.append)
+    wall = time.time() - t0
+    spans = [tuple(map(float, (tmp_path / f"j{i}.txt").read_text().split())) for i in range(4)]
+    for t in [s for s, _ in spans] + [e - 1e-3 for _, e in spans]:
+        assert sum(s <= t < e for s, e in spans) <= 2
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) == 2  # really side by side
+    assert wall < 4 * 0.6 + 2.0  # not one after the other (4 x 0.6 s plus start-up)
+    assert sorted(lines) == [f"[j{i}] threads 3" for i in range(4)]
+    assert set(seconds) == {"j0", "j1", "j2", "j3"} and all(s >= 0.6 for s in seconds.values())
+
+
+def test_a_failing_job_stops_the_others_and_names_itself(tmp_path):
+    marker = tmp_path / "interrupted"
+    slow = ("import sys, time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n"
+            f"    open({str(marker)!r}, 'w').write('saved'); sys.exit(130)")
+    work = [jobs.Job("slow", _py(slow), weight=2.0),
+            jobs.Job("bad", _py("import sys, time; time.sleep(0.5); print('error: no such file x.nii.gz'); "
+                                "sys.exit(1)"))]
+    t0 = time.time()
+    with pytest.raises(jobs.JobFailed) as info:
+        jobs.run_jobs(work, parallel=2, write=lambda s: None)
+    assert time.time() - t0 < 15  # the slow job did not run its 30 s
+    assert info.value.name == "bad" and info.value.returncode == 1
+    assert info.value.message == "no such file x.nii.gz"
+    assert marker.read_text() == "saved"  # stopped with SIGINT, the way Ctrl-C stops a training
+
+
+def test_job_counts_follow_the_cores():
+    assert jobs.default_jobs(4, cores=2) == 2 and jobs.threads_per_job(2, cores=2) == 1
+    assert jobs.default_jobs(4, cores=8) == 4 and jobs.threads_per_job(4, cores=8) == 2
+    assert jobs.default_jobs(1, cores=8) == 1 and jobs.threads_per_job(1, cores=1) == 1
+    with pytest.raises(ValueError, match=">= 1"):
+        jobs.run_jobs([], parallel=0)
+
+
+def test_stage_timer_rows_add_up(tmp_path):
+    timer = timing.StageTimer()
+    with timer.stage("a"):
+        time.sleep(0.05)
+    timer.record("b", 1.5)
+    timer.record("  b detail", 1.0, counted=False)
+    path = tmp_path / "stage_times.csv"
+    timer.write_csv(str(path))
+    rows = list(csv.DictReader(open(path)))
+    assert [r["stage"] for r in rows] == ["a", "b", "b detail", "total"]
+    assert 0.05 <= float(rows[0]["seconds"]) < 1.0 and float(rows[1]["seconds"]) == 1.5
+    assert [r["counted_in_total"] for r in rows[:3]] == ["1", "1", "0"]
+    table = timer.table()
+    assert table.splitlines()[0].split() == ["stage", "min", "share"] and "total" in table.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_parallel_training_gives_the_same_weights(tmp_path):
+    """--jobs 2 (child processes, one TensorFlow thread each) trains bit-identical models."""
+    import run_pipeline
+    from conftest import _quick_argv
+
+    run_pipeline.main(_quick_argv(tmp_path / "one", "--panels", "0", "--gradient-steps", "0", "--refine", "0"))
+    run_pipeline.main(_quick_argv(tmp_path / "two", "--panels", "0", "--gradient-steps", "0", "--refine", "0",
+                                  "--jobs", "2"))
+    for p in run_pipeline.PRESETS:
+        assert (tmp_path / "one/runs" / p / "weights.h5").read_bytes() == \
+            (tmp_path / "two/runs" / p / "weights.h5").read_bytes(), p
+    assert (tmp_path / "one/results/table1.md").read_text() == (tmp_path / "two/results/table1.md").read_text()
