@@ -28,6 +28,14 @@ moving subject's, plus ``"pairing": "inter-subject"``. Ribs and vertebrae of two
 in number and phase, so matching labels or texture exactly needs tearing: this is what exposes a
 refinement that folds. Measured initial mean Dice on the demo's 9 test pairs (64^2, default
 motion): 0.71 against 0.78 for the deformation pairs of the same seeds.
+
+``--stiffness-spread S`` (default off): subject-specific stiffness. Without it every pair uses
+the generator's one table (``phantoms.DEFAULT_LAME``), so there is nothing subject-specific for an
+identification to find. With it pair ``i`` scales each tissue's (lambda, mu) by its own factor
+``exp(S z)`` (:func:`subject_lame`, seeded by the pair, independent of the phantom and force
+streams: the anatomy and force pattern are those of the spread-0 pair, the field differs); the
+values used are ``extras["lame"]`` of the pair, so identified values can be scored against them
+per pair (``hypermorph_spatially_adaptive.evaluation.stiffness_recovery``).
 """
 from __future__ import annotations
 
@@ -58,6 +66,35 @@ SYNTHETIC_MOTION_PRESETS = {"default": 0.05, "stress": 0.1}
 PAIRINGS = ("deformation", "inter-subject")
 #: second entry of the seed sequence of an inter-subject pair's fixed subject
 INTER_SUBJECT_STREAM = 1
+#: second entry of the seed sequence of a pair's subject-specific stiffness factors
+STIFFNESS_STREAM = 2
+#: largest ``--stiffness-spread`` (log-normal sigma): at 2 a 2-sigma factor is ~55x
+MAX_STIFFNESS_SPREAD = 2.0
+
+
+def parse_stiffness_spread(value) -> float:
+    """``--stiffness-spread`` value: a number in [0, MAX_STIFFNESS_SPREAD]."""
+    try:
+        spread = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"synthetic dataset: stiffness spread must be a number, got {value!r}") from None
+    if not 0.0 <= spread <= MAX_STIFFNESS_SPREAD:
+        raise ValueError(f"synthetic dataset: stiffness spread must be in [0, {MAX_STIFFNESS_SPREAD:g}], got {value}")
+    return spread
+
+
+def subject_lame(seed: int, spread: float, default_lame: dict) -> dict:
+    """One subject's Lamé values ``{class: (lambda, mu)}``: every class of ``default_lame`` (the
+    generator's tissue means, class 0 = soft tissue inside the body) times its own factor
+    ``exp(spread * z_c)``, ``z_c ~ N(0, 1)`` drawn in class order from
+    ``numpy.random.default_rng([seed, STIFFNESS_STREAM])``. One factor per class scales lambda
+    and mu together, so each tissue keeps its Poisson ratio (its compressibility) and only its
+    stiffness varies between subjects; the air outside the body is not in the table and stays
+    fixed. ``spread`` 0 gives ``default_lame`` itself."""
+    rng = np.random.default_rng([int(seed), STIFFNESS_STREAM])
+    classes = sorted(int(c) for c in default_lame)
+    factors = np.exp(float(spread) * rng.standard_normal(len(classes)))
+    return {c: (float(default_lame[c][0] * f), float(default_lame[c][1] * f)) for c, f in zip(classes, factors)}
 
 
 def synthetic_motion(value) -> float:
@@ -114,6 +151,13 @@ class SyntheticDataset(RegistrationDataset):
                     "phantom, true field and keypoints known; 'inter-subject': fixed and moving are different "
                     "phantoms (different anatomy, same tissues and intensity model), labels only (no dense EPE, "
                     "no TRE); the moving images are the deformation pairs' (datasets/synthetic.py docstring)"),
+        Option("stiffness_spread", type=arg_type(parse_stiffness_spread), default=None,
+               help="synthetic: subject-specific stiffness. Each pair's tissues get their own Lame values: the "
+                    "generator's tissue means times exp(S z), z ~ N(0, 1) per pair and tissue (lambda and mu "
+                    "scaled together, Poisson ratio kept; seeded by the pair). Saved per pair in "
+                    "extras['lame'] and the cache name. 0 or not given: one stiffness table for every pair "
+                    "(mu lung : soft tissue : liver : bone = 1 : 2 : 4 : 40). 0.5 lets lung, soft tissue and "
+                    "liver change order between pairs; bone stays the stiffest"),
         Option("cache_dir", path=True,
                help="synthetic: cache folder (if not given: --data-dir, else ./.cache/synthetic)"),
         IMAGE_SIZE,
@@ -121,9 +165,10 @@ class SyntheticDataset(RegistrationDataset):
     _KEYS = ("fixed", "moving", "fixed_seg", "moving_seg", "disp", "fixed_kp", "moving_kp")
 
     def __init__(self, data_dir=None, ndim=None, image_size=None, num_pairs=40, data_seed=0,
-                 cache_dir=None, motion=SYNTHETIC_MOTION_PRESETS["default"], pairing=None):
+                 cache_dir=None, motion=SYNTHETIC_MOTION_PRESETS["default"], pairing=None, stiffness_spread=None):
         super().__init__()
         self.motion = synthetic_motion(motion)
+        self.stiffness_spread = 0.0 if stiffness_spread is None else parse_stiffness_spread(stiffness_spread)
         self.pairing = PAIRINGS[0] if pairing is None else str(pairing)
         if self.pairing not in PAIRINGS:
             raise ValueError(f"synthetic dataset: pairing must be one of {PAIRINGS}, got {pairing!r}")
@@ -156,11 +201,13 @@ class SyntheticDataset(RegistrationDataset):
     @classmethod
     def config_options(cls, data_dir, values: dict) -> dict:
         """The resolved values: ndim, image size, motion, the absolute cache folder, and the
-        pairing unless it is the default (so the demo's config and argv stay as they were)."""
+        pairing and stiffness spread unless they are the defaults (so the demo's config and argv
+        stay as they were)."""
         probe = cls(data_dir=data_dir, **{k: v for k, v in values.items() if v is not None})
         return {"ndim": probe.ndim, "image_size": list(probe.image_shape), "num_pairs": probe.num_pairs,
                 "data_seed": probe.data_seed, "motion": probe.motion, "cache_dir": probe.cache_dir,
-                "pairing": None if probe.pairing == PAIRINGS[0] else probe.pairing}
+                "pairing": None if probe.pairing == PAIRINGS[0] else probe.pairing,
+                "stiffness_spread": probe.stiffness_spread or None}
 
     @property
     def module(self):
@@ -180,7 +227,8 @@ class SyntheticDataset(RegistrationDataset):
 
     def cache_path(self, pair_id: str) -> str:
         shape = "x".join(str(s) for s in self.image_shape)
-        name = (f"synthetic_{_generator_version(self.module)}_{shape}_m{self.motion:g}_"
+        spread = f"s{self.stiffness_spread:g}_" if self.stiffness_spread else ""
+        name = (f"synthetic_{_generator_version(self.module)}_{shape}_m{self.motion:g}_{spread}"
                 f"seed{self.seed_of(pair_id)}.npz")
         return os.path.join(self.cache_dir, name)
 
@@ -226,6 +274,8 @@ class SyntheticDataset(RegistrationDataset):
         else:
             jitter = np.random.default_rng([seed, 7]).uniform(0.75, 1.25)
             max_disp = self.motion * float(np.mean(self.image_shape)) * jitter
+        if self.stiffness_spread:
+            kwargs["lame"] = subject_lame(seed, self.stiffness_spread, self.module.DEFAULT_LAME)
         out = self.module.generate_pair(seed, tuple(self.image_shape), max_disp=max_disp,
                                         **kwargs)
         missing = [k for k in self._KEYS + ("lame",) if k not in out]
