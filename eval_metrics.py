@@ -1,5 +1,5 @@
 """Evaluation metrics for image registration: the metrics of the paper's Table 1 (Sec. 3.3: class
-Dice, mean Dice, HD95, TRE, %negJ) plus SDlogJ (README "Conventions", Metrics). Pure numpy / scipy.
+Dice, mean Dice, HD95, TRE, %negJ) plus SDlogJ (docs/reading_results.md "Metrics"). Pure numpy / scipy.
 
 Conventions (every public function follows them)
 -------------------------------------------------

@@ -19,7 +19,7 @@ global run itself. Rows per identification (``<reg>`` = ``elas`` / ``diff``):
   built their maps in the column ``maps``.
   By default the refinement adds a folding and a log-Jacobian penalty and smooths a coarser
   update so that the field stays plausible (``--refine-fold-weight``, ``--refine-logj-weight``,
-  ``--refine-smooth``, ``--refine-grid``, ``--refine-svf``; README "Refinement that does not
+  ``--refine-smooth``, ``--refine-grid``, ``--refine-svf``; docs/extensions.md "Refinement that does not
   tear"); Table 1 marks a +io row whose mean %negJ exceeds 0.05 with a dagger (Dice rises with tearing).
 - ``initial``: no registration.
 
@@ -376,7 +376,7 @@ def _source_runs(src, g: Dict, models: Dict[str, tuple], g_hyp, sa_hyp, with_g: 
     """The network rows one identification asks for, as ``(variant, tag, model key, hyp [N, P], columns)``:
     ``g`` (when ``with_g``: not made yet for this protocol and method), ``sas`` of every SA run the
     identification applies to (:func:`applies_to`) and, for a grid identification, the ``sas@g``
-    ablation (every class at the pair's -g values ``g_hyp [N, P_g]``, README "How to read the comparison")."""
+    ablation (every class at the pair's -g values ``g_hyp [N, P_g]``, docs/reading_results.md "How to read the comparison")."""
     import numpy as np
 
     from hypermorph_spatially_adaptive import artifacts as art

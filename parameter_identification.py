@@ -12,7 +12,7 @@ baseline (ties: larger regularization). Writes into ``--out``:
 - ``identification.json``        run folder, dataset options, grid, split, tie rule, timing
 - ``fig2_parameters.png``        identified parameters per tissue (paper Fig. 2)
 
-``--protocol population`` (README "How to read the comparison") searches the grid on the validation pairs instead,
+``--protocol population`` (docs/reading_results.md "How to read the comparison") searches the grid on the validation pairs instead,
 keeps one setting (per class the best mean class Dice over them) and writes it for every pair of
 ``--split`` into ``<run>/identification_population``: the test labels then only score.
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="proceed although the run's recorded data or weights hashes (config.json 'provenance') "
                         "differ from the data and weights now; recorded in identification.json")
-    g = p.add_argument_group("method (grid: paper sec. 2.2; gradient: README, Gradient identification)")
+    g = p.add_argument_group("method (grid: paper sec. 2.2; gradient: docs/extensions.md 'Gradient identification')")
     g.add_argument("--method", default="grid", choices=["grid", "gradient"],
                    help="grid: grid search with the global model (the paper's proxy); gradient: Adam on the "
                         "SA model's own hyperparameters (every class, background included) and on the global "
@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 def _load_global_run(args: argparse.Namespace) -> Tuple[object, Dict, object, List[str]]:
     """The global run and its data: ``(model, config, dataset, ids of the --split/--pairs pairs)``. A grid
-    too large for --max-grid-gb is refused before the model loads (README "Bad inputs")."""
+    too large for --max-grid-gb is refused before the model loads (docs/troubleshooting.md "Bad inputs")."""
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import identification as ident
     from hypermorph_spatially_adaptive import runio
@@ -171,7 +171,7 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     from hypermorph_spatially_adaptive.registration import Registrar
 
     model, config, dataset, ids = _load_global_run(args)
-    if args.method == "gradient":  # README "Gradient identification"; writes <run>/identification_gradient[_epe]
+    if args.method == "gradient":  # docs/extensions.md "Gradient identification"; writes <run>/identification_gradient[_epe]
         from hypermorph_spatially_adaptive import gradient_identification
 
         return gradient_identification.run_cli(args, argv, model, config, dataset, ids, dest=dest)

@@ -39,15 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs/demo", help="folder for runs, identification and results")
     g.add_argument("--steps", type=arg_int(1), default=3000,
                    help="training steps per model (at lr 1e-4 the demo's validation NCC is within 0.01 of its "
-                        "plateau by 2750-3000 steps; README 'Training budget')")
+                        "plateau by 2750-3000 steps; docs/experiments.md 'Training budget')")
     g.add_argument("--lr", type=arg_float(0.0), default=1e-4,
                    help="Adam learning rate of the four trainings. 1e-3 plateaus sooner in validation NCC but its "
-                        "networks learn to ignore their hyperparameters (README 'Training budget')")
+                        "networks learn to ignore their hyperparameters (docs/experiments.md 'Training budget')")
     for reg in ("elastic", "diffusion"):
         g.add_argument(f"--{reg}-energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
                        help=f"factor K on the energy in the loss of the two {reg} models (1 = the paper's eq. 1); "
                             f"refinement uses the same K. benchmarks/calibrate_energy.py proposes K for a dataset "
-                            f"(README 'Calibrated energy')")
+                            f"(docs/extensions.md 'Calibrated energy')")
     g.add_argument("--hyp-mapping", choices=["linear", "log"], default="linear",
                    help="hyperparameter-to-weight mapping of the four models' loss (see the training scripts' --help)")
     g.add_argument("--log-decades", type=arg_float(0.0), default=2.0, metavar="D",
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "network contributes to +io; the study turns it on)")
     g.add_argument("--csain", action="store_true",
                    help="also train both SA presets with CSAIN conditioning (runs/<reg>_sa_csain), identify them by "
-                        "gradient and add their rows to Table 1 (README 'CSAIN conditioning')")
+                        "gradient and add their rows to Table 1 (docs/extensions.md 'CSAIN conditioning')")
     g.add_argument("--sa-train-args", default="", type=arg_argv,
                    help="extra options for the SA models only (HyperMorph-SA and CSAIN), e.g. \"--smooth-maps 0.8\"")
     g.add_argument("--batch-size", type=arg_int(1), default=1, help="training batch size")
@@ -249,8 +249,8 @@ def _identification_plan(args, runs: dict) -> tuple:
                            str(args.grid_steps), "--protocol", protocol], 1.0 if protocol == "oracle" else 0.5))
         if not args.gradient_steps:
             continue
-        # docs/extensions.md, gradient identification: Adam on the models' own inputs from 0.5 (not from the
-        # grid's choice: grid values of 0 or 1 sit where the sigmoid is flat; benchmarks/README.md)
+        # docs/extensions.md "Gradient identification": Adam on the models' own inputs from 0.5 (not from the grid's
+        # choice: grid values of 0 or 1 sit where the sigmoid is flat; benchmarks/README.md)
         for sa, folder in ((f"{reg}_sa", art.IDENTIFICATION_DIRS["gradient"]),
                            (f"{reg}_sa_csain", art.IDENTIFICATION_DIRS["gradient"] + "_csain")):
             if sa not in runs:

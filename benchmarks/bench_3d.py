@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size("32"), parse_size("64")],
                    help="3D sizes to measure: N (cube) or NxNxN, multiples of 16. Check free RAM first "
-                        "(free -g; the README table gives the peak per size)")
+                        "(free -g; docs/pipeline.md '3D' gives the peak per size)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to measure")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (the first traces)")

@@ -12,7 +12,7 @@ Weights are random (speed does not depend on them) unless ``--run`` names a trai
 
 ``--compare-gradient`` (needs trained ``--run`` GLOBAL and ``--sa-run`` SA runs of the same data)
 instead compares, per test pair and in one process, the two ways to choose the SA model's
-parameters (paper sec. 2.2 and README "Gradient identification"):
+parameters (paper sec. 2.2 and docs/extensions.md "Gradient identification"):
 
 - grid proxy:  all grid points through the global model + hard Dice per point + per-class choice
   (``grid points`` forward passes), the choice handed to the SA model;

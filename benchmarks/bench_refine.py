@@ -35,7 +35,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 MODES = {"demo": {}, "stress": {"motion": "stress"}, "inter-subject": {"pairing": "inter-subject"}}
-#: the README's rows: the original refinement, each option alone, and the chosen default
+#: the rows of docs/experiments.md "Refinement options": the original refinement, each option alone, and the chosen default
 #: (``grid2+smooth3+fold100+logj1`` = ``runio.REFINE_DEFAULTS``)
 DEFAULT_ROWS = ["net", "net+io", "net+io+fold100", "net+io+smooth3", "net+io+grid2", "net+io+grid4", "net+io+svf",
                 "net+io+svf+smooth3", "net+io+fold100+logj1", "net+io+grid2+smooth3+fold100+logj1", "zero+io",

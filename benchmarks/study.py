@@ -2,7 +2,7 @@
 
 One demo run is one sample: floating point differs between CPUs and training amplifies it, so a
 claim about the method needs intervals over seeds *and* pairs. For each setting (``paper``:
-the paper's eq. 1, K = 1; ``calibrated``: the energy scales of README 'Calibrated energy') and
+the paper's eq. 1, K = 1; ``calibrated``: the energy scales of docs/extensions.md 'Calibrated energy') and
 each seed this runs ``run_pipeline.py`` (four models, grid identification in both protocols,
 gradient identification, refinement, Table 1; CSAIN models beside HyperMorph-SA) into ``--out/<setting>/seed<S>/``, on synthetic
 data chosen off the ceiling (default ``--motion stress``, 200 pairs = 140/30/30 at 64 x 64: ANTs
@@ -12,7 +12,7 @@ same test pairs when antspyx is installed (``make bench-setup``). Then it writes
 - ``study.csv``: one row per setting x seed x test pair x method (inference.py's per-pair
   columns plus ``setting`` and ``seed``; SyN rows are repeated for every seed of a setting so
   that paired comparisons line up);
-- ``study_comparisons.csv`` / ``.md``: the paired comparisons the README reports, pooled over
+- ``study_comparisons.csv`` / ``.md``: the paired comparisons docs/results.md reports, pooled over
   seeds and pairs (and per seed), with crossed seeds x pairs intervals and Holm-adjusted p-values;
 - ``study_table.csv`` / ``.md``: per setting, protocol and method the mean over seeds x pairs and
   the range of the per-seed means (run-to-run variation);
@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-#: run_pipeline.py options per regularization setting. "calibrated" (README 'Calibrated energy'): the
+#: run_pipeline.py options per regularization setting. "calibrated" (docs/extensions.md 'Calibrated energy'): the
 #: log mapping over 2 decades centred where benchmarks/calibrate_energy.py puts the optimal amplitude
 #: of the true field at ~0.85 (elastic K 10, diffusion K 3), no endpoint oversampling (0.2 doubled the
 #: global models' response but cost the SA models 0.02-0.06 Dice in one measured run)
@@ -232,7 +232,7 @@ def collect(args, units: Sequence[Dict], syn_table: Optional[str]):
 
 
 def study_comparisons(methods: Sequence[str]) -> List[tuple]:
-    """The family the README reports, per regularizer: -sas vs -g (network, ablation, +io,
+    """The family docs/results.md reports, per regularizer: -sas vs -g (network, ablation, +io,
     gradient), gradient vs grid proxy, +io vs network, zero+io vs +io, ours vs ANTs SyN."""
     from hypermorph_spatially_adaptive.evaluation import default_comparisons
 
@@ -395,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     write_comparisons(args, study)
     write_response_and_stiffness(args, units)
     print(f"[study] wrote study_comparisons.csv/.md, study_table.csv/.md, grid_response.csv, stiffness.csv in "
-          f"{args.out} (README tables: benchmarks/study_report.py)", flush=True)
+          f"{args.out} (docs/results.md tables: benchmarks/study_report.py)", flush=True)
     return path
 
 

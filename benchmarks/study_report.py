@@ -1,4 +1,4 @@
-"""The README's tables of the study: both settings side by side, the reported family of comparisons
+"""The tables of docs/results.md "The study": both settings side by side, the reported family of comparisons
 with Holm over exactly that family, calibrated - paper, the grid response and the stiffness order
 with intervals over seeds x pairs.
 
@@ -9,7 +9,7 @@ seed, one panel per setting)::
 
     .venv/bin/python benchmarks/study_report.py --study outputs/study --figure docs/study_forest.png
 
-Which comparisons the README reports is fixed here (``FAMILY``, ``CROSS_METHODS``), so the Holm
+Which comparisons docs/results.md reports is fixed here (``FAMILY``, ``CROSS_METHODS``), so the Holm
 family is the set of rows a reader sees (mean Dice, pooled over seeds x pairs), not whatever
 ``study.py`` happened to compute.
 """
@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-#: the within-setting comparisons the README reports: (protocol, a, b), a - b in mean Dice
+#: the within-setting comparisons docs/results.md reports: (protocol, a, b), a - b in mean Dice
 FAMILY = (
     ("oracle", "elas-sas", "elas-g"), ("oracle", "diff-sas", "diff-g"), ("oracle", "elas-sas", "elas-sas@g"),
     ("oracle", "elas-sas+io", "elas-g+io"), ("oracle", "elas-sas (gradient)", "elas-g (gradient)"),
@@ -36,7 +36,7 @@ FAMILY = (
     ("population", "elas-sas (gradient)", "elas-sas"), ("population", "elas-sas (csain)", "elas-g"),
     ("population", "elas-g+io", "elas-g"), ("population", "elas-sas+io", "ants-syn"),
 )
-#: methods whose calibrated - paper difference the README reports, per protocol
+#: methods whose calibrated - paper difference docs/results.md reports, per protocol
 CROSS_METHODS = (
     ("oracle", "elas-g"), ("oracle", "elas-sas"), ("oracle", "diff-g"), ("oracle", "diff-sas"),
     ("oracle", "elas-sas (csain)"), ("oracle", "elas-g+io"), ("oracle", "elas-sas+io"),

@@ -1,5 +1,5 @@
 """Registration datasets: one interface for synthetic phantoms, NLST, ACDC, Learn2Reg LungCT and
-user folders (paper Sec. 3.1 "Implementation Details and Datasets"; README "Datasets
+user folders (paper Sec. 3.1 "Implementation Details and Datasets"; docs/data.md "Datasets
 (``--dataset``)").
 
 Every script builds its data through this package::

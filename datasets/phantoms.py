@@ -39,7 +39,7 @@ Motion (``motion`` = peak displacement / mean image size, see :func:`motion_to_m
 measured on 64^2 and 128^2, seeds 0-59, the default 0.05 gives lung principal strain p95 of
 0.14-0.25 (capped at 0.25, breathing-like), min Jacobian in the body >= 0.65 and an initial
 mean Dice (lung, bone, liver) of 0.78 (64^2) / 0.79 (128^2); the "stress" preset 0.1 gives
-p95 up to 0.5, min Jacobian >= 0.31 and initial mean Dice 0.63 / 0.64 (see the README).
+p95 up to 0.5, min Jacobian >= 0.31 and initial mean Dice 0.63 / 0.64 (docs/data.md "Synthetic data").
 
 Conventions: arrays are indexed ``[*shape]``; a displacement has shape ``[*shape, D]`` and
 channel ``j`` is the displacement along array axis ``j`` in voxel units (voxelmorph 'ij').

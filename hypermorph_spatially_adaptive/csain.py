@@ -1,7 +1,7 @@
 """CSAIN conditioning: the registration U-Net modulated by the spatial parameter map.
 
 Wang, Qiu and Qin, *Conditional deformable image registration with spatially-variant and
-adaptive regularization* (README "CSAIN"): instead of a hypernetwork fed with one value per
+adaptive regularization* (docs/extensions.md "CSAIN conditioning"): instead of a hypernetwork fed with one value per
 tissue, the network's features are modulated by the voxelwise regularization map itself.
 
 - :class:`CSAIN` layer (paper eq. 2): ``h' = gamma(M) * (h - mean(h)) / std(h) + beta(M)``

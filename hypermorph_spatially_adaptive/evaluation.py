@@ -1,6 +1,6 @@
-"""Per-pair metrics, the paper's Table 1 layout and paired comparisons (paper sec. 3.3; README "How to read the comparison").
+"""Per-pair metrics, the paper's Table 1 layout and paired comparisons (paper sec. 3.3; docs/reading_results.md "How to read the comparison").
 
-Method names follow the paper, with the additions of the README "How to read the comparison" and issue-driven rows:
+Method names follow the paper, with the additions of docs/reading_results.md "How to read the comparison" and issue-driven rows:
 
 - ``initial``                  no registration
 - ``diff-g`` / ``elas-g``      global model, the pair's best mean-Dice grid point
@@ -324,7 +324,7 @@ def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, s
 
 
 def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
-    """The comparisons of the README "How to read the comparison" that the given methods allow, per regularizer, as
+    """The comparisons of docs/reading_results.md "How to read the comparison" that the given methods allow, per regularizer, as
     (a, b) method names (a - b is reported); rows of a gradient identification add
     ``sas (gradient) - g (gradient)`` and ``sas (gradient) - sas`` (gradient vs grid proxy); CSAIN
     rows add ``sas (csain) - g``, ``sas (csain) - sas`` (CSAIN vs HyperMorph-SA),
@@ -335,9 +335,9 @@ def default_comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
     for s in ("diff", "elas"):
         for a, b in ((f"{s}-sas", f"{s}-g"), (f"{s}-sas@g", f"{s}-g"), (f"{s}-sas", f"{s}-sas@g"),
                      (f"{s}-sas+io", f"{s}-g+io"),
-                     # gradient identification (README "Gradient identification"): -sas vs -g, and vs the grid proxy
+                     # gradient identification (docs/extensions.md "Gradient identification"): -sas vs -g, and vs the grid proxy
                      (f"{s}-sas (gradient)", f"{s}-g (gradient)"), (f"{s}-sas (gradient)", f"{s}-sas"),
-                     # CSAIN conditioning (README "CSAIN"): vs -g, vs HyperMorph-SA, its own ablation
+                     # CSAIN conditioning (docs/extensions.md "CSAIN conditioning"): vs -g, vs HyperMorph-SA, its own ablation
                      (f"{s}-sas (csain)", f"{s}-g"), (f"{s}-sas (csain)", f"{s}-sas"),
                      (f"{s}-sas (csain)", f"{s}-sas@g (csain)"), (f"{s}-sas+io (csain)", f"{s}-sas+io"),
                      (f"{s}-sas (csain) (gradient)", f"{s}-g (gradient)"),

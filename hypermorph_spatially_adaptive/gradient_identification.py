@@ -1,4 +1,4 @@
-"""Direct identification of a model's hyperparameters by gradient descent (README "Gradient identification").
+"""Direct identification of a model's hyperparameters by gradient descent (docs/extensions.md "Gradient identification").
 
 The grid method (:mod:`.identification`) searches the *global* model and hands each tissue's
 best grid point to the spatially adaptive (SA) model, a proxy. Both networks are differentiable

@@ -165,7 +165,7 @@ def population_choice(grid_df: pd.DataFrame, regularizer: str, class_names: Sequ
                       pair_ids: Sequence[str]) -> pd.DataFrame:
     """One parameter setting from a grid table over several pairs, applied to ``pair_ids``.
 
-    The label-free protocol of the README "How to read the comparison": ``grid_df`` holds the grid of the *validation*
+    The label-free protocol of docs/reading_results.md "How to read the comparison": ``grid_df`` holds the grid of the *validation*
     pairs; per grid point the class Dice and mean Dice are averaged over those pairs (NaN
     skipped), then :func:`choose_parameters` picks per class the point with the best mean class
     Dice and, for the background and the -g baseline, the best mean (over pairs) mean Dice,

@@ -11,7 +11,7 @@ on the same test pair (and, with several training seeds, the same seed). Two lay
 Both return ``(low, high, p)`` arrays over the leading (batch) axes, so a coverage simulation
 runs vectorized; for a single comparison pass a 1D / 2D array and read floats with ``float()``.
 
-Which interval, and why (measured, README "How to read the comparison"):
+Which interval, and why (measured, docs/reading_results.md "How to read the comparison"):
 
 * One seed: the **studentized (bootstrap-t) interval**. With P = 9 (4000 simulated samples each,
   Monte Carlo s.e. 0.0035) a t interval covered 0.955 (normal differences) but 0.905

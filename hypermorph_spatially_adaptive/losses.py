@@ -12,7 +12,7 @@ and the similarity weight is constant, its linear value at the box centre (1 ela
 diffusion), so both mappings give the same loss at ``h = 0.5``. ``K`` is the energy scale (``--energy-scale``, ``config["loss"]["energy_scale"]``); ``K = 1`` is the
 paper's eq. (1) exactly. On breathing-like motion the paper's energy is ~1/100 of the weighted
 NCC term over most of the hyperparameter box, so the best field hardly depends on the
-hyperparameters; ``K`` brings the two terms to the same order (README "Calibrated energy",
+hyperparameters; ``K`` brings the two terms to the same order (docs/extensions.md "Calibrated energy",
 ``benchmarks/calibrate_energy.py`` estimates it on a dataset).
 
 SA models with ``spec.weight_range == 'paper'`` (CSAIN paper) use weights ``10 * hyp`` and an

@@ -244,7 +244,7 @@ class HypMapping:
       ``0.5 * 10^(-decades/2)`` and ``0.5 * 10^(decades/2)``) and the similarity weight is
       constant, the linear mapping's at the centre (1 elastic, 0.5 diffusion). At ``h = 0.5``
       the loss equals the linear mapping's; the box spans ``decades`` decades of strength around it, both ends finite, so
-      every part of the box is sampled as often in training (README "Calibrated energy").
+      every part of the box is sampled as often in training (docs/extensions.md "Calibrated energy").
 
     ``h`` stays the network input and the identification grid stays evenly spaced in ``h``.
     """

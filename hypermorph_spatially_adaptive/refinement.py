@@ -215,7 +215,7 @@ AUTO_SCALE_MIN_SIDE = 64
 def auto_scale(shape: Sequence[int], min_side: int = AUTO_SCALE_MIN_SIDE) -> int:
     """The largest power of two ``s`` that divides every size of ``shape`` and leaves at least
     ``min_side`` voxels per axis (1 if none): 1 at 64^2 (where a 32^2 level lost 0.02-0.05
-    Dice), 2 at 128^2 (4x faster per step and no Dice lost; README "Refinement that does not
+    Dice), 2 at 128^2 (4x faster per step and no Dice lost; docs/extensions.md "Refinement that does not
     tear")."""
     s = 1
     while all(int(n) % (2 * s) == 0 and int(n) // (2 * s) >= min_side for n in shape):
@@ -223,7 +223,7 @@ def auto_scale(shape: Sequence[int], min_side: int = AUTO_SCALE_MIN_SIDE) -> int
     return s
 
 
-PAIR_VOXEL_BUDGET = 2 ** 21  # voxels per refinement chunk (64^3: 8 pairs; ~2.4 GB at the ~1.2 kB per voxel of README "3D")
+PAIR_VOXEL_BUDGET = 2 ** 21  # voxels per refinement chunk (64^3: 8 pairs; ~2.4 GB at the ~1.2 kB per voxel of docs/pipeline.md "3D")
 
 
 def _coarse_shape(shape: Sequence[int], grid: int) -> Tuple[int, ...]:

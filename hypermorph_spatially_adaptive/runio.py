@@ -207,7 +207,7 @@ arg_argv.__name__ = "options"
 
 # ---- refinement options (inference.py, run_pipeline.py) --------------------------------------
 #: Command-line defaults of the refinement's plausibility options (:class:`.refinement.Refiner`
-#: keyword arguments), chosen from ``benchmarks/bench_refine.py`` (README "Refinement that does
+#: keyword arguments), chosen from ``benchmarks/bench_refine.py`` (docs/extensions.md "Refinement that does
 #: not tear"). The Refiner's own defaults are the original voxelwise refinement.
 REFINE_DEFAULTS = {"fold_weight": 100.0, "logj_weight": 1.0, "smooth": 3, "grid": 2, "svf": False, "scale": 0}
 

@@ -3,7 +3,7 @@
 Every case is one row of :data:`CASES`: ``(case, kind, argv/setup, expected message substring)``.
 ``kind`` picks the runner (``_run_<kind>``), which asserts the exact behaviour: the message, and
 where it matters that nothing was written, the old run survived, or it failed before training.
-The README's "Bad inputs" table lists the same cases.
+The "Bad inputs" table of docs/troubleshooting.md lists the same cases.
 
 Data: tiny 2D folder datasets (32 x 32 NIfTI written here with nibabel, 5 pairs split 3/1/1);
 models: the ``--quick`` architecture with 1-2 steps. One run is trained per module (and one more

@@ -1,4 +1,4 @@
-"""CSAIN conditioning, smoothed parameter maps and the paper weight range (README "CSAIN")."""
+"""CSAIN conditioning, smoothed parameter maps and the paper weight range (docs/extensions.md "CSAIN conditioning")."""
 import os
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Evidence tools of README "How to read the comparison": population protocol, paired statistics, lost classes."""
+"""Evidence tools of docs/reading_results.md "How to read the comparison": population protocol, paired statistics, lost classes."""
 import numpy as np
 import pandas as pd
 import pytest

@@ -1,4 +1,4 @@
-"""Gradient-based identification (README "Gradient identification"): soft Dice, linear warp, optimizer, CLI, inference."""
+"""Gradient-based identification (docs/extensions.md "Gradient identification"): soft Dice, linear warp, optimizer, CLI, inference."""
 import json
 import os
 

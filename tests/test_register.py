@@ -1,4 +1,4 @@
-"""register.py / pair_registration: one pair, any geometry, ITK fields (README "Register one pair")."""
+"""register.py / pair_registration: one pair, any geometry, ITK fields (docs/register.md "Register one pair")."""
 import os
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The README's study report (benchmarks/study_report.py): the Holm family is exactly the reported
+"""The study report of docs/results.md (benchmarks/study_report.py): the Holm family is exactly the reported
 pooled rows, stiffness intervals come from the seeds x pairs table, and the report is written."""
 import os
 import sys
