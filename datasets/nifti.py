@@ -216,3 +216,107 @@ def _check_same_shape(a: np.ndarray, path_a: str, b: np.ndarray, path_b: str) ->
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {path_a} has shape {a.shape} but {path_b} has "
                          f"shape {b.shape}")
+
+
+def _check_same_grid(img_shape, img_affine, img_path: str, lab_shape, lab_affine, lab_path: str,
+                     atol: float = 1e-3) -> None:
+    """A label map must lie on its image's voxel grid: same shape and the same voxel -> world
+    affine (within ``atol`` mm). A map of the right shape but another affine (axes swapped or
+    flipped, e.g. a TotalSegmentator map written in another orientation) would load silently and
+    score wrong Dice; it is refused with both affines printed."""
+    if tuple(img_shape) != tuple(lab_shape):
+        raise ValueError(f"shape mismatch: {img_path} has shape {tuple(img_shape)} but {lab_path} has "
+                         f"shape {tuple(lab_shape)}")
+    a, b = np.asarray(img_affine, np.float64), np.asarray(lab_affine, np.float64)
+    if a.shape != (4, 4) or b.shape != (4, 4) or not np.allclose(a, b, rtol=0.0, atol=atol):
+        with np.printoptions(precision=4, suppress=True):
+            raise ValueError(
+                f"label map {lab_path} is not on the grid of its image {img_path}: same shape "
+                f"{tuple(img_shape)} but different voxel -> world affines (axes swapped or flipped?).\n"
+                f"image affine:\n{a}\nlabel affine:\n{b}\nResample or reorient the label map onto the "
+                f"image (e.g. rerun TotalSegmentator on this very file)")
+
+
+def _resample_grid(shape, zooms, target: float):
+    """The isotropic ``target`` mm grid over the same field of view as a ``shape`` grid of voxel
+    size ``zooms`` (voxel corners aligned, as torchio's ``Resample``): ``n_out = round(n z / t)``
+    per axis, and output voxel ``o`` sits at raw voxel ``(o + 1/2) t / z - 1/2``. Returns
+    ``(out_shape, scale [D], offset [D])`` with ``raw = scale * o + offset``."""
+    z = np.asarray(zooms, np.float64)[:len(shape)]
+    scale = float(target) / z
+    offset = 0.5 * scale - 0.5
+    out_shape = tuple(max(1, int(np.floor(n * zz / target + 0.5))) for n, zz in zip(shape, z))
+    return out_shape, scale, offset
+
+
+def _resample_image(img: np.ndarray, out_shape, scale, offset) -> np.ndarray:
+    """Linear resampling of ``img`` onto ``raw = scale * o + offset`` (edge values beyond the
+    border); float32."""
+    from scipy import ndimage
+
+    return ndimage.affine_transform(img.astype(np.float32, copy=False), np.asarray(scale, np.float64),
+                                    offset=np.asarray(offset, np.float64), output_shape=tuple(out_shape),
+                                    order=1, mode="nearest").astype(np.float32)
+
+
+def _resample_labels(lab: np.ndarray, out_shape, scale, offset) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map onto ``raw = scale * o + offset``."""
+    idx = [np.clip(np.floor(s * np.arange(n) + o + 0.5).astype(np.int64), 0, m - 1)
+           for n, s, o, m in zip(out_shape, scale, offset, lab.shape)]
+    return lab[np.ix_(*idx)]
+
+
+def _scale_offset_matrix(scale, offset) -> np.ndarray:
+    """4x4 of ``raw = scale * new + offset`` (3 axes)."""
+    m = np.eye(4)
+    m[:3, :3] = np.diag(np.asarray(list(scale) + [1.0] * (3 - len(scale)), np.float64)[:3])
+    m[:3, 3] = np.asarray(list(offset) + [0.0] * (3 - len(offset)), np.float64)[:3]
+    return m
+
+
+def _crop_or_pad_starts(shape, target) -> list:
+    """Window starts of a centred crop-or-pad of ``shape`` to ``target`` as torchio's ``CropOrPad``
+    (an odd difference puts the extra voxel before): crop start ``ceil(d/2)``, pad ``-ceil(d/2)``."""
+    starts = []
+    for n, t in zip(shape, target):
+        d = int(n) - int(t)
+        starts.append(-((-d) // 2) if d >= 0 else -((-d + 1) // 2))
+    return starts
+
+
+def convex_hull_mask(mask: np.ndarray, chunk: int = 2048) -> np.ndarray | None:
+    """Boolean convex hull of the ``True`` voxels of a 2D or 3D ``mask`` (voxel centres on or
+    inside the hull of the ``True`` voxel centres), the authors' body mask. Computed line by line
+    along the last axis from the hull's half-spaces (no per-voxel point location, so a 224 x 192
+    x 224 volume takes about a second). ``None`` if the voxels span no full-dimensional hull."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, QhullError
+
+    mask = np.asarray(mask, bool)
+    edge = mask & ~ndimage.binary_erosion(mask)  # the hull of the boundary voxels is the same hull
+    pts = np.argwhere(edge)
+    if len(pts) <= mask.ndim:
+        return None
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:
+        return None
+    eq = hull.equations  # [F, D + 1]: normal . x + offset <= 0 inside
+    normal_last, rest = eq[:, -2], eq[:, :-2]
+    lead = np.stack(np.meshgrid(*[np.arange(n) for n in mask.shape[:-1]], indexing="ij"), -1).reshape(-1, mask.ndim - 1)
+    n_last = mask.shape[-1]
+    out = np.zeros((len(lead), n_last), bool)
+    t = np.arange(n_last, dtype=np.float64)
+    tol = 1e-6
+    for s in range(0, len(lead), chunk):
+        c = -(lead[s:s + chunk] @ rest.T + eq[:, -1])  # [L, F]: normal_last * t <= c
+        lo = np.full(len(c), -np.inf)
+        hi = np.full(len(c), np.inf)
+        pos, neg, zero = normal_last > tol, normal_last < -tol, np.abs(normal_last) <= tol
+        if pos.any():
+            hi = np.min(c[:, pos] / normal_last[pos], axis=1)
+        if neg.any():
+            lo = np.max(c[:, neg] / normal_last[neg], axis=1)
+        ok = np.all(c[:, zero] >= -tol, axis=1) if zero.any() else np.ones(len(c), bool)
+        out[s:s + chunk] = ok[:, None] & (t[None] >= lo[:, None] - tol) & (t[None] <= hi[:, None] + tol)
+    return out.reshape(mask.shape)
