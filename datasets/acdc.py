@@ -40,7 +40,7 @@ from .options import NDIM, SPLIT_SCHEME, TARGET_SPACING, Option
 from .nifti import (_as_3d, _check_same_grid, _find_nifti, _load_image, _load_labels, _read_nifti,
                     _require_dir, _require_file, _resample_grid, _resample_labels, _scale_offset_matrix,
                     _translation, _window)
-from .splits import ACDC_AUTHORS, check_scheme, grouped_cut
+from .splits import ACDC_AUTHORS, check_scheme, describe_missing, grouped_cut
 
 
 def _read_info_cfg(path: str) -> dict:
@@ -192,13 +192,18 @@ class ACDCDataset(RegistrationDataset):
     def _check_files(self, ids) -> None:
         missing = self.missing_files(ids)
         if missing:
-            shown = "\n  ".join(missing)
+            shown = "\n  ".join(describe_missing(missing))
             raise FileNotFoundError(
                 f"dataset 'acdc' (--split-scheme {self.split_scheme}, {len(ids)} patients): {len(missing)} "
                 f"file(s) not found:\n  {shown}\n(under {self.data_dir}; --split-scheme ordered uses only "
                 f"the patients that are there)")
         for pid in ids:
             self._folders.setdefault(pid, self._expected_folder(pid))
+
+    def preprocessing_summary(self) -> str:
+        """One line naming every preprocessing step with its values (``python -m datasets check``)."""
+        return (f"resample to {self.target_spacing:g} mm isotropic (3D); {' x '.join(map(str, self.crop_size))} "
+                f"window centred on the ED labels' bounding box; the slice through its middle; min-max per slice")
 
     def _split_table(self):
         return {split: list(self._table[split]) for split in SPLITS}

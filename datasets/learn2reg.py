@@ -58,7 +58,7 @@ from .nifti import (_as_3d, _check_same_grid, _crop_or_pad_starts, _find_nifti, 
                     _load_keypoints, _load_labels, _nifti_shape, _nifti_stem, _points_to_grid,
                     _read_nifti, _require_dir, _resample_grid, _resample_image, _resample_labels,
                     _scale_offset_matrix, _slice_matrix, _translation, _window, convex_hull_mask)
-from .splits import LUNGCT_AUTHORS, NLST_AUTHORS, check_scheme
+from .splits import LUNGCT_AUTHORS, NLST_AUTHORS, check_scheme, describe_missing
 
 LABEL_DIR = Option("label_dir", path=True,
                    help="nlst/l2r-lung: folder of tissue label maps named like the images, on their grids "
@@ -246,7 +246,7 @@ class _Learn2RegCT(RegistrationDataset):
     def _check_files(self) -> None:
         missing = self.missing_files()
         if missing:
-            shown = "\n  ".join(missing)
+            shown = "\n  ".join(describe_missing(missing))
             raise FileNotFoundError(
                 f"dataset {self.name!r} (--split-scheme {self.split_scheme}, {len(self._pairs)} pairs): "
                 f"{len(missing)} file(s) not found:\n  {shown}\n(images under {self.data_dir}, label maps "
@@ -268,6 +268,20 @@ class _Learn2RegCT(RegistrationDataset):
         return self._pairs[pair_id]
 
     # ---- geometry -----------------------------------------------------------------------------
+    def preprocessing_summary(self) -> str:
+        """One line naming every preprocessing step with its values (``python -m datasets check``)."""
+        steps = []
+        if self.target_spacing is not None:
+            steps.append(f"resample to {self.target_spacing:g} mm isotropic")
+        if self.body_mask:
+            steps.append(f"body mask (convex hull of HU > {BODY_HU:g})")
+        steps.append(f"clip HU to ({self.hu_window[0]:g}, {self.hu_window[1]:g}), min-max to [0, 1]")
+        if self.pad_shape is not None:
+            steps.append(f"crop-or-pad to {' x '.join(map(str, self.pad_shape))}")
+        if self.ndim == 2:
+            steps.append(f"middle slice along array axis {self.slice_axis}")
+        return "; ".join(steps)
+
     def _infer_image_shape(self):
         fixed = next(iter(self._pairs.values()))[0]
         shape = _nifti_shape(fixed, f"{self.name} image")

@@ -100,3 +100,27 @@ def describe_ids(ids: Sequence[str]) -> str:
         else:
             parts.append(f"{prefix}{lo:0{width}d}..{hi:0{width}d}")
     return ", ".join(parts)
+
+
+def describe_missing(paths: Sequence[str], limit: int = 20) -> List[str]:
+    """Missing files as lines: up to ``limit`` files one path per line; more, every file named but runs compressed: ``<folder>/: NLST_0007..0030,
+    NLST_0101..0110 (_0000.nii.gz)`` for Learn2Reg images/label maps, ``<folder>/: patient101..150
+    (<patient>/Info.cfg)`` for ACDC patient folders; anything else one path per line."""
+    import os
+    import re
+
+    if len(paths) <= limit:
+        return list(paths)
+    groups: Dict[tuple, List[str]] = {}
+    plain: List[str] = []
+    for path in paths:
+        folder, base = os.path.dirname(path), os.path.basename(path)
+        m = re.match(r"^(.*?_\d+)(_\d{4})?(\.nii\.gz|\.nii|\.csv)$", base)
+        if m:
+            groups.setdefault((folder, (m.group(2) or "") + m.group(3)), []).append(m.group(1))
+        elif base == "Info.cfg":
+            groups.setdefault((os.path.dirname(folder), "<patient>/Info.cfg"), []).append(os.path.basename(folder))
+        else:
+            plain.append(path)
+    lines = [f"{folder}{os.sep}: {describe_ids(sorted(ids))} ({tail})" for (folder, tail), ids in sorted(groups.items())]
+    return lines + plain
