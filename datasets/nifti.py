@@ -251,12 +251,21 @@ def _resample_grid(shape, zooms, target: float):
 
 def _resample_image(img: np.ndarray, out_shape, scale, offset) -> np.ndarray:
     """Linear resampling of ``img`` onto ``raw = scale * o + offset`` (edge values beyond the
-    border); float32."""
-    from scipy import ndimage
-
-    return ndimage.affine_transform(img.astype(np.float32, copy=False), np.asarray(scale, np.float64),
-                                    offset=np.asarray(offset, np.float64), output_shape=tuple(out_shape),
-                                    order=1, mode="nearest").astype(np.float32)
+    border); float32. The map is diagonal, so (bi/tri)linear interpolation is done one axis at a
+    time (the same numbers as ``scipy.ndimage.affine_transform(order=1, mode="nearest")``, a few
+    times faster)."""
+    out = img.astype(np.float32, copy=False)
+    for axis, (n, s, o) in enumerate(zip(out_shape, scale, offset)):
+        size = out.shape[axis]
+        c = np.clip(s * np.arange(n, dtype=np.float64) + o, 0.0, size - 1)
+        i0 = np.floor(c).astype(np.int64)
+        i1 = np.minimum(i0 + 1, size - 1)
+        w = (c - i0).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = n
+        w = w.reshape(shape)
+        out = np.take(out, i0, axis=axis) * (1.0 - w) + np.take(out, i1, axis=axis) * w
+    return out.astype(np.float32, copy=False)
 
 
 def _resample_labels(lab: np.ndarray, out_shape, scale, offset) -> np.ndarray:
