@@ -293,11 +293,31 @@ def _crop_or_pad_starts(shape, target) -> list:
     return starts
 
 
-def convex_hull_mask(mask: np.ndarray, chunk: int = 2048) -> np.ndarray | None:
+def _fill_lines(lead: np.ndarray, eq: np.ndarray, n_last: int, chunk: int = 2048) -> np.ndarray:
+    """Inside test of the half-spaces ``eq`` (``[F, D + 1]``, ``normal . x + offset <= 0``) for
+    every voxel of the lines ``(lead, t)``, ``t = 0..n_last-1``: ``[L, n_last]`` bool. Along a
+    line each half-space bounds ``t`` from one side, so the inside is one interval per line."""
+    tol = 1e-6
+    normal_last, rest = eq[:, -2], eq[:, :-2]
+    pos, neg, zero = normal_last > tol, normal_last < -tol, np.abs(normal_last) <= tol
+    t = np.arange(n_last, dtype=np.float64)
+    out = np.zeros((len(lead), n_last), bool)
+    for s in range(0, len(lead), chunk):
+        c = -(lead[s:s + chunk] @ rest.T + eq[:, -1])  # [L, F]: normal_last * t <= c
+        hi = np.min(c[:, pos] / normal_last[pos], axis=1) if pos.any() else np.full(len(c), np.inf)
+        lo = np.max(c[:, neg] / normal_last[neg], axis=1) if neg.any() else np.full(len(c), -np.inf)
+        ok = np.all(c[:, zero] >= -tol, axis=1) if zero.any() else np.ones(len(c), bool)
+        out[s:s + chunk] = ok[:, None] & (t[None] >= lo[:, None] - tol) & (t[None] <= hi[:, None] + tol)
+    return out
+
+
+def convex_hull_mask(mask: np.ndarray) -> np.ndarray | None:
     """Boolean convex hull of the ``True`` voxels of a 2D or 3D ``mask`` (voxel centres on or
     inside the hull of the ``True`` voxel centres), the authors' body mask. Computed line by line
-    along the last axis from the hull's half-spaces (no per-voxel point location, so a 224 x 192
-    x 224 volume takes about a second). ``None`` if the voxels span no full-dimensional hull."""
+    along the last axis from the hull's half-spaces; in 3D each slice along axis 0 uses only the
+    facets that reach it (the cross-section of a convex polytope is bounded by those), so a
+    224 x 192 x 224 volume takes well under a second. ``None`` if the voxels span no
+    full-dimensional hull."""
     from scipy import ndimage
     from scipy.spatial import ConvexHull, QhullError
 
@@ -310,22 +330,17 @@ def convex_hull_mask(mask: np.ndarray, chunk: int = 2048) -> np.ndarray | None:
         hull = ConvexHull(pts)
     except QhullError:
         return None
-    eq = hull.equations  # [F, D + 1]: normal . x + offset <= 0 inside
-    normal_last, rest = eq[:, -2], eq[:, :-2]
-    lead = np.stack(np.meshgrid(*[np.arange(n) for n in mask.shape[:-1]], indexing="ij"), -1).reshape(-1, mask.ndim - 1)
-    n_last = mask.shape[-1]
-    out = np.zeros((len(lead), n_last), bool)
-    t = np.arange(n_last, dtype=np.float64)
-    tol = 1e-6
-    for s in range(0, len(lead), chunk):
-        c = -(lead[s:s + chunk] @ rest.T + eq[:, -1])  # [L, F]: normal_last * t <= c
-        lo = np.full(len(c), -np.inf)
-        hi = np.full(len(c), np.inf)
-        pos, neg, zero = normal_last > tol, normal_last < -tol, np.abs(normal_last) <= tol
-        if pos.any():
-            hi = np.min(c[:, pos] / normal_last[pos], axis=1)
-        if neg.any():
-            lo = np.max(c[:, neg] / normal_last[neg], axis=1)
-        ok = np.all(c[:, zero] >= -tol, axis=1) if zero.any() else np.ones(len(c), bool)
-        out[s:s + chunk] = ok[:, None] & (t[None] >= lo[:, None] - tol) & (t[None] <= hi[:, None] + tol)
-    return out.reshape(mask.shape)
+    eq = hull.equations
+    if mask.ndim == 2:
+        return _fill_lines(np.arange(mask.shape[0])[:, None], eq, mask.shape[1]).reshape(mask.shape)
+    x = hull.points[hull.simplices][..., 0]  # [F, 3] axis-0 coordinates of each facet's vertices
+    xmin, xmax = x.min(axis=1), x.max(axis=1)
+    out = np.zeros(mask.shape, bool)
+    ys = np.arange(mask.shape[1])
+    for i in range(int(np.floor(xmin.min())), int(np.ceil(xmax.max())) + 1):
+        if not 0 <= i < mask.shape[0]:
+            continue
+        reach = (xmin <= i + 1e-6) & (xmax >= i - 1e-6)
+        lead = np.stack([np.full(len(ys), float(i)), ys], axis=1)
+        out[i] = _fill_lines(lead, eq[reach], mask.shape[2])
+    return out
