@@ -200,6 +200,12 @@ class ACDCDataset(RegistrationDataset):
         for pid in ids:
             self._folders.setdefault(pid, self._expected_folder(pid))
 
+    @staticmethod
+    def _normalize(image: np.ndarray) -> tuple:
+        """``(lo, hi)`` of the intensity scaling: the image's min and max (the authors' min-max,
+        which the loader applies per slice; ``register.py`` applies it to the image it is given)."""
+        return float(image.min()), float(image.max())
+
     def preprocessing_summary(self) -> str:
         """One line naming every preprocessing step with its values (``python -m datasets check``)."""
         return (f"resample to {self.target_spacing:g} mm isotropic (3D); {' x '.join(map(str, self.crop_size))} "

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with one TotalSegmentator output folder per image, named like the image "
                         "without extension (e.g. NLST_0001_0000/)")
     m.add_argument("--out", required=True, help="folder to write <image stem>.nii.gz label maps to (--label-dir)")
+    m.add_argument("--lung-masks", default=None,
+                   help="folder of <case>.nii.gz lung masks (e.g. <data>/masksTr) for class 1 instead of "
+                        "TotalSegmentator's lobes: the paper text uses the datasets' own lung masks")
     m.add_argument("--images", default=None,
                    help="optional image folder (e.g. imagesTr): every map is checked against its image's affine")
     return p
@@ -77,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from .labels import make_labels
 
-    make_labels(args.ts_dir, args.out, args.images)
+    make_labels(args.ts_dir, args.out, args.images, args.lung_masks)
     return 0
 
 

@@ -11,7 +11,10 @@ Input: one TotalSegmentator output folder per image, named like the image withou
 * 2 bone: every ``vertebrae_*``, every ``rib_*`` (``rib_left_1`` .. ``rib_right_12``), ``sternum``
 * 3 liver: ``liver``
 
-(``.nii.gz``; absent files are simply absent structures). Where masks overlap the later class wins
+(``.nii.gz``; absent files are simply absent structures). The paper text takes the lung from the
+masks the datasets provide ("in addition to the already provided lung segmentation masks"):
+``--lung-masks <data>/masksTr`` uses ``<lung-masks>/<case>.nii.gz`` (> 0) for class 1 instead of
+TotalSegmentator's lobes. Where masks overlap the later class wins
 (liver over bone over lung). Output: ``<out>/<image stem>.nii.gz``, uint8, on the masks' grid (all
 masks of a case must share shape and affine; with ``--images`` each map is also checked against its
 image's affine and refused on a mismatch) -- the names and values ``--label-dir`` expects.
@@ -46,10 +49,13 @@ def structure_files(case_dir: str) -> Dict[int, List[str]]:
     }
 
 
-def merge_case(case_dir: str, image_path: Optional[str] = None):
-    """The merged label map of one case: ``(labels uint8, affine 4x4, voxels per class {1,2,3})``.
-    Raises ``ValueError`` naming the files when masks disagree on the grid (or with the image)."""
+def merge_case(case_dir: str, image_path: Optional[str] = None, lung_mask: Optional[str] = None):
+    """The merged label map of one case: ``(labels uint8, affine 4x4, voxels per class {1,2,3})``;
+    ``lung_mask``: a lung mask file used for class 1 instead of the lobes. Raises ``ValueError``
+    naming the files when masks disagree on the grid (or with the image)."""
     files = structure_files(case_dir)
+    if lung_mask is not None:
+        files[1] = [lung_mask]
     if not any(files.values()):
         raise FileNotFoundError(f"{case_dir}: none of TotalSegmentator's lung lobe, vertebrae, rib, sternum or "
                                 f"liver masks found")
@@ -69,9 +75,12 @@ def merge_case(case_dir: str, image_path: Optional[str] = None):
     return labels, affine, counts
 
 
-def make_labels(ts_dir: str, out_dir: str, images_dir: Optional[str] = None, log=print) -> Dict[str, Dict[int, int]]:
+def make_labels(ts_dir: str, out_dir: str, images_dir: Optional[str] = None, lung_masks: Optional[str] = None,
+                log=print) -> Dict[str, Dict[int, int]]:
     """Merge every case folder of ``ts_dir`` into ``out_dir/<case>.nii.gz``; print (``log``) the
-    voxels per class of each case and the cases missing a class. Returns ``{case: {class: voxels}}``."""
+    voxels per class of each case and the cases missing a class. ``lung_masks``: a folder of
+    ``<case>.nii.gz`` lung masks (e.g. the dataset's ``masksTr``) for class 1. Returns
+    ``{case: {class: voxels}}``."""
     from .atomic import atomic_write
 
     _require_dir(ts_dir, "TotalSegmentator output folder")
@@ -87,7 +96,12 @@ def make_labels(ts_dir: str, out_dir: str, images_dir: Optional[str] = None, log
             for ext in (".nii.gz", ".nii"):
                 if os.path.isfile(os.path.join(images_dir, case + ext)):
                     image = os.path.join(images_dir, case + ext)
-        labels, affine, counts = merge_case(os.path.join(ts_dir, case), image)
+        lung = None
+        if lung_masks is not None:
+            from .nifti import _find_nifti
+
+            lung = _find_nifti(lung_masks, case, "lung mask")
+        labels, affine, counts = merge_case(os.path.join(ts_dir, case), image, lung)
         path = os.path.join(out_dir, case + ".nii.gz")
         atomic_write(path, lambda tmp, a=labels, f=affine: nib.save(nib.Nifti1Image(a, f), tmp))
         report[case] = counts

@@ -405,6 +405,16 @@ def test_make_labels_from_totalsegmentator(tmp_path, capsys):
     # the maps load as nlst labels
     ds = D.get_dataset("nlst", str(tmp_path), label_dir=str(tmp_path / "labels"), split_scheme="ordered", ndim=3)
     assert set(np.unique(ds.load_pair("NLST_0001").fixed_seg)) == {0, 1, 2, 3}
+    # --lung-masks: the dataset's own lung masks for class 1 (the paper text)
+    lung = np.zeros(shape, np.uint8)
+    lung[1:2] = 1
+    for case in ("NLST_0001_0000", "NLST_0001_0001"):
+        save(tmp_path / "masksTr" / f"{case}.nii.gz", lung, aff)
+    main(["make-labels", "--ts-dir", str(ts), "--out", str(tmp_path / "labels_m"), "--lung-masks",
+          str(tmp_path / "masksTr")])
+    lab_m = np.asarray(nib.load(str(tmp_path / "labels_m" / "NLST_0001_0000.nii.gz")).dataobj)
+    np.testing.assert_array_equal(lab_m == 1, lung == 1)
+    np.testing.assert_array_equal(lab_m[4:], expected[4:])
     # masks of one case on different grids are refused
     save(ts / "NLST_0001_0000" / "liver.nii.gz", np.ones(shape, np.uint8), affine((1.5, 1.5, 1.5), (0, 0, 0)))
     with pytest.raises(ValueError, match="liver.nii.gz is not on the grid"):
