@@ -26,6 +26,8 @@ def check_lines(dataset) -> List[str]:
     for split in SPLITS:
         ids = table[split]
         lines.append(f"  {split:<5} {len(ids):>4} pairs: {describe_ids(sorted(ids)) if ids else '-'}")
+    if dataset.name == "nlst" and getattr(dataset, "split_scheme", None) == "authors":
+        lines.append("  (NLST_0030 is a test pair only; the authors' code also trains on it)")
     found = getattr(dataset, "_found", None)
     if found is not None:
         unused = sorted(set(found) - {p for s in SPLITS for p in table[s]})
