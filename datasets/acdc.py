@@ -39,7 +39,7 @@ from .base import SPLITS, RegistrationDataset, RegistrationPair, _split_sizes
 from .options import NDIM, SPLIT_SCHEME, TARGET_SPACING, Option
 from .nifti import (_as_3d, _check_same_grid, _find_nifti, _load_image, _load_labels, _read_nifti,
                     _require_dir, _require_file, _resample_grid, _resample_labels, _scale_offset_matrix,
-                    _translation, _window)
+                    _translation)
 from .splits import ACDC_AUTHORS, check_scheme, describe_missing, grouped_cut
 
 

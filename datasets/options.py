@@ -131,13 +131,14 @@ _class_names_text.__name__ = "class names"
 
 # ---- options several datasets share ------------------------------------------------------------
 NDIM = Option("ndim", type=int, choices=(2, 3),
-              help="2D or 3D (if not given: synthetic/nlst/acdc 2, l2r-lung 3, folder: as the images)")
+              help="2D or 3D (if not given: synthetic/nlst/acdc 2, l2r-lung 3, as in the paper text's "
+                   "Table 1; folder: as the images)")
 IMAGE_SIZE = Option("image_size", type=arg_type(positive_int), nargs="+",
                     help="synthetic image size, e.g. 64 64 (one value = cube; default 64 per axis); "
                          "ignored by the other datasets")
 SLICE_AXIS = Option("slice_axis", type=int, choices=(0, 1, 2),
-                    help="2D slices of 3D volumes: array axis to slice (if not given: nlst/l2r-lung 1 "
-                         "= coronal, folder 2)")
+                    help="2D slices of 3D volumes: array axis to slice, at its middle index (if not given: "
+                         "nlst/l2r-lung 1 = coronal, the authors' code's slice 96 / 64; folder 2)")
 
 SPLIT_SCHEMES = ("authors", "ordered", "paper-text")
 SPLIT_SCHEME = Option(
