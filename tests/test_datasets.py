@@ -286,7 +286,8 @@ def test_nlst_bad_inputs(tmp_path):
         D.get_dataset("nlst", str(tmp_path / "nowhere"), label_dir=str(labels))
     with pytest.raises(FileNotFoundError, match="nolabels"):
         D.get_dataset("nlst", str(data), label_dir=str(tmp_path / "nolabels"))
-    ds = D.get_dataset("nlst", str(data), label_dir=str(labels), ndim=3, split_scheme="ordered")
+    ds = D.get_dataset("nlst", str(data), label_dir=str(labels), ndim=3, split_scheme="ordered",
+                      body_mask=False)
     with pytest.raises(KeyError, match="NLST_0099"):
         ds.load_pair("NLST_0099")
     with pytest.raises(ValueError, match="NLST_0099"):
