@@ -1,6 +1,6 @@
 """Registration datasets: one interface for synthetic phantoms, NLST, ACDC, Learn2Reg LungCT and
-user folders (paper Sec. 3.1 "Implementation Details and Datasets"; docs/data.md "Datasets
-(``--dataset``)").
+user folders (paper text Sec. 3.1 "Implementation Details and Datasets"; how the three paper
+datasets follow the paper text and the authors' code: ``docs/paper_datasets.md``; all datasets: docs/data.md "Datasets (``--dataset``)").
 
 Every script builds its data through this package::
 
@@ -30,6 +30,9 @@ Where things are
                     (config.json), :func:`dataset_argv` (pipeline), :func:`dataset_from_args`,
                     :func:`dataset_from_config`
 ``tfdata``          :func:`make_tf_dataset` (the only TensorFlow code)
+``splits``          ``--split-scheme``: the authors' subject lists, the ordered and paper-text cuts
+``labels``          TotalSegmentator outputs -> 1 lung / 2 bone / 3 liver maps (``make-labels``)
+``commands``        ``python -m datasets check`` / ``make-labels``
 ``atomic``          the atomic file writer
 ==================  ===============================================================================
 
@@ -48,12 +51,18 @@ vs mm): see ``CONVENTIONS.md``. Data-side specifics:
   pairs it is the 4x4 of a one-voxel-thick 3D grid: columns 0 and 1 are the two kept array axes,
   column 2 is the dropped (slice) axis, so ``nib.Nifti1Image(arr2d[..., None], affine)`` lands
   at the right place in world space.
-* Splits are fixed and deterministic: pairs in sorted id order (folder: row order) are cut into
-  train / val / test blocks, in that order. The paper's counts are used when the dataset has
+* Splits are fixed and deterministic. ``nlst``, ``acdc`` and ``l2r-lung`` take
+  ``--split-scheme`` (:mod:`datasets.splits`): ``authors`` (default) is the subject lists of the
+  authors' code; ``ordered`` cuts the pairs in sorted id order into train / val / test blocks
+  in the paper text's proportions (the only scheme of ``synthetic``; ``folder``: row order, or
+  its CSV's split column). The ordered cut uses the paper text's counts when the dataset has
   exactly that many pairs; otherwise the counts are scaled proportionally (largest remainder),
   every split is kept non-empty when there are at least three pairs, and asking for an empty
-  split raises a ``ValueError``.
-* Bad input raises: missing file/folder -> ``FileNotFoundError`` naming the path; unreadable
+  split raises a ``ValueError``. The scheme is saved in ``config.json["data"]`` and is part of
+  the data hash (``provenance``), so later stages refuse a run trained on another split.
+* Bad input raises: missing file/folder -> ``FileNotFoundError`` naming the path (the paper
+  datasets list every missing file of their splits in one message when built); a label map on
+  another grid than its image (affine, not only shape) -> ``ValueError`` printing both affines; unreadable
   NIfTI, NaN/inf intensities, non-integer or out-of-range labels, image/label shape mismatch,
   empty split, unknown dataset -> ``ValueError`` naming the file / option; an unknown pair id ->
   :class:`PairNotFoundError` (both a ``KeyError`` and a ``ValueError``).

@@ -92,6 +92,11 @@ class RegistrationDataset:
     #: the options this dataset takes (:class:`datasets.options.Option`), declared once: the
     #: keyword arguments of ``__init__`` besides ``data_dir``, the command line and config.json
     OPTIONS: tuple = ()
+    #: whether training should zero the warped image where the fixed image is 0 (the authors'
+    #: ``crop_in_loss``; True for the lung CT datasets, whose images are 0 outside the body/grid)
+    crop_in_loss_default: bool = False
+    #: the named split scheme (``--split-scheme``) or None where the dataset has none
+    split_scheme: str | None = None
 
     @classmethod
     def config_options(cls, data_dir, values: dict) -> dict:

@@ -60,8 +60,9 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", choices=DATASET_NAMES, default="synthetic",
                    help="dataset to use")
     g.add_argument("--data-dir", default=None,
-                   help="dataset root: NLST/LungCT folder with imagesTr/, ACDC folder with "
-                        "patientXXX/, synthetic: cache folder (optional)")
+                   help="dataset root: NLST/LungCT folder with imagesTr/ (or the folder holding its "
+                        "NLST/ or LungCT/), ACDC release folder with training/ and testing/ (or "
+                        "database/, or a folder of patientXXX/), synthetic: cache folder (optional)")
     seen: dict = {}
     for cls in _REGISTRY.values():
         for opt in cls.OPTIONS:

@@ -111,8 +111,8 @@ def intensity_normalizer(data_config: Mapping):
 
     synthetic: clip to [0, 1] (its images are already in [0, 1]); folder: min-max, after
     clipping at ``clip_percentiles`` if the run used them (``datasets.nifti.minmax_scale``, which
-    warns about outliers); nlst / l2r-lung: the dataset's HU window scaled to [0, 1]; acdc: clip
-    to [min, 99.5th percentile], scaled. Every normalizer takes the image's name (for warnings)
+    warns about outliers); nlst / l2r-lung: the dataset's HU window scaled to [0, 1]; acdc: min-max
+    (``ACDCDataset._normalize``). Every normalizer takes the image's name (for warnings)
     as an optional second argument.
     """
     import datasets

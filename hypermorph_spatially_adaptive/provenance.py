@@ -8,7 +8,9 @@ Recorded as ``"provenance"`` in ``config.json`` (training), ``identification.jso
   file a row names (so a replaced image, or a train/val swap in the same CSV, changes it, while
   the same files under another folder do not); the synthetic dataset hashes its generator key
   (the cache file name of every pair: generator version, image size, motion, seed) and options;
-  any other dataset hashes the loaded arrays of every pair.
+  any other dataset hashes the loaded arrays of every pair, and its split scheme, target spacing
+  and body mask where it has them (``--split-scheme``: a run trained on another scheme's split
+  never matches).
 - ``weights_sha256`` (training, at the end) and, in the later stages, the sha256 of every
   ``weights.h5`` they used (:func:`file_sha256`).
 
@@ -90,6 +92,10 @@ def data_hashes(dataset, splits: Sequence[str] = ("train", "val", "test")) -> Di
     extra = {"kind": kind, "classes": list(dataset.class_names),
              "pairing": getattr(dataset, "pairing", None), "clip": getattr(dataset, "clip_percentiles", None),
              "ndim": getattr(dataset, "ndim", None), "slice_axis": getattr(dataset, "slice_axis", None)}
+    # the named split scheme and resampling of the paper's datasets (absent elsewhere: old hashes stay)
+    for key in ("split_scheme", "target_spacing", "body_mask"):
+        if getattr(dataset, key, None) is not None:
+            extra[key] = getattr(dataset, key)
     out = {}
     for split in splits:
         if split not in SPLITS:

@@ -21,14 +21,18 @@ def test_every_declared_option_is_on_the_command_line_and_accepted():
         assert cls.OPTIONS, name
         for opt in cls.OPTIONS:
             assert opt.key in dests, (name, opt.key)
-            assert opt.flag == "--" + opt.key.replace("_", "-")
+            prefix = "--no-" if opt.action == "store_false" else "--"
+            assert opt.flag == prefix + opt.key.replace("_", "-")
 
 
 @pytest.mark.parametrize("argv", [
     [],
     ["--cache-dir", "c", "--image-size", "32", "32", "--num-pairs", "12", "--motion", "stress"],
     ["--dataset", "nlst", "--data-dir", "d", "--label-dir", "l", "--ndim", "3", "--slice-axis", "0"],
+    ["--dataset", "nlst", "--data-dir", "d", "--label-dir", "l", "--split-scheme", "ordered", "--no-body-mask"],
+    ["--dataset", "l2r-lung", "--data-dir", "d", "--label-dir", "l", "--target-spacing", "1.5"],
     ["--dataset", "acdc", "--data-dir", "d", "--target-spacing", "1.5", "--crop-size", "96", "112"],
+    ["--dataset", "acdc", "--data-dir", "d", "--split-scheme", "paper-text"],
     ["--dataset", "folder", "--pairs-csv", "p.csv", "--clip-percentiles", "1", "99", "--class-names", "a,b",
      "--num-classes", "2", "--slice-axis", "1"],
 ])
@@ -69,3 +73,20 @@ def test_old_config_data_still_loads(tmp_path):
     assert moved.cache_dir == str(tmp_path)  # an explicit cache_dir wins over data_dir, as before
     with pytest.raises(ValueError, match="does not take"):
         D.dataset_from_config({**old, "pairs_csv": "x.csv"})
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("nlst", {"split_scheme": "authors", "body_mask": True}),
+    ("acdc", {"split_scheme": "authors", "target_spacing": 1.8}),
+    ("l2r-lung", {"split_scheme": "authors", "target_spacing": 2.0}),
+])
+def test_paper_dataset_defaults_are_recorded(name, expected):
+    """The split scheme (and resampling / body mask) is written into config.json["data"] even when
+    not given, so runs trained on different splits have different data entries (refused later)."""
+    opts = D.dataset_options(parser().parse_args(["--dataset", name, "--data-dir", "d"]))
+    assert {k: opts[k] for k in expected} == expected
+    other = D.dataset_options(parser().parse_args(["--dataset", name, "--data-dir", "d", "--split-scheme", "ordered"]))
+    assert other != opts and other["split_scheme"] == "ordered"
+    if name == "nlst":
+        off = D.dataset_options(parser().parse_args(["--dataset", name, "--data-dir", "d", "--no-body-mask"]))
+        assert off["body_mask"] is False and D.dataset_argv(off)[-1] == "--no-body-mask"

@@ -207,7 +207,7 @@ def nlst_tree(tmp_path_factory):
 
 def test_nlst_3d(nlst_tree):
     data, labels, info = nlst_tree
-    ds = D.get_dataset("nlst", str(data), label_dir=str(labels), ndim=3)
+    ds = D.get_dataset("nlst", str(data), label_dir=str(labels), ndim=3, split_scheme="ordered", body_mask=False)
     assert ds.ndim == 3 and ds.image_shape == (24, 20, 24)
     assert ds.class_names == ("lung", "bone", "liver") and ds.num_classes == 3
     ids = check_splits(ds, (4, 1, 1))
@@ -218,7 +218,7 @@ def test_nlst_3d(nlst_tree):
     assert pair.spacing == (1.5, 1.5, 1.5)
     raw_f = info["NLST_0002_0000"]
     np.testing.assert_allclose(pair.affine, raw_f["affine"])
-    # HU clipping (-980, 1518) then [0, 1]
+    # HU clipping (-980, 1518) then min-max to [0, 1] (the raw range spans the window)
     assert pair.fixed[0, 0, 0, 0] == 0.0
     np.testing.assert_allclose(pair.fixed[1, 0, 0, 0], (269 + 980) / 2498, atol=1e-6)
     assert pair.fixed.max() == 1.0
@@ -234,19 +234,22 @@ def test_nlst_3d(nlst_tree):
 
 def test_nlst_2d_coronal_slice(nlst_tree):
     data, labels, info = nlst_tree
-    ds = D.get_dataset("nlst", str(data), label_dir=str(labels))  # default 2D, axis 1
+    ds = D.get_dataset("nlst", str(data), label_dir=str(labels), split_scheme="ordered",
+                       body_mask=False)  # default 2D, axis 1
     assert ds.ndim == 2 and ds.image_shape == (24, 24)
     pair = ds.load_pair("NLST_0001")
     check_pair_basics(pair, ds)
     assert pair.fixed_kp is None and pair.moving_kp is None
     assert pair.spacing == (1.5, 1.5)
     raw = info["NLST_0001_0000"]["img"].astype(np.float32)
-    expected = (np.clip(raw[:, 10, :], -980, 1518) + 980) / 2498
+    clipped = np.clip(raw[:, 10, :], -980, 1518)
+    expected = (clipped - clipped.min()) / (clipped.max() - clipped.min())  # min-max of the slice
     np.testing.assert_allclose(pair.fixed[..., 0], expected, atol=1e-6)
     # the 2D affine places voxel (a, b) at raw voxel (a, 10, b)
     aff = info["NLST_0001_0000"]["affine"]
     np.testing.assert_allclose(world(pair.affine, [[3, 7, 0]]), world(aff, [[3, 10, 7]]))
-    ds0 = D.get_dataset("nlst", str(data), label_dir=str(labels), slice_axis=0)
+    ds0 = D.get_dataset("nlst", str(data), label_dir=str(labels), slice_axis=0, split_scheme="ordered",
+                        body_mask=False)
     assert ds0.image_shape == (20, 24)
     assert ds0.load_pair("NLST_0001").fixed.shape == (20, 24, 1)
 
@@ -263,7 +266,7 @@ def test_nlst_dataset_json(tmp_path):
              "moving": "./imagesTr/NLST_0001_0001.nii.gz"}],
         "registration_val": [{"fixed": "./imagesTr/NLST_0001_0000.nii.gz",
                               "moving": "./imagesTr/NLST_0001_0001.nii.gz"}]}))
-    ds = D.get_dataset("nlst", str(data), label_dir=str(labels))
+    ds = D.get_dataset("nlst", str(data), label_dir=str(labels), split_scheme="ordered")
     assert ds.all_ids() == ["NLST_0001", "NLST_0003"]
     assert ds.split_ids("train") == ["NLST_0001"] and ds.split_ids("val") == ["NLST_0003"]
     with pytest.raises(ValueError, match="'test'.*empty"):
@@ -271,7 +274,7 @@ def test_nlst_dataset_json(tmp_path):
     # a listed but missing image is named
     os.remove(data / "imagesTr" / "NLST_0003_0001.nii.gz")
     with pytest.raises(FileNotFoundError, match="NLST_0003_0001"):
-        D.get_dataset("nlst", str(data), label_dir=str(labels))
+        D.get_dataset("nlst", str(data), label_dir=str(labels), split_scheme="ordered")
 
 
 def test_nlst_bad_inputs(tmp_path):
@@ -283,12 +286,13 @@ def test_nlst_bad_inputs(tmp_path):
         D.get_dataset("nlst", str(tmp_path / "nowhere"), label_dir=str(labels))
     with pytest.raises(FileNotFoundError, match="nolabels"):
         D.get_dataset("nlst", str(data), label_dir=str(tmp_path / "nolabels"))
-    ds = D.get_dataset("nlst", str(data), label_dir=str(labels), ndim=3)
+    ds = D.get_dataset("nlst", str(data), label_dir=str(labels), ndim=3, split_scheme="ordered",
+                      body_mask=False)
     with pytest.raises(KeyError, match="NLST_0099"):
         ds.load_pair("NLST_0099")
     with pytest.raises(ValueError, match="NLST_0099"):
         ds.load_pair("NLST_0099")
-    aff = affine_of((1.5, 1.5, 1.5))
+    aff = affine_of((1.5, 1.5, 1.5), origin=(10.0, -20.0, 5.0))  # case 1's grid
     # NaN in an image
     img_path = data / "imagesTr" / "NLST_0001_0000.nii.gz"
     good = nib.load(str(img_path)).get_fdata().astype(np.float32)
@@ -316,18 +320,18 @@ def test_nlst_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="shape mismatch"):
         ds.load_pair("NLST_0001")
     save_nii(lab_path, lab, aff)
-    # missing keypoint file
+    # missing keypoint file: the pair loads without keypoints (every metric but TRE)
     os.remove(data / "keypointsTr" / "NLST_0001_0001.csv")
-    with pytest.raises(FileNotFoundError, match="NLST_0001_0001.csv"):
-        ds.load_pair("NLST_0001")
+    assert ds.load_pair("NLST_0001").fixed_kp is None and ds.load_pair("NLST_0002").fixed_kp is not None
     # missing label map (checked at construction)
     os.remove(lab_path)
     with pytest.raises(FileNotFoundError, match="NLST_0001_0001"):
-        D.get_dataset("nlst", str(data), label_dir=str(labels))
-    # missing moving partner during discovery
+        D.get_dataset("nlst", str(data), label_dir=str(labels), split_scheme="ordered")
+    # missing moving partner during discovery: both missing files in one message
     os.remove(data / "imagesTr" / "NLST_0002_0001.nii.gz")
-    with pytest.raises(FileNotFoundError, match="NLST_0002_0001"):
-        D.get_dataset("nlst", str(data), label_dir=str(labels))
+    with pytest.raises(FileNotFoundError, match=r"2 file\(s\) not found") as err:
+        D.get_dataset("nlst", str(data), label_dir=str(labels), split_scheme="ordered")
+    assert "labels/NLST_0001_0001.nii.gz" in str(err.value) and "imagesTr/NLST_0002_0001.nii.gz" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------
@@ -340,47 +344,40 @@ def l2r_tree(tmp_path_factory):
                          zooms=(1.75, 1.25, 1.75), n_kp=6, kp_margin=(2, 4, 2))
 
 
-def test_l2r_lung_3d_padding_and_keypoints(l2r_tree):
+def test_l2r_lung_3d_resampling_padding_and_keypoints(l2r_tree):
     data, labels, info = l2r_tree
-    with pytest.warns(UserWarning, match="centre-cropping"):
-        ds = D.get_dataset("l2r-lung", str(data), label_dir=str(labels))
-        assert ds.ndim == 3 and ds.image_shape == (192, 128, 192)
-        check_splits(ds, (2, 1, 1))
-        pair = ds.load_pair("LungCT_0003")
+    ds = D.get_dataset("l2r-lung", str(data), label_dir=str(labels), split_scheme="ordered")
+    assert ds.ndim == 3 and ds.image_shape == (192, 128, 192)
+    check_splits(ds, (2, 1, 1))
+    pair = ds.load_pair("LungCT_0003")
     check_pair_basics(pair, ds)
-    assert pair.spacing == (1.75, 1.25, 1.75)
-    shift = np.array([(192 - 20) // 2, -((130 - 128) // 2), (192 - 24) // 2])
+    assert pair.spacing == (2.0, 2.0, 2.0)
+    # 2 mm grid: 20 x 130 x 24 at 1.75/1.25/1.75 -> 18 x 81 x 21, padded to 192 x 128 x 192
+    # (before: 87, 24, 86 voxels, torchio's ceil(d/2)); raw = (new - start + 1/2) z-ratio ... inverted:
+    zooms, starts = np.array([1.75, 1.25, 1.75]), np.array([-87, -24, -86])
     raw = info["LungCT_0003_0000"]
-    np.testing.assert_allclose(pair.fixed_kp, raw["kp"] + shift)
-    np.testing.assert_allclose(pair.moving_kp, info["LungCT_0003_0001"]["kp"] + shift)
-    for kp, img in ((pair.fixed_kp, pair.fixed), (pair.moving_kp, pair.moving)):
-        vals = img[tuple(np.round(kp).astype(int).T) + (0,)]
-        np.testing.assert_array_equal(vals, 1.0)  # marker HU 3000 -> clipped at 600 -> 1
-    # HU window (-980, 600); padding is 0 after normalisation
-    raw_img = raw["img"].astype(np.float32)
-    np.testing.assert_allclose(pair.fixed[86:106, :, 84:108, 0],
-                               (np.clip(raw_img[:, 1:129, :], -980, 600) + 980) / 1580, atol=1e-6)
-    assert raw_img[1, 0, 0] == 269  # cropped away (axis 1 starts at raw index 1)
-    assert pair.fixed[0, 0, 0, 0] == 0.0 and pair.fixed_seg[0, 0, 0] == 0
-    assert pair.fixed[86:106, :, 84:108].min() > 0  # raw data region (BACKGROUND -500 > -980)
+    expected = (raw["kp"] + 0.5) * zooms / 2.0 - 0.5 - starts
+    np.testing.assert_allclose(pair.fixed_kp, expected, atol=1e-4)
+    assert pair.extras["keypoints_dropped"] == 0 and pair.extras["keypoints_total"] == 6
     # the affine maps preprocessed keypoints to the same world points as the raw ones
-    np.testing.assert_allclose(world(pair.affine, pair.fixed_kp), world(raw["affine"], raw["kp"]),
-                               atol=1e-4)
+    np.testing.assert_allclose(world(pair.affine, pair.fixed_kp), world(raw["affine"], raw["kp"]), atol=1e-4)
+    # padding is 0 and the data block starts at the pad offsets
+    assert pair.fixed[0, 0, 0, 0] == 0.0 and pair.fixed_seg[0, 0, 0] == 0
+    block = pair.fixed[87:87 + 18, 24:24 + 81, 86:86 + 21]
+    assert (block > 0).mean() > 0.99 and pair.fixed[86, 24:105, 86:107].max() == 0.0
 
 
 def test_l2r_lung_2d(l2r_tree):
     data, labels, info = l2r_tree
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = D.get_dataset("l2r-lung", str(data), label_dir=str(labels), ndim=2)
-        pair = ds.load_pair("LungCT_0001")
+    ds = D.get_dataset("l2r-lung", str(data), label_dir=str(labels), ndim=2, split_scheme="ordered")
+    pair = ds.load_pair("LungCT_0001")
     assert ds.image_shape == (192, 192)
     check_pair_basics(pair, ds)
-    assert pair.fixed_kp is None and pair.spacing == (1.75, 1.75)
-    # middle of the padded axis 1 = raw index 64 + 1 (crop offset)
-    raw = info["LungCT_0001_0000"]["img"].astype(np.float32)
-    expected = (np.clip(raw[:, 65, :], -980, 600) + 980) / 1580
-    np.testing.assert_allclose(pair.fixed[86:106, 84:108, 0], expected, atol=1e-6)
+    assert pair.fixed_kp is None and pair.spacing == (2.0, 2.0)
+    # the 2D affine places voxel (a, b) at 3D voxel (a, 64, b) of the padded 3D grid
+    pair3 = D.get_dataset("l2r-lung", str(data), label_dir=str(labels), split_scheme="ordered").load_pair("LungCT_0001")
+    np.testing.assert_allclose(pair.fixed[..., 0], pair3.fixed[:, 64, :, 0])
+    np.testing.assert_allclose(world(pair.affine, [[90, 95, 0]]), world(pair3.affine, [[90, 64, 95]]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,13 +389,13 @@ def acdc_dir(tmp_path_factory):
 
 
 def test_acdc(acdc_dir):
-    ds = D.get_dataset("acdc", str(acdc_dir))
+    ds = D.get_dataset("acdc", str(acdc_dir), split_scheme="ordered")
     assert ds.ndim == 2 and ds.image_shape == (128, 128) and ds.num_classes == 3
     ids = check_splits(ds, (1, 1, 1))
     assert ids == {"train": ["patient001"], "val": ["patient002"], "test": ["patient003"]}
     pair = ds.load_pair("patient002")
     check_pair_basics(pair, ds)
-    assert pair.spacing == (1.25, 1.25)
+    assert pair.spacing == (1.8, 1.8)  # 3D resampling to 1.8 mm (authors' code)
     assert pair.fixed_kp is None
     assert pair.extras["frames"] == {"ED": 1, "ES": 12}
     # ED is fixed (large LV), ES moving (small LV); the decoy frame 05 has label 1 only
@@ -406,13 +403,13 @@ def test_acdc(acdc_dir):
     assert set(np.unique(pair.moving_seg)) == {0, 1, 2, 3}
     assert (pair.fixed_seg == 3).sum() > 2 * (pair.moving_seg == 3).sum()
     # LV area is preserved by the isotropic resampling (pi 9^2 mm^2)
-    area = (pair.fixed_seg == 3).sum() * 1.25 ** 2
+    area = (pair.fixed_seg == 3).sum() * 1.8 ** 2
     assert abs(area - np.pi * 81) < 0.15 * np.pi * 81
-    # intensities: clipped at the 99.5th percentile -> the heart is bright, not crushed
-    assert pair.fixed.max() == 1.0 and pair.fixed[pair.fixed_seg == 3].mean() > 0.5
-    # crop centred on the fixed labels
-    com = np.argwhere(pair.fixed_seg > 0).mean(axis=0)
-    assert np.all(np.abs(com - 64) <= 1.0)
+    # intensities: min-max of the slice (the outlier voxel lies on another slice)
+    assert pair.fixed.max() == 1.0 and pair.fixed.min() == 0.0 and pair.fixed[pair.fixed_seg == 3].mean() > 0.5
+    # crop centred on the bounding box of the fixed labels
+    where = np.argwhere(pair.fixed_seg > 0)
+    assert np.all((where.min(axis=0) + where.max(axis=0) + 1) // 2 == 64)
     # affine: the LV centre is at the same world position before and after preprocessing
     raw = nib.load(str(acdc_dir / "patient002" / "patient002_frame01_gt.nii.gz"))
     raw_lab = np.asarray(raw.dataobj)
@@ -424,7 +421,7 @@ def test_acdc(acdc_dir):
 
 def test_acdc_options_and_errors(tmp_path):
     data = make_acdc_tree(tmp_path, n=2, shape=(20, 24, 3))
-    ds = D.get_dataset("acdc", str(data), target_spacing=2.0)
+    ds = D.get_dataset("acdc", str(data), target_spacing=2.0, split_scheme="ordered")
     pair = ds.load_pair("patient001")
     assert pair.spacing == (2.0, 2.0) and pair.fixed.shape == (128, 128, 1)
     with pytest.raises(ValueError, match="2D only"):
@@ -433,7 +430,7 @@ def test_acdc_options_and_errors(tmp_path):
     parent = tmp_path / "release"
     os.makedirs(parent)
     os.rename(data, parent / "training")
-    ds = D.get_dataset("acdc", str(parent))
+    ds = D.get_dataset("acdc", str(parent), split_scheme="ordered")
     assert ds.all_ids() == ["patient001", "patient002"]
     root = parent / "training"
     os.remove(root / "patient002" / "patient002_frame12.nii.gz")
@@ -441,10 +438,10 @@ def test_acdc_options_and_errors(tmp_path):
         ds.load_pair("patient002")
     (root / "patient001" / "Info.cfg").write_text("ED: 1\n")
     with pytest.raises(ValueError, match="Info.cfg.*ES"):
-        D.get_dataset("acdc", str(root))
+        D.get_dataset("acdc", str(root), split_scheme="ordered")
     os.remove(root / "patient001" / "Info.cfg")
     with pytest.raises(FileNotFoundError, match="Info.cfg"):
-        D.get_dataset("acdc", str(root))
+        D.get_dataset("acdc", str(root), split_scheme="ordered")
 
 
 # ------------------------------------------------------------------------------------------
@@ -675,7 +672,7 @@ def test_cli_round_trip(tmp_path, nlst_tree, fake_synth, monkeypatch):
     assert isinstance(ds, D.SyntheticDataset) and ds.image_shape == (64, 64)
     data, labels, _ = nlst_tree
     args = parser.parse_args(["--dataset", "nlst", "--data-dir", os.path.relpath(data),
-                              "--label-dir", str(labels), "--ndim", "3"])
+                              "--label-dir", str(labels), "--ndim", "3", "--split-scheme", "ordered"])
     opts = json.loads(json.dumps(D.dataset_options(args)))
     assert os.path.isabs(opts["data_dir"])
     ds = D.dataset_from_args(args)

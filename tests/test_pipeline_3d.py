@@ -92,8 +92,8 @@ def test_3d_pipeline_hands_over_every_file(synthetic_3d):
 
 @pytest.fixture(scope="module")
 def l2r_3d(tmp_path_factory):
-    """Fake LungCT tree (4 cases of 28 x 34 x 30 voxels: axes 0/2 padded, axis 1 centre-cropped
-    to 32 as the loader does at 192 x 128 x 192) through the pipeline: 1 training step per preset,
+    """Fake LungCT tree (4 cases of 28 x 34 x 30 voxels, resampled to 2 mm: 21 x 21 x 26, padded
+    to the test size as the loader does to 192 x 128 x 192; ``--split-scheme ordered``) through the pipeline: 1 training step per preset,
     grid identification in both protocols, inference without refinement or panels (the synthetic
     case covers those)."""
     import run_pipeline
@@ -109,7 +109,8 @@ def l2r_3d(tmp_path_factory):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the centre-crop warning of axis 1
             run_pipeline.main(_pipeline_argv(root / "out", "--dataset", "l2r-lung", "--data-dir", str(data),
-                                             "--label-dir", str(labels), steps=1, refine=0,
+                                             "--label-dir", str(labels), "--split-scheme", "ordered",
+                                             steps=1, refine=0,
                                              panels=0))
     finally:
         mp.undo()
@@ -121,7 +122,8 @@ def test_l2r_lung_3d_through_all_three_stages(l2r_3d):
     per_pair = _check_handovers(l2r_3d, SIZE, n_test=1, panels=0)
     assert set(per_pair["pair_id"]) == {"LungCT_0004"}
     cfg = art.read_config(str(l2r_3d / "runs" / "elastic_sa"))
-    assert list(cfg["loss"]["spacing"]) == [1.5, 1.25, 1.75]  # the NIfTI's voxel size, array-axis order
+    assert list(cfg["loss"]["spacing"]) == [2.0, 2.0, 2.0]  # resampled to 2 mm (authors' code)
+    assert cfg["data"]["split_scheme"] == "ordered" and cfg["data"]["target_spacing"] == 2.0
     initial = per_pair[per_pair["method"] == "initial"].iloc[0]
     assert np.isfinite(initial["tre"])  # keypoints read, shifted by the padding, in mm
 
