@@ -99,7 +99,8 @@ def _protocols(per_pair: pd.DataFrame) -> List[str]:
 def _aggregate_block(sub: pd.DataFrame, protocol: str, metrics: Sequence[str], n_classes: int) -> List[Dict]:
     """Table 1 rows of one protocol block (``sub``: its per-pair rows and ``initial``'s), in
     :func:`_method_order`: ``n_pairs``, ``<metric>_mean``/``_std`` over the pairs where the metric is
-    finite (NaN if none), ``maps``, ``lost_classes`` (sum) and ``pair_classes`` (pairs x ``n_classes``)."""
+    finite (NaN if none), ``maps``, ``lost_classes`` (sum), ``pair_classes`` (pairs x ``n_classes``)
+    and ``tre_pairs`` (pairs with a finite TRE: pairs without keypoints score every metric but TRE)."""
     block = []
     for method in _method_order(sub["method"]):
         df = sub[sub["method"] == method]
@@ -114,6 +115,7 @@ def _aggregate_block(sub: pd.DataFrame, protocol: str, metrics: Sequence[str], n
         row["maps"] = "; ".join(maps)
         row["lost_classes"] = int(df["lost_classes"].sum())
         row["pair_classes"] = int(len(df) * n_classes)
+        row["tre_pairs"] = int(np.isfinite(df["tre"].to_numpy(float)).sum()) if "tre" in df else 0
         block.append(row)
     return block
 
@@ -134,7 +136,8 @@ def _markdown_block(protocol: str, block: Sequence[Dict], head: Sequence[str], c
         label = r["method"] + (f" [maps: {r['maps']}]" if r["maps"] else "") + (f" {FOLD_MARK}" if folds else "")
         cells = [label, cls, _fmt(r["mean_dice_mean"], r["mean_dice_std"]), hd]
         if has_tre:
-            cells.append(_fmt(r["tre_mean"], r["tre_std"]))
+            tre = _fmt(r["tre_mean"], r["tre_std"])
+            cells.append(tre + (f" (n={r['tre_pairs']})" if r["tre_pairs"] < r["n_pairs"] else ""))
         if "dense_epe" in epe:
             cells.append(_fmt(r["dense_epe_mean"], r["dense_epe_std"]))
         if len(epe) > 1:

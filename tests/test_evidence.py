@@ -181,3 +181,21 @@ def test_folding_io_rows_are_flagged():
     assert "| elas-sas+io |" in oracle and "| elas-g |" in oracle  # 0.05 is not above; -g is no +io row
     assert oracle.count(evaluation.FOLD_FOOTNOTE) == 1 and "Dice rises with tearing" in oracle
     assert evaluation.FOLD_FOOTNOTE not in md.split("**population protocol**")[1]
+
+
+def test_tre_is_averaged_over_the_pairs_that_have_keypoints_and_says_how_many():
+    """Pairs without keypoints (e.g. NLST pairs whose keypoint file is missing) score every
+    metric but TRE; Table 1's TRE is their mean over the pairs that have one, with n shown."""
+    df = _per_pair().copy()
+    df["tre"] = 1.0
+    sel = (df["method"] == "elas-g") & (df["protocol"] == "oracle")
+    first = df.index[sel][0]
+    df.loc[first, "tre"] = np.nan
+    df.loc[df.index[sel][1], "tre"] = 3.0
+    numeric, md = evaluation.table1(df, CLASSES)
+    row = numeric[(numeric["method"] == "elas-g") & (numeric["protocol"] == "oracle")].iloc[0]
+    n = int(sel.sum())
+    assert row["tre_pairs"] == n - 1 and row["n_pairs"] == n
+    assert row["tre_mean"] == pytest.approx((3.0 + (n - 2) * 1.0) / (n - 1))
+    assert f"(n={n - 1})" in md.split("**population protocol**")[0]
+    assert "(n=" not in md.split("**population protocol**")[1]  # every pair there has its TRE
