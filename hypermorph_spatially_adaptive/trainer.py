@@ -502,7 +502,8 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     from .folders import FolderLock
 
     check_args(args)
-    with FolderLock(args.out, "run folder", log=lambda line: print(line, flush=True)):
+    with FolderLock(args.out, "run folder", log=lambda line: print(line, flush=True),
+                    replaceable=art.attempt_without_checkpoint):  # a dead --overwrite's old run comes back
         return _run_locked(preset, args, argv)
 
 
@@ -631,7 +632,7 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
 
     def first_checkpoint() -> None:
         if pending["aside"]:
-            shutil.rmtree(pending["aside"], ignore_errors=True)
+            folders.discard(pending["aside"])
             print(f"[{preset}] --overwrite: first checkpoint written; deleted the old run {pending['aside']}",
                   flush=True)
         pending.update(aside=None, fresh=False)
@@ -649,6 +650,8 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
             shutil.rmtree(run_dir, ignore_errors=True)
             if not created:
                 os.makedirs(run_dir, exist_ok=True)
+        elif args.resume and old is not None and old.get("finished"):  # a failed resume keeps the run finished
+            runio.save_config(run_dir, old)
         raise
 
 
@@ -835,7 +838,10 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     resume_prefix = None
     if resume_from:
         resume_prefix = runio.latest_checkpoint(run_dir)[0]
-        ckpt.read(resume_prefix).assert_existing_objects_matched()
+        try:
+            ckpt.read(resume_prefix).assert_existing_objects_matched()
+        except Exception as exc:  # truncated or foreign checkpoint: name it and the intact earlier one
+            raise ValueError(art.checkpoint_error(run_dir, resume_prefix, exc)) from exc
         print(f"[{preset}] resumed from {resume_prefix} at step {int(step_var.numpy())}", flush=True)
     start = int(step_var.numpy())
     batches = _train_batches(dataset, strategy, spec.num_params, args, start)
