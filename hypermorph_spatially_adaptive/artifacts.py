@@ -209,6 +209,11 @@ def read_run(folder: str, expect_regularizer: Optional[str] = None, expect_sa: O
         raise ValueError(f"{folder}: run uses the {model['regularizer']} regularizer, expected {expect_regularizer}")
     if expect_sa is not None and sa != expect_sa:
         raise ValueError(f"{folder}: run is a {_kind(sa)} model, expected a {_kind(expect_sa)} one")
+    names = config.get("class_names")
+    if isinstance(names, list) and names and int(model["num_classes"]) != len(names):
+        raise ValueError(f"{os.path.join(folder, CONFIG)}: model num_classes {model['num_classes']} but class_names lists "
+                         f"{len(names)} ({', '.join(map(str, names))}); the config was edited after training: restore "
+                         "it (the weights were trained for the recorded classes)")
     weights = os.path.join(folder, WEIGHTS)
     if require_finished:
         problem = unusable_run(folder, config)

@@ -375,13 +375,13 @@ def staged_folder(folder: str, what: str = "output folder", log=print, inputs: I
 
 # ---- output files of one command -----------------------------------------------------------------
 def check_output_files(outputs: Dict[str, Optional[str]], inputs: Dict[str, Optional[str]],
-                       extensions: Sequence[str] = ()) -> None:
+                       extensions: Optional[Dict[str, Sequence[str]]] = None) -> None:
     """Refuse (``RefusedOutputError``) output files before any computation.
 
     ``outputs``/``inputs``: ``{option name: path or None}``. Every output must differ from every
     input and from every other output (real paths, so ``./a`` and ``a`` or a symbolic link to an
-    input count as the same file), must not be a folder, must end with one of ``extensions`` (if
-    given), and its folder must exist or be creatable and be writable.
+    input count as the same file), must not be a folder, must end with one of
+    ``extensions[option]`` (if given), and its folder must exist or be creatable and be writable.
     """
     seen: Dict[str, str] = {}
     ins = {opt: _real(p) for opt, p in inputs.items() if p}
@@ -400,8 +400,9 @@ def check_output_files(outputs: Dict[str, Optional[str]], inputs: Dict[str, Opti
         seen[real] = opt
         if os.path.isdir(path):
             raise RefusedOutputError(f"{opt} {path} is a folder; give a file path")
-        if extensions and not any(path.endswith(e) for e in extensions):
-            raise RefusedOutputError(f"{opt} {path}: expected a file ending in {' or '.join(extensions)}")
+        allowed = (extensions or {}).get(opt)
+        if allowed and not any(path.lower().endswith(e) for e in allowed):
+            raise RefusedOutputError(f"{opt} {path}: expected a file ending in {' or '.join(allowed)}")
         parent = os.path.dirname(os.path.abspath(path))
         probe = parent
         while not os.path.isdir(probe):
