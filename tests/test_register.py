@@ -285,3 +285,155 @@ def test_bad_inputs_one_line_errors_before_loading(setup, tmp_path, capsys, monk
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err, err
     assert not os.path.exists(os.path.dirname(out))
+
+
+# ---------------------------------------------------------------- issue 36: outputs, geometry, labels
+def _nifti_header_only(path, shape):
+    """A .nii whose header declares ``shape`` (float32) with no voxel data after it."""
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.float32)
+    hdr.set_sform(np.eye(4), code=1)
+    with open(path, "wb") as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4)
+
+
+def test_register_refuses_bad_outputs_and_geometry_before_loading(setup, tmp_path, capsys, monkeypatch):
+    """Issue 36, register.py rows: every refusal is one error line, before any model is loaded,
+    and leaves every input byte-identical (nothing written)."""
+    import json
+    import shutil
+    import time
+
+    import nibabel as nib
+
+    import register
+    from hypermorph_spatially_adaptive import runio
+
+    monkeypatch.setattr(runio, "load_run", lambda *a, **k: pytest.fail("model loaded before the inputs were checked"))
+    f = {k: str(tmp_path / os.path.basename(v)) for k, v in setup["files"].items()}
+    for k, v in setup["files"].items():
+        shutil.copyfile(v, f[k])
+    img = nib.load(f["fixed"])
+    A = np.asarray(img.affine)
+    t = str(tmp_path)
+
+    def save(name, data, affine=A):
+        hdr = nib.Nifti1Header()
+        hdr.set_data_dtype(data.dtype)  # int64 and complex64 stored as such
+        im = nib.Nifti1Image(data, None, header=hdr)
+        im.set_sform(affine, code=1)  # sform only: nibabel cannot store a singular affine as a qform
+        nib.save(im, os.path.join(t, name))
+        return os.path.join(t, name)
+
+    seg = np.asarray(nib.load(f["fixed_seg"]).dataobj)
+    shifted = A.copy()
+    shifted[0, 3] += 10.0
+    far = A.copy()
+    far[:3, 3] += [500.0, 0.0, 0.0]
+    singular = A.copy()
+    singular[:, 1] = 0.0
+    singular[3, 3] = 1.0
+    big = os.path.join(t, "big.nii")
+    _nifti_header_only(big, (20000, 20000))
+    wrap = seg.astype(np.int64)
+    wrap[0, 0] = 2 ** 32 + 2  # would become class 2 in an int32 cast
+    files = {"shifted_seg": save("shifted_seg.nii.gz", seg, shifted), "far": save("far.nii.gz", img.get_fdata(), far),
+             "singular": save("singular.nii.gz", img.get_fdata().astype(np.float32), singular),
+             "complex": save("complex.nii.gz", img.get_fdata().astype(np.complex64)),
+             "wrap": save("wrap.nii.gz", wrap)}
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    before = {p: open(p, "rb").read() for p in [*f.values(), *files.values()]}
+    fm = ["--fixed", f["fixed"], "--moving", f["moving"]]
+    p = ["--params", "lambda=0.5", "mu=0.5"]
+    cases = [
+        (fm + p + ["--out-warped", f["moving"]], f"--out-warped {f['moving']} is the input --moving"),
+        (fm + p + ["--out-disp", f["fixed"]], f"--out-disp {f['fixed']} is the input --fixed"),
+        (fm + ["--moving-seg", f["moving_seg"], "--out-warped-seg", f["moving_seg"]] + p,
+         "--out-warped-seg " + f["moving_seg"] + " is the input --moving-seg"),
+        (fm + p + ["--out-warped", f"{t}/x.nii.gz", "--out-disp", f"{t}/./x.nii.gz"],
+         f"--out-disp and --out-warped are the same file {t}/./x.nii.gz"),
+        (fm + p + ["--out-warped", f"{t}/w.png"], f"--out-warped {t}/w.png: expected a file ending in .nii or .nii.gz"),
+        *([] if os.geteuid() == 0 else  # root writes into any folder
+          [(fm + p + ["--out-warped", f"{ro}/w.nii.gz"], f"the folder {ro} is not writable")]),
+        (fm + ["--params", "lambda=0.1", "lambda=0.9", "mu=0.5", "--out-warped", f"{t}/w.nii.gz"],
+         "parameter lambda given twice (lambda=0.1 and lambda=0.9)"),
+        (fm + ["--fixed-seg", files["shifted_seg"]] + p + ["--out-warped", f"{t}/w.nii.gz"],
+         "does not lie on its image's grid: affine"),
+        (["--fixed", f["fixed"], "--moving", files["far"]] + p + ["--out-warped", f"{t}/w.nii.gz"],
+         "do not overlap in world space (their centres are 500.0 mm apart)"),
+        (["--fixed", big, "--moving", f["moving"]] + p + ["--out-warped", f"{t}/w.nii.gz"],
+         "has 400,000,000 voxels (20000 x 20000), above the limit of 268,435,456"),
+        (["--fixed", files["singular"], "--moving", f["moving"]] + p + ["--out-warped", f"{t}/w.nii.gz"],
+         "its affine is singular"),
+        (["--fixed", files["complex"], "--moving", f["moving"]] + p + ["--out-warped", f"{t}/w.nii.gz"],
+         "has complex values (complex64); give a real image"),
+        (["--fixed", t, "--moving", f["moving"]] + p + ["--out-warped", f"{t}/w.nii.gz"],
+         f"fixed image {t} is a folder; give a NIfTI file"),
+        (fm + ["--moving-seg", files["wrap"]] + p + ["--out-warped", f"{t}/w.nii.gz"],
+         "has label 4294967298 (int64), far outside any class range"),
+    ]
+    for argv, msg in cases:
+        t0 = time.time()
+        with pytest.raises(SystemExit) as exc:
+            runio.cli_main(register.main, ["--run", setup["run"]] + argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and err.startswith("error: ") and msg in err and "\n" not in err, (msg, err)
+        assert time.time() - t0 < 5, msg  # the 20000^2 header: refused without reading 1.6 GB
+    ro.chmod(0o755)
+    for path, data in before.items():
+        assert open(path, "rb").read() == data, path
+    assert sorted(os.listdir(ro)) == [] and not os.path.exists(f"{t}/x.nii.gz") and not os.path.exists(f"{t}/w.nii.gz")
+    # the shifted segmentation message prints both affines (origin x 10 mm apart)
+    with pytest.raises(ValueError) as exc:
+        setup["registrar"].check(f["fixed"], f["moving"], fixed_seg=files["shifted_seg"], params=[0.5] * 8)
+    assert f"{A[0, 3] + 10:g}" in str(exc.value) and f"{A[0, 3]:g}" in str(exc.value)
+    assert "origin shift [10.0, 0.0, 0.0] mm" in str(exc.value)
+    json.dumps(str(exc.value))
+
+
+def test_register_warns_partial_overlap_and_an_all_background_sa_map(setup, tmp_path):
+    """A moving image shifted by 24 of 32 columns covers 25 % of the fixed field of view: a warning
+    with that number; an all-background fixed segmentation of an SA run: a warning."""
+    import nibabel as nib
+
+    img = nib.load(setup["files"]["fixed"])
+    A = np.asarray(img.affine)
+    moved = A.copy()
+    moved[:3, 3] += A[:3, 1] * 24  # 24 voxels along array axis 1
+    data = np.asarray(img.get_fdata(), np.float32)
+    with pytest.warns(UserWarning, match=r"covers only 25 % of the field of view"):
+        setup["registrar"].check((data, A), (data, moved), params=[0.5] * 8)
+    with pytest.warns(UserWarning, match="is all background"):
+        setup["registrar"].check((data, A), (data, A), fixed_seg=(np.zeros(data.shape, np.int16), A),
+                                 params=[0.5] * 8)
+
+
+def test_register_refuses_an_unfinished_run_naming_the_command(setup, tmp_path):
+    """A run whose --resume was interrupted (config finished false, weights.h5 of an earlier step) or
+    whose weights.h5 was replaced is refused by register, naming the command that finishes it."""
+    import json
+    import shutil
+
+    import register
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    cfg = json.loads((run / art.CONFIG).read_text())
+    (run / art.CONFIG).write_text(json.dumps(dict(cfg, finished=False)))
+    f = setup["files"]
+    argv = ["--fixed", f["fixed"], "--moving", f["moving"], "--run", str(run), "--params", "lambda=0.5", "mu=0.5",
+            "--out-warped", str(tmp_path / "w.nii.gz")]
+    with pytest.raises(ValueError, match=r"training is unfinished \(.*finished: false.*\); finish it first: python "
+                                         r"train_hypermorph_elastic_sa.py .*--resume"):
+        register.main(argv)
+    (run / art.CONFIG).write_text(json.dumps(cfg))
+    (run / art.WEIGHTS).write_bytes((run / art.WEIGHTS).read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=r"is not the file training finished with"):
+        register.main(argv)
+    assert not os.path.exists(tmp_path / "w.nii.gz")
