@@ -419,13 +419,18 @@ def check_output_files(outputs: Dict[str, Optional[str]], inputs: Dict[str, Opti
 _ASIDE = re.compile(r"old-(\d{8}-\d{6})-(\d+)$")
 
 
-def move_aside(folder: str) -> str:
-    """Rename ``folder`` to a hidden sibling ``.<name>.old-<stamp>-<pid>`` and return its path."""
+def move_aside(folder: str, record: Optional[Dict] = None) -> str:
+    """Rename ``folder`` to a hidden sibling ``.<name>.old-<stamp>-<pid>`` and return its path.
+
+    With ``record`` (a dict), ``record["aside"]`` is set before signals are let through again, so a
+    signal arriving right after the rename still finds what to restore."""
     folder = os.path.abspath(folder)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = _sibling(folder, f"old-{stamp}-{os.getpid()}")
     with _signals_blocked():
         os.replace(folder, aside)
+        if record is not None:
+            record["aside"] = aside
     return aside
 
 

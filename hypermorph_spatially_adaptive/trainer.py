@@ -622,13 +622,9 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
     folder, removes what this attempt wrote)."""
     from . import folders, runio
 
-    aside = None
-    if state == "run" and args.overwrite:
-        aside = folders.move_aside(run_dir)
-        print(f"[{preset}] --overwrite: {_describe(old)} in {run_dir} moved aside to {aside}; it is deleted once "
-              f"the new run has written its first checkpoint", flush=True)
-    created = not os.path.isdir(run_dir)
-    pending = {"aside": aside, "fresh": state != "run"}  # what a failure before the first checkpoint undoes
+    overwrite = state == "run" and args.overwrite
+    created = overwrite or not os.path.isdir(run_dir)
+    pending = {"aside": None, "fresh": state != "run"}  # what a failure before the first checkpoint undoes
 
     def first_checkpoint() -> None:
         if pending["aside"]:
@@ -638,6 +634,10 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
         pending.update(aside=None, fresh=False)
 
     try:
+        if overwrite:  # inside the try: a signal right after the rename restores too (SIGTERM/SIGHUP as Ctrl-C)
+            aside = folders.move_aside(run_dir, pending)
+            print(f"[{preset}] --overwrite: {_describe(old)} in {run_dir} moved aside to {aside}; it is deleted once "
+                  f"the new run has written its first checkpoint", flush=True)
         os.makedirs(run_dir, exist_ok=True)
         runio.save_config(run_dir, config)
         return _train(preset, args, run_dir, config, *train_args, on_checkpoint=first_checkpoint)
