@@ -126,10 +126,9 @@ def _identify_epe(args, unit_dir: str) -> str:
     from hypermorph_spatially_adaptive.folders import run_child
 
     rc = run_child([sys.executable, "parameter_identification.py", "--run", os.path.join(runs, "elastic_global"),
-                          "--sa-run", os.path.join(runs, "elastic_sa"), "--method", "gradient", "--objective", "epe",
-                          "--init", "center", "--steps", steps, "--out", out],
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         stdout=subprocess.DEVNULL)
+                    "--sa-run", os.path.join(runs, "elastic_sa"), "--method", "gradient", "--objective", "epe",
+                    "--init", "center", "--steps", steps, "--out", out],
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.DEVNULL)
     if rc != 0:
         raise RuntimeError(f"EPE-oracle identification failed in {unit_dir} (exit {rc})")
     return out

@@ -185,9 +185,17 @@ def unusable_run(folder: str, config: Dict) -> Optional[str]:
 
         now = file_sha256(weights)
         if now != recorded:
+            latest = os.path.join(folder, CHECKPOINTS, "latest")
+            name = open(latest).read().strip() if os.path.isfile(latest) else ""
+            ckpt = os.path.join(folder, CHECKPOINTS, name)
+            if name and os.path.isfile(os.path.join(ckpt, "ckpt.index")):
+                hint = (f"checkpoint {ckpt} (step {name.rsplit('_', 1)[-1].lstrip('0') or 0}) is intact: delete "
+                        f"{weights} and rerun the training command with --resume to rewrite it from that checkpoint: "
+                        f"{_finish_command(folder, config)}")
+            else:
+                hint = "no checkpoint can rewrite it: retrain the run"
             return (f"{weights} (sha256 {short(now)}) is not the file training finished with (sha256 {short(recorded)} "
-                    f"in {where}): it was replaced or rewritten by an interrupted session; rewrite it with "
-                    f"{_finish_command(folder, config)}")
+                    f"in {where}): it was replaced, truncated or rewritten by an interrupted session; {hint}")
     return None
 
 

@@ -477,10 +477,15 @@ def recover_asides(folder: str, replaceable: Optional[Callable[[str], bool]] = N
     (e.g. a stub without a checkpoint); otherwise ``log`` names it and the commands that put it
     back. Older ``.old-*`` siblings are only named.
     """
+    folder = os.path.abspath(folder)
+    parent, name = os.path.dirname(folder), os.path.basename(folder)
+    if os.path.isdir(parent):  # half-deleted runs of a killed discard/restore: never restorable, finish the job
+        for entry in os.listdir(parent):
+            if entry.startswith(f".{name}.trash-"):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
     asides = find_asides(folder)
     if not asides:
         return
-    folder = os.path.abspath(folder)
     newest, rest = asides[0], asides[1:]
     absent = not os.path.lexists(folder)
     empty = os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder)
