@@ -246,7 +246,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
     # written into a temporary sibling that replaces --out only when everything succeeded: a killed
     # or failed run leaves the old results folder complete, never a mixture of old and new files
-    with staged_folder(args.out, "results folder", log=lambda line: print(line, flush=True)) as dest:
+    from hypermorph_spatially_adaptive.artifacts import INFERENCE_META
+
+    inputs = [args.data_dir, args.label_dir] + [p for reg in REGS for opt in ("sa", "ident")
+                                                for p in (getattr(args, f"{reg}_{opt}") or [])]
+    inputs += [getattr(args, f"{reg}_global") for reg in REGS]  # never replaced (CONVENTIONS.md)
+    with staged_folder(args.out, "results folder", log=lambda line: print(line, flush=True), inputs=inputs,
+                       legacy_meta=INFERENCE_META) as dest:
         _infer(args, argv, dest)
     return args.out
 

@@ -119,7 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
     out = default_out(args)
     # written into a temporary sibling that replaces --out only when everything succeeded
-    with staged_folder(out, "identification folder", log=lambda line: print(line, flush=True)) as dest:
+    from hypermorph_spatially_adaptive.artifacts import IDENTIFICATION_META
+
+    inputs = [args.run, args.sa_run, args.init_from, args.data_dir, args.label_dir]  # never replaced (CONVENTIONS.md)
+    with staged_folder(out, "identification folder", log=lambda line: print(line, flush=True), inputs=inputs,
+                       legacy_meta=IDENTIFICATION_META) as dest:
         _identify(args, argv, out, dest)
     return out
 

@@ -12,8 +12,10 @@ the pair's labels (``--identify grid|gradient``). Every output carries the fixed
 - ``--out-itk-warp``    the same field for ITK/ANTs/SimpleITK/Slicer: 5D vector NIfTI in LPS mm, fixed -> moving
   (ANTs' forward transform: ``antsApplyTransforms -i moving -r fixed -t WARP``)
 
-Bad inputs (missing file, label outside the model's classes, 2D/3D mismatch, unknown parameter)
-are refused with one ``error:`` line before any model is loaded; nothing is written then.
+Bad inputs (missing file, label outside the model's classes, 2D/3D mismatch, unknown or repeated
+parameter, a label map off its image's grid, images that do not overlap, an unfinished run) and
+bad outputs (an output that is an input or another output, wrong extension, unwritable folder) are
+refused with one ``error:`` line before any model is loaded; nothing is written then.
 """
 from __future__ import annotations
 
@@ -76,6 +78,15 @@ def main(argv: Optional[Sequence[str]] = None):
                          "--out-itk-warp, --out-json")
     if args.out_warped_seg and not args.moving_seg:
         raise ValueError("--out-warped-seg needs --moving-seg")
+    from hypermorph_spatially_adaptive.folders import check_output_files
+
+    nifti = (".nii", ".nii.gz")  # every output checked before anything is read or computed (CONVENTIONS.md)
+    check_output_files({"--out-warped": args.out_warped, "--out-warped-seg": args.out_warped_seg,
+                        "--out-disp": args.out_disp, "--out-itk-warp": args.out_itk_warp, "--out-json": args.out_json},
+                       {"--fixed": args.fixed, "--moving": args.moving, "--fixed-seg": args.fixed_seg,
+                        "--moving-seg": args.moving_seg},
+                       {"--out-warped": nifti, "--out-warped-seg": nifti, "--out-disp": nifti,
+                        "--out-itk-warp": nifti, "--out-json": (".json",)})
     from hypermorph_spatially_adaptive.pair_registration import PairRegistrar, save_result
     from hypermorph_spatially_adaptive.runio import refine_kwargs
 

@@ -79,7 +79,7 @@ def _train(folder: str, csv: str, steps: int) -> str:
     from hypermorph_spatially_adaptive.trainer import main as train_main
 
     run = os.path.join(folder, "elastic_sa")
-    if not (os.path.isfile(os.path.join(run, art.CONFIG)) and art.read_run(run).finished):
+    if not (os.path.isfile(os.path.join(run, art.CONFIG)) and art.read_run(run, require_finished=False).finished):
         train_main("elastic_sa", ["--dataset", "folder", "--pairs-csv", csv, "--num-classes", "3", "--out", run,
                                   "--steps", str(steps), "--val-every", "0", "--log-every", str(steps), "--overwrite"])
     return run

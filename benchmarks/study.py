@@ -91,6 +91,7 @@ def _pipeline_argv(args, setting: str, seed: int, out: str) -> List[str]:
 def _run_unit(args, setting: str, seed: int) -> Dict:
     """One (setting, seed): run_pipeline.py in a subprocess (its own TensorFlow state), then DONE.json."""
     from datasets.atomic import atomic_write
+    from hypermorph_spatially_adaptive.folders import last_error_line, run_child
 
     out = os.path.join(args.out, setting, f"seed{seed}")
     done = os.path.join(out, "DONE.json")
@@ -103,10 +104,11 @@ def _run_unit(args, setting: str, seed: int) -> Dict:
     with open(os.path.join(out, "pipeline.log"), "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} run_pipeline.py {' '.join(argv)}\n")
         log.flush()
-        rc = subprocess.call([sys.executable, "run_pipeline.py", *argv], stdout=log, stderr=subprocess.STDOUT,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        rc = run_child([sys.executable, "run_pipeline.py", *argv], stdout=log, stderr=subprocess.STDOUT,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dies with the study
     if rc != 0:
-        raise RuntimeError(f"run_pipeline.py failed for {setting} seed {seed} (exit {rc}); see {out}/pipeline.log")
+        raise RuntimeError(f"run_pipeline.py failed for {setting} seed {seed} (exit {rc}: "
+                           f"{last_error_line(os.path.join(out, 'pipeline.log'))}); see {out}/pipeline.log")
     info = {"setting": setting, "seed": seed, "argv": argv, "seconds": round(time.time() - t0, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "git": _git_head()}
     atomic_write(done, json.dumps(info, indent=2) + "\n")
@@ -121,11 +123,12 @@ def _identify_epe(args, unit_dir: str) -> str:
         return out
     runs = os.path.join(unit_dir, "runs")
     steps = "3" if args.quick else "50"
-    rc = subprocess.call([sys.executable, "parameter_identification.py", "--run", os.path.join(runs, "elastic_global"),
-                          "--sa-run", os.path.join(runs, "elastic_sa"), "--method", "gradient", "--objective", "epe",
-                          "--init", "center", "--steps", steps, "--out", out],
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         stdout=subprocess.DEVNULL)
+    from hypermorph_spatially_adaptive.folders import run_child
+
+    rc = run_child([sys.executable, "parameter_identification.py", "--run", os.path.join(runs, "elastic_global"),
+                    "--sa-run", os.path.join(runs, "elastic_sa"), "--method", "gradient", "--objective", "epe",
+                    "--init", "center", "--steps", steps, "--out", out],
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.DEVNULL)
     if rc != 0:
         raise RuntimeError(f"EPE-oracle identification failed in {unit_dir} (exit {rc})")
     return out

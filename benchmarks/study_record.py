@@ -20,10 +20,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import os
 import shutil
 import sys
+import zlib
 from typing import Iterator, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,29 +74,64 @@ def units(folder: str) -> List[str]:
     return out
 
 
+#: what reading or writing a record file can raise (a read-only folder, a truncated or corrupt gzip)
+_FILE_ERRORS = (OSError, EOFError, zlib.error)
+
+
+class RecordError(ValueError):
+    """A record or study file that cannot be read or written; the message names it."""
+
+
+@contextlib.contextmanager
+def _naming(path: str, doing: str) -> Iterator[None]:
+    """Turn a file error inside the block into a :class:`RecordError` naming ``path``."""
+    try:
+        yield
+    except _FILE_ERRORS as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise RecordError(f"{path}: cannot {doing} ({type(exc).__name__}: {reason})") from exc
+
+
 def save_unit(study: str, record: str, unit: str) -> int:
     """Copy the kept files of ``study/unit`` into ``record/unit`` (CSV gzipped, deterministic bytes:
-    no time stamp in the gzip header); the record folder of the unit is replaced as a whole.
-    Returns the number of files."""
+    no time stamp in the gzip header); the record folder of the unit is replaced as a whole: the new
+    one is written into a hidden sibling and renamed into place before the old one is removed, so a
+    failure leaves the old unit (never neither). Returns the number of files; a file error raises
+    :class:`RecordError` naming the file."""
     src = os.path.join(study, unit)
     if not os.path.isfile(os.path.join(src, "DONE.json")):
         raise FileNotFoundError(f"{src}: the unit is not finished (no DONE.json)")
-    dst = os.path.join(record, unit)
-    tmp = dst + ".tmp"
+    dst = os.path.normpath(os.path.join(record, unit))
+    parent, name = os.path.dirname(dst), os.path.basename(dst)
+    tmp, old = os.path.join(parent, f".{name}.tmp-{os.getpid()}"), os.path.join(parent, f".{name}.old-{os.getpid()}")
+    with _naming(parent, "create the record folder"):
+        os.makedirs(parent, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     n = 0
-    for rel in _unit_files(src):
-        out = os.path.join(tmp, rel)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        if rel.endswith(".csv"):
-            with open(os.path.join(src, rel), "rb") as f, open(out + ".gz", "wb") as raw:
-                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as g:
-                    shutil.copyfileobj(f, g)
-        else:
-            shutil.copyfile(os.path.join(src, rel), out)
-        n += 1
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    try:
+        for rel in _unit_files(src):
+            out = os.path.join(tmp, rel)
+            with _naming(os.path.join(src, rel), "copy into the record"):
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                if rel.endswith(".csv"):
+                    with open(os.path.join(src, rel), "rb") as f, open(out + ".gz", "wb") as raw:
+                        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as g:
+                            shutil.copyfileobj(f, g)
+                else:
+                    shutil.copyfile(os.path.join(src, rel), out)
+            n += 1
+        with _naming(dst, "replace the recorded unit"):
+            if os.path.lexists(dst):
+                os.replace(dst, old)  # the old unit stays whole until the new one is in place
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                if os.path.lexists(old) and not os.path.lexists(dst):
+                    os.replace(old, dst)
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return n
 
 
@@ -113,8 +150,11 @@ def restore_unit(study: str, record: str, unit: str) -> int:
         if os.path.exists(target):
             continue
         opener = gzip.open if rel.endswith(".csv.gz") else open
-        with opener(os.path.join(src, rel), "rb") as f:
-            atomic_write(target, f.read())
+        with _naming(os.path.join(src, rel), "read the recorded file"):
+            with opener(os.path.join(src, rel), "rb") as f:
+                data = f.read()
+        with _naming(target, "write the restored file"):
+            atomic_write(target, data)
         n += 1
     return n
 
@@ -146,4 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (RecordError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

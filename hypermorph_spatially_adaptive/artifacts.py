@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from .folders import STAGE_MARKER  # noqa: F401  (every stage output folder's completion marker)
 from .params import ParamSpec
 
 # ---- training run folder ----------------------------------------------------------------------
@@ -145,8 +146,68 @@ class RunInfo:
         return _kind(self.spatially_adaptive)
 
 
-def read_run(folder: str, expect_regularizer: Optional[str] = None, expect_sa: Optional[bool] = None) -> RunInfo:
-    """Read a run folder's config; ``expect_*`` make a mismatched folder fail naming the mismatch."""
+def _finish_command(folder: str, config: Dict) -> str:
+    """The command that finishes a run: its latest training command with ``--resume``."""
+    command = list((config.get("resumed") or [config])[-1].get("command") or config.get("command") or [])
+    if not command:
+        return f"the run's training script with --out {folder} --resume"
+    import shlex
+
+    command = [str(a) for a in command if a not in ("--resume", "--overwrite")] + ["--resume"]
+    return "python " + shlex.join(command)
+
+
+def unusable_run(folder: str, config: Dict) -> Optional[str]:
+    """Why a later stage must not use the run in ``folder`` (config ``config``), or ``None``.
+
+    Unusable: ``finished`` recorded false (training, or its latest ``--resume``, did not reach
+    the end: its ``weights.h5``, if any, is from an earlier step than its checkpoints), no
+    ``weights.h5``, or a ``weights.h5`` whose sha256 is not the one training recorded at its end
+    (``provenance.weights_sha256``). A config without ``finished`` (a hand-made run folder) is
+    judged by ``weights.h5`` alone.
+    """
+    weights = os.path.join(folder, WEIGHTS)
+    where = os.path.join(folder, CONFIG)
+    if config.get("finished") is False:
+        steps = (config.get("training") or {}).get("steps")
+        latest = os.path.join(folder, CHECKPOINTS, "latest")
+        at = ""
+        if os.path.isfile(latest):
+            with open(latest) as fh:
+                at = f"; its latest checkpoint is {fh.read().strip()}"
+        stale = f", and {WEIGHTS} is from an earlier session" if os.path.isfile(weights) else ""
+        return (f"{folder}: training is unfinished ({where} records finished: false, target {steps} steps{at}"
+                f"{stale}); finish it first: {_finish_command(folder, config)}")
+    if not os.path.isfile(weights):
+        return f"{weights}: no final weights (training unfinished?); finish it first: {_finish_command(folder, config)}"
+    recorded = (config.get("provenance") or {}).get("weights_sha256")
+    if config.get("finished") and recorded:
+        from .provenance import file_sha256, short
+
+        now = file_sha256(weights)
+        if now != recorded:
+            latest = os.path.join(folder, CHECKPOINTS, "latest")
+            name = open(latest).read().strip() if os.path.isfile(latest) else ""
+            ckpt = os.path.join(folder, CHECKPOINTS, name)
+            if name and os.path.isfile(os.path.join(ckpt, "ckpt.index")):
+                hint = (f"checkpoint {ckpt} (step {name.rsplit('_', 1)[-1].lstrip('0') or 0}) is intact: delete "
+                        f"{weights} and rerun the training command with --resume to rewrite it from that checkpoint: "
+                        f"{_finish_command(folder, config)}")
+            else:
+                hint = "no checkpoint can rewrite it: retrain the run"
+            return (f"{weights} (sha256 {short(now)}) is not the file training finished with (sha256 {short(recorded)} "
+                    f"in {where}): it was replaced, truncated or rewritten by an interrupted session; {hint}")
+    return None
+
+
+def read_run(folder: str, expect_regularizer: Optional[str] = None, expect_sa: Optional[bool] = None,
+             require_finished: bool = True) -> RunInfo:
+    """Read a run folder's config; ``expect_*`` make a mismatched folder fail naming the mismatch.
+
+    ``require_finished`` (the default, for every stage that uses the run's weights) refuses an
+    unusable run (:func:`unusable_run`: unfinished, mid-resume, weights missing or replaced) with
+    the command that finishes it; ``False`` only reads (e.g. to report the run's state).
+    """
     config = read_config(folder)
     problem = run_config_problem(config)
     if problem:
@@ -157,11 +218,65 @@ def read_run(folder: str, expect_regularizer: Optional[str] = None, expect_sa: O
         raise ValueError(f"{folder}: run uses the {model['regularizer']} regularizer, expected {expect_regularizer}")
     if expect_sa is not None and sa != expect_sa:
         raise ValueError(f"{folder}: run is a {_kind(sa)} model, expected a {_kind(expect_sa)} one")
+    names = config.get("class_names")
+    if isinstance(names, list) and names and int(model["num_classes"]) != len(names):
+        raise ValueError(f"{os.path.join(folder, CONFIG)}: model num_classes {model['num_classes']} but class_names lists "
+                         f"{len(names)} ({', '.join(map(str, names))}); the config was edited after training: restore "
+                         "it (the weights were trained for the recorded classes)")
     weights = os.path.join(folder, WEIGHTS)
+    if require_finished:
+        problem = unusable_run(folder, config)
+        if problem:
+            raise (ValueError if os.path.isfile(weights) or config.get("finished") is False else FileNotFoundError)(problem)
     return RunInfo(folder=folder, config=config, preset=config.get("preset", ""), regularizer=model["regularizer"],
                    spatially_adaptive=sa, num_classes=int(model["num_classes"]),
                    class_names=list(config.get("class_names", [])), weights=weights,
                    finished=bool(config.get("finished")) and os.path.isfile(weights))
+
+
+def attempt_without_checkpoint(folder: str) -> bool:
+    """True if ``folder`` holds only what a training attempt writes before its first checkpoint
+    (config.json not finished, train log, TensorBoard, no ``checkpoints/latest``): the stub a
+    process killed during ``--overwrite`` leaves, which its moved-aside old run may replace."""
+    entries = set(os.listdir(folder))
+    if not entries <= {CONFIG, TRAIN_LOG, TENSORBOARD, CHECKPOINTS} or \
+            os.path.isfile(os.path.join(folder, CHECKPOINTS, "latest")):
+        return False
+    try:
+        with open(os.path.join(folder, CONFIG)) as fh:
+            return not json.load(fh).get("finished")
+    except (OSError, ValueError, AttributeError):
+        return CONFIG not in entries
+
+
+def checkpoint_error(run_dir: str, prefix: str, exc: BaseException) -> str:
+    """The message for a checkpoint ``prefix`` that cannot be read: it names the files and the
+    newest earlier checkpoint of ``run_dir`` whose every tensor reads (TensorFlow imported here)."""
+    import glob
+
+    import tensorflow as tf
+
+    ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
+    bad = os.path.basename(os.path.dirname(prefix))
+    text = " ".join(str(exc).split())[:200]
+    intact = None
+    for folder in sorted(glob.glob(os.path.join(ckpt_dir, "step_*")), reverse=True):
+        if os.path.basename(folder) >= bad:
+            continue
+        try:
+            reader = tf.train.load_checkpoint(os.path.join(folder, "ckpt"))
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+        except Exception:  # noqa: BLE001 - any unreadable checkpoint is skipped
+            continue
+        intact = folder
+        break
+    files = ", ".join(sorted(glob.glob(prefix + ".*"))) or prefix
+    hint = (f"the earlier checkpoint {intact} is intact: to resume from it write {os.path.basename(intact)} into "
+            f"{os.path.join(ckpt_dir, 'latest')} and rerun with --resume" if intact else
+            f"no earlier checkpoint in {ckpt_dir} is intact: retrain with --overwrite")
+    return (f"{prefix}: checkpoint {bad} cannot be read ({type(exc).__name__}: {text}); its files ({files}) are "
+            f"truncated or corrupt; {hint}. {os.path.join(run_dir, CONFIG)} is left as it was")
 
 
 def read_train_logs(folders: Dict[str, str]) -> Dict:

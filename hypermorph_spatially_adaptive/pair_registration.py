@@ -4,10 +4,14 @@ The practitioner's entry point (``register.py`` is its command line). Inputs are
 nibabel images, ``(array, affine)`` tuples or bare arrays (taken to lie on the training spacing,
 axis-aligned). Steps, each timed (``result.seconds``):
 
-1. ``check`` (no model loaded yet): files exist and read, the images have the model's
-   dimension (2D/3D), label maps fit their image and lie in ``0..C`` of the model's classes,
-   the parameters resolve (names, range, identification folder), refinement of an SA model has
-   a fixed segmentation. Every problem raises a one-line ``ValueError``/``FileNotFoundError``.
+1. ``check`` (no model loaded yet): the run is finished (``artifacts.read_run``); files exist
+   and read (a header declaring more than :data:`MAX_VOXELS` voxels is refused before the data
+   are read), affines are invertible, images real and finite, the images have the model's
+   dimension (2D/3D), label maps share their image's shape *and* affine and lie in ``0..C`` of
+   the model's classes (range checked in the stored type, before any cast), fixed and moving
+   fields of view overlap (warning below :data:`OVERLAP_WARN`), the parameters resolve (names
+   once each, range, identification folder), refinement of an SA model has a fixed
+   segmentation. Every problem raises a one-line ``ValueError``/``FileNotFoundError``.
 2. ``load``: the run folder alone (``config.json``, ``weights.h5``; a global run for grid
    identification).
 3. ``resample``: intensities normalized as in training (:func:`intensity_normalizer`, chosen by
@@ -45,6 +49,13 @@ from .params import check_same_weighting
 
 ImageLike = Union[str, "os.PathLike", np.ndarray, Tuple[np.ndarray, np.ndarray], object]
 IDENTIFY_METHODS = ("grid", "gradient")
+#: largest image accepted (voxels; 2^28 = 512 x 512 x 1024): checked from the header before the
+#: data are read (resampling works in float64, ~2 GB per copy at this size)
+MAX_VOXELS = 2 ** 28
+#: a label map's affine may differ from its image's by this much (mm; NIfTI stores float32)
+AFFINE_TOLERANCE_MM = 1e-3
+#: warn when less than this fraction of the fixed image's field of view is covered by the moving one
+OVERLAP_WARN = 0.5
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -77,8 +88,11 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
 
     if isinstance(x, (str, os.PathLike)):
         path = os.fspath(x)
+        if os.path.isdir(path):
+            raise ValueError(f"{what} {path} is a folder; give a NIfTI file (.nii or .nii.gz)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what} not found: {path}")
+        _check_size(_header_shape(path, what), f"{what} {path}")
         data, affine, _ = _read_nifti(path, what)
         what = f"{what} {path}"
     elif hasattr(x, "affine") and hasattr(x, "dataobj"):  # nibabel image
@@ -89,21 +103,99 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
         data, affine = np.asarray(x), np.asarray(default_affine, np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise ValueError(f"{what}: the affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    lin = affine[:3, :3]
+    if abs(np.linalg.det(lin)) <= 1e-9 * max(1.0, float(np.abs(lin).max()) ** 3):
+        raise ValueError(f"{what}: its affine is singular (a zero voxel size or parallel axes), so its voxels have "
+                         f"no place in the world: {np.round(affine, 4).tolist()}; fix the header (sform/qform, pixdim)")
     stored = tuple(data.shape)
+    _check_size(stored, what)
     data = _squeeze(np.asarray(data))
+    if np.iscomplexobj(data):
+        raise ValueError(f"{what} has complex values ({data.dtype}); give a real image, e.g. its magnitude")
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
         raise ValueError(f"{what} has unsupported data type {data.dtype}")
     if not np.all(np.isfinite(data)):
         raise ValueError(f"{what} contains NaN or infinite values")
     if labels:
+        if data.size and data.dtype != np.bool_:  # range first, in the stored type: no value may wrap in the cast
+            lo, hi = data.min(), data.max()
+            if lo < 0:
+                raise ValueError(f"{what} has negative labels: {np.unique(data[data < 0])[:10].tolist()}")
+            if hi > np.iinfo(np.int32).max:
+                raise ValueError(f"{what} has label {hi.item()} ({data.dtype}), far outside any class range; labels are "
+                                 f"0 (background) and 1..C")
         if np.any(data != np.round(data)):
             raise ValueError(f"{what} has non-integer label values")
         data = np.round(data).astype(np.int32)
-        if data.size and data.min() < 0:
-            raise ValueError(f"{what} has negative labels: {np.unique(data).tolist()}")
     else:
         data = data.astype(np.float32)
     return Volume(data, np.asarray(affine, np.float64), what, stored)
+
+
+def _header_shape(path: str, what: str) -> Tuple[int, ...]:
+    """The array shape a NIfTI header declares (nothing else is read)."""
+    import nibabel as nib
+
+    try:
+        return tuple(int(n) for n in nib.load(path).shape)
+    except Exception as exc:  # noqa: BLE001 - any unreadable header
+        raise ValueError(f"cannot read NIfTI {what} {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_size(shape: Sequence[int], what: str) -> None:
+    n = int(np.prod([int(s) for s in shape], dtype=np.int64)) if len(shape) else 1
+    if n > MAX_VOXELS:
+        raise ValueError(f"{what} has {n:,} voxels ({' x '.join(str(int(s)) for s in shape)}), above the limit of "
+                         f"{MAX_VOXELS:,} (pair_registration.MAX_VOXELS); crop or downsample it")
+
+
+def _affine_text(a: np.ndarray) -> str:
+    return "[" + "; ".join(" ".join(f"{v:g}" for v in row) for row in np.round(np.asarray(a)[:3], 4)) + "]"
+
+
+def check_same_grid(seg: Volume, img: Volume) -> None:
+    """Refuse a label map whose affine differs from its image's (same shape is not enough: a
+    shifted header would be resampled from the wrong place); both affines are printed."""
+    diff = float(np.abs(np.asarray(seg.affine) - np.asarray(img.affine)).max())
+    if diff > AFFINE_TOLERANCE_MM:
+        shift = np.asarray(seg.affine)[:3, 3] - np.asarray(img.affine)[:3, 3]
+        raise ValueError(f"{seg.name} does not lie on its image's grid: affine {_affine_text(seg.affine)} vs "
+                         f"{_affine_text(img.affine)} of {img.name} (largest difference {diff:.4g}, origin shift "
+                         f"{np.round(shift, 3).tolist()} mm); a label map must share its image's affine: fix the "
+                         "header or resample the labels onto the image")
+
+
+def overlap_fraction(fixed: Volume, moving: Volume) -> float:
+    """Fraction of the fixed image's field of view (voxel edges) covered by the moving one's
+    bounding box, in the fixed image's voxel index space (in-plane for 2D)."""
+    D = fixed.data.ndim
+    T = np.linalg.solve(np.asarray(fixed.affine, np.float64), np.asarray(moving.affine, np.float64))
+    shape = moving.data.shape
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(D, -1)
+    pts = T[:D, :D] @ corners + T[:D, 3:4]
+    lo, hi = pts.min(axis=1), pts.max(axis=1)
+    flo, fhi = -0.5 * np.ones(D), np.asarray(fixed.data.shape, np.float64) - 0.5
+    inter = np.clip(np.minimum(hi, fhi) - np.maximum(lo, flo), 0, None)
+    return float(np.prod(inter / (fhi - flo)))
+
+
+def check_overlap(fixed: Volume, moving: Volume) -> float:
+    """Refuse a moving image whose field of view misses the fixed one's; warn (with the fraction)
+    when it covers less than :data:`OVERLAP_WARN` of it. Returns the covered fraction."""
+    frac = overlap_fraction(fixed, moving)
+    centres = [np.asarray(v.affine, np.float64) @ np.append((np.asarray(v.data.shape) - 1) / 2.0,
+                                                              [0.0] * (3 - v.data.ndim) + [1.0])
+               for v in (fixed, moving)]
+    dist = float(np.linalg.norm(centres[0][:3] - centres[1][:3]))
+    if frac <= 0.0:
+        raise ValueError(f"{moving.name} and {fixed.name} do not overlap in world space (their centres are "
+                         f"{dist:.1f} mm apart); outside its field of view the moving image would only repeat its "
+                         "edge values. Check both headers (affines)")
+    if frac < OVERLAP_WARN:
+        warnings.warn(f"{moving.name} covers only {100 * frac:.0f} % of the field of view of {fixed.name} (centres "
+                      f"{dist:.1f} mm apart); outside it the warped image repeats the moving image's edge values",
+                      stacklevel=3)
+    return frac
 
 
 def intensity_normalizer(data_config: Mapping):
@@ -172,6 +264,9 @@ def resolve_params(params, names: Sequence[str]) -> np.ndarray:
             key, sep, val = str(v).partition("=")
             if not sep:
                 raise ValueError(f"parameter {v!r}: expected name=value (names: {', '.join(names)})")
+            if key.strip() in items:
+                raise ValueError(f"parameter {key.strip()} given twice ({key.strip()}={items[key.strip()]} and "
+                                 f"{key.strip()}={val}); give each name once")
             items[key.strip()] = val
     out: Dict[str, float] = {}
     fields = sorted({n.split("_", 1)[0] for n in names})
@@ -360,10 +455,16 @@ class PairRegistrar:
                 img = vols[key.replace("_seg", "")]
                 if v.data.shape != img.data.shape:
                     raise ValueError(f"{v.name} has shape {v.data.shape}, its image {img.data.shape}")
+                check_same_grid(v, img)
                 if v.data.size and v.data.max() > C:
                     raise ValueError(f"{v.name} has labels outside 0..{C} (the model's classes "
                                      f"{', '.join(self.info.class_names)}): {np.unique(v.data).tolist()}")
             vols[key] = v
+        check_overlap(vols["fixed"], vols["moving"])
+        fseg = vols["fixed_seg"]
+        if fseg is not None and self.info.spatially_adaptive and fseg.data.size and fseg.data.max() == 0:
+            warnings.warn(f"{fseg.name} is all background (label 0): the spatially adaptive model uses the "
+                          "background's parameters everywhere", stacklevel=3)
         given = [n for n, v in (("--params", params), ("--ident", ident), ("--identify", identify)) if v is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of --params, --ident, --identify (got {given or 'none'})")

@@ -502,7 +502,8 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     from .folders import FolderLock
 
     check_args(args)
-    with FolderLock(args.out, "run folder", log=lambda line: print(line, flush=True)):
+    with FolderLock(args.out, "run folder", log=lambda line: print(line, flush=True),
+                    replaceable=art.attempt_without_checkpoint):  # a dead --overwrite's old run comes back
         return _run_locked(preset, args, argv)
 
 
@@ -621,22 +622,22 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
     folder, removes what this attempt wrote)."""
     from . import folders, runio
 
-    aside = None
-    if state == "run" and args.overwrite:
-        aside = folders.move_aside(run_dir)
-        print(f"[{preset}] --overwrite: {_describe(old)} in {run_dir} moved aside to {aside}; it is deleted once "
-              f"the new run has written its first checkpoint", flush=True)
-    created = not os.path.isdir(run_dir)
-    pending = {"aside": aside, "fresh": state != "run"}  # what a failure before the first checkpoint undoes
+    overwrite = state == "run" and args.overwrite
+    created = overwrite or not os.path.isdir(run_dir)
+    pending = {"aside": None, "fresh": state != "run"}  # what a failure before the first checkpoint undoes
 
     def first_checkpoint() -> None:
         if pending["aside"]:
-            shutil.rmtree(pending["aside"], ignore_errors=True)
+            folders.discard(pending["aside"])
             print(f"[{preset}] --overwrite: first checkpoint written; deleted the old run {pending['aside']}",
                   flush=True)
         pending.update(aside=None, fresh=False)
 
     try:
+        if overwrite:  # inside the try: a signal right after the rename restores too (SIGTERM/SIGHUP as Ctrl-C)
+            aside = folders.move_aside(run_dir, pending)
+            print(f"[{preset}] --overwrite: {_describe(old)} in {run_dir} moved aside to {aside}; it is deleted once "
+                  f"the new run has written its first checkpoint", flush=True)
         os.makedirs(run_dir, exist_ok=True)
         runio.save_config(run_dir, config)
         return _train(preset, args, run_dir, config, *train_args, on_checkpoint=first_checkpoint)
@@ -649,6 +650,8 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
             shutil.rmtree(run_dir, ignore_errors=True)
             if not created:
                 os.makedirs(run_dir, exist_ok=True)
+        elif args.resume and old is not None and old.get("finished"):  # a failed resume keeps the run finished
+            runio.save_config(run_dir, old)
         raise
 
 
@@ -835,7 +838,10 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     resume_prefix = None
     if resume_from:
         resume_prefix = runio.latest_checkpoint(run_dir)[0]
-        ckpt.read(resume_prefix).assert_existing_objects_matched()
+        try:
+            ckpt.read(resume_prefix).assert_existing_objects_matched()
+        except Exception as exc:  # truncated or foreign checkpoint: name it and the intact earlier one
+            raise ValueError(art.checkpoint_error(run_dir, resume_prefix, exc)) from exc
         print(f"[{preset}] resumed from {resume_prefix} at step {int(step_var.numpy())}", flush=True)
     start = int(step_var.numpy())
     batches = _train_batches(dataset, strategy, spec.num_params, args, start)

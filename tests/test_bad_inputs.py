@@ -202,11 +202,44 @@ CASES = [
     ("empty test split (pipeline)", "pipeline", "no-test", "the test split is empty"),
     ("ncc-win beyond the image (pipeline)", "pipeline", "plain --train-args '--ncc-win 33'",
      "--ncc-win 33 is longer than the smallest image side (32 voxels of 32 x 32)"),
+    # --- issue 36: register.py, every output checked and every input's geometry before any model --
+    ("register --out-warped = --moving", "register", "--out-warped {moving}",
+     "--out-warped {moving} is the input --moving {moving}; writing it would overwrite the input"),
+    ("register --out-disp = --fixed", "register", "--out-disp {fixed}", "--out-disp {fixed} is the input --fixed"),
+    ("register --out-warped-seg = --moving-seg", "register", "--moving-seg {moving_seg} --out-warped-seg {moving_seg}",
+     "--out-warped-seg {moving_seg} is the input --moving-seg"),
+    ("register --out-warped X --out-disp X", "register", "--out-warped {t}/x.nii.gz --out-disp {t}/./x.nii.gz",
+     "--out-disp and --out-warped are the same file {t}/./x.nii.gz; each output needs its own path"),
+    ("register output .png", "register", "--out-warped {t}/w.png",
+     "--out-warped {t}/w.png: expected a file ending in .nii or .nii.gz"),
+    ("register output in a read-only folder", "register", "--out-warped {t}/ro/w.nii.gz",
+     "--out-warped {t}/ro/w.nii.gz: the folder {t}/ro is not writable"),
+    ("register --params name repeated", "register", "--params lambda=0.1 lambda=0.9 mu=0.5",
+     "parameter lambda given twice (lambda=0.1 and lambda=0.9); give each name once"),
+    ("register label 2^32 + 2 (int64)", "register", "--moving-seg {wrap}",
+     "has label 4294967298 (int64), far outside any class range"),
+    ("register segmentation header shifted 10 mm", "register", "--fixed-seg {shifted_seg}",
+     "does not lie on its image's grid: affine [1 0 0 10; 0 1 0 0; 0 0 1 0] vs [1 0 0 0; 0 1 0 0; 0 0 1 0]"),
+    ("register moving image without overlap", "register", "--moving {far}",
+     "do not overlap in world space (their centres are 500.0 mm apart)"),
+    ("register 20000^2 image", "register", "--fixed {big}",
+     "has 400,000,000 voxels (20000 x 20000), above the limit of 268,435,456 (pair_registration.MAX_VOXELS)"),
+    ("register singular affine", "register", "--fixed {singular}",
+     "its affine is singular (a zero voxel size or parallel axes)"),
+    ("register complex image", "register", "--moving {complex}",
+     "has complex values (complex64); give a real image, e.g. its magnitude"),
+    ("register --fixed DIR", "register", "--fixed {t}", "fixed image {t} is a folder; give a NIfTI file"),
+    ("register with a mid-resume run", "register", "--run {unfinished}",
+     "training is unfinished ({unfinished}/config.json records finished: false, target 2 steps; its latest checkpoint "
+     "is step_00000002, and weights.h5 is from an earlier session); finish it first: python "
+     "train_hypermorph_elastic_global.py"),
+    ("register with a hand-edited num_classes", "register", "--run {edited}",
+     "{edited}/config.json: model num_classes 5 but class_names lists 3"),
     # --- 6: weights that cannot be loaded ----------------------------------------------------
     ("truncated weights.h5", "weights", "truncate",
-     "{run}/weights.h5: cannot load the weights of this elastic_global model"),
+     "is not the file training finished with"),
     ("weights of another architecture", "weights", "other-arch",
-     "{run}/weights.h5: cannot load the weights of this elastic_global model"),
+     "is not the file training finished with"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -462,12 +495,104 @@ def _run_weights(case, setup, expected, tmp_path, capsys, request):
         cfg = json.loads((run / "config.json").read_text())["model"]
         other = build_model(ModelConfig.from_dict(dict(cfg, hyp_units=8)))
         other.save_weights(str(weights))
-    with pytest.raises(ValueError) as exc:
-        runio.load_run(str(run))
-    msg = str(exc.value)
-    assert expected.format(run=run) in msg
-    assert f"checkpoint {run}/checkpoints/step_00000002 (step 2) is intact" in msg
-    assert "with --resume to rewrite it from that checkpoint" in msg
+    # the sha256 training recorded tells first (read_run, before any model is built); without one
+    # (runs made before it) the load itself fails; both name the checkpoint that rewrites the file
+    for message in (expected.format(run=run), f"{run}/weights.h5: cannot load the weights of this elastic_global model"):
+        with pytest.raises(ValueError) as exc:
+            runio.load_run(str(run))
+        msg = str(exc.value)
+        assert message in msg, msg
+        assert f"checkpoint {run}/checkpoints/step_00000002 (step 2) is intact" in msg
+        assert "with --resume to rewrite it from that checkpoint" in msg
+        _drop_weights_hash(run)
+
+
+def _drop_weights_hash(run) -> None:
+    """As in a run made before config.json recorded the sha256 of weights.h5."""
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["provenance"].pop("weights_sha256", None)
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+def _register_files(b, t):
+    """Inputs of the register rows in ``t``: the test pair of the base dataset and broken variants."""
+    d = os.path.dirname(b["csv"])
+    f = {}
+    for role in ("fixed", "moving", "fixed_seg", "moving_seg"):
+        f[role] = str(t / f"{role}.nii.gz")
+        shutil.copyfile(os.path.join(d, "img", f"{role.replace('_seg', '')}4{'_seg' if 'seg' in role else ''}.nii.gz"),
+                        f[role])
+    img = np.asarray(nib.load(f["fixed"]).dataobj)
+    seg = np.asarray(nib.load(f["fixed_seg"]).dataobj)
+
+    def save(name, data, affine=np.eye(4)):
+        hdr = nib.Nifti1Header()
+        hdr.set_data_dtype(data.dtype)  # int64 and complex64 as such
+        im = nib.Nifti1Image(data, None, header=hdr)
+        im.set_sform(affine, code=1)  # sform only: a singular affine cannot be a qform
+        nib.save(im, str(t / name))
+        return str(t / name)
+
+    shifted, far, singular = np.eye(4), np.eye(4), np.eye(4)
+    shifted[0, 3], far[0, 3], singular[1, 1] = 10.0, 500.0, 0.0
+    wrap = seg.astype(np.int64)
+    wrap[0, 0] = 2 ** 32 + 2  # would become class 2 in an int32 cast
+    f.update(shifted_seg=save("shifted_seg.nii.gz", seg, shifted), far=save("far.nii.gz", img, far),
+             singular=save("singular.nii.gz", img, singular), complex=save("complex.nii.gz", img.astype(np.complex64)),
+             wrap=save("wrap.nii.gz", wrap), big=str(t / "big.nii"))
+    hdr = nib.Nifti1Header()  # a header declaring 20000 x 20000 float32 (1.6 GB) and no data
+    hdr.set_data_shape((20000, 20000))
+    hdr.set_data_dtype(np.float32)
+    (t / "big.nii").write_bytes(hdr.binaryblock + b"\0" * 4)
+    for name, edit in (("unfinished", {"finished": False}), ("edited", None)):
+        run = t / name
+        shutil.copytree(b["run"], run)
+        cfg = json.loads((run / "config.json").read_text())
+        if edit:
+            cfg.update(edit)
+        else:
+            cfg["model"]["num_classes"] = 5
+        (run / "config.json").write_text(json.dumps(cfg))
+        f[name] = str(run)
+    (t / "ro").mkdir()
+    (t / "ro").chmod(0o555)
+    return f
+
+
+def _run_register(case, setup, expected, tmp_path, capsys, request):
+    import register
+
+    if "read-only" in case and os.geteuid() == 0:
+        pytest.skip("root writes into any folder")
+    mp = request.getfixturevalue("monkeypatch")
+    mp.setattr(runio, "load_run", lambda *a, **k: pytest.fail("a model was loaded before the inputs were checked"))
+    b = request.getfixturevalue("base")
+    f = _register_files(b, tmp_path)
+    fmt = {**f, "t": str(tmp_path)}
+    argv = {"--run": str(b["run"]), "--fixed": f["fixed"], "--moving": f["moving"], "--params": ["lambda=0.5", "mu=0.5"],
+            "--out-warped": str(tmp_path / "out.nii.gz")}
+    given = shlex.split(setup.format(**fmt))
+    outs = [a for a in given if a.startswith("--out-")]
+    if outs:
+        del argv["--out-warped"]
+    i = 0
+    while i < len(given):  # the row's options replace the defaults
+        j = i + 1
+        while j < len(given) and not given[j].startswith("--"):
+            j += 1
+        argv[given[i]] = given[i + 1:j] if given[i] == "--params" else given[i + 1]
+        i = j
+    flat = [x for k, v in argv.items() for x in ([k, *v] if isinstance(v, list) else [k, v])]
+    before = snapshot(tmp_path)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as exc:
+        runio.cli_main(register.main, flat)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith("error: ") and "\n" not in err, err
+    assert expected.format(**fmt) in err, err
+    assert time.time() - t0 < 5  # before any heavy work (the 20000^2 header: no 1.6 GB read)
+    (tmp_path / "ro").chmod(0o755)
+    assert snapshot(tmp_path) == before  # every input byte-identical, nothing written
 
 
 @pytest.mark.parametrize("case,kind,setup,expected", CASES, ids=IDS)
@@ -549,6 +674,7 @@ def test_script_error_is_one_line_without_tensorflow_noise(base, tmp_path):
     """A real script run: the only stderr output is the one error line (TF start-up noise filtered)."""
     run = copy_run(base, tmp_path)
     (run / "weights.h5").write_bytes((run / "weights.h5").read_bytes()[:1000])
+    _drop_weights_hash(run)  # so that TensorFlow is loaded and fails (the recorded hash would refuse first)
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     r = subprocess.run([sys.executable, "parameter_identification.py", "--run", str(run), "--out", str(tmp_path / "i")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

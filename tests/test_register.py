@@ -285,3 +285,47 @@ def test_bad_inputs_one_line_errors_before_loading(setup, tmp_path, capsys, monk
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err, err
     assert not os.path.exists(os.path.dirname(out))
+
+
+# ---------------------------------------------------------------- issue 36 (refusals: tests/test_bad_inputs.py)
+def test_register_warns_partial_overlap_and_an_all_background_sa_map(setup, tmp_path):
+    """A moving image shifted by 24 of 32 columns covers 25 % of the fixed field of view: a warning
+    with that number; an all-background fixed segmentation of an SA run: a warning."""
+    import nibabel as nib
+
+    img = nib.load(setup["files"]["fixed"])
+    A = np.asarray(img.affine)
+    moved = A.copy()
+    moved[:3, 3] += A[:3, 1] * 24  # 24 voxels along array axis 1
+    data = np.asarray(img.get_fdata(), np.float32)
+    with pytest.warns(UserWarning, match=r"covers only 25 % of the field of view"):
+        setup["registrar"].check((data, A), (data, moved), params=[0.5] * 8)
+    with pytest.warns(UserWarning, match="is all background"):
+        setup["registrar"].check((data, A), (data, A), fixed_seg=(np.zeros(data.shape, np.int16), A),
+                                 params=[0.5] * 8)
+
+
+def test_register_refuses_an_unfinished_run_naming_the_command(setup, tmp_path):
+    """A run whose --resume was interrupted (config finished false, weights.h5 of an earlier step) or
+    whose weights.h5 was replaced is refused by register, naming the command that finishes it."""
+    import json
+    import shutil
+
+    import register
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    cfg = json.loads((run / art.CONFIG).read_text())
+    (run / art.CONFIG).write_text(json.dumps(dict(cfg, finished=False)))
+    f = setup["files"]
+    argv = ["--fixed", f["fixed"], "--moving", f["moving"], "--run", str(run), "--params", "lambda=0.5", "mu=0.5",
+            "--out-warped", str(tmp_path / "w.nii.gz")]
+    with pytest.raises(ValueError, match=r"training is unfinished \(.*finished: false.*\); finish it first: python "
+                                         r"train_hypermorph_elastic_sa.py .*--resume"):
+        register.main(argv)
+    (run / art.CONFIG).write_text(json.dumps(cfg))
+    (run / art.WEIGHTS).write_bytes((run / art.WEIGHTS).read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=r"is not the file training finished with"):
+        register.main(argv)
+    assert not os.path.exists(tmp_path / "w.nii.gz")

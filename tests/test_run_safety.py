@@ -217,17 +217,28 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 # ------------------------------------------------------------------------------------------
 def test_staged_folder_is_complete_or_old(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "grid_dice.csv").write_text("old method")
+    with folders.staged_folder(str(out), "identification folder", log=lambda _: None) as dest:
+        open(os.path.join(dest, "grid_dice.csv"), "w").write("old method")
+    marker = folders.read_marker(str(out))
+    assert marker["stage"] == "identification folder" and marker["entries"] == ["grid_dice.csv"]
     with pytest.raises(RuntimeError):
-        with folders.staged_folder(str(out), log=lambda _: None) as dest:
+        with folders.staged_folder(str(out), "identification folder", log=lambda _: None) as dest:
             open(os.path.join(dest, "identified_parameters.csv"), "w").write("half")
             raise RuntimeError("class-name check failed")
-    assert sorted(os.listdir(out)) == ["grid_dice.csv"] and sorted(os.listdir(tmp_path)) == ["out"]
-    with folders.staged_folder(str(out), log=lambda _: None) as dest:
-        open(os.path.join(dest, "objective_trace.csv"), "w").write("new")
-    assert sorted(os.listdir(out)) == ["objective_trace.csv"]  # no stale file of the other method
+    assert sorted(os.listdir(out)) == ["grid_dice.csv", folders.STAGE_MARKER]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    with folders.staged_folder(str(out), "identification folder", log=lambda _: None) as dest:
+        open(os.path.join(dest, "objective_trace.csv"), "w").write("new")
+    assert sorted(os.listdir(out)) == ["objective_trace.csv", folders.STAGE_MARKER]  # no stale file of the other method
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    # a folder written before the marker existed is recognized by the stage's own record
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / art.IDENTIFICATION_META).write_text("{}")
+    with folders.staged_folder(str(legacy), "identification folder", log=lambda _: None,
+                               legacy_meta=art.IDENTIFICATION_META) as dest:
+        open(os.path.join(dest, "a.csv"), "w").write("new")
+    assert sorted(os.listdir(legacy)) == ["a.csv", folders.STAGE_MARKER]
 
 
 def test_inference_killed_mid_run_leaves_the_old_results_intact(tmp_path, base):
@@ -383,3 +394,274 @@ def test_pipeline_with_fewer_steps_says_so_in_its_own_terms(base):
         run_pipeline._refuse_shorter(argparse.Namespace(steps=1), str(base["run"]))
     assert "--resume" not in str(err.value)
     run_pipeline._refuse_shorter(argparse.Namespace(steps=2), str(base["run"]))
+
+
+# ------------------------------------------------------------------------------------------
+# issue 36: no stage deletes what it did not create, no command overwrites its own inputs,
+# no stale or unfinished result is used silently
+# ------------------------------------------------------------------------------------------
+def _stage_case(tmp_path, base, case):
+    """(stage main, argv, folder whose listing must not change, expected message) of one case."""
+    import inference
+    import parameter_identification as pid
+
+    ident_argv = ["--run", str(base["run"]), "--grid-steps", "2", "--no-figure", "--out"]
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    ident = tmp_path / "ident"
+    shutil.copytree(base["ident"], ident)
+    if case == "thesis":
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "thesis.tex").write_text("\\documentclass{book}")
+        return pid.main, ident_argv + [str(tmp_path / "mine")], tmp_path / "mine", \
+            "is not empty (thesis.tex) and holds no complete identification folder"
+    if case == "the training run":
+        return pid.main, ["--run", str(run), "--out", str(run)], run, f"--out {run} is an input of this command"
+    if case == "the data folder":
+        data = os.path.dirname(base["csv"])
+        return pid.main, ident_argv + [data], data, "holds no complete identification folder"
+    if case == "the working directory":
+        return pid.main, ident_argv + ["."], os.getcwd(), "holds no complete identification folder"
+    if case == "a folder holding the run":
+        return pid.main, ["--run", str(run), "--out", str(tmp_path)], tmp_path, f"contains an input of this command ({run})"
+    if case == "inference's own --elastic-ident":
+        return inference.main, _infer_argv({**base, "ident": ident}, ident), ident, f"--out {ident} is an input"
+    if case == "a regular file":
+        (tmp_path / "notes").write_text("keep me")
+        return pid.main, ident_argv + [str(tmp_path / "notes")], tmp_path, "is a file, not a folder"
+    if case == "a symbolic link":
+        (tmp_path / "link").symlink_to(ident)
+        return pid.main, ident_argv + [str(tmp_path / "link")], tmp_path, "is a symbolic link"
+    if case == "another stage's folder":
+        res = tmp_path / "res"
+        shutil.copytree(base["results"], res)
+        return pid.main, ident_argv + [str(res)], res, "holds the output of another stage ('results folder',"
+    if case == "a stage folder with a user's file":
+        (ident / "my_notes.md").write_text("x")
+        return pid.main, ident_argv + [str(ident)], ident, "holds my_notes.md besides the identification folder"
+    raise AssertionError(case)
+
+
+STAGE_CASES = ["thesis", "the training run", "the data folder", "the working directory", "a folder holding the run",
+               "inference's own --elastic-ident", "a regular file", "a symbolic link", "another stage's folder",
+               "a stage folder with a user's file"]
+
+
+@pytest.mark.parametrize("case", STAGE_CASES)
+def test_a_stage_replaces_only_its_own_complete_folder(tmp_path, base, case, monkeypatch):
+    """Identification/inference --out: refused before anything is computed (no model loaded), and
+    every file under the folder (and beside it) stays byte-identical."""
+    from hypermorph_spatially_adaptive import runio
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runio, "load_run", lambda *a, **k: pytest.fail("a model was loaded before --out was checked"))
+    main, argv, keep, msg = _stage_case(tmp_path, base, case)
+    before, listing = snapshot(keep), sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match="refusing to replace it|is an input|contains an input|is a file|symbolic") \
+            as err:
+        main(argv)
+    assert msg in str(err.value), str(err.value)
+    assert snapshot(keep) == before and sorted(os.listdir(tmp_path)) == listing  # no .tmp-, no lock left
+
+
+def test_identification_rerun_replaces_its_own_folder(tmp_path, base):
+    """The marker written by the stage lets the same stage replace the folder (and nothing else)."""
+    import parameter_identification
+
+    ident = tmp_path / "ident"
+    shutil.copytree(base["ident"], ident)
+    assert folders.read_marker(str(ident))["stage"] == "identification folder"
+    assert set(folders.read_marker(str(ident))["entries"]) == set(os.listdir(ident)) - {folders.STAGE_MARKER}
+    (ident / art.GRID_DICE).write_text("stale")
+    parameter_identification.main(["--run", str(base["run"]), "--out", str(ident), "--grid-steps", "2",
+                                   "--no-figure"])
+    assert (ident / art.GRID_DICE).read_text() != "stale"
+    assert sorted(os.listdir(tmp_path)) == ["ident"]
+
+
+_LOCKED_OVERWRITE = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+from hypermorph_spatially_adaptive import folders
+run = {run!r}
+with folders.FolderLock(run, "run folder"):
+    aside = folders.move_aside(run)
+    try:
+        os.makedirs(run)
+        open(os.path.join(run, "config.json"), "w").write('{{"finished": false}}')
+        print("moved aside", flush=True)
+        time.sleep(60)
+    except BaseException as exc:
+        folders.restore(aside, run)
+        print("restored after", type(exc).__name__, exc, flush=True)
+        raise
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_sigterm_and_sighup_take_the_same_restore_path_as_ctrl_c(tmp_path, base, sig):
+    """The trainer's --overwrite pattern in a child process (lock, move aside, write a stub, fail):
+    each signal restores the old run byte for byte and releases the lock."""
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    before = snapshot(run)
+    proc = subprocess.Popen([sys.executable, "-c", _LOCKED_OVERWRITE.format(root=ROOT, run=str(run))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "moved aside"
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=30)
+    assert out.startswith("restored after"), (out, err)
+    assert sig in out or sig == "SIGINT"
+    assert proc.returncode != 0 and snapshot(run) == before
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no .run.old-*, no lock
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_during_a_real_overwrite_restores_the_finished_run(tmp_path, base, sig):
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    before = snapshot(run)
+    script = os.path.join(ROOT, f"train_hypermorph_{PRESET}.py")
+    proc = subprocess.Popen([sys.executable, script, *train_argv(base["csv"], run, extra=["--overwrite", "--seed", "4"])],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "moved aside" in line:
+            break
+    proc.send_signal(getattr(signal, sig))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "the old run is back" in log, log
+    assert snapshot(run) == before and sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_a_run_left_aside_by_a_killed_overwrite_is_put_back_by_the_next_command(tmp_path, base):
+    """SIGKILL between move-aside and the first checkpoint leaves ``.run.old-*`` and a stub: the next
+    training command on the folder puts the finished run back (and then refuses as for any
+    finished run); a folder holding newer work keeps it and names the old run with the command."""
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    before = snapshot(run)
+    aside = folders.move_aside(str(run))
+    run.mkdir()
+    (run / art.CONFIG).write_text(json.dumps({"preset": PRESET, "finished": False}))
+    (run / art.TRAIN_LOG).write_text("step\n")
+    with pytest.raises(ValueError, match=r"already holds a finished elastic_global run \(2 steps\)"):
+        trainer.main(PRESET, train_argv(base["csv"], run))
+    assert snapshot(run) == before and sorted(os.listdir(tmp_path)) == ["run"]
+    # newer work in the folder (a checkpoint): the old run is kept aside and named, nothing restored
+    aside = folders.move_aside(str(run))
+    shutil.copytree(aside, run)
+    lines = []
+    with folders.FolderLock(str(run), "run folder", log=lines.append, replaceable=art.attempt_without_checkpoint):
+        pass
+    assert os.path.isdir(aside) and len(lines) == 1
+    assert f"{aside}: a run moved aside by a killed --overwrite" in lines[0] and f"mv '{aside}' '{run}'" in lines[0]
+
+
+_PARENT = r"""
+import sys
+sys.path.insert(0, {root!r})
+from hypermorph_spatially_adaptive import folders
+folders.run_child([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_child_process_dies_with_its_parent(sig):
+    """benchmarks/study.py runs run_pipeline.py through folders.run_child: SIGTERM to the parent
+    stops the child first; SIGKILL (no clean-up possible) reaches it through PR_SET_PDEATHSIG."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT.format(root=ROOT)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    parent.send_signal(getattr(signal, sig))
+    parent.wait(timeout=30)
+    t0 = time.time()
+    while _alive(child) and time.time() - t0 < 10:
+        time.sleep(0.05)
+    assert not _alive(child)
+    import benchmarks.study as study  # the study's children go through it
+
+    src = open(study.__file__).read()
+    assert "subprocess.call(" not in src.split("def _git_head")[0] and src.count("run_child(") >= 2
+
+
+def test_last_error_line_gives_the_reason_of_a_failed_child(tmp_path):
+    log = tmp_path / "pipeline.log"
+    log.write_text("=== run\n[data] ok\nTraceback ...\nerror: argument --seed: must be >= 0, got -1\n\n")
+    assert folders.last_error_line(str(log)) == "error: argument --seed: must be >= 0, got -1"
+    log.write_text("usage: run_pipeline.py\nrun_pipeline.py: error: argument --seed: must be >= 0, got -1\n")
+    assert folders.last_error_line(str(log)).endswith("argument --seed: must be >= 0, got -1")
+    assert folders.last_error_line(str(tmp_path / "missing")) == ""
+
+
+def _mid_resume(tmp_path, base, name="run"):
+    """A finished 2-step run whose --resume to 4 steps was interrupted: config finished false, a
+    step-3 checkpoint named latest, weights.h5 still from step 2."""
+    run = tmp_path / name
+    shutil.copytree(base["run"], run)
+    cfg = json.loads((run / art.CONFIG).read_text())
+    cfg["finished"] = False
+    cfg["training"]["steps"] = 4
+    cfg["resumed"] = [{"command": cfg["command"] + ["--steps", "4", "--resume"], "from_step": 2, "steps": 4}]
+    (run / art.CONFIG).write_text(json.dumps(cfg))
+    shutil.copytree(run / art.CHECKPOINTS / "step_00000002", run / art.CHECKPOINTS / "step_00000003")
+    (run / art.CHECKPOINTS / "latest").write_text("step_00000003\n")
+    return run
+
+
+def test_downstream_stages_refuse_an_unfinished_or_mid_resume_run(tmp_path, base):
+    import inference
+    import parameter_identification
+
+    run = _mid_resume(tmp_path, base)
+    finish = r"finish it first: python train_hypermorph_elastic_global.py .*--steps 4 --resume"
+    with pytest.raises(ValueError, match=r"training is unfinished \(.*finished: false, target 4 steps; its latest "
+                                         r"checkpoint is step_00000003, and weights.h5 is from an earlier session\); "
+                       + finish):
+        parameter_identification.main(["--run", str(run), "--out", str(tmp_path / "id"), "--grid-steps", "2"])
+    sa = _mid_resume(tmp_path, {**base, "run": base["sa"]}, "sa")
+    with pytest.raises(ValueError, match="training is unfinished"):
+        inference.main(_infer_argv({**base, "sa": sa}, tmp_path / "res"))
+    assert sorted(os.listdir(tmp_path)) == ["run", "sa"]  # nothing written
+    info = art.read_run(str(run), require_finished=False)  # reading the state is still possible
+    assert not info.finished
+    # a finished run whose weights.h5 is not the file training recorded
+    other = tmp_path / "other"
+    shutil.copytree(base["run"], other)
+    (other / art.WEIGHTS).write_bytes((base["sa"] / art.WEIGHTS).read_bytes())
+    with pytest.raises(ValueError, match=r"weights.h5 \(sha256 \w+\) is not the file training finished with"):
+        art.read_run(str(other))
+    # a hand-edited num_classes is named as such (not blamed on weights.h5)
+    edited = tmp_path / "edited"
+    shutil.copytree(base["run"], edited)
+    cfg = json.loads((edited / art.CONFIG).read_text())
+    cfg["model"]["num_classes"] = 5
+    (edited / art.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model num_classes 5 but class_names lists 3 .*the config was edited") as err:
+        art.read_run(str(edited))
+    assert "weights.h5" not in str(err.value).split("(the weights")[0]
+
+
+def test_a_truncated_checkpoint_names_the_intact_one_and_a_failed_resume_keeps_the_run_finished(tmp_path, base):
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    cfg_before = art.read_config(str(run))
+    data = run / art.CHECKPOINTS / "step_00000002" / "ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(ValueError) as err:
+        trainer.main(PRESET, train_argv(base["csv"], run, steps=3, extra=["--resume"]))
+    msg = str(err.value)
+    assert f"{run}/checkpoints/step_00000002/ckpt: checkpoint step_00000002 cannot be read" in msg, msg
+    assert str(data) in msg and f"the earlier checkpoint {run}/checkpoints/step_00000001 is intact" in msg, msg
+    after = art.read_config(str(run))
+    assert after["finished"] is True and after["final_step"] == 2 and after.get("resumed") == cfg_before.get("resumed")
+    assert art.read_run(str(run)).finished  # still usable downstream

@@ -95,3 +95,57 @@ def test_cli_saves_every_finished_unit(tmp_path):
     os.makedirs(os.path.join(study, "calibrated", "seed1"))  # unfinished: not a unit
     assert study_record.main(["save", "--study", study, "--record", record]) == [UNIT]
     assert study_record.units(record) == [UNIT]
+
+
+def _snapshot(folder):
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            with open(os.path.join(root, n), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, n), folder)] = fh.read()
+    return out
+
+
+def test_save_over_an_existing_unit_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """Issue 36: a failure while the new unit is put in place leaves the old recorded unit whole
+    (before: the old one was deleted first, and the failure left neither)."""
+    study, record = str(tmp_path / "study"), str(tmp_path / "record")
+    _fake_unit(study)
+    study_record.main(["save", "--study", study, "--record", record])
+    old = _snapshot(os.path.join(record, UNIT))
+    _write(os.path.join(study, UNIT, "results", "table1.md"), b"| new |\n")
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if os.path.basename(src).startswith(".seed0.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(study_record.os, "replace", failing)
+    with pytest.raises(study_record.RecordError, match=r"record/paper/seed0: cannot replace the recorded unit "
+                                                       r"\(OSError: No space left on device\)"):
+        study_record.main(["save", "--study", study, "--record", record])
+    monkeypatch.setattr(study_record.os, "replace", real_replace)
+    assert _snapshot(os.path.join(record, UNIT)) == old
+    assert sorted(os.listdir(os.path.join(record, "paper"))) == ["seed0"]  # no hidden leftovers
+    study_record.main(["save", "--study", study, "--record", record])  # the save itself replaces it
+    assert _snapshot(os.path.join(record, UNIT))["results/table1.md"] == b"| new |\n"
+    assert sorted(os.listdir(os.path.join(record, "paper"))) == ["seed0"]
+
+
+def test_corrupt_or_unwritable_record_errors_name_the_file(tmp_path):
+    study, record = str(tmp_path / "study"), str(tmp_path / "record")
+    _fake_unit(study)
+    study_record.main(["save", "--study", study, "--record", record])
+    bad = os.path.join(record, UNIT, "results", "per_pair_metrics.csv.gz")
+    _write(bad, b"not a gzip file")
+    again = str(tmp_path / "again")
+    with pytest.raises(study_record.RecordError, match=f"{bad}: cannot read the recorded file \\(BadGzipFile: "):
+        study_record.main(["restore", "--study", again, "--record", record])
+    _write(bad, open(bad, "rb").read()[:5])  # truncated
+    with pytest.raises(study_record.RecordError, match=f"{bad}: cannot read the recorded file"):
+        study_record.main(["restore", "--study", str(tmp_path / "again2"), "--record", record])
+    blocked = str(tmp_path / "blocked")
+    _write(blocked, b"a file where the record folder should be")
+    with pytest.raises(study_record.RecordError, match=f"{blocked}/paper: cannot create the record folder"):
+        study_record.main(["save", "--study", study, "--record", blocked])
