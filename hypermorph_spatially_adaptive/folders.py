@@ -533,7 +533,9 @@ def safe_file_names(ids: Sequence[str]) -> Dict[str, str]:
 
 
 # ---- child processes die with their parent ------------------------------------------------------
-def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux: prctl)
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child process: the kernel sends it SIGTERM when its parent dies, even by
+    SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``; a no-op elsewhere). Runs between fork and exec."""
     try:
         import ctypes
 
@@ -551,7 +553,7 @@ def run_child(cmd: Sequence[str], grace: float = 10.0, **popen_kw) -> int:
     import sys
 
     if sys.platform.startswith("linux"):
-        popen_kw.setdefault("preexec_fn", _die_with_parent)
+        popen_kw.setdefault("preexec_fn", die_with_parent)
     _catch_signals()
     try:
         proc = subprocess.Popen(list(cmd), **popen_kw)

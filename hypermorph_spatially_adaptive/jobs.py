@@ -10,8 +10,9 @@ Each job is ``[python, script, *argv]`` in a child process with ``TF_NUM_INTRAOP
 its share of the cores. Output lines are passed through as they come, prefixed with the job's name
 unless the line already starts with ``[``. A failed job stops the others (SIGINT, so each saves its
 state the way Ctrl-C does) and raises :class:`JobFailed` with the job's last ``error:`` line. A
-SIGINT, SIGTERM or SIGHUP to this process is forwarded the same way: children never outlive the
-command that started them.
+SIGINT, SIGTERM or SIGHUP to this process is forwarded the same way, and on Linux the kernel stops
+the children if this process is killed outright (:func:`.folders.die_with_parent`): children never
+outlive the command that started them.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
+
+from .folders import die_with_parent
 
 __all__ = ["Job", "JobFailed", "default_jobs", "run_jobs", "threads_per_job"]
 
@@ -111,7 +114,8 @@ def run_jobs(jobs: Sequence[Job], parallel: int, threads: int = 1,
             while queue and len(running) < parallel:
                 job = queue.pop(0)
                 proc = subprocess.Popen(job.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, bufsize=1)
+                                        text=True, bufsize=1,
+                                        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
                 tail: List[str] = []
                 reader = threading.Thread(target=_pump, args=(job, proc.stdout, lock, tail, write), daemon=True)
                 reader.start()
