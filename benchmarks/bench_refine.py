@@ -10,7 +10,9 @@ Rows are named ``<start>[+io[+option...]]``:
   tokens: ``fold<W>`` (folding penalty weight), ``eps<E>`` (its threshold), ``logj<W>``
   (log-Jacobian penalty weight), ``smooth<K>``
   (box-filter passes of the update), ``grid<G>`` (update grid coarsening), ``scale<S>`` (objective
-  on S times coarser images), ``svf`` (velocity
+  on S times coarser images), ``levels<A>x<B>x...`` (coarse-to-fine pyramid of shrink factors,
+  e.g. ``levels4x2x1``; the row's steps split over the levels), ``split<A>x<B>x...`` (relative
+  steps per level), ``svf`` (velocity
   field, composed with the start), ``steps<N>`` / ``lr<X>`` (override the defaults). E.g.
   ``net+io+svf+smooth3+fold10``.
 
@@ -40,8 +42,20 @@ MODES = {"demo": {}, "stress": {"motion": "stress"}, "inter-subject": {"pairing"
 DEFAULT_ROWS = ["net", "net+io", "net+io+fold100", "net+io+smooth3", "net+io+grid2", "net+io+grid4", "net+io+svf",
                 "net+io+svf+smooth3", "net+io+fold100+logj1", "net+io+grid2+smooth3+fold100+logj1", "zero+io",
                 "zero+io+grid2+smooth3+fold100+logj1"]
+
+
+def _factors(text: str) -> Tuple[int, ...]:
+    """``"4x2x1"`` -> ``(4, 2, 1)``."""
+    return tuple(int(t) for t in text.split("x"))
+
+
+def _weights(text: str) -> Tuple[float, ...]:
+    return tuple(float(t) for t in text.split("x"))
+
+
 _OPTION_TOKENS = {"fold": ("fold_weight", float), "eps": ("fold_eps", float), "logj": ("logj_weight", float),
-                  "smooth": ("smooth", int), "grid": ("grid", int), "scale": ("scale", int), "steps": ("steps", int), "lr": ("lr", float)}
+                  "smooth": ("smooth", int), "grid": ("grid", int), "scale": ("scale", int), "steps": ("steps", int),
+                  "lr": ("lr", float), "levels": ("levels", _factors), "split": ("level_split", _weights)}
 
 
 def _project_root() -> str:
@@ -95,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="Adam steps of every +io row (a row's steps<N> overrides)")
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate, voxels (a row's lr<X> overrides)")
     p.add_argument("--ncc-win", type=int, default=9, help="NCC window without --run (else the run's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="TensorFlow intra- and inter-op threads (0: TensorFlow's default, all cores); 1 compares "
+                        "with bench_peer.py --threads 1 on the same cores")
     p.add_argument("--out", default=os.path.join("outputs", "bench_refine"), help="output folder")
     p.add_argument("--panel", default=None, metavar="PNG",
                    help="also draw a Fig. 3 panel (figures.plot_registration_panel) of the first pair of "
@@ -239,6 +256,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     from datasets.atomic import atomic_write
 
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import tf_compat  # noqa: F401  (the shims, before TensorFlow is first imported)
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     reg, spec, cfg, win = _model(args)
     rows: List[Dict] = []
     panel: Dict = {}
@@ -249,7 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     per_pair = pd.DataFrame(rows)
     summary = summarize(per_pair)
     md = (f"Refinement variants ({args.split} pairs, {args.image_size[0]}x{args.image_size[1]}, start "
-          f"{args.run or 'zero'}, hyp {args.hyp}, {args.steps} steps at lr {args.lr})\n\n" + markdown(summary))
+          f"{args.run or 'zero'}, hyp {args.hyp}, {args.steps} steps at lr {args.lr}, "
+          f"{args.threads or 'default'} TensorFlow threads)\n\n" + markdown(summary))
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, "bench_refine_pairs.csv"), per_pair)
     atomic_write(os.path.join(args.out, "bench_refine.csv"), summary)
