@@ -38,8 +38,9 @@ Conventions
   results are bitwise repeatable only with ``--threads 1``, with more threads the order of ITK's
   parallel sums varies from run to run.
 
-Outputs in ``--out``: ``per_pair_metrics.csv`` (inference.py's columns plus ``seconds``),
-``table1.csv`` / ``table1.md`` (``evaluation.table1``; table1.csv adds ``seconds_mean/std``),
+Outputs in ``--out``: ``per_pair_metrics.csv`` (inference.py's columns plus ``seconds`` and ``cpu_seconds``, the
+process's CPU time: on a loaded machine the fairer cost with one thread), ``table1.csv`` /
+``table1.md`` (``evaluation.table1``; table1.csv adds ``seconds_mean/std``, ``cpu_seconds_mean``),
 ``bench_peer.json`` (versions, options, pairs, data version).
 """
 from __future__ import annotations
@@ -420,17 +421,17 @@ def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -
         pair = dataset.load_pair(pid)
         zero = np.zeros((*pair.fixed.shape[:-1], pair.fixed.ndim - 1), np.float32)
         init = evaluation.pair_metrics(pair, zero, C, class_names)
-        rows.append({"pair_id": pid, "method": "initial", "params": "", **init, "seconds": 0.0})
+        rows.append({"pair_id": pid, "method": "initial", "params": "", **init, "seconds": 0.0, "cpu_seconds": 0.0})
         for transform in args.transform:
             params = json.dumps({"type_of_transform": transform, "seed": args.seed, "threads": args.threads})
             with tempfile.TemporaryDirectory(prefix="bench_peer_") as work:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 u = register(ants, pair.fixed[..., 0], pair.moving[..., 0], pair.spacing, transform,
                              args.seed, work)[0]
-                seconds = time.perf_counter() - t0
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             m = evaluation.pair_metrics(pair, u, C, class_names)
             rows.append({"pair_id": pid, "method": method_name(transform), "params": params, **m,
-                         "seconds": seconds})
+                         "seconds": seconds, "cpu_seconds": cpu})
             print(f"[bench_peer] {k}/{len(ids)} {pid} {method_name(transform)}: mean Dice {init['mean_dice']:.3f} -> "
                   f"{m['mean_dice']:.3f}, %negJ {m['percent_neg_jac']:.3f}, {seconds:.2f} s", flush=True)
     return rows, time.perf_counter() - t_all
@@ -449,6 +450,7 @@ def _write_results(args: argparse.Namespace, argv: Optional[Sequence[str]], per_
     secs = per_pair.groupby("method")["seconds"]
     numeric["seconds_mean"] = numeric["method"].map(secs.mean())
     numeric["seconds_std"] = numeric["method"].map(secs.std(ddof=0))
+    numeric["cpu_seconds_mean"] = numeric["method"].map(per_pair.groupby("method")["cpu_seconds"].mean())
     methods = {method_name(t): t for t in args.transform}
     sec = {name: per_pair.loc[per_pair["method"] == name, "seconds"] for name in methods}
     header = (f"Table 1 on {dataset.name} ({len(ids)} {args.split} pairs), mean(std) over pairs; "
@@ -456,9 +458,10 @@ def _write_results(args: argparse.Namespace, argv: Optional[Sequence[str]], per_
               + "; ".join(f"{name} = antspyx {version} ants.registration(type_of_transform={t!r})"
                           for name, t in methods.items())
               + f"; seed {args.seed}, {args.threads} ITK threads\n\n")
+    cpu = {name: per_pair.loc[per_pair["method"] == name, "cpu_seconds"] for name in methods}
     footer = "\n" + "\n".join(f"{name}: {sec[name].mean():.2f}({sec[name].std(ddof=0):.2f}) s per pair with "
                                f"{args.threads} ITK thread{'s' if args.threads > 1 else ''} (registration + field "
-                               f"composition)" for name in methods) + "\n"
+                               f"composition; {cpu[name].mean():.2f} CPU s of this process)" for name in methods) + "\n"
 
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), per_pair)

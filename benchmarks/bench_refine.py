@@ -20,7 +20,9 @@ Data modes (``--modes``), the synthetic dataset of the demo (``--num-pairs 60``,
 cache ``.cache/synthetic``) at ``--image-size``: ``demo`` (default motion), ``stress``
 (``--motion stress``) and ``inter-subject`` (``--pairing inter-subject``: different anatomies,
 no true field, so no dense EPE). Every row registers the ``--split`` pairs of a mode in one batch,
-as ``inference.py`` does; seconds per pair = wall clock of that call (tracing included) / pairs.
+as ``inference.py`` does; seconds per pair = wall clock of that call (tracing included, unless
+``--warm`` traced it first) / pairs; CPU s/pair the same for the process's CPU time (with
+``--threads 1`` the fairer cost on a loaded machine; a ``net`` row counts its prediction's wall clock).
 Metrics are ``evaluation.pair_metrics`` (the ones of Table 1), means over pairs; ``gain kept`` =
 (Dice - Dice of ``net``) / (Dice of ``net+io`` - Dice of ``net``), the share of today's
 refinement's Dice gain a row keeps.
@@ -36,6 +38,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+WARM_STEPS = 20  # --warm: untimed steps that trace every level of a row
 MODES = {"demo": {}, "stress": {"motion": "stress"}, "inter-subject": {"pairing": "inter-subject"}}
 #: the README's rows: the original refinement, each option alone, and the chosen default
 #: (``grid2+smooth3+fold100+logj1`` = ``runio.REFINE_DEFAULTS``)
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="Adam steps of every +io row (a row's steps<N> overrides)")
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate, voxels (a row's lr<X> overrides)")
     p.add_argument("--ncc-win", type=int, default=9, help="NCC window without --run (else the run's)")
+    p.add_argument("--warm", action="store_true",
+                   help="run every refined row once untimed (%d steps) first, so s/pair is the steady state without "
+                        "TensorFlow's tracing (seconds per level, paid once per process and batch shape)" % WARM_STEPS)
     p.add_argument("--threads", type=int, default=0,
                    help="TensorFlow intra- and inter-op threads (0: TensorFlow's default, all cores); 1 compares "
                         "with bench_peer.py --threads 1 on the same cores")
@@ -170,23 +176,28 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
         reg(moving[:1], fixed[:1], hyp[:1])  # trace outside the timing
         t0 = time.time()
         starts["net"] = (reg(moving, fixed, hyp)[1], time.time() - t0)
-    rows = [{"mode": mode, "row": "initial", "pair_id": p.pair_id, "seconds": 0.0,
+    rows = [{"mode": mode, "row": "initial", "pair_id": p.pair_id, "seconds": 0.0, "cpu_seconds": 0.0,
              **evaluation.pair_metrics(p, starts["zero"][0][k], len(names), names)} for k, p in enumerate(pairs)]
     for name in args.rows:
         start, refine, opts = parse_row(name)
         if start not in starts:
             raise ValueError(f"row {name!r} needs --run")
         u, seconds = starts[start]
+        cpu = seconds  # the network's start: its wall clock (refinement rows add their CPU time)
         if refine:
             steps, lr = opts.pop("steps", args.steps), opts.pop("lr", args.lr)
-            t0 = time.time()
             refiner = Refiner.from_config(cfg, **opts) if cfg is not None else Refiner(spec, None, win, **opts)
+            if args.warm:  # trace every level's compiled step outside the timing (20 steps reach each level)
+                refiner(moving, fixed, u, hyp, seg, WARM_STEPS, lr)
+            t0, c0 = time.time(), time.process_time()
             u = refiner(moving, fixed, u, hyp, seg, steps, lr)[0]
             seconds += time.time() - t0
+            cpu += time.process_time() - c0
         if panel is not None and name in args.panel_rows:
             panel["pair"], panel.setdefault("disp", {})[name] = pairs[0], u[0]
         for k, p in enumerate(pairs):
             rows.append({"mode": mode, "row": name, "pair_id": p.pair_id, "seconds": seconds / len(pairs),
+                         "cpu_seconds": cpu / len(pairs),
                          **evaluation.pair_metrics(p, u[k], len(names), names)})
         print(f"[bench_refine] {mode:13s} {name:32s} Dice {np.mean([r['mean_dice'] for r in rows[-len(pairs):]]):.3f} "
               f"%negJ {np.mean([r['percent_neg_jac'] for r in rows[-len(pairs):]]):.3f} "
@@ -198,7 +209,8 @@ def summarize(per_pair) -> "pd.DataFrame":
     """Means per (mode, row) and the share of today's +io Dice gain kept (module docstring)."""
     import pandas as pd
 
-    cols = [c for c in ("mean_dice", "hd95", "percent_neg_jac", "sdlogj", "dense_epe", "seconds") if c in per_pair]
+    cols = [c for c in ("mean_dice", "hd95", "percent_neg_jac", "sdlogj", "dense_epe", "seconds", "cpu_seconds")
+            if c in per_pair]
     summary = per_pair.groupby(["mode", "row"], sort=False)[cols].mean().reset_index()
     summary.insert(2, "n_pairs", per_pair.groupby(["mode", "row"], sort=False).size().to_numpy())
     kept = []
@@ -211,8 +223,8 @@ def summarize(per_pair) -> "pd.DataFrame":
 
 
 def markdown(summary) -> str:
-    head = "| data | row | Dice | HD95 (mm) | %negJ | SDlogJ | dense EPE (mm) | s/pair | gain kept |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| data | row | Dice | HD95 (mm) | %negJ | SDlogJ | dense EPE (mm) | s/pair | CPU s/pair | gain kept |"
+    lines = [head, "|" + "---|" * 10]
 
     def f(v, d=3):
         return "-" if v != v else f"{v:.{d}f}"
@@ -221,7 +233,7 @@ def markdown(summary) -> str:
         kept = f"{100 * r['gain_kept']:.0f} %" if r["gain_kept"] == r["gain_kept"] else "-"
         lines.append(f"| {r['mode']} | {r['row']} | {f(r['mean_dice'])} | {f(r['hd95'])} | "
                      f"{f(r['percent_neg_jac'])} | {f(r['sdlogj'])} | {f(r.get('dense_epe', float('nan')))} | "
-                     f"{f(r['seconds'])} | {kept} |")
+                     f"{f(r['seconds'])} | {f(r['cpu_seconds'])} | {kept} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     summary = summarize(per_pair)
     md = (f"Refinement variants ({args.split} pairs, {args.image_size[0]}x{args.image_size[1]}, start "
           f"{args.run or 'zero'}, hyp {args.hyp}, {args.steps} steps at lr {args.lr}, "
-          f"{args.threads or 'default'} TensorFlow threads)\n\n" + markdown(summary))
+          f"{args.threads or 'default'} TensorFlow threads, s/pair {'after warm-up' if args.warm else 'with tracing'})\n\n" + markdown(summary))
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, "bench_refine_pairs.csv"), per_pair)
     atomic_write(os.path.join(args.out, "bench_refine.csv"), summary)
