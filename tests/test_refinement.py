@@ -202,7 +202,7 @@ def test_command_line_options_reach_the_refiner():
 
     args = run_pipeline.build_parser().parse_args(["--refine-fold-weight", "7", "--refine-logj-weight", "0",
                                                    "--refine-smooth", "2", "--refine-grid", "3", "--refine-svf",
-                                                   "--refine-scale", "2"])
+                                                   "--refine-scale", "2", "--refine-levels", "off"])
     inf = inference.build_parser().parse_args(runio.refine_argv(args))
     kw = runio.refine_kwargs(inf)
     assert kw == {"fold_weight": 7.0, "logj_weight": 0.0, "smooth": 2, "grid": 3, "svf": True, "scale": 2,
@@ -217,7 +217,10 @@ def test_command_line_options_reach_the_refiner():
     off = inference.build_parser().parse_args(["--refine-levels", "off"])
     assert runio.refine_kwargs(off)["levels"] is None
     with pytest.raises(ValueError, match="needs --refine-levels"):
-        runio.refine_kwargs(inference.build_parser().parse_args(["--refine-level-split", "1", "1"]))
+        runio.refine_kwargs(inference.build_parser().parse_args(["--refine-levels", "off", "--refine-level-split", "1"]))
+    with pytest.raises(ValueError, match="with --refine-levels off"):
+        runio.refine_kwargs(inference.build_parser().parse_args(["--refine-scale", "2"]))
+    assert runio.REFINE_DEFAULTS["levels"] == (4, 2, 1)  # the measured default (docs/peer_and_refinement.md)
 
 
 def test_a_reused_refiner_equals_a_fresh_one():
