@@ -1,13 +1,22 @@
-"""Classical peer for Table 1: register the test pairs with ANTs SyN (antspyx) and score them
+"""Classical peer for Table 1: register the test pairs with ANTs (antspyx) and score them
 exactly like inference.py scores our models.
 
 For every selected pair of any dataset (default: the demo's synthetic test pairs) this runs
-``ants.registration(fixed, moving, type_of_transform="SyN")`` (antspyx, a benchmark-only
-dependency: ``make bench-setup``), turns ANTs' forward transforms into our displacement field
-and computes the per-pair metrics with ``evaluation.pair_metrics`` (Dice, HD95, TRE, %negJ,
-SDlogJ, dense EPE on synthetic data), plus the wall-clock seconds of the registration. Rows:
-``initial`` (zero displacement) and ``ants-syn``; ``--merge RESULTS_DIR`` adds the rows of an
-inference.py output folder so one table holds our models and the peer.
+``ants.registration(fixed, moving, type_of_transform=T)`` for every ``--transform`` T (antspyx, a
+benchmark-only dependency: ``make bench-setup``), turns ANTs' forward transforms into our
+displacement field and computes the per-pair metrics with ``evaluation.pair_metrics`` (Dice,
+HD95, TRE, %negJ, SDlogJ, dense EPE on synthetic data), plus the wall-clock seconds of the
+registration. Rows: ``initial`` (zero displacement) and one per transform (:func:`method_name`):
+
+* ``ants-synpreset``: ``antsRegistrationSyN[s]``, the ``antsRegistrationSyN.sh`` preset that
+  practitioners run (rigid + affine stages with MI, then SyN with cross-correlation of radius 2,
+  100x70x50x20 iterations at shrink factors 8x4x2x1 with smoothing 3x2x1x0 voxels; antspyx 0.6.3
+  ``registration.py``), the default peer;
+* ``ants-syn``: ``SyN``, antspyx' quick default (mutual information, affine + SyN with few
+  iterations), the row of the earlier tables, kept as the quick peer.
+
+``--merge RESULTS_DIR`` adds the rows of an inference.py output folder so one table holds our
+models and the peers.
 
 Conventions
 -----------
@@ -29,8 +38,9 @@ Conventions
   results are bitwise repeatable only with ``--threads 1``, with more threads the order of ITK's
   parallel sums varies from run to run.
 
-Outputs in ``--out``: ``per_pair_metrics.csv`` (inference.py's columns plus ``seconds``),
-``table1.csv`` / ``table1.md`` (``evaluation.table1``; table1.csv adds ``seconds_mean/std``),
+Outputs in ``--out``: ``per_pair_metrics.csv`` (inference.py's columns plus ``seconds`` and ``cpu_seconds``, the
+process's CPU time: on a loaded machine the fairer cost with one thread), ``table1.csv`` /
+``table1.md`` (``evaluation.table1``; table1.csv adds ``seconds_mean/std``, ``cpu_seconds_mean``),
 ``bench_peer.json`` (versions, options, pairs, data version).
 """
 from __future__ import annotations
@@ -46,10 +56,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-METHOD = "ants-syn"
+METHOD = "ants-syn"  # the quick SyN row's name (the earlier tables' and the study's)
+#: row names of the ANTs presets (other transforms: ``ants-<name in lower case, letters and digits>``)
+METHOD_NAMES = {"SyN": METHOD, "antsRegistrationSyN[s]": "ants-synpreset"}
+DEFAULT_TRANSFORMS = ["antsRegistrationSyN[s]", "SyN"]
 DEMO_NUM_PAIRS = 60  # run_pipeline.py's default: 42 train / 9 val / 9 test synthetic pairs
 DEMO_CACHE_DIR = os.path.join(".cache", "synthetic")  # run_pipeline.py's synthetic cache
 THREADS_ENV = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+
+
+def method_name(transform: str) -> str:
+    """The table row of an ANTs ``type_of_transform``: :data:`METHOD_NAMES`, else ``ants-`` and
+    its letters and digits in lower case."""
+    if transform in METHOD_NAMES:
+        return METHOD_NAMES[transform]
+    return "ants-" + "".join(ch for ch in transform.lower() if ch.isalnum())
 
 
 def _project_root() -> str:
@@ -82,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-pairs", type=int, default=None,
                    help="only the first N pairs of the split (smoke runs)")
     a = p.add_argument_group("ANTs")
-    a.add_argument("--transform", default="SyN",
-                   help="ants.registration type_of_transform (SyN = affine + symmetric normalization "
-                        "with antspyx' default settings)")
+    a.add_argument("--transform", nargs="+", default=DEFAULT_TRANSFORMS, metavar="TYPE",
+                   help="ants.registration type_of_transform values, one table row each (antspyx docs): "
+                        "antsRegistrationSyN[s] = the antsRegistrationSyN.sh preset (rigid + affine + SyN, "
+                        "CC, shrink factors 8x4x2x1), row ants-synpreset; SyN = antspyx' quick default "
+                        "(MI, affine + SyN, few iterations), row ants-syn; others: ants-<name>")
     a.add_argument("--seed", type=int, default=1,
                    help="ANTs random seed (antsRegistration --random-seed: the metric sampling); must be "
                         ">= 1, because ANTs treats 0 as 'seed from the system clock'")
@@ -316,7 +339,7 @@ def _repeat_per_protocol(per_pair):
     if "protocol" not in per_pair:
         return per_pair
     protocols = [p for p in per_pair["protocol"].dropna().unique() if p]
-    mine = per_pair["method"] == METHOD
+    mine = per_pair["method"].str.startswith("ants-")
     if not protocols:
         return per_pair
     copies = [per_pair[mine].assign(protocol=p) for p in protocols]
@@ -343,6 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.max_pairs is not None and args.max_pairs < 1:
         parser.error(f"--max-pairs must be >= 1, got {args.max_pairs}")
+    names = [method_name(t) for t in args.transform]
+    if len(set(names)) != len(names):
+        parser.error(f"--transform names the same row twice: {args.transform} -> {names}")
     ants = import_ants(args.threads, args.seed)
     import pandas as pd
 
@@ -351,12 +377,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     dataset, data_opts = load_dataset(args)
     ids = select_ids(dataset, args)
     version = getattr(ants, "__version__", "unknown")
-    print(f"[bench_peer] antspyx {version}, type_of_transform={args.transform}, seed {args.seed}, "
+    print(f"[bench_peer] antspyx {version}, type_of_transform {', '.join(args.transform)}, seed {args.seed}, "
           f"{THREADS_ENV}={os.environ[THREADS_ENV]}; {len(ids)} {args.split} pairs of {dataset.name} "
           f"(data: {data_version(dataset, ids[0])})", flush=True)
 
     if args.self_check:
-        ok = self_check(ants, dataset.load_pair(ids[0]), dataset.num_classes, args.transform, args.seed)
+        ok = True
+        for transform in args.transform:
+            print(f"[self-check] type_of_transform={transform}", flush=True)
+            ok &= self_check(ants, dataset.load_pair(ids[0]), dataset.num_classes, transform, args.seed)
         print(f"[self-check] {'PASSED' if ok else 'FAILED'}", flush=True)
         if not ok:
             raise SystemExit(1)
@@ -379,30 +408,32 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
 
 
 def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -> Tuple[List[Dict], float]:
-    """Register every pair of ``ids`` with ANTs (one temporary folder each), printing one line
-    per pair. Returns the per-pair metric rows (an ``initial`` row and a :data:`METHOD` row per
-    pair) and the total seconds."""
+    """Register every pair of ``ids`` with every ``--transform`` (one temporary folder each),
+    printing one line per pair and transform. Returns the per-pair metric rows (an ``initial`` row
+    and one :func:`method_name` row per transform and pair) and the total seconds."""
     from hypermorph_spatially_adaptive import evaluation
 
     class_names = list(dataset.class_names)
     C = len(class_names)
-    params = json.dumps({"type_of_transform": args.transform, "seed": args.seed, "threads": args.threads})
     rows: List[Dict] = []
     t_all = time.perf_counter()
     for k, pid in enumerate(ids, 1):
         pair = dataset.load_pair(pid)
         zero = np.zeros((*pair.fixed.shape[:-1], pair.fixed.ndim - 1), np.float32)
         init = evaluation.pair_metrics(pair, zero, C, class_names)
-        rows.append({"pair_id": pid, "method": "initial", "params": "", **init, "seconds": 0.0})
-        with tempfile.TemporaryDirectory(prefix="bench_peer_") as work:
-            t0 = time.perf_counter()
-            u = register(ants, pair.fixed[..., 0], pair.moving[..., 0], pair.spacing, args.transform,
-                         args.seed, work)[0]
-            seconds = time.perf_counter() - t0
-        m = evaluation.pair_metrics(pair, u, C, class_names)
-        rows.append({"pair_id": pid, "method": METHOD, "params": params, **m, "seconds": seconds})
-        print(f"[bench_peer] {k}/{len(ids)} {pid}: mean Dice {init['mean_dice']:.3f} -> {m['mean_dice']:.3f}, "
-              f"%negJ {m['percent_neg_jac']:.3f}, {seconds:.2f} s", flush=True)
+        rows.append({"pair_id": pid, "method": "initial", "params": "", **init, "seconds": 0.0, "cpu_seconds": 0.0})
+        for transform in args.transform:
+            params = json.dumps({"type_of_transform": transform, "seed": args.seed, "threads": args.threads})
+            with tempfile.TemporaryDirectory(prefix="bench_peer_") as work:
+                t0, c0 = time.perf_counter(), time.process_time()
+                u = register(ants, pair.fixed[..., 0], pair.moving[..., 0], pair.spacing, transform,
+                             args.seed, work)[0]
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            m = evaluation.pair_metrics(pair, u, C, class_names)
+            rows.append({"pair_id": pid, "method": method_name(transform), "params": params, **m,
+                         "seconds": seconds, "cpu_seconds": cpu})
+            print(f"[bench_peer] {k}/{len(ids)} {pid} {method_name(transform)}: mean Dice {init['mean_dice']:.3f} -> "
+                  f"{m['mean_dice']:.3f}, %negJ {m['percent_neg_jac']:.3f}, {seconds:.2f} s", flush=True)
     return rows, time.perf_counter() - t_all
 
 
@@ -419,22 +450,29 @@ def _write_results(args: argparse.Namespace, argv: Optional[Sequence[str]], per_
     secs = per_pair.groupby("method")["seconds"]
     numeric["seconds_mean"] = numeric["method"].map(secs.mean())
     numeric["seconds_std"] = numeric["method"].map(secs.std(ddof=0))
-    sec = per_pair.loc[per_pair["method"] == METHOD, "seconds"]
+    numeric["cpu_seconds_mean"] = numeric["method"].map(per_pair.groupby("method")["cpu_seconds"].mean())
+    methods = {method_name(t): t for t in args.transform}
+    sec = {name: per_pair.loc[per_pair["method"] == name, "seconds"] for name in methods}
     header = (f"Table 1 on {dataset.name} ({len(ids)} {args.split} pairs), mean(std) over pairs; "
-              f"class DSC order: {', '.join(class_names)}; {METHOD} = antspyx {version} "
-              f"ants.registration(type_of_transform={args.transform!r}), seed {args.seed}, "
-              f"{args.threads} ITK threads\n\n")
-    footer = f"\n{METHOD}: {sec.mean():.2f}({sec.std(ddof=0):.2f}) s per pair (registration + field composition)\n"
+              f"class DSC order: {', '.join(class_names)}; "
+              + "; ".join(f"{name} = antspyx {version} ants.registration(type_of_transform={t!r})"
+                          for name, t in methods.items())
+              + f"; seed {args.seed}, {args.threads} ITK threads\n\n")
+    cpu = {name: per_pair.loc[per_pair["method"] == name, "cpu_seconds"] for name in methods}
+    footer = "\n" + "\n".join(f"{name}: {sec[name].mean():.2f}({sec[name].std(ddof=0):.2f}) s per pair with "
+                               f"{args.threads} ITK thread{'s' if args.threads > 1 else ''} (registration + field "
+                               f"composition; {cpu[name].mean():.2f} CPU s of this process)" for name in methods) + "\n"
 
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, art.PER_PAIR_METRICS), per_pair)
     atomic_write(os.path.join(args.out, art.TABLE1_CSV), numeric)
     atomic_write(os.path.join(args.out, art.TABLE1_MD), header + markdown + footer)
-    meta = {"method": METHOD, "antspyx": version, "type_of_transform": args.transform, "seed": args.seed,
+    meta = {"methods": methods, "antspyx": version, "type_of_transform": list(args.transform), "seed": args.seed,
             "threads": args.threads, "dataset": data_opts, "data_version": data_version(dataset, ids[0]),
             "split": args.split, "pairs": ids, "from_run": os.path.abspath(args.from_run) if args.from_run else None,
             "merged": os.path.abspath(args.merge) if args.merge else None,
-            "seconds_per_pair": round(float(sec.mean()), 3), "seconds_total": round(total, 2),
+            "seconds_per_pair": {name: round(float(v.mean()), 3) for name, v in sec.items()},
+            "seconds_total": round(total, 2),
             "versions": _versions(version),
             "command": [os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])}
     atomic_write(os.path.join(args.out, "bench_peer.json"), json.dumps(meta, indent=2))

@@ -10,7 +10,9 @@ Rows are named ``<start>[+io[+option...]]``:
   tokens: ``fold<W>`` (folding penalty weight), ``eps<E>`` (its threshold), ``logj<W>``
   (log-Jacobian penalty weight), ``smooth<K>``
   (box-filter passes of the update), ``grid<G>`` (update grid coarsening), ``scale<S>`` (objective
-  on S times coarser images), ``svf`` (velocity
+  on S times coarser images), ``levels<A>x<B>x...`` (coarse-to-fine pyramid of shrink factors,
+  e.g. ``levels4x2x1``; the row's steps split over the levels), ``split<A>x<B>x...`` (relative
+  steps per level), ``svf`` (velocity
   field, composed with the start), ``steps<N>`` / ``lr<X>`` (override the defaults). E.g.
   ``net+io+svf+smooth3+fold10``.
 
@@ -18,7 +20,9 @@ Data modes (``--modes``), the synthetic dataset of the demo (``--num-pairs 60``,
 cache ``.cache/synthetic``) at ``--image-size``: ``demo`` (default motion), ``stress``
 (``--motion stress``) and ``inter-subject`` (``--pairing inter-subject``: different anatomies,
 no true field, so no dense EPE). Every row registers the ``--split`` pairs of a mode in one batch,
-as ``inference.py`` does; seconds per pair = wall clock of that call (tracing included) / pairs.
+as ``inference.py`` does; seconds per pair = wall clock of that call (tracing included, unless
+``--warm`` traced it first) / pairs; CPU s/pair the same for the process's CPU time (with
+``--threads 1`` the fairer cost on a loaded machine; a ``net`` row counts its prediction's wall clock).
 Metrics are ``evaluation.pair_metrics`` (the ones of Table 1), means over pairs; ``gain kept`` =
 (Dice - Dice of ``net``) / (Dice of ``net+io`` - Dice of ``net``), the share of today's
 refinement's Dice gain a row keeps.
@@ -34,14 +38,27 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+WARM_STEPS = 20  # --warm: untimed steps that trace every level of a row
 MODES = {"demo": {}, "stress": {"motion": "stress"}, "inter-subject": {"pairing": "inter-subject"}}
 #: the rows of docs/experiments.md "Refinement options": the original refinement, each option alone, and the chosen default
 #: (``grid2+smooth3+fold100+logj1`` = ``runio.REFINE_DEFAULTS``)
 DEFAULT_ROWS = ["net", "net+io", "net+io+fold100", "net+io+smooth3", "net+io+grid2", "net+io+grid4", "net+io+svf",
                 "net+io+svf+smooth3", "net+io+fold100+logj1", "net+io+grid2+smooth3+fold100+logj1", "zero+io",
                 "zero+io+grid2+smooth3+fold100+logj1"]
+
+
+def _factors(text: str) -> Tuple[int, ...]:
+    """``"4x2x1"`` -> ``(4, 2, 1)``."""
+    return tuple(int(t) for t in text.split("x"))
+
+
+def _weights(text: str) -> Tuple[float, ...]:
+    return tuple(float(t) for t in text.split("x"))
+
+
 _OPTION_TOKENS = {"fold": ("fold_weight", float), "eps": ("fold_eps", float), "logj": ("logj_weight", float),
-                  "smooth": ("smooth", int), "grid": ("grid", int), "scale": ("scale", int), "steps": ("steps", int), "lr": ("lr", float)}
+                  "smooth": ("smooth", int), "grid": ("grid", int), "scale": ("scale", int), "steps": ("steps", int),
+                  "lr": ("lr", float), "levels": ("levels", _factors), "split": ("level_split", _weights)}
 
 
 def _project_root() -> str:
@@ -95,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="Adam steps of every +io row (a row's steps<N> overrides)")
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate, voxels (a row's lr<X> overrides)")
     p.add_argument("--ncc-win", type=int, default=9, help="NCC window without --run (else the run's)")
+    p.add_argument("--warm", action="store_true",
+                   help="run every refined row once untimed (%d steps) first, so s/pair is the steady state without "
+                        "TensorFlow's tracing (seconds per level, paid once per process and batch shape)" % WARM_STEPS)
+    p.add_argument("--threads", type=int, default=0,
+                   help="TensorFlow intra- and inter-op threads (0: TensorFlow's default, all cores); 1 compares "
+                        "with bench_peer.py --threads 1 on the same cores")
     p.add_argument("--out", default=os.path.join("outputs", "bench_refine"), help="output folder")
     p.add_argument("--panel", default=None, metavar="PNG",
                    help="also draw a Fig. 3 panel (figures.plot_registration_panel) of the first pair of "
@@ -153,23 +176,28 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
         reg(moving[:1], fixed[:1], hyp[:1])  # trace outside the timing
         t0 = time.time()
         starts["net"] = (reg(moving, fixed, hyp)[1], time.time() - t0)
-    rows = [{"mode": mode, "row": "initial", "pair_id": p.pair_id, "seconds": 0.0,
+    rows = [{"mode": mode, "row": "initial", "pair_id": p.pair_id, "seconds": 0.0, "cpu_seconds": 0.0,
              **evaluation.pair_metrics(p, starts["zero"][0][k], len(names), names)} for k, p in enumerate(pairs)]
     for name in args.rows:
         start, refine, opts = parse_row(name)
         if start not in starts:
             raise ValueError(f"row {name!r} needs --run")
         u, seconds = starts[start]
+        cpu = seconds  # the network's start: its wall clock (refinement rows add their CPU time)
         if refine:
             steps, lr = opts.pop("steps", args.steps), opts.pop("lr", args.lr)
-            t0 = time.time()
             refiner = Refiner.from_config(cfg, **opts) if cfg is not None else Refiner(spec, None, win, **opts)
+            if args.warm:  # trace every level's compiled step outside the timing (20 steps reach each level)
+                refiner(moving, fixed, u, hyp, seg, WARM_STEPS, lr)
+            t0, c0 = time.time(), time.process_time()
             u = refiner(moving, fixed, u, hyp, seg, steps, lr)[0]
             seconds += time.time() - t0
+            cpu += time.process_time() - c0
         if panel is not None and name in args.panel_rows:
             panel["pair"], panel.setdefault("disp", {})[name] = pairs[0], u[0]
         for k, p in enumerate(pairs):
             rows.append({"mode": mode, "row": name, "pair_id": p.pair_id, "seconds": seconds / len(pairs),
+                         "cpu_seconds": cpu / len(pairs),
                          **evaluation.pair_metrics(p, u[k], len(names), names)})
         print(f"[bench_refine] {mode:13s} {name:32s} Dice {np.mean([r['mean_dice'] for r in rows[-len(pairs):]]):.3f} "
               f"%negJ {np.mean([r['percent_neg_jac'] for r in rows[-len(pairs):]]):.3f} "
@@ -181,7 +209,8 @@ def summarize(per_pair) -> "pd.DataFrame":
     """Means per (mode, row) and the share of today's +io Dice gain kept (module docstring)."""
     import pandas as pd
 
-    cols = [c for c in ("mean_dice", "hd95", "percent_neg_jac", "sdlogj", "dense_epe", "seconds") if c in per_pair]
+    cols = [c for c in ("mean_dice", "hd95", "percent_neg_jac", "sdlogj", "dense_epe", "seconds", "cpu_seconds")
+            if c in per_pair]
     summary = per_pair.groupby(["mode", "row"], sort=False)[cols].mean().reset_index()
     summary.insert(2, "n_pairs", per_pair.groupby(["mode", "row"], sort=False).size().to_numpy())
     kept = []
@@ -194,8 +223,8 @@ def summarize(per_pair) -> "pd.DataFrame":
 
 
 def markdown(summary) -> str:
-    head = "| data | row | Dice | HD95 (mm) | %negJ | SDlogJ | dense EPE (mm) | s/pair | gain kept |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| data | row | Dice | HD95 (mm) | %negJ | SDlogJ | dense EPE (mm) | s/pair | CPU s/pair | gain kept |"
+    lines = [head, "|" + "---|" * 10]
 
     def f(v, d=3):
         return "-" if v != v else f"{v:.{d}f}"
@@ -204,7 +233,7 @@ def markdown(summary) -> str:
         kept = f"{100 * r['gain_kept']:.0f} %" if r["gain_kept"] == r["gain_kept"] else "-"
         lines.append(f"| {r['mode']} | {r['row']} | {f(r['mean_dice'])} | {f(r['hd95'])} | "
                      f"{f(r['percent_neg_jac'])} | {f(r['sdlogj'])} | {f(r.get('dense_epe', float('nan')))} | "
-                     f"{f(r['seconds'])} | {kept} |")
+                     f"{f(r['seconds'])} | {f(r['cpu_seconds'])} | {kept} |")
     return "\n".join(lines) + "\n"
 
 
@@ -239,6 +268,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     from datasets.atomic import atomic_write
 
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import tf_compat  # noqa: F401  (the shims, before TensorFlow is first imported)
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     reg, spec, cfg, win = _model(args)
     rows: List[Dict] = []
     panel: Dict = {}
@@ -249,7 +286,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     per_pair = pd.DataFrame(rows)
     summary = summarize(per_pair)
     md = (f"Refinement variants ({args.split} pairs, {args.image_size[0]}x{args.image_size[1]}, start "
-          f"{args.run or 'zero'}, hyp {args.hyp}, {args.steps} steps at lr {args.lr})\n\n" + markdown(summary))
+          f"{args.run or 'zero'}, hyp {args.hyp}, {args.steps} steps at lr {args.lr}, "
+          f"{args.threads or 'default'} TensorFlow threads, s/pair {'after warm-up' if args.warm else 'with tracing'})\n\n" + markdown(summary))
     os.makedirs(args.out, exist_ok=True)
     atomic_write(os.path.join(args.out, "bench_refine_pairs.csv"), per_pair)
     atomic_write(os.path.join(args.out, "bench_refine.csv"), summary)

@@ -195,8 +195,20 @@ def _git_head() -> Optional[str]:
         return None
 
 
+#: bench_peer.py's ANTs rows (its --transform values and their row names): the preset first
+PEER_TRANSFORMS = ["antsRegistrationSyN[s]", "SyN"]
+PEER_ROWS = ("ants-synpreset", "ants-syn")
+
+
+def _methods_of(table: str) -> List[str]:
+    import pandas as pd
+
+    return list(pd.read_csv(table, usecols=["method"])["method"].unique())
+
+
 def _run_syn(args) -> Optional[str]:
-    """ANTs SyN on the study's test pairs (once; deterministic with one thread), or None."""
+    """ANTs on the study's test pairs (once; deterministic with one thread): the
+    antsRegistrationSyN[s] preset (row ants-synpreset) and the quick SyN (ants-syn), or None."""
     try:
         import ants  # noqa: F401
     except ImportError:
@@ -204,13 +216,14 @@ def _run_syn(args) -> Optional[str]:
         return None
     out = os.path.join(args.out, "ants_syn")
     table = os.path.join(out, "per_pair_metrics.csv")
-    if os.path.isfile(table):
+    if os.path.isfile(table) and PEER_ROWS[0] in set(_methods_of(table)):
         return table
     data = (["--image-size", "32", "32", "--num-pairs", "24"] if args.quick
             else ["--motion", args.motion, "--num-pairs", str(args.num_pairs)])
     here = os.path.dirname(os.path.abspath(__file__))
     rc = subprocess.call([sys.executable, os.path.join(here, "bench_peer.py"), *data, "--cache-dir",
-                          os.path.join(".cache", "synthetic"), "--threads", "1", "--out", out],
+                          os.path.join(".cache", "synthetic"), "--threads", "1", "--transform", *PEER_TRANSFORMS,
+                          "--out", out],
                          cwd=os.path.dirname(here))
     if rc != 0:
         raise RuntimeError(f"bench_peer.py failed (exit {rc})")
@@ -227,7 +240,7 @@ def collect(args, units: Sequence[Dict], syn_table: Optional[str]):
         res = os.path.join(args.out, u["setting"], f"seed{u['seed']}", "results", "per_pair_metrics.csv")
         df = pd.read_csv(res, dtype={"pair_id": str})
         if syn is not None:
-            s = syn[syn["method"] == "ants-syn"].copy()
+            s = syn[syn["method"].isin(PEER_ROWS)].copy()
             for protocol in df["protocol"].dropna().unique():
                 frames.append(s.assign(protocol=protocol, setting=u["setting"], seed=u["seed"]))
         frames.append(df.assign(setting=u["setting"], seed=u["seed"]))
@@ -243,7 +256,8 @@ def study_comparisons(methods: Sequence[str]) -> List[tuple]:
     for s in ("diff", "elas"):
         for a, b in ((f"{s}-sas+io", f"{s}-sas"), (f"{s}-g+io", f"{s}-g"),
                      (f"{s}-sas zero+io", f"{s}-sas+io"), (f"{s}-g zero+io", f"{s}-g+io"),
-                     (f"{s}-sas (gradient)", "ants-syn"), (f"{s}-sas", "ants-syn"), (f"{s}-sas+io", "ants-syn")):
+                     *((f"{s}-sas (gradient)", peer) for peer in PEER_ROWS), *((f"{s}-sas", peer) for peer in PEER_ROWS),
+                     *((f"{s}-sas+io", peer) for peer in PEER_ROWS)):
             if a in present and b in present and (a, b) not in out:
                 out.append((a, b))
     return out
@@ -304,7 +318,7 @@ def compare(study, n_boot: int):
     settings = list(study["setting"].unique())
     if {"paper", "calibrated"} <= set(settings):
         both = study.assign(method=study["method"] + " [" + study["setting"] + "]")
-        methods = [m for m in study["method"].unique() if m not in ("initial", "ants-syn")]
+        methods = [m for m in study["method"].unique() if m not in ("initial", *PEER_ROWS)]
         pairs = [(f"{m} [calibrated]", f"{m} [paper]") for m in methods]
         frames.append(paired_comparison(both, pairs, metrics=STUDY_METRICS, n_boot=n_boot)
                       .assign(setting="calibrated - paper"))

@@ -32,6 +32,13 @@ all off by default = the original refinement, which optimizes ``u`` voxel by vox
   size s times larger): s^D times fewer voxels per step. The best coarse update is upsampled to
   the block centres and multiplied by s; a pair keeps ``u0`` if the full-resolution objective
   of the result is not below its start. ``scale = 0`` chooses :func:`auto_scale` per call.
+* ``levels`` (s_1, ..., s_L): a coarse-to-fine pyramid (ANTs' shrink factors, e.g. 4x2x1;
+  ConvexAdam's coarse-then-fine instance optimization): the ``steps`` are split over the levels
+  (``level_split`` weights, equal by default, the remainder to the finest level) and level k runs
+  the ``scale = s_k`` refinement above from the field level k - 1 returned, with its own fresh
+  Adam, the same ``lr`` in that level's voxels (so a coarse step moves s_k times as far), and the
+  same penalties, smoothing and update grid at every level. Every factor must divide every image
+  size. ``levels = None`` is the single level ``scale``.
 
 Without ``svf`` the result is ``u = u0 + S(P(p))`` (``P``: upsampling, ``S``: smoothing, ``p``
 the optimized array, zero at the start); with ``grid = 1, smooth = 0`` this is Adam on ``u``
@@ -48,8 +55,8 @@ chunk at 128^3 and above, so 3D memory does not grow with the number of test pai
 pair's objective only depends on its own variables, so the summed objective gives every pair its
 own gradient (Adam's update is elementwise, so pairs do not interact and chunking does not
 change the result). Each pair keeps its best iterate (lowest objective = training loss + the
-Jacobian penalties), so the returned objective is never above the start; zero steps return ``u0``
-unchanged.
+Jacobian penalties), so the returned objective is never above the start (at every level of a
+pyramid too); zero steps return ``u0`` unchanged.
 """
 from __future__ import annotations
 
@@ -226,6 +233,17 @@ def auto_scale(shape: Sequence[int], min_side: int = AUTO_SCALE_MIN_SIDE) -> int
 PAIR_VOXEL_BUDGET = 2 ** 21  # voxels per refinement chunk (64^3: 8 pairs; ~2.4 GB at the ~1.2 kB per voxel of docs/pipeline.md "3D")
 
 
+def split_steps(steps: int, weights: Sequence[float]) -> List[int]:
+    """``steps`` split over levels in proportion to ``weights`` (floors; the remainder goes to the
+    last, finest level), so the parts sum to ``steps`` exactly."""
+    w = np.asarray(weights, np.float64)
+    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"level split weights must be >= 0 with a positive sum, got {list(weights)}")
+    parts = [int(np.floor(int(steps) * x / w.sum())) for x in w]
+    parts[-1] += int(steps) - sum(parts)
+    return parts
+
+
 def _coarse_shape(shape: Sequence[int], grid: int) -> Tuple[int, ...]:
     return tuple(max(2, -(-int(n) // int(grid))) if grid > 1 else int(n) for n in shape)
 
@@ -243,14 +261,18 @@ class Refiner:
     log-Jacobian penalty, ``smooth`` (box-filter passes of the update), ``grid`` (update grid
     coarsening factor, >= 1), ``svf`` (refine a velocity field and compose its exponential with
     ``u0``), ``int_steps`` (its squarings), ``scale`` (optimize on images downsampled by this
-    factor per axis, 0: :func:`auto_scale` of each call's image size) and ``pair_batch`` (pairs
-    per chunk, None: about :data:`PAIR_VOXEL_BUDGET` voxels per chunk; module docstring).
+    factor per axis, 0: :func:`auto_scale` of each call's image size), ``levels`` (a coarse-to-
+    fine pyramid of such factors, e.g. ``(4, 2, 1)``; None: the single level ``scale``; with
+    levels, ``scale`` must be 0 or 1 and is not used), ``level_split`` (relative steps per level,
+    None: equal) and ``pair_batch`` (pairs per chunk, None: about :data:`PAIR_VOXEL_BUDGET`
+    voxels per chunk; module docstring).
     """
 
     def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9,
                  energy_scale: float = 1.0, mapping: Optional[HypMapping] = None, *,
                  fold_weight: float = 0.0, fold_eps: float = 0.1, logj_weight: float = 0.0, smooth: int = 0,
                  grid: int = 1, svf: bool = False, int_steps: int = 7, scale: int = 1,
+                 levels: Optional[Sequence[int]] = None, level_split: Optional[Sequence[float]] = None,
                  pair_batch: Optional[int] = None):
         self.spec = spec
         self.mapping = mapping
@@ -271,6 +293,23 @@ class Refiner:
             raise ValueError(f"scale must be an integer >= 1, or 0 (auto), got {scale}")
         self.scale_option = int(scale)
         self.scale = max(int(scale), 1)
+        self.levels: Optional[Tuple[int, ...]] = None
+        if levels is not None:
+            levels = list(levels)
+            if not levels or any(int(f) != f or f < 1 for f in levels):
+                raise ValueError(f"levels must be integers >= 1 (shrink factors, coarse to fine), got {levels}")
+            if any(a <= b for a, b in zip(levels, levels[1:])):
+                raise ValueError(f"levels must decrease (coarse to fine, e.g. 4 2 1), got {levels}")
+            if int(scale) > 1:
+                raise ValueError(f"give either scale ({scale}) or levels ({levels}), not both")
+            self.levels = tuple(int(f) for f in levels)
+        if level_split is not None:
+            if self.levels is None:
+                raise ValueError("level_split needs levels")
+            if len(level_split) != len(self.levels):
+                raise ValueError(f"level_split has {len(level_split)} weights for {len(self.levels)} levels")
+            split_steps(1, level_split)  # validates the weights
+        self.level_split = None if level_split is None else tuple(float(w) for w in level_split)
         self.fold_weight = float(fold_weight)
         self.fold_eps = float(fold_eps)
         self.logj_weight = float(logj_weight)
@@ -347,11 +386,39 @@ class Refiner:
             if fixed_seg is None:
                 raise ValueError("refining with a spatially adaptive model needs the fixed segmentation")
             seg = tf.constant(np.asarray(fixed_seg, np.int32))
+        plan = self.plan(moving.shape[1:-1], steps)  # fails on a factor that does not divide the shape
         start = self.loss(moving, fixed, u0, hyp, seg).numpy()
         if steps == 0:
             return u0.copy(), start, start.copy()
-        if self.scale_option == 0:
-            self.scale = auto_scale(moving.shape[1:-1])
+        u_np, end = u0, start
+        for s, n in plan:
+            if n > 0:
+                self.scale = s
+                u_np, end = self._refine_level(moving, fixed, u_np, hyp, seg, end, n, lr)
+        if not (np.all(np.isfinite(u_np)) and np.all(np.isfinite(end))):
+            raise FloatingPointError("refinement diverged (non-finite displacement or loss); lower --refine-lr")
+        return u_np, start, end
+
+    def plan(self, shape: Sequence[int], steps: int) -> List[Tuple[int, int]]:
+        """``[(scale, steps), ...]`` coarse to fine for images of ``shape`` (spatial sizes): the
+        single level ``scale`` (``auto_scale`` for 0), or the ``levels`` with ``steps`` split by
+        ``level_split``. ``ValueError`` naming the factor and the shape if one does not divide
+        every size."""
+        if self.levels is None:
+            factors = [auto_scale(shape) if self.scale_option == 0 else self.scale_option]
+            parts = [int(steps)]
+        else:
+            factors = list(self.levels)
+            parts = split_steps(steps, self.level_split or [1.0] * len(factors))
+        for f in factors:
+            if any(int(n) % f for n in shape):
+                raise ValueError(f"refinement {'level' if self.levels else 'scale'} {f}: every image size must be "
+                                 f"divisible by it, got {list(shape)}")
+        return list(zip(factors, parts))
+
+    def _refine_level(self, moving, fixed, u0: np.ndarray, hyp, seg, start: np.ndarray, steps: int, lr: float):
+        """One level (``self.scale``) of ``steps`` Adam steps from ``u0`` (full resolution, numpy)
+        whose full-resolution objective is ``start``: ``(u, objective)``, never above ``start``."""
         level = self._level(moving, fixed, u0, seg)
         state = self._state(tuple(level[0].shape), seg is not None)
         state.reset(level[0], level[1], level[2], hyp, level[3],
@@ -361,9 +428,7 @@ class Refiner:
         u_np, end = state.finish()
         if self.scale > 1:
             u_np, end = self._finish_full(state, moving, fixed, u0, hyp, seg, start)
-        if not (np.all(np.isfinite(u_np)) and np.all(np.isfinite(end))):
-            raise FloatingPointError("refinement diverged (non-finite displacement or loss); lower --refine-lr")
-        return u_np, start, end
+        return u_np, end
 
     def _level(self, moving, fixed, u0: np.ndarray, seg):
         """The optimization level ``(moving, fixed, u0, seg)``: the inputs themselves, or with
@@ -409,9 +474,10 @@ class Refiner:
         return np.where(keep, u.numpy(), u0), np.where(better, end, start)
 
     def _state(self, shape: Tuple[int, ...], with_seg: bool) -> "_RefineState":
-        """The compiled optimization of one input shape, traced once and reused by later calls."""
+        """The compiled optimization of one level shape and scale (the traced step bakes in the
+        level's voxel size), traced once and reused by later calls."""
         cache = self.__dict__.setdefault("_states", {})
-        key = (shape, with_seg)
+        key = (shape, with_seg, self.scale)
         if key not in cache:
             cache[key] = _RefineState(self, shape, with_seg)
         return cache[key]
