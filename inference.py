@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-nifti", action="store_true", help="write warped image/labels and displacement as NIfTI")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
+    p.add_argument("--profile", choices=["paper", "authors"], default=None,
+                   help="paper (paper text) or authors (authors' code), docs/fidelity.md: checked against the runs' "
+                        "config.json 'fidelity' and every identification's profile; a mismatch is refused. Default: "
+                        "the runs' profile")
     p.add_argument("--force", action="store_true",
                    help="proceed although an identification's recorded weights or data hashes differ from the runs "
                         "and data now (identification.json / config.json 'provenance'); recorded in inference.json")
@@ -263,7 +267,28 @@ def _load_groups(args: argparse.Namespace) -> List[Dict]:
         groups.append(_load_group(reg, sa, ident, glob))
     if not groups:
         raise SystemExit("nothing to do: give --elastic-sa/--elastic-ident and/or --diffusion-sa/--diffusion-ident")
+    args.resolved_profile = check_profiles(groups, args.profile)
     return groups
+
+
+def check_profiles(groups: List[Dict], profile: Optional[str]) -> str:
+    """The runs' common profile (:func:`~hypermorph_spatially_adaptive.profiles.check_same_profile`:
+    every run of every group, ``--profile`` if given); ValueError if an identification was made under
+    another profile (identification.json 'fidelity'; none recorded = paper)."""
+    from hypermorph_spatially_adaptive.profiles import check_same_profile
+
+    runs = {}
+    for g in groups:
+        runs[g["global_run"]] = g["g_cfg"]
+        runs.update({sa["run"]: sa["cfg"] for sa in g["sas"]})
+    fid = check_same_profile(runs, profile)
+    for g in groups:
+        for src in g["sources"]:
+            made = (src.meta.get("fidelity") or {}).get("profile", "paper")
+            if made != fid.profile:
+                raise ValueError(f"{src.folder}: identified under --profile {made}, but the runs were trained with "
+                                 f"--profile {fid.profile}: identify again with the runs' profile")
+    return fid.profile
 
 
 def _load_test_set(groups: List[Dict], args: argparse.Namespace) -> Tuple[object, str, List[str]]:
@@ -510,6 +535,7 @@ def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional
             "refine_lr": args.refine_lr, "refine_options": runio.refine_kwargs(args),
             "bootstrap": args.bootstrap, "seed": args.seed, "provenance": provenance, "force": bool(args.force),
             "file_names": {p: f for p, f in file_names.items() if p != f},
+            **({"profile": args.resolved_profile} if getattr(args, "resolved_profile", "paper") != "paper" else {}),
             "command": ["inference.py"] + list(argv if argv is not None else sys.argv[1:])}
 
 

@@ -68,6 +68,9 @@ CHOICES = {
 TRAINING_FIELDS = ("int_resolution", "reg_field", "oversample_endpoints", "elastic_sampling", "similarity_weight",
                    "diffusion_energy", "ncc")
 IDENTIFICATION_FIELDS = ("background", "zero_point", "objective", "unit")
+#: training fields that decide what a hyperparameter value means in the loss: runs whose values are
+#: exchanged (a global run's identified values fed to an SA run) must share them and the profile
+MEANING_FIELDS = ("reg_field", "similarity_weight", "diffusion_energy", "ncc")
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,12 @@ AUTHORS = Fidelity(profile="authors", int_resolution=1, reg_field="svf", oversam
 
 
 def check_same_profile(configs: Mapping[str, Mapping], stage_profile: Optional[str] = None) -> Fidelity:
-    """The common training fidelity of runs ``{run folder: config.json}``; ``ValueError`` naming
-    the runs when their profile or any training field differs, or when ``stage_profile`` (the
-    ``--profile`` given to a later stage) is not the runs' profile."""
+    """The training fidelity of the first of the runs ``{run folder: config.json}``; ``ValueError``
+    naming the runs when their profile or a field that decides what a hyperparameter means
+    (:data:`MEANING_FIELDS`) differs, or when ``stage_profile`` (the ``--profile`` given to a later
+    stage) is not the runs' profile."""
     found = {run: Fidelity.from_run_config(cfg) for run, cfg in configs.items()}
-    trainings = {run: f.training() for run, f in found.items()}
+    trainings = {run: {k: f.training()[k] for k in ("profile", *MEANING_FIELDS)} for run, f in found.items()}
     first_run, first = next(iter(trainings.items()))
     for run, t in trainings.items():
         diff = {k: (first[k], t[k]) for k in t if t[k] != first[k]}
