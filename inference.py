@@ -12,7 +12,7 @@ global run itself. Rows per identification (``<reg>`` = ``elas`` / ``diff``):
   N Adam steps on the training loss (global values / tissue-specific maps, see
   :mod:`hypermorph_spatially_adaptive.refinement`). The maps of ``-sas+io`` are built from a
   segmentation in the fixed frame: in the oracle protocol the test pair's fixed segmentation
-  (the paper's); in the population protocol, where no test label may touch the registration,
+  (paper text); in the population protocol, where no test label may touch the registration,
   the *moving* segmentation carried into the fixed frame by the network's own displacement
   (nearest neighbour, ``eval_metrics.warp_labels``), the moving image playing the atlas whose
   labels are known, as in atlas-based segmentation (``--population-maps``). Rows say what

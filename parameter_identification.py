@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <run>/identification)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="pairs to identify")
     p.add_argument("--protocol", default="oracle", choices=["oracle", "population"],
-                   help="oracle (the paper's): identify each pair of --split on its own labels; population "
+                   help="oracle (paper text, sec. 2.2): identify each pair of --split on its own labels; population "
                         "(label-free at test time): search the grid on --population-split, keep per class the "
                         "point with the best mean class Dice over its pairs (background and -g: best mean Dice) "
                         "and apply that one setting to every pair of --split (with --method gradient: Adam on one setting "
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-grid-point means). Default: the profile's (pair for both)")
     g = p.add_argument_group("method (grid: paper sec. 2.2; gradient: README, Gradient identification)")
     g.add_argument("--method", default="grid", choices=["grid", "gradient"],
-                   help="grid: grid search with the global model (the paper's proxy); gradient: Adam on the "
+                   help="grid: grid search with the global model (paper text, sec. 2.2); gradient: Adam on the "
                         "SA model's own hyperparameters (every class, background included) and on the global "
                         "model's for the -g row")
     g.add_argument("--sa-run", default=None, metavar="RUN",

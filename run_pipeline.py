@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "networks learn to ignore their hyperparameters (README 'Training budget')")
     for reg in ("elastic", "diffusion"):
         g.add_argument(f"--{reg}-energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
-                       help=f"factor K on the energy in the loss of the two {reg} models (1 = the paper's eq. 1); "
+                       help=f"factor K on the energy in the loss of the two {reg} models (1 = paper text, eq. 1); "
                             f"refinement uses the same K. benchmarks/calibrate_energy.py proposes K for a dataset "
                             f"(README 'Calibrated energy')")
     g.add_argument("--hyp-mapping", choices=["linear", "log"], default="linear",

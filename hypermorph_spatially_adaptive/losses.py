@@ -10,7 +10,7 @@ image, and ``Lambda, Gamma`` (elastic) or ``W`` (diffusion) either per-sample co
 With ``--hyp-mapping log`` (:class:`.params.HypMapping`) the weights are ``0.5 * 10^(D (h - 0.5))``
 and the similarity weight is constant, its linear value at the box centre (1 elastic, 0.5
 diffusion), so both mappings give the same loss at ``h = 0.5``. ``K`` is the energy scale (``--energy-scale``, ``config["loss"]["energy_scale"]``); ``K = 1`` is the
-paper's eq. (1) exactly. On breathing-like motion the paper's energy is ~1/100 of the weighted
+eq. (1) of the paper text exactly (the authors' code differs: docs/fidelity.md). On breathing-like motion the paper's energy is ~1/100 of the weighted
 NCC term over most of the hyperparameter box, so the best field hardly depends on the
 hyperparameters; ``K`` brings the two terms to the same order (README "Calibrated energy",
 ``benchmarks/calibrate_energy.py`` estimates it on a dataset).

@@ -130,12 +130,12 @@ def _add_loss_args(g: argparse._ArgumentGroup) -> None:
                         "project); voxelmorph = voxelmorph's NCC (authors' code): cross term and variances clamped "
                         "at eps, zero-padded border windows over the full window. Default: the profile's")
     g.add_argument("--energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
-                   help="factor K on the regularization energy in the loss (1 = the paper's eq. 1). The paper's "
+                   help="factor K on the regularization energy in the loss (1 = paper text, eq. 1). The paper's "
                         "energy is ~1/100 of the similarity term on breathing-like motion, so the networks barely "
                         "respond to their hyperparameters; benchmarks/calibrate_energy.py proposes K for a dataset "
                         "(README 'Calibrated energy'). Saved in config.json; refinement uses the run's K")
     g.add_argument("--hyp-mapping", choices=["linear", "log"], default="linear",
-                   help="how the hyperparameters h in [0, 1] become weights: linear = the paper's eq. 1 (weight h, "
+                   help="how the hyperparameters h in [0, 1] become weights: linear = paper text, eq. 1 (weight h, "
                         "similarity weighted by 2 - lambda - mu or 1 - w); log = weight 0.5 * 10^(D (h - 0.5)) with "
                         "unit similarity weight (equal to linear at h = 0.5; README 'Calibrated energy')")
     g.add_argument("--log-decades", type=arg_float(0.0), default=2.0, metavar="D",

@@ -282,3 +282,37 @@ def test_authors_profile_end_to_end_and_stages_refuse_another_profile(tmp_path):
     per_pair = pd.read_csv(os.path.join(res, art.PER_PAIR_METRICS))
     assert {"elas-g", "elas-sas", "elas-sas@g"} <= set(per_pair["method"])
     assert json.loads(open(os.path.join(res, art.INFERENCE_META)).read())["profile"] == "authors"
+
+
+# ---- the study under both profiles ---------------------------------------------------------------------
+def test_study_units_of_the_authors_profile_keep_the_paper_units_valid():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import study
+
+    assert study.unit_setting("paper") == "paper" and study.unit_setting("paper", "authors") == "paper-authors"
+    assert study.split_setting("calibrated-authors") == ("calibrated", "authors")
+    assert study.split_setting("calibrated") == ("calibrated", "paper")
+    args = study.build_parser().parse_args(["--profiles", "paper", "authors"])
+    paper_argv = study._pipeline_argv(args, "paper", 0, "o")
+    assert "--profile" not in paper_argv  # the recorded paper units' command is unchanged
+    authors_argv = study._pipeline_argv(args, "paper-authors", 0, "o")
+    assert authors_argv[authors_argv.index("--profile") + 1] == "authors"
+    assert [a for a in authors_argv if a not in ("--profile", "authors")] == paper_argv
+    rng = np.random.default_rng(0)
+    rows = []
+    for setting, shift in (("paper", 0.0), ("paper-authors", -0.03)):
+        for seed in (0, 1):
+            for k in range(6):
+                for method in ("initial", "elas-g", "elas-sas"):
+                    rows.append({"setting": setting, "seed": seed, "pair_id": f"p{k}", "method": method,
+                                 "protocol": "" if method == "initial" else "oracle",
+                                 "mean_dice": 0.8 + 0.01 * k + shift + rng.normal(0, 1e-3), "hd95": 3.0,
+                                 "tre": np.nan, "dense_epe": 0.5, "seconds": 0.01, "percent_neg_jac": 0.0,
+                                 "sdlogj": 0.2})
+    comp = study.compare(pd.DataFrame(rows), n_boot=200)
+    cross = comp[comp["setting"] == "paper-authors - paper"]
+    assert len(cross) > 0
+    dice = cross[cross["metric"] == "mean_dice"]
+    assert np.allclose(dice["mean_diff"], -0.03, atol=2e-3), dice
