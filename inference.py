@@ -50,6 +50,10 @@ Wilcoxon p and its number of non-zero differences, n; see ``evaluation.paired_co
 labels and displacement of every pair as NIfTI with the fixed image's affine (file names from
 pair ids are sanitized, ``folders.safe_file_names``).
 
+``--profile`` (docs/fidelity.md) is checked, not applied: every run must have been trained with the
+same profile (and the settings that decide what a hyperparameter means), every identification made
+under it; a mismatch is refused. Default: the runs' profile.
+
 ``--out`` is locked while written and replaced whole at the end from a temporary sibling, so a
 killed run leaves the old results complete. ``inference.json`` records ``provenance``; an
 identification whose recorded weights (global, or the SA run of a gradient identification) or

@@ -29,6 +29,12 @@ Run folders never lie and never vanish:
 - every argument is checked at parse time and the dataset (every pair of every split) before
   the first model is built (:func:`datasets.validate_dataset`).
 
+``--profile paper|authors`` (:mod:`.profiles`, docs/fidelity.md) sets the defaults of the settings where
+the paper text and the authors' released code differ (integration resolution, regularized field,
+endpoint oversampling, constrained elastic sampling, similarity weight, diffusion energy scale, NCC
+numerics); each is also its own option. The resolved settings are ``config.json["fidelity"]``
+(runs made before it: ``paper`` with their recorded three settings) and ``--resume`` refuses a change.
+
 Determinism: for a given ``--seed`` the data order, the hyperparameters of every sample (drawn
 with stateless RNG from ``(seed, step)``) and the weight initialization are fixed, and TF op
 determinism is enabled, so a run is reproducible and a resumed run continues exactly where
