@@ -12,7 +12,7 @@ global run itself. Rows per identification (``<reg>`` = ``elas`` / ``diff``):
   N Adam steps on the training loss (global values / tissue-specific maps, see
   :mod:`hypermorph_spatially_adaptive.refinement`). The maps of ``-sas+io`` are built from a
   segmentation in the fixed frame: in the oracle protocol the test pair's fixed segmentation
-  (the paper's); in the population protocol, where no test label may touch the registration,
+  (paper text); in the population protocol, where no test label may touch the registration,
   the *moving* segmentation carried into the fixed frame by the network's own displacement
   (nearest neighbour, ``eval_metrics.warp_labels``), the moving image playing the atlas whose
   labels are known, as in atlas-based segmentation (``--population-maps``). Rows say what
@@ -49,6 +49,10 @@ Wilcoxon p and its number of non-zero differences, n; see ``evaluation.paired_co
 ``fig3_<pair>.png``, ``dice_boxplots.png``, and with ``--save-nifti`` the warped image, warped
 labels and displacement of every pair as NIfTI with the fixed image's affine (file names from
 pair ids are sanitized, ``folders.safe_file_names``).
+
+``--profile`` (docs/fidelity.md) is checked, not applied: every run must have been trained with the
+same profile (and the settings that decide what a hyperparameter means), every identification made
+under it; a mismatch is refused. Default: the runs' profile.
 
 ``--out`` is locked while written and replaced whole at the end from a temporary sibling, so a
 killed run leaves the old results complete. ``inference.json`` records ``provenance``; an
@@ -111,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-nifti", action="store_true", help="write warped image/labels and displacement as NIfTI")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
+    p.add_argument("--profile", choices=["paper", "authors"], default=None,
+                   help="paper (paper text) or authors (authors' code), docs/fidelity.md: checked against the runs' "
+                        "config.json 'fidelity' and every identification's profile; a mismatch is refused. Default: "
+                        "the runs' profile")
     p.add_argument("--force", action="store_true",
                    help="proceed although an identification's recorded weights or data hashes differ from the runs "
                         "and data now (identification.json / config.json 'provenance'); recorded in inference.json")
@@ -269,7 +277,28 @@ def _load_groups(args: argparse.Namespace) -> List[Dict]:
         groups.append(_load_group(reg, sa, ident, glob))
     if not groups:
         raise SystemExit("nothing to do: give --elastic-sa/--elastic-ident and/or --diffusion-sa/--diffusion-ident")
+    args.resolved_profile = check_profiles(groups, args.profile)
     return groups
+
+
+def check_profiles(groups: List[Dict], profile: Optional[str]) -> str:
+    """The runs' common profile (:func:`~hypermorph_spatially_adaptive.profiles.check_same_profile`:
+    every run of every group, ``--profile`` if given); ValueError if an identification was made under
+    another profile (identification.json 'fidelity'; none recorded = paper)."""
+    from hypermorph_spatially_adaptive.profiles import check_same_profile
+
+    runs = {}
+    for g in groups:
+        runs[g["global_run"]] = g["g_cfg"]
+        runs.update({sa["run"]: sa["cfg"] for sa in g["sas"]})
+    fid = check_same_profile(runs, profile)
+    for g in groups:
+        for src in g["sources"]:
+            made = (src.meta.get("fidelity") or {}).get("profile", "paper")
+            if made != fid.profile:
+                raise ValueError(f"{src.folder}: identified under --profile {made}, but the runs were trained with "
+                                 f"--profile {fid.profile}: identify again with the runs' profile")
+    return fid.profile
 
 
 def _load_test_set(groups: List[Dict], args: argparse.Namespace) -> Tuple[object, str, List[str]]:
@@ -516,6 +545,7 @@ def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional
             "refine_lr": args.refine_lr, "refine_options": runio.refine_kwargs(args),
             "bootstrap": args.bootstrap, "seed": args.seed, "provenance": provenance, "force": bool(args.force),
             "file_names": {p: f for p, f in file_names.items() if p != f},
+            **({"profile": args.resolved_profile} if getattr(args, "resolved_profile", "paper") != "paper" else {}),
             "command": ["inference.py"] + list(argv if argv is not None else sys.argv[1:])}
 
 

@@ -32,6 +32,13 @@ data or weights that differ from what the run's config.json recorded are refused
 it optimizes one setting per model on the mean soft Dice of the ``--population-split`` pairs (the
 CSAIN paper's protocol) and applies it unchanged to every pair of ``--split``
 (``<run>/identification_gradient_population``; Dice columns = validation means).
+
+``--profile`` (default: the run's, config.json 'fidelity'; another profile is refused) sets the
+defaults of ``--background``, ``--zero-point``, ``--grid-objective`` and ``--ident-unit``
+(docs/fidelity.md): ``authors`` fixes the background at 0, excludes the zero point and picks the -g
+baseline by TRE where the pairs have keypoints. A global elastic run trained with constrained
+sampling (``mu ~ U[0, 1 - lambda]``) is searched on the grid points with ``lambda + mu <= 1`` only:
+the network never saw the others.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 def build_parser() -> argparse.ArgumentParser:
     from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive.profiles import CHOICES, PROFILES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <run>/identification)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="pairs to identify")
     p.add_argument("--protocol", default="oracle", choices=["oracle", "population"],
-                   help="oracle (the paper's): identify each pair of --split on its own labels; population "
+                   help="oracle (paper text, sec. 2.2): identify each pair of --split on its own labels; population "
                         "(label-free at test time): search the grid on --population-split, keep per class the "
                         "point with the best mean class Dice over its pairs (background and -g: best mean Dice) "
                         "and apply that one setting to every pair of --split (with --method gradient: Adam on one setting "
@@ -75,9 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="proceed although the run's recorded data or weights hashes (config.json 'provenance') "
                         "differ from the data and weights now; recorded in identification.json")
+    f = p.add_argument_group("fidelity (docs/fidelity.md; grid method)")
+    f.add_argument("--profile", choices=list(PROFILES), default=None,
+                   help="paper (paper text) or authors (authors' code): the defaults of the four options below. "
+                        "Default: the profile the run was trained with; another one is refused")
+    f.add_argument("--background", choices=list(CHOICES["background"]), default=None,
+                   help="background parameters: best-mean = the grid point with the best mean Dice (this project; "
+                        "the paper text does not say); zero = lambda = mu = 0 / weight 0 (authors' code, "
+                        "parameter_identification.py background_val). Default: the profile's")
+    f.add_argument("--zero-point", choices=list(CHOICES["zero_point"]), default=None,
+                   help="include or exclude the grid point lambda = mu = 0 (weight 0) from every choice (authors' "
+                        "code: greater_zero=True excludes it). Default: the profile's (paper include, authors "
+                        "exclude)")
+    f.add_argument("--grid-objective", choices=list(CHOICES["objective"]), default=None,
+                   help="what picks the -g baseline (and a best-mean background): dice = best mean Dice (paper "
+                        "text: class Dice); tre = smallest mean keypoint TRE (authors' code offers it); auto = tre "
+                        "where the pairs have keypoints, else dice. Tissues are always chosen by their class Dice. "
+                        "Default: the profile's (paper dice, authors auto)")
+    f.add_argument("--ident-unit", choices=list(CHOICES["unit"]), default=None,
+                   help="oracle protocol: pair = one choice per pair (paper text, sec. 2.2); set = one choice from "
+                        "the grid Dice averaged over the identified pairs (the authors' released script reads "
+                        "per-grid-point means). Default: the profile's (pair for both)")
     g = p.add_argument_group("method (grid: paper sec. 2.2; gradient: docs/extensions.md 'Gradient identification')")
     g.add_argument("--method", default="grid", choices=["grid", "gradient"],
-                   help="grid: grid search with the global model (the paper's proxy); gradient: Adam on the "
+                   help="grid: grid search with the global model (paper text, sec. 2.2); gradient: Adam on the "
                         "SA model's own hyperparameters (every class, background included) and on the global "
                         "model's for the -g row")
     g.add_argument("--sa-run", default=None, metavar="RUN",
@@ -147,7 +176,8 @@ def _load_global_run(args: argparse.Namespace) -> Tuple[object, Dict, object, Li
     return model, config, dataset, dataset.select_ids(args.split, args.pairs)
 
 
-def _search_grid(registrar, dataset, search_ids: Sequence[str], grid, class_names: List[str], regularizer: str):
+def _search_grid(registrar, dataset, search_ids: Sequence[str], grid, class_names: List[str], regularizer: str,
+                 with_tre: bool = False):
     """Class and mean Dice of every grid point for every pair of ``search_ids`` (one table, progress
     printed per pair)."""
     import pandas as pd
@@ -158,12 +188,27 @@ def _search_grid(registrar, dataset, search_ids: Sequence[str], grid, class_name
     tables = []
     for k, pid in enumerate(search_ids, 1):
         pair = dataset.load_pair(pid)
-        tables.append(ident.grid_dice(registrar, pair, grid, class_names))
+        tables.append(ident.grid_dice(registrar, pair, grid, class_names, with_tre))
         best = tables[-1]["mean_dice"].max()
         per_pair = (time.time() - t0) / k
         print(f"[identify {regularizer}] {k}/{len(search_ids)} {pid}: best mean Dice {best:.3f} "
               f"({per_pair:.2f} s/pair, ETA {ident.format_eta(per_pair * (len(search_ids) - k))})", flush=True)
     return pd.concat(tables, ignore_index=True)
+
+
+def identification_fidelity(args: argparse.Namespace, config: Dict):
+    """The :class:`~hypermorph_spatially_adaptive.profiles.Fidelity` of this identification: the run's
+    training settings (config.json 'fidelity'), ``--profile`` (refused if it is not the run's) and its
+    identification defaults overridden by the options given."""
+    from hypermorph_spatially_adaptive.profiles import Fidelity, check_same_profile
+
+    trained = check_same_profile({args.run: config}, args.profile)
+    base = Fidelity.of(trained.profile)
+    from dataclasses import replace
+
+    return replace(trained, **{k: v if v is not None else getattr(base, k) for k, v in (
+        ("background", args.background), ("zero_point", args.zero_point), ("objective", args.grid_objective),
+        ("unit", args.ident_unit))})
 
 
 def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str, dest: str) -> None:
@@ -172,9 +217,11 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import identification as ident
     from hypermorph_spatially_adaptive import provenance as prov
+    from hypermorph_spatially_adaptive.profiles import PAPER
     from hypermorph_spatially_adaptive.registration import Registrar
 
     model, config, dataset, ids = _load_global_run(args)
+    fidelity = identification_fidelity(args, config)
     if args.method == "gradient":  # docs/extensions.md "Gradient identification"; writes <run>/identification_gradient[_epe]
         from hypermorph_spatially_adaptive import gradient_identification
 
@@ -183,9 +230,17 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     class_names = list(config["class_names"])
     values = args.grid if args.grid is not None else ident.grid_values(args.grid_steps)
     grid = ident.make_grid(regularizer, values)
+    if regularizer == "elastic" and fidelity.constrained(False):  # the network never saw lambda + mu > 1
+        grid = grid[grid.sum(axis=1) <= 1.0 + 1e-9]
     population = args.protocol == "population"
     search_split = args.population_split if population else args.split
     search_ids = dataset.split_ids(search_split) if population else ids
+    objective = fidelity.objective
+    if objective == "auto":
+        first = dataset.load_pair(search_ids[0]) if search_ids else None
+        objective = "tre" if first is not None and first.fixed_kp is not None else "dice"
+    choice_opts = {"background": fidelity.background, "exclude_zero": fidelity.zero_point == "exclude",
+                   "objective": objective}
     if not search_ids:
         raise ValueError(f"the {search_split} split of {dataset.name} is empty: nothing to identify on")
     provenance = prov.check_runs([(args.run, config)], dataset, [args.split, search_split], args.force,
@@ -197,11 +252,11 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     print(f"[identify {regularizer}] {args.protocol}: {len(search_ids)} {search_split} pairs x {len(grid)} grid "
           f"points ({len(values)} values per axis, {mb:.1f} MB of fields per chunk) with {args.run}", flush=True)
     t0 = time.time()
-    grid_df = _search_grid(registrar, dataset, search_ids, grid, class_names, regularizer)
-    if population:
-        choice = ident.population_choice(grid_df, regularizer, class_names, ids)
+    grid_df = _search_grid(registrar, dataset, search_ids, grid, class_names, regularizer, objective == "tre")
+    if population or fidelity.unit == "set":
+        choice = ident.population_choice(grid_df, regularizer, class_names, ids, **choice_opts)
     else:
-        choice = ident.choose_parameters(grid_df, regularizer, class_names)
+        choice = ident.choose_parameters(grid_df, regularizer, class_names, **choice_opts)
     choice.insert(1, art.REGULARIZER, regularizer)
     seconds = time.time() - t0
 
@@ -215,6 +270,7 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
                         "then larger mu, then larger lambda; background and -g use the best mean Dice",
             "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(search_ids), 1), 3),
             "provenance": provenance, "force": bool(args.force),
+            **({} if fidelity == PAPER else {"fidelity": {**fidelity.to_dict(), "objective_used": objective}}),
             "command": ["parameter_identification.py"] + list(argv if argv is not None else sys.argv[1:])}
     atomic_write(os.path.join(dest, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
     if not args.no_figure:

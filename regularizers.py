@@ -18,7 +18,7 @@ Array layout, flow channels, voxel/mm units: CONVENTIONS.md. Here in particular:
 Energies (densities per voxel; the regularizers return their mean over voxels, shape ``[batch]``)
 - elastic:   ``mu/4 * sum_ij (d_i u_j + d_j u_i)^2 + lam/2 * (div u)^2``
 - diffusion: ``weight * sum_ij (d_i u_j)^2``   (= ``|grad u|_F^2``; voxelmorph's ``Grad('l2')``
-  is this divided by ``D**2``)
+  is this divided by ``D**2``, up to its border: see :func:`diffusion_regularizer_voxelmorph`)
 """
 from __future__ import annotations
 
@@ -152,3 +152,28 @@ def diffusion_regularizer(disp: tf.Tensor, weight: TensorLike = 1.0,
                           spacing: Optional[Sequence[float]] = None) -> tf.Tensor:
     """Mean diffusion energy ``weight * |grad u|^2`` over the image domain, shape ``[B]``."""
     return _mean_over_space(diffusion_energy_density(disp, weight, spacing))
+
+
+def diffusion_regularizer_voxelmorph(disp: tf.Tensor, weight: TensorLike = 1.0,
+                                     spacing: Optional[Sequence[float]] = None) -> tf.Tensor:
+    """Diffusion energy on voxelmorph's ``Grad('l2')`` scale (the authors' code), shape ``[B]``.
+
+    ``(1/D) sum_i mean_{x, j} weight(x) (d_i u_j(x))^2`` where the mean runs over the ``n_i - 1``
+    valid forward differences along axis ``i`` (no zero padding) and the D components ``j``. With
+    unit spacing and a per-sample weight it equals ``weight * voxelmorph.losses.Grad('l2')``; with a
+    voxelwise weight each difference is weighted at its first voxel ``x`` (the authors'
+    ``Grad.loss(..., weight_matrix)``). For a field whose squared differences are the same
+    everywhere it is :func:`diffusion_regularizer` divided by ``D**2`` and multiplied by
+    ``n_i / (n_i - 1)`` (ours averages the zero difference of the last slice too).
+    """
+    ndim = _check_disp(disp)
+    g = forward_gradients(disp, spacing)
+    w = _as_param(weight, ndim, "weight")
+    terms = []
+    for i in range(ndim):
+        sl = [slice(None)] * (ndim + 1)
+        sl[i + 1] = slice(None, -1)  # the valid differences along axis i
+        dens = tf.reduce_mean(tf.square(g[i]), axis=-1)  # mean over the D components
+        weighted = (w * dens)[tuple(sl)]  # a per-sample weight broadcasts, a map is taken at x
+        terms.append(_mean_over_space(weighted))
+    return tf.add_n(terms) / float(ndim)

@@ -45,11 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "networks learn to ignore their hyperparameters (docs/experiments.md 'Training budget')")
     for reg in ("elastic", "diffusion"):
         g.add_argument(f"--{reg}-energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
-                       help=f"factor K on the energy in the loss of the two {reg} models (1 = the paper's eq. 1); "
+                       help=f"factor K on the energy in the loss of the two {reg} models (1 = paper text, eq. 1); "
                             f"refinement uses the same K. benchmarks/calibrate_energy.py proposes K for a dataset "
                             f"(docs/extensions.md 'Calibrated energy')")
     g.add_argument("--hyp-mapping", choices=["linear", "log"], default="linear",
                    help="hyperparameter-to-weight mapping of the four models' loss (see the training scripts' --help)")
+    g.add_argument("--profile", choices=["paper", "authors"], default="paper",
+                   help="paper: the paper text as this project reads it; authors: the authors' released code "
+                        "(integration at full resolution, energy on the SVF, endpoint oversampling 0.2, constrained "
+                        "global elastic sampling, similarity weight 1 - lambda - mu clipped at 0, voxelmorph's Grad "
+                        "scale and NCC, background fixed at 0, zero point excluded, TRE objective where keypoints "
+                        "exist). Passed to every stage (docs/fidelity.md); single settings through --train-args")
     g.add_argument("--log-decades", type=arg_float(0.0), default=2.0, metavar="D",
                    help="--hyp-mapping log: decades of regularization strength the box spans")
     g.add_argument("--zero-io", action="store_true",
@@ -246,7 +252,8 @@ def _identification_plan(args, runs: dict) -> tuple:
             ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS[protocol], reg))
             calls.append((f"identify {reg} grid ({protocol})",
                           ["--run", runs[f"{reg}_global"], "--out", ident[reg][-1], "--grid-steps",
-                           str(args.grid_steps), "--protocol", protocol], 1.0 if protocol == "oracle" else 0.5))
+                           str(args.grid_steps), "--protocol", protocol, *_profile_argv(args)],
+                          1.0 if protocol == "oracle" else 0.5))
         if not args.gradient_steps:
             continue
         # docs/extensions.md "Gradient identification": Adam on the models' own inputs from 0.5 (not from the grid's
@@ -261,7 +268,7 @@ def _identification_plan(args, runs: dict) -> tuple:
                 calls.append((f"identify {sa} gradient ({protocol})",
                               ["--run", runs[f"{reg}_global"], "--sa-run", runs[sa], "--method", "gradient",
                                "--init", "center", "--protocol", protocol, "--steps", str(args.gradient_steps),
-                               "--out", ident[reg][-1]], 2.0))
+                               "--out", ident[reg][-1], *_profile_argv(args)], 2.0))
     return ident, calls
 
 
@@ -292,6 +299,12 @@ def _identify_all(args, runs: dict, timer: "StageTimer") -> dict:
     return ident
 
 
+def _profile_argv(args) -> List[str]:
+    """``--profile X`` for every stage, or nothing for the default paper profile (commands, and so
+    the reuse of runs made before the option, stay as they were)."""
+    return [] if args.profile == "paper" else ["--profile", args.profile]
+
+
 def _apply_quick_and_cache(args) -> None:
     """``--quick`` sizes (only where the user kept the defaults) and the demo's synthetic cache
     folder ``.cache/synthetic`` when no data or cache folder is given; edits ``args`` in place."""
@@ -320,7 +333,7 @@ def _preset_argv(args, runs: dict) -> dict:
                                  "--val-every", str(max(1, args.steps // 4))]
     if args.quick:
         common += QUICK["arch"]
-    common += shlex.split(args.train_args)
+    common += _profile_argv(args) + shlex.split(args.train_args)
     mapping = [] if args.hyp_mapping == "linear" else ["--hyp-mapping", args.hyp_mapping,
                                                         "--log-decades", repr(args.log_decades)]
     preset_argv = {}
@@ -359,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
     with timer.stage("inference: register, refine, Table 1, figures"):
         inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine),
-                        *refine_argv(args), *(["--zero-io"] if args.zero_io else []),
+                        *refine_argv(args), *(["--zero-io"] if args.zero_io else []), *_profile_argv(args),
                         "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
                         "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
     timer.write_csv(os.path.join(results, art.STAGE_TIMES))

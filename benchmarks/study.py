@@ -23,6 +23,11 @@ same test pairs when antspyx is installed (``make bench-setup``). Then it writes
 - ``study_forest_mean_dice.png``, ``study_forest_percent_neg_jac.png``: the comparisons as forest
   plots, pooled and per seed.
 
+``--profiles paper authors`` (docs/fidelity.md) runs every setting also under ``run_pipeline.py
+--profile authors`` (the authors' released code). Those units are named ``<setting>-authors``
+(folders ``<setting>-authors/seed<S>``), so the recorded ``paper``-profile units keep their names and
+stay valid; with both profiles the comparisons add ``<setting>-authors - <setting>`` per method.
+
 Resumable: a unit (setting, seed) whose ``DONE.json`` exists is skipped, and a unit kept in the
 record (``--record``, in git: ``benchmarks/study_record.py``) is restored from it; an interrupted unit
 resumes inside ``run_pipeline.py`` (finished models are reused, an unfinished one resumes from
@@ -50,6 +55,24 @@ SETTINGS = {"paper": [],
             "calibrated": ["--elastic-energy-scale", "10", "--diffusion-energy-scale", "3", "--hyp-mapping", "log",
                            "--log-decades", "2"]}
 QUICK_ARGS = ["--quick", "--num-pairs", "24"]
+#: run_pipeline.py --profile values (docs/fidelity.md); a profile other than paper suffixes the unit name
+PROFILES = ("paper", "authors")
+
+
+def unit_setting(setting: str, profile: str = "paper") -> str:
+    """The unit's setting name: ``setting`` for the paper profile (the recorded units' names),
+    ``<setting>-<profile>`` otherwise."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+    return setting if profile == "paper" else f"{setting}-{profile}"
+
+
+def split_setting(name: str):
+    """Inverse of :func:`unit_setting`: ``(setting, profile)``."""
+    for profile in PROFILES[1:]:
+        if name.endswith(f"-{profile}"):
+            return name[: -len(profile) - 1], profile
+    return name, "paper"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["paper", "calibrated"],
                    help="regularization settings to run (run_pipeline.py options: " +
                         "; ".join(f"{k}: {' '.join(v) or 'defaults'}" for k, v in SETTINGS.items()) + ")")
+    p.add_argument("--profiles", nargs="+", choices=list(PROFILES), default=["paper"],
+                   help="run_pipeline.py --profile of the units: paper (paper text) and/or authors (authors' code; "
+                        "units named <setting>-authors, docs/fidelity.md)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--motion", default="stress", help="synthetic motion (see run_pipeline.py --help)")
     p.add_argument("--num-pairs", type=int, default=200, help="synthetic pairs (70/15/15 split: 200 -> 30 test)")
@@ -78,10 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pipeline_argv(args, setting: str, seed: int, out: str) -> List[str]:
+    """run_pipeline.py's command line of the unit ``setting`` (a :func:`unit_setting` name)."""
     import shlex
 
-    argv = ["--out", out, "--seed", str(seed), "--csain", "--zero-io", "--gradient-population", *SETTINGS[setting],
+    base, profile = split_setting(setting)
+    argv = ["--out", out, "--seed", str(seed), "--csain", "--zero-io", "--gradient-population", *SETTINGS[base],
             "--cache-dir", os.path.join(".cache", "synthetic")]
+    if profile != "paper":  # paper units keep their recorded command
+        argv += ["--profile", profile]
     if args.quick:
         return argv + QUICK_ARGS + shlex.split(args.pipeline_args)
     return argv + ["--motion", args.motion, "--num-pairs", str(args.num_pairs), "--steps", str(args.steps),
@@ -316,9 +346,16 @@ def compare(study, n_boot: int):
                                  per_seed=True)
         frames.append(comp.assign(setting=setting))
     settings = list(study["setting"].unique())
+    methods = [m for m in study["method"].unique() if m not in ("initial", *PEER_ROWS)]
+    for name in settings:  # the authors' code against the paper text, per method (same seeds and pairs)
+        base, profile = split_setting(name)
+        if profile != "paper" and base in settings:
+            pair_df = study[study["setting"].isin([name, base])]
+            both = pair_df.assign(method=pair_df["method"] + " [" + pair_df["setting"] + "]")
+            frames.append(paired_comparison(both, [(f"{m} [{name}]", f"{m} [{base}]") for m in methods],
+                                            metrics=STUDY_METRICS, n_boot=n_boot).assign(setting=f"{name} - {base}"))
     if {"paper", "calibrated"} <= set(settings):
         both = study.assign(method=study["method"] + " [" + study["setting"] + "]")
-        methods = [m for m in study["method"].unique() if m not in ("initial", *PEER_ROWS)]
         pairs = [(f"{m} [calibrated]", f"{m} [paper]") for m in methods]
         frames.append(paired_comparison(both, pairs, metrics=STUDY_METRICS, n_boot=n_boot)
                       .assign(setting="calibrated - paper"))
@@ -328,7 +365,7 @@ def compare(study, n_boot: int):
 def run_units(args) -> List[Dict]:
     """Every (setting, seed) unit in order: restored from the record if kept there, else run (or
     resumed), then the EPE-oracle identification and the record; progress and ETA per unit."""
-    units_todo = [(s, seed) for s in args.settings for seed in args.seeds]
+    units_todo = [(unit_setting(s, pr), seed) for pr in args.profiles for s in args.settings for seed in args.seeds]
     print(f"[study] {len(units_todo)} units (settings {args.settings} x seeds {args.seeds}) -> {args.out}", flush=True)
     import study_record
 
@@ -368,7 +405,7 @@ def write_comparisons(args, study) -> None:
     table = study_table(study)
     atomic_write(os.path.join(args.out, "study_table.csv"), table)
     atomic_write(os.path.join(args.out, "study_table.md"), table_markdown(table) + "\n")
-    within = comp[comp["setting"] != "calibrated - paper"]
+    within = comp[~comp["setting"].str.contains(" - ")]  # not the between-setting / between-profile rows
     for metric in ("mean_dice", "percent_neg_jac"):
         plot_comparison_forest(within, os.path.join(args.out, f"study_forest_{metric}.png"), metric)
 

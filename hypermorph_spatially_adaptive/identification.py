@@ -13,6 +13,12 @@ then larger ``mu``, then larger ``lambda``. A class whose Dice is NaN at every g
 (absent from both fixed and warped labels) falls back to the background choice and is flagged
 in the ``fallback`` column.
 
+Options of the authors' code (``--profile authors``, :mod:`.profiles`, docs/fidelity.md):
+``background='zero'`` fixes the background at lambda = mu = 0 (diffusion weight 0) instead of the
+best mean-Dice point; ``exclude_zero`` drops the grid point lambda = mu = 0 (weight 0) from every
+choice; ``objective='tre'`` chooses the -g baseline (and a ``best-mean`` background) by the
+smallest mean keypoint TRE (column ``tre``, mm) instead of the best mean Dice (ties as above).
+
 Outputs (pandas DataFrames, written by ``parameter_identification.py``):
 - grid table: ``pair_id, lambda[, mu], dice_<class>..., mean_dice`` (one row per pair x point)
 - choice table: one row per pair with the SA hyperparameter columns
@@ -89,20 +95,26 @@ def format_eta(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def grid_dice(registrar, pair, grid: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+def grid_dice(registrar, pair, grid: np.ndarray, class_names: Sequence[str], with_tre: bool = False) -> pd.DataFrame:
     """Class and mean Dice of one pair at every grid point (batched forward passes).
 
     ``grid`` is ``[G, P]`` with P = 2 (elastic) or 1 (diffusion), the global model's input.
     The grid runs chunk by chunk (``registrar.chunks``; chunk size ``registrar.batch_size`` or
     :func:`.registration.auto_batch_size` of the image), each chunk's fields reduced to Dice
     before the next, so memory holds one chunk of displacements, not G (3D).
+    With ``with_tre`` (pairs with keypoints) a column ``tre`` holds the mean keypoint TRE in mm.
     """
     C = len(class_names)
     dice = np.empty((len(grid), C), np.float64)
+    if with_tre and (pair.fixed_kp is None or pair.moving_kp is None):
+        raise ValueError(f"pair {pair.pair_id}: the TRE objective needs keypoints, and this pair has none")
+    tre = np.full(len(grid), np.nan)
     for start, _, disp in registrar.chunks(pair.moving, pair.fixed, grid):
         for k in range(len(disp)):
             warped_seg = eval_metrics.warp_labels(pair.moving_seg, disp[k])
             dice[start + k] = eval_metrics.dice_per_class(pair.fixed_seg, warped_seg, C)
+            if with_tre:
+                tre[start + k] = float(np.mean(eval_metrics.tre(pair.fixed_kp, pair.moving_kp, disp[k], pair.spacing)))
     df = pd.DataFrame({PAIR_ID: pair.pair_id, "lambda": grid[:, 0]})
     if grid.shape[1] == 2:
         df["mu"] = grid[:, 1]
@@ -111,6 +123,8 @@ def grid_dice(registrar, pair, grid: np.ndarray, class_names: Sequence[str]) -> 
     with warnings.catch_warnings():  # a class absent everywhere is NaN; all-NaN rows stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         df["mean_dice"] = np.nanmean(dice, axis=1)
+    if with_tre:
+        df["tre"] = tre
     return df
 
 
@@ -125,18 +139,45 @@ def _best_row(df: pd.DataFrame, col: str) -> Optional[pd.Series]:
     return key.iloc[0]
 
 
-def choose_parameters(grid_df: pd.DataFrame, regularizer: str, class_names: Sequence[str]) -> pd.DataFrame:
-    """One row per pair with the identified per-class and global-baseline parameters."""
+def zero_point(df: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the rows at lambda = mu = 0 (diffusion: weight 0)."""
+    mask = df["lambda"] == 0
+    return mask & (df["mu"] == 0) if "mu" in df else mask
+
+
+def choose_parameters(grid_df: pd.DataFrame, regularizer: str, class_names: Sequence[str],
+                      background: str = "best-mean", exclude_zero: bool = False,
+                      objective: str = "dice") -> pd.DataFrame:
+    """One row per pair with the identified per-class and global-baseline parameters.
+
+    ``background`` 'best-mean' (default) or 'zero'; ``exclude_zero`` drops the lambda = mu = 0 point;
+    ``objective`` 'dice' (default) or 'tre' (needs the column ``tre``) for the -g baseline (module
+    docstring)."""
+    if background not in ("best-mean", "zero"):
+        raise ValueError(f"unknown background choice {background!r}; expected 'best-mean' or 'zero'")
+    if objective not in ("dice", "tre"):
+        raise ValueError(f"unknown objective {objective!r}; expected 'dice' or 'tre'")
+    if objective == "tre" and "tre" not in grid_df:
+        raise ValueError("the TRE objective needs the grid table's 'tre' column (pairs with keypoints)")
     elastic = regularizer == "elastic"
     sa_names = sa_columns(regularizer, class_names)
+    if exclude_zero:
+        grid_df = grid_df[~zero_point(grid_df)]
+        if grid_df.empty:
+            raise ValueError("the grid holds only the zero point, which exclude_zero removes: nothing to choose")
     rows: List[Dict] = []
     for pair_id, df in grid_df.groupby(PAIR_ID, sort=False):
         best_mean = _best_row(df, "mean_dice")
         if best_mean is None:
             raise ValueError(f"pair {pair_id}: every class is empty in fixed and warped labels; "
                              "no parameter can be identified")
+        if objective == "tre":
+            best_mean = _best_row(df.assign(_neg_tre=-df["tre"]), "_neg_tre")
+            if best_mean is None:
+                raise ValueError(f"pair {pair_id}: TRE is NaN at every grid point")
         row: Dict = {PAIR_ID: pair_id}
-        chosen = {"background": best_mean}
+        chosen = {"background": best_mean if background == "best-mean" else
+                  pd.Series({"lambda": 0.0, "mu": 0.0, "mean_dice": np.nan})}
         fallback = []
         for name in class_names:
             best = _best_row(df, f"dice_{name}")
@@ -162,7 +203,7 @@ def choose_parameters(grid_df: pd.DataFrame, regularizer: str, class_names: Sequ
 
 
 def population_choice(grid_df: pd.DataFrame, regularizer: str, class_names: Sequence[str],
-                      pair_ids: Sequence[str]) -> pd.DataFrame:
+                      pair_ids: Sequence[str], **choice) -> pd.DataFrame:
     """One parameter setting from a grid table over several pairs, applied to ``pair_ids``.
 
     The label-free protocol of docs/reading_results.md "How to read the comparison": ``grid_df`` holds the grid of the *validation*
@@ -171,11 +212,13 @@ def population_choice(grid_df: pd.DataFrame, regularizer: str, class_names: Sequ
     Dice and, for the background and the -g baseline, the best mean (over pairs) mean Dice,
     with the same tie rule. Returns one identical row per id in ``pair_ids`` (the test pairs);
     its ``dice_*``/``mean_dice`` columns are the validation means that chose the setting.
+    ``choice`` goes to :func:`choose_parameters` (background, exclude_zero, objective). With the
+    grid of the identified pairs themselves this is the per-set unit of the authors' script.
     """
     keys = ["lambda", "mu"] if "mu" in grid_df else ["lambda"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         agg = grid_df.drop(columns=[PAIR_ID]).groupby(keys, as_index=False, sort=True).mean()
     agg.insert(0, PAIR_ID, "population")
-    one = choose_parameters(agg, regularizer, class_names).iloc[0].to_dict()
+    one = choose_parameters(agg, regularizer, class_names, **choice).iloc[0].to_dict()
     return pd.DataFrame([{**one, PAIR_ID: pid} for pid in pair_ids])

@@ -29,6 +29,12 @@ Run folders never lie and never vanish:
 - every argument is checked at parse time and the dataset (every pair of every split) before
   the first model is built (:func:`datasets.validate_dataset`).
 
+``--profile paper|authors`` (:mod:`.profiles`, docs/fidelity.md) sets the defaults of the settings where
+the paper text and the authors' released code differ (integration resolution, regularized field,
+endpoint oversampling, constrained elastic sampling, similarity weight, diffusion energy scale, NCC
+numerics); each is also its own option. The resolved settings are ``config.json["fidelity"]``
+(runs made before it: ``paper`` with their recorded three settings) and ``--resume`` refuses a change.
+
 Determinism: for a given ``--seed`` the data order, the hyperparameters of every sample (drawn
 with stateless RNG from ``(seed, step)``) and the weight initialization are fixed, and TF op
 determinism is enabled, so a run is reproducible and a resumed run continues exactly where
@@ -48,6 +54,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import artifacts as art
+from .profiles import CHOICES, PROFILES
 
 
 PRESETS = {
@@ -68,7 +75,11 @@ _OPTION_NAMES = {"data.name": "--dataset", "training.n_train_pairs": "number of 
                  "model.num_classes": "number of classes (dataset)", "class_names": "class names (dataset)",
                  "hyperparameters": "hyperparameter names (classes)", "preset": "preset (training script)",
                  "model.regularizer": "preset (training script)",
-                 "model.spatially_adaptive": "preset (training script)"}
+                 "model.spatially_adaptive": "preset (training script)", "fidelity.profile": "--profile",
+                 "fidelity.ncc": "--ncc-numerics", "fidelity.background": "--profile (identification default)",
+                 "fidelity.zero_point": "--profile (identification default)",
+                 "fidelity.objective": "--profile (identification default)",
+                 "fidelity.unit": "--profile (identification default)"}
 
 #: values that config.json entries added later had before they existed: a run saved without
 #: them is compared (``--resume``) as if it had these, so older runs still resume
@@ -95,22 +106,51 @@ def _add_loss_args(g: argparse._ArgumentGroup) -> None:
     from .runio import arg_float, arg_int
 
     g.add_argument("--ncc-win", type=arg_int(1, odd=True), default=9, help="local NCC window per axis (odd)")
-    g.add_argument("--reg-field", choices=["disp", "svf"], default="disp",
-                   help="field the regularizer acts on: integrated displacement (paper) or the SVF")
+    g.add_argument("--profile", choices=list(PROFILES), default="paper",
+                   help="defaults of every setting where the paper text and the authors' released code differ "
+                        "(docs/fidelity.md): paper = the paper text as this project reads it; authors = the authors' "
+                        "code (--int-resolution 1, --reg-field svf, --oversample-endpoints 0.2, --elastic-sampling "
+                        "constrained-global, --similarity-weight authors, --diffusion-energy voxelmorph, "
+                        "--ncc-numerics voxelmorph; identification defaults recorded for the later stages). Each "
+                        "setting below overrides its profile value. Saved in config.json 'fidelity'")
+    g.add_argument("--reg-field", choices=["disp", "svf"], default=argparse.SUPPRESS,
+                   help="field the energy acts on: disp = the integrated displacement u (paper text, eq. 1); svf = "
+                        "the stationary velocity field before integration (authors' code: voxelmorph's default "
+                        "reg_field). Default: the profile's (paper disp, authors svf)")
+    g.add_argument("--elastic-sampling", choices=list(CHOICES["elastic_sampling"]), default=argparse.SUPPRESS,
+                   help="elastic presets: independent = lambda, mu ~ U(0, 1) each (paper text); constrained-global = "
+                        "the global preset draws mu ~ U[0, 1 - lambda] (authors' code, train_hypermorph_elastic.py; "
+                        "their SA script samples independently); constrained = every elastic preset, per class. "
+                        "Default: the profile's (paper independent, authors constrained-global)")
+    g.add_argument("--similarity-weight", choices=list(CHOICES["similarity_weight"]), default=argparse.SUPPRESS,
+                   help="elastic similarity weight: paper = 2 - Lambda - Gamma (paper text, eq. 1); authors = "
+                        "1 - Lambda - Gamma (authors' code) clipped at 0 (their SA script lets it go negative). "
+                        "Diffusion: 1 - W in both. Default: the profile's")
+    g.add_argument("--diffusion-energy", choices=list(CHOICES["diffusion_energy"]), default=argparse.SUPPRESS,
+                   help="diffusion energy scale: sum = w * sum_ij (d_i u_j)^2 averaged over voxels (this project); "
+                        "voxelmorph = voxelmorph's Grad('l2') (authors' code): mean squared difference over valid "
+                        "differences and components, summed over axes, / D (about 1/D^2 of sum). Default: the "
+                        "profile's (paper sum, authors voxelmorph)")
+    g.add_argument("--ncc-numerics", choices=list(CHOICES["ncc"]), default=argparse.SUPPRESS,
+                   help="local NCC: clipped = border windows over the inside voxels, cross term squared (this "
+                        "project); voxelmorph = voxelmorph's NCC (authors' code): cross term and variances clamped "
+                        "at eps, zero-padded border windows over the full window. Default: the profile's")
     g.add_argument("--energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
-                   help="factor K on the regularization energy in the loss (1 = the paper's eq. 1). The paper's "
+                   help="factor K on the regularization energy in the loss (1 = paper text, eq. 1). The paper's "
                         "energy is ~1/100 of the similarity term on breathing-like motion, so the networks barely "
                         "respond to their hyperparameters; benchmarks/calibrate_energy.py proposes K for a dataset "
                         "(docs/extensions.md 'Calibrated energy'). Saved in config.json; refinement uses the run's K")
     g.add_argument("--hyp-mapping", choices=["linear", "log"], default="linear",
-                   help="how the hyperparameters h in [0, 1] become weights: linear = the paper's eq. 1 (weight h, "
+                   help="how the hyperparameters h in [0, 1] become weights: linear = paper text, eq. 1 (weight h, "
                         "similarity weighted by 2 - lambda - mu or 1 - w); log = weight 0.5 * 10^(D (h - 0.5)) with "
                         "unit similarity weight (equal to linear at h = 0.5; docs/extensions.md 'Calibrated energy')")
     g.add_argument("--log-decades", type=arg_float(0.0), default=2.0, metavar="D",
                    help="--hyp-mapping log: decades of regularization strength the box spans")
-    g.add_argument("--oversample-endpoints", type=arg_float(0.0, 1.0, inclusive=True), default=0.0, metavar="P",
-                   help="probability that a sampled hyperparameter is replaced by 0 or 1 "
-                        "(HyperMorph's endpoint oversampling; the paper uses 0)")
+    g.add_argument("--oversample-endpoints", type=arg_float(0.0, 1.0, inclusive=True), default=argparse.SUPPRESS,
+                   metavar="P",
+                   help="probability that a sampled hyperparameter is replaced by 0 or 1 (HyperMorph's endpoint "
+                        "oversampling). The paper text names plain U(0, 1) sampling; the authors' code "
+                        "(utils.random_hyperparam) uses 0.2. Default: the profile's (paper 0, authors 0.2)")
 
 
 def _add_session_args(g: argparse._ArgumentGroup) -> None:
@@ -149,7 +189,9 @@ def _add_model_args(m: argparse._ArgumentGroup) -> None:
     m.add_argument("--dec-features", type=arg_int(1), nargs="+", default=[32, 32, 32, 32, 32, 16, 16],
                    help="U-Net decoder features")
     m.add_argument("--int-steps", type=arg_int(0), default=7, help="scaling-and-squaring steps")
-    m.add_argument("--int-resolution", type=arg_int(1), default=2, help="relative voxel size of the integration")
+    m.add_argument("--int-resolution", type=arg_int(1), default=argparse.SUPPRESS,
+                   help="relative voxel size of the scaling-and-squaring integration (the paper text gives none; "
+                        "authors' code: 1). Default: the profile's (paper 2, authors 1)")
     m.add_argument("--hyp-layers", type=arg_int(1), default=6, help="dense layers of the hypernetwork")
     m.add_argument("--hyp-units", type=arg_int(1), default=128, help="units per hypernetwork layer")
 
@@ -184,6 +226,7 @@ def build_parser(preset: str) -> argparse.ArgumentParser:
                     f"{reg} regularizer (preset {preset}). Writes a self-contained run folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     datasets.add_dataset_args(p)
+    p.set_defaults(preset=preset)
     g = p.add_argument_group("training")
     _add_optimization_args(g, preset)
     _add_loss_args(g)
@@ -215,11 +258,16 @@ def _strategy(name: str):
     return tf.distribute.get_strategy()
 
 
-def sample_hyperparameters(seed: int, step, batch: int, num_params: int, oversample: float = 0.0):
+def sample_hyperparameters(seed: int, step, batch: int, num_params: int, oversample: float = 0.0,
+                           constrain: bool = False):
     """Per-sample hyperparameters ``[batch, num_params]`` ~ U(0, 1), stateless in ``(seed, step)``.
 
     With ``oversample = p > 0`` each value is independently replaced with probability ``p`` by
     an endpoint, 0 or 1 with equal odds (HyperMorph's endpoint oversampling).
+    With ``constrain`` (elastic layout ``[lambda..., mu...]``, even ``num_params``) each ``mu`` is
+    scaled by ``1 - lambda`` of its class: ``mu ~ U[0, 1 - lambda]`` with its endpoints ``0`` and
+    ``1 - lambda`` oversampled alike (the authors' ``random_hyperparam_in_range([0, 1 - lam])``),
+    so ``lambda + mu <= 1``.
     """
     import tensorflow as tf
 
@@ -229,6 +277,11 @@ def sample_hyperparameters(seed: int, step, batch: int, num_params: int, oversam
         s2 = tf.stack([tf.cast(seed, tf.int64) + 7919, tf.cast(step, tf.int64)])
         r = tf.random.stateless_uniform([2, batch, num_params], seed=s2)
         u = tf.where(r[0] < oversample, tf.round(r[1]), u)
+    if constrain:
+        if num_params % 2:
+            raise ValueError(f"constrained sampling needs the elastic layout [lambda..., mu...]; got {num_params} values")
+        k = num_params // 2
+        u = tf.concat([u[:, :k], u[:, k:] * (1.0 - u[:, :k])], axis=1)
     return u
 
 
@@ -337,6 +390,10 @@ def _folder_state(run_dir: str):
     if isinstance(config.get("loss"), dict):  # runs made before these options existed: K = 1, linear
         config["loss"].setdefault("energy_scale", 1.0)
         config["loss"].setdefault("hyp_mapping", {"kind": "linear"})
+    if "fidelity" not in config:  # runs made before --profile: paper runs with their own three settings
+        from .profiles import Fidelity
+
+        config["fidelity"] = Fidelity.from_run_config(config).to_dict()
     return "run", config
 
 
@@ -347,8 +404,28 @@ def _describe(config: Dict) -> str:
     return f"an unfinished {config.get('preset')} run (target {config.get('training', {}).get('steps')} steps)"
 
 
+def resolve_fidelity(args: argparse.Namespace):
+    """The run's :class:`.profiles.Fidelity`: the ``--profile`` defaults with every setting given on
+    the command line; also sets ``args.int_resolution``, ``args.reg_field`` and
+    ``args.oversample_endpoints`` (idempotent) and ``args.fidelity``."""
+    from .profiles import TRAINING_FIELDS, Fidelity
+
+    given = {"int_resolution": getattr(args, "int_resolution", None), "reg_field": getattr(args, "reg_field", None),
+             "oversample_endpoints": getattr(args, "oversample_endpoints", None),
+             "elastic_sampling": getattr(args, "elastic_sampling", None),
+             "similarity_weight": getattr(args, "similarity_weight", None),
+             "diffusion_energy": getattr(args, "diffusion_energy", None), "ncc": getattr(args, "ncc_numerics", None)}
+    fid = Fidelity.of(getattr(args, "profile", "paper"), **given)
+    for name in TRAINING_FIELDS:
+        setattr(args, "ncc_numerics" if name == "ncc" else name, getattr(fid, name))
+    args.fidelity = fid
+    return fid
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Checks of parsed options that argparse types cannot express (ValueError naming them)."""
+    """Checks of parsed options that argparse types cannot express (ValueError naming them); resolves
+    the fidelity settings (:func:`resolve_fidelity`)."""
+    resolve_fidelity(args)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
     if len(args.dec_features) < len(args.enc_features):
@@ -393,12 +470,15 @@ def _args_config(preset: str, args: argparse.Namespace) -> Dict:
     cond = _conditioning_options(args)
     sampling = "per-sample U(0,1)" + ("; regularization weights 10 * hyp ~ U(0,10)"
                                       if cond["weight_range"] == "paper" else "")
+    if reg == "elastic" and resolve_fidelity(args).constrained(sa):
+        sampling += "; mu ~ U[0, 1 - lambda]"
     return {
         "preset": preset,
         "model": {"regularizer": reg, "spatially_adaptive": sa, "enc_features": list(args.enc_features),
                   "dec_features": list(args.dec_features), "int_steps": args.int_steps,
                   "int_resolution": args.int_resolution, "hyp_layers": args.hyp_layers, "hyp_units": args.hyp_units,
                   **cond},
+        "fidelity": resolve_fidelity(args).to_dict(),
         "loss": {"ncc_win": args.ncc_win, "reg_field": args.reg_field, "hyp_sampling": sampling,
                  "oversample_endpoints": args.oversample_endpoints, "energy_scale": args.energy_scale,
                  "hyp_mapping": _mapping(args).to_dict()},
@@ -451,13 +531,14 @@ def make_optimizer(model, lr: float):
 
 
 def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: int, use_svf: bool,
-                    global_batch: int, energy_scale: float = 1.0, mapping=None):
+                    global_batch: int, energy_scale: float = 1.0, mapping=None, fidelity=None):
     """The compiled training step: ``train_step(batch) -> {term: scalar}``.
 
     ``batch`` is a (distributed) dict ``moving, fixed, fixed_seg, hyp``. Each replica sums its
     per-sample loss terms and divides by the *global* batch size, so gradients add up correctly
     across replicas; the returned terms are summed over replicas (= means over the global batch).
-    ``step_var`` is incremented once per call.
+    ``step_var`` is incremented once per call. ``fidelity`` (:class:`.profiles.Fidelity`, None =
+    paper) selects the similarity weight, diffusion energy and NCC numerics of the loss.
     """
     import tensorflow as tf
 
@@ -469,7 +550,7 @@ def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: in
             warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
                                            training=True)
             terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
-                               batch["fixed_seg"], spacing, win, energy_scale, mapping)
+                               batch["fixed_seg"], spacing, win, energy_scale, mapping, fidelity)
             loss = tf.reduce_sum(terms["loss"]) / global_batch
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -665,15 +746,22 @@ def _train_batches(dataset, strategy, num_params: int, args: argparse.Namespace,
 
     seed = int(args.seed)
     oversample, bsz = float(args.oversample_endpoints), int(args.batch_size)
+    constrain = _constrained(args)
 
     def add_hyp(k, batch):
         batch = dict(batch)
-        batch["hyp"] = sample_hyperparameters(seed, k, bsz, num_params, oversample)
+        batch["hyp"] = sample_hyperparameters(seed, k, bsz, num_params, oversample, constrain)
         return batch
 
     ds = datasets.make_tf_dataset(dataset, "train", bsz, seed, shuffle=True, repeat=True)
     ds = ds.enumerate().skip(start).map(add_hyp).prefetch(tf.data.AUTOTUNE)
     return iter(strategy.experimental_distribute_dataset(ds))
+
+
+def _constrained(args: argparse.Namespace) -> bool:
+    """Whether this preset draws ``mu ~ U[0, 1 - lambda]`` (``--elastic-sampling``)."""
+    reg, sa = PRESETS[args.preset]
+    return reg == "elastic" and resolve_fidelity(args).constrained(sa)
 
 
 def _validator(model, dataset, spec, spacing: List[float], args: argparse.Namespace, energy_scale: float, mapping):
@@ -694,7 +782,8 @@ def _validator(model, dataset, spec, spacing: List[float], args: argparse.Namesp
     @tf.function(autograph=False)
     def eval_batch(moving, fixed, seg, hyp):
         warped, disp, svf = call_model(model, moving, fixed, hyp, seg, training=False)
-        t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win, energy_scale, mapping)
+        t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win, energy_scale, mapping,
+                       args.fidelity)
         return t["loss"], t["ncc"]
 
     def validate():
@@ -702,7 +791,7 @@ def _validator(model, dataset, spec, spacing: List[float], args: argparse.Namesp
             return float("nan"), float("nan")
         losses, nccs = [], []
         n = len(val["fixed"])
-        hyp_all = sample_hyperparameters(seed + 104729, 0, n, spec.num_params).numpy()
+        hyp_all = sample_hyperparameters(seed + 104729, 0, n, spec.num_params, constrain=_constrained(args)).numpy()
         for i in range(0, n, bsz):
             sl = slice(i, i + bsz)
             l, c = eval_batch(val["moving"][sl], val["fixed"][sl], val["fixed_seg"][sl], hyp_all[sl])
@@ -849,7 +938,8 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     energy_scale = float(config["loss"].get("energy_scale", 1.0))
     mapping = HypMapping.from_loss_config(config["loss"])
     train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, int(args.ncc_win),
-                                 args.reg_field == "svf", int(args.batch_size), energy_scale, mapping)
+                                 args.reg_field == "svf", int(args.batch_size), energy_scale, mapping,
+                                 fidelity=args.fidelity)
     validate, has_val = _validator(model, dataset, spec, spacing, args, energy_scale, mapping)
 
     rows = _read_log(os.path.join(run_dir, art.TRAIN_LOG), start) if resume_prefix else []
