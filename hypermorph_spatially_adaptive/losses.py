@@ -138,7 +138,8 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
         win: NCC window per axis.
         energy_scale: factor ``K >= 0`` on the regularization energy (1 = paper's eq. 1).
         mapping: how ``hyp`` becomes weights (:class:`.params.HypMapping`; None = linear, eq. 1).
-        fidelity: similarity weight, diffusion energy scale and NCC numerics
+        fidelity: similarity weight, diffusion energy scale, NCC numerics and ``crop_in_loss``
+            (the warped image zeroed where ``fixed == 0`` before the similarity)
             (:class:`.profiles.Fidelity`; None = the ``paper`` profile, see the module docstring).
 
     Returns:
@@ -146,6 +147,8 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
         energy ``K * E``, the term that enters ``loss``) and ``ncc`` (unweighted mean NCC), each ``[B]``.
     """
     fid = fidelity or PAPER
+    if fid.crop_in_loss:  # authors' crop_in_loss: no similarity from where the fixed image is empty
+        warped = tf.where(tf.equal(fixed, 0.0), tf.zeros_like(warped), warped)
     cc = ncc_map_voxelmorph(fixed, warped, win) if fid.ncc == "voxelmorph" else ncc_map(fixed, warped, win)
     lam, mu = regularization_parameters(spec, hyp, fixed_seg)
     linear = mapping is None or mapping.weighted_similarity

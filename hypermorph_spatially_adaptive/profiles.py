@@ -27,6 +27,10 @@ Training fields (recorded in ``config.json["fidelity"]``, fixed for the life of 
   ``voxelmorph`` (voxelmorph's ``Grad('l2')``: per axis the mean of the squared differences over
   the valid differences and the D components, summed over axes and divided by D; the authors'
   weighted variant multiplies each difference by the weight at its first voxel).
+- ``crop_in_loss``: the warped image is zeroed where the fixed image is 0 before the similarity
+  (authors' ``crop_in_loss``, on for NLST and LungCT, whose fixed images are 0 outside the body
+  mask / the padded field of view). Not part of a profile: its default is the dataset's
+  (``crop_in_loss_default``: True for nlst and l2r-lung, False elsewhere) under both profiles.
 - ``ncc``: ``clipped`` (this project: windows clipped at the border, only inside voxels, signed
   cross term squared) or ``voxelmorph`` (cross term clamped at eps, variances clamped at eps,
   zero-padded border windows divided by the full window size).
@@ -66,7 +70,7 @@ CHOICES = {
 }
 #: fields that decide a trained network (the rest only steer identification)
 TRAINING_FIELDS = ("int_resolution", "reg_field", "oversample_endpoints", "elastic_sampling", "similarity_weight",
-                   "diffusion_energy", "ncc")
+                   "diffusion_energy", "ncc", "crop_in_loss")
 IDENTIFICATION_FIELDS = ("background", "zero_point", "objective", "unit")
 #: training fields that decide what a hyperparameter value means in the loss: runs whose values are
 #: exchanged (a global run's identified values fed to an SA run) must share them and the profile
@@ -85,6 +89,7 @@ class Fidelity:
     similarity_weight: str = "paper"
     diffusion_energy: str = "sum"
     ncc: str = "clipped"
+    crop_in_loss: bool = False
     background: str = "best-mean"
     zero_point: str = "include"
     objective: str = "dice"
@@ -93,6 +98,8 @@ class Fidelity:
     def __post_init__(self):
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; expected one of {PROFILES}")
+        if not isinstance(self.crop_in_loss, bool):
+            raise ValueError(f"crop_in_loss must be True or False, got {self.crop_in_loss!r}")
         if not (isinstance(self.int_resolution, int) and self.int_resolution >= 1):
             raise ValueError(f"int_resolution must be an integer >= 1, got {self.int_resolution!r}")
         p = self.oversample_endpoints

@@ -135,6 +135,11 @@ def _add_loss_args(g: argparse._ArgumentGroup) -> None:
                    help="local NCC: clipped = border windows over the inside voxels, cross term squared (this "
                         "project); voxelmorph = voxelmorph's NCC (authors' code): cross term and variances clamped "
                         "at eps, zero-padded border windows over the full window. Default: the profile's")
+    g.add_argument("--crop-in-loss", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="zero the warped image where the fixed image is 0 before the similarity (authors' code "
+                        "crop_in_loss: their NLST and LungCT training; the fixed images are 0 outside the body mask "
+                        "or the padded field of view). Default: the dataset's (on for nlst and l2r-lung, off "
+                        "elsewhere), under either profile. Saved in config.json 'fidelity'")
     g.add_argument("--energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
                    help="factor K on the regularization energy in the loss (1 = paper text, eq. 1). The paper's "
                         "energy is ~1/100 of the similarity term on breathing-like motion, so the networks barely "
@@ -390,10 +395,11 @@ def _folder_state(run_dir: str):
     if isinstance(config.get("loss"), dict):  # runs made before these options existed: K = 1, linear
         config["loss"].setdefault("energy_scale", 1.0)
         config["loss"].setdefault("hyp_mapping", {"kind": "linear"})
-    if "fidelity" not in config:  # runs made before --profile: paper runs with their own three settings
-        from .profiles import Fidelity
+    from .profiles import Fidelity
 
-        config["fidelity"] = Fidelity.from_run_config(config).to_dict()
+    # runs made before --profile: paper runs with their own three settings; settings added since
+    # (crop_in_loss) take the value those runs were trained with (off)
+    config["fidelity"] = Fidelity.from_run_config(config).to_dict()
     return "run", config
 
 
@@ -414,7 +420,12 @@ def resolve_fidelity(args: argparse.Namespace):
              "oversample_endpoints": getattr(args, "oversample_endpoints", None),
              "elastic_sampling": getattr(args, "elastic_sampling", None),
              "similarity_weight": getattr(args, "similarity_weight", None),
-             "diffusion_energy": getattr(args, "diffusion_energy", None), "ncc": getattr(args, "ncc_numerics", None)}
+             "diffusion_energy": getattr(args, "diffusion_energy", None), "ncc": getattr(args, "ncc_numerics", None),
+             "crop_in_loss": getattr(args, "crop_in_loss", None)}
+    if given["crop_in_loss"] is None and getattr(args, "dataset", None):  # the dataset's default (authors' code)
+        import datasets
+
+        given["crop_in_loss"] = bool(getattr(datasets.dataset_class(args.dataset), "crop_in_loss_default", False))
     fid = Fidelity.of(getattr(args, "profile", "paper"), **given)
     for name in TRAINING_FIELDS:
         setattr(args, "ncc_numerics" if name == "ncc" else name, getattr(fid, name))

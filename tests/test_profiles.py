@@ -316,3 +316,28 @@ def test_study_units_of_the_authors_profile_keep_the_paper_units_valid():
     assert len(cross) > 0
     dice = cross[cross["metric"] == "mean_dice"]
     assert np.allclose(dice["mean_diff"], -0.03, atol=2e-3), dice
+
+
+def test_crop_in_loss_zeroes_the_warped_image_where_the_fixed_is_empty_and_defaults_per_dataset():
+    rng = np.random.default_rng(0)
+    fixed = rng.uniform(0.2, 1, (1, 32, 32, 1)).astype(np.float32)
+    fixed[:, :, :10] = 0.0  # outside the body / the padded field of view
+    warped = rng.uniform(0.2, 1, (1, 32, 32, 1)).astype(np.float32)
+    u, hyp, spec = tf.zeros((1, 32, 32, 2)), np.array([[0.3, 0.4]], np.float32), ParamSpec("elastic", False, 3)
+    masked = tf.constant(np.where(fixed == 0, 0.0, warped).astype(np.float32))
+    fixed, warped = tf.constant(fixed), tf.constant(warped)
+    on = loss_terms(spec, fixed, warped, u, hyp, fidelity=Fidelity(crop_in_loss=True))
+    by_hand = loss_terms(spec, fixed, masked, u, hyp)
+    off = loss_terms(spec, fixed, warped, u, hyp)
+    np.testing.assert_allclose(on["similarity"].numpy(), by_hand["similarity"].numpy(), rtol=1e-6)
+    assert abs(float(on["similarity"][0]) - float(off["similarity"][0])) > 1e-3  # it changes the loss
+    # the dataset decides the default under either profile; the flag overrides it
+    for dataset, profile, flag, expected in (("nlst", "paper", [], True), ("l2r-lung", "authors", [], True),
+                                             ("synthetic", "authors", [], False), ("acdc", "paper", [], False),
+                                             ("nlst", "paper", ["--no-crop-in-loss"], False),
+                                             ("synthetic", "paper", ["--crop-in-loss"], True)):
+        args = build_parser("elastic_global").parse_args(["--dataset", dataset, "--profile", profile, *flag])
+        assert resolve_fidelity(args).crop_in_loss is expected, (dataset, profile, flag)
+        assert resolve_fidelity(args).crop_in_loss is expected  # idempotent
+    with pytest.raises(ValueError, match="crop_in_loss"):
+        Fidelity(crop_in_loss="yes")
