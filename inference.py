@@ -17,10 +17,10 @@ global run itself. Rows per identification (``<reg>`` = ``elas`` / ``diff``):
   (nearest neighbour, ``eval_metrics.warp_labels``), the moving image playing the atlas whose
   labels are known, as in atlas-based segmentation (``--population-maps``). Rows say what
   built their maps in the column ``maps``.
-  By default the refinement adds a folding and a log-Jacobian penalty and smooths a coarser
-  update so that the field stays plausible (``--refine-fold-weight``, ``--refine-logj-weight``,
-  ``--refine-smooth``, ``--refine-grid``, ``--refine-svf``; docs/extensions.md "Refinement that does not
-  tear"); Table 1 marks a +io row whose mean %negJ exceeds 0.05 with a dagger (Dice rises with tearing).
+  By default the refinement runs coarse to fine (``--refine-levels 4 2 1``, the steps split equally),
+  adds a folding and a log-Jacobian penalty and smooths a coarser update so that the field stays
+  plausible (``--refine-fold-weight``, ``--refine-logj-weight``, ``--refine-smooth``,
+  ``--refine-grid``, ``--refine-svf``; docs/extensions.md "Refinement that does not tear"); Table 1 marks a +io row whose mean %negJ exceeds 0.05 with a dagger (Dice rises with tearing).
 - ``initial``: no registration.
 
 Gradient identifications (``parameter_identification.py --method gradient``) add
