@@ -375,9 +375,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                         *refine_argv(args), *(["--zero-io"] if args.zero_io else []), *_profile_argv(args),
                         "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
                         "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
-    timer.write_csv(os.path.join(results, art.STAGE_TIMES))
+    # in --out, not in results/: inference's folder holds only what inference wrote (its completion marker)
+    timer.write_csv(os.path.join(args.out, art.STAGE_TIMES))
     minutes = timer.total() / 60
-    print(f"\nWall time per stage ({art.STAGE_TIMES} in {results}):\n{timer.table()}", flush=True)
+    print(f"\nWall time per stage ({args.out}/{art.STAGE_TIMES}):\n{timer.table()}", flush=True)
     print(f"\nPipeline finished in {minutes:.1f} min.\n  Table 1: {results}/{art.TABLE1_MD} (and .csv)\n"
           f"  per-pair metrics: {results}/{art.PER_PAIR_METRICS}\n  figures: {results}/*.png, "
           f"{args.out}/{art.IDENTIFICATION_DIRS['oracle']}/*/{art.FIG2}, {args.out}/training_curves.png\n"

@@ -68,7 +68,7 @@ TABLE1_CSV = "table1.csv"
 TABLE1_MD = "table1.md"
 COMPARISON = "comparison.csv"
 INFERENCE_META = "inference.json"
-STAGE_TIMES = "stage_times.csv"  # run_pipeline.py: wall time per stage, beside Table 1
+STAGE_TIMES = "stage_times.csv"  # run_pipeline.py: wall time per stage, in its --out folder
 
 
 def global_columns(regularizer: str) -> List[str]:

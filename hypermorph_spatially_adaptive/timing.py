@@ -1,5 +1,5 @@
 """Wall time per pipeline stage: what ``run_pipeline.py`` prints at the end and saves as
-``stage_times.csv`` beside Table 1 (``artifacts.STAGE_TIMES``)."""
+``stage_times.csv`` in its ``--out`` folder (``artifacts.STAGE_TIMES``)."""
 from __future__ import annotations
 
 import csv

@@ -186,7 +186,7 @@ def test_quick_pipeline_rerun_reuses_finished_runs(quick_run, quick_argv, capsys
     import run_pipeline
 
     calls = []
-    monkeypatch.setattr(run_pipeline, "_identify_all", lambda args, runs: calls.append(sorted(runs)) or
+    monkeypatch.setattr(run_pipeline, "_identify_all", lambda args, runs, timer: calls.append(sorted(runs)) or
                         {"elastic": [], "diffusion": []})
     monkeypatch.setattr(inference, "main", lambda argv: calls.append("inference") or str(quick_run / "results"))
     before = {p: (quick_run / "runs" / p / "weights.h5").stat().st_mtime for p in run_pipeline.PRESETS}
@@ -196,6 +196,9 @@ def test_quick_pipeline_rerun_reuses_finished_runs(quick_run, quick_argv, capsys
     assert calls == [sorted(run_pipeline.PRESETS), "inference"]  # the later stages get the reused runs
     for p, t in before.items():
         assert (quick_run / "runs" / p / "weights.h5").stat().st_mtime == t
+    times = (quick_run / "stage_times.csv").read_text().splitlines()  # the per-stage wall times
+    assert times[0] == "stage,seconds,counted_in_total" and times[-1].startswith("total,")
+    assert not (quick_run / "results" / "stage_times.csv").exists()  # inference's folder stays its own
 
 
 def _disp_files(folder):
