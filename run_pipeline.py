@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--jobs", type=arg_int(0), default=0,
                    help="models trained side by side, each in its own process with its share of the cores' "
                         "TensorFlow threads; 0: one per core (1 with --quick). Same weights whatever the value "
-                        "(op determinism); on 2 cores 2 jobs train the four demo models ~1.4x sooner")
+                        "(op determinism). On 2 cores the gain is small (1.15x steps per second measured); more cores "
+                        "gain more (each model keeps its own)")
     g.add_argument("--grid-steps", type=arg_int(2), default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=arg_int(0), default=0, help="training seed (all four models)")
     g.add_argument("--refine", type=arg_int(0), default=100,

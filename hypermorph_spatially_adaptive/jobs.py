@@ -1,10 +1,13 @@
 """Run independent stage commands as parallel child processes (the pipeline's ``--jobs``).
 
-Why: on a CPU the demo's small 2D networks do not keep two cores busy. One training with one
-TensorFlow thread ran at 0.126 s/step against 0.090 s/step with two threads (1.4x from the second
-core), so two trainings side by side with one thread each finish the four models about 1.4x
-sooner. With op determinism on (the trainer's default) the weights do not depend on the thread
-count (bit-identical in that measurement), so ``--jobs`` changes the wall time, not the results.
+Why: small 2D networks do not keep many cores busy, so models trained side by side, each with
+its share of the cores, finish sooner than one after the other with all of them. On 2 cores the
+gain is small: measured alone on this project's 2-core machine (elastic global + SA, 400 steps),
+one training with 2 TensorFlow threads ran at 0.073 s/step, two side by side with one thread each
+at 0.126 s/step each (1.15x the steps per second), and the wall time of the pair was the same
+(96.8 vs 95.5 s, start-up included). With op determinism on (the trainer's default) the weights
+do not depend on the thread count (bit-identical), so ``--jobs`` changes the wall time, never the
+results.
 
 Each job is ``[python, script, *argv]`` in a child process with ``TF_NUM_INTRAOP_THREADS`` set to
 its share of the cores. Output lines are passed through as they come, prefixed with the job's name
