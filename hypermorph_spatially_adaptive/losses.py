@@ -41,6 +41,16 @@ from .params import HypMapping, ParamSpec, regularization_parameters
 from .profiles import PAPER, Fidelity
 
 
+def _ncc_inputs(fixed: tf.Tensor, warped: tf.Tensor):
+    """``(D, fixed, warped)`` as float32 after checking both are ``[B, *spatial, 1]`` with D = 2 or 3."""
+    ndim = fixed.shape.rank - 2
+    if ndim not in (2, 3):
+        raise ValueError(f"images must be [B, *spatial, 1] with 2 or 3 spatial axes; got {fixed.shape}")
+    if fixed.shape[-1] != 1 or warped.shape[-1] != 1:
+        raise ValueError("NCC expects single-channel images [B, *spatial, 1]")
+    return ndim, tf.cast(fixed, tf.float32), tf.cast(warped, tf.float32)
+
+
 def ncc_map(fixed: tf.Tensor, warped: tf.Tensor, win: int = 9, eps: float = 1e-5) -> tf.Tensor:
     """Local squared normalized cross-correlation map, ``[B, *spatial]`` in [0, 1].
 
@@ -50,12 +60,7 @@ def ncc_map(fixed: tf.Tensor, warped: tf.Tensor, win: int = 9, eps: float = 1e-5
     (``eps' = eps / win^(2D)``), so the value matches voxelmorph's NCC. A constant patch
     gives ``cc = 0`` (no NaN): variances are clamped at 0 before the division.
     """
-    ndim = fixed.shape.rank - 2
-    if ndim not in (2, 3):
-        raise ValueError(f"images must be [B, *spatial, 1] with 2 or 3 spatial axes; got {fixed.shape}")
-    if fixed.shape[-1] != 1 or warped.shape[-1] != 1:
-        raise ValueError("NCC expects single-channel images [B, *spatial, 1]")
-    f, w = tf.cast(fixed, tf.float32), tf.cast(warped, tf.float32)
+    ndim, f, w = _ncc_inputs(fixed, warped)
     stack = tf.concat([f, w, f * f, w * w, f * w], axis=-1)
     # the clipped box mean is separable (box and image are both products of intervals), so one
     # 1D mean per axis gives it exactly with D * win instead of win^D terms per voxel
@@ -97,12 +102,7 @@ def ncc_map_voxelmorph(fixed: tf.Tensor, warped: tf.Tensor, win: int = 9, eps: f
     variances (in sum units) are clamped at ``eps`` before ``cc = (cross / var_F) (cross / var_W)``.
     So an anticorrelated window (cross < 0) scores ~0, where :func:`ncc_map` scores its square.
     """
-    ndim = fixed.shape.rank - 2
-    if ndim not in (2, 3):
-        raise ValueError(f"images must be [B, *spatial, 1] with 2 or 3 spatial axes; got {fixed.shape}")
-    if fixed.shape[-1] != 1 or warped.shape[-1] != 1:
-        raise ValueError("NCC expects single-channel images [B, *spatial, 1]")
-    f, w = tf.cast(fixed, tf.float32), tf.cast(warped, tf.float32)
+    ndim, f, w = _ncc_inputs(fixed, warped)
     sums = _box_sums(tf.concat([f, w, f * f, w * w, f * w], axis=-1), win, ndim)
     s_f, s_w, s_ff, s_ww, s_fw = [sums[..., k] for k in range(5)]
     n = float(win ** ndim)
