@@ -40,7 +40,7 @@ from .options import NDIM, SPLIT_SCHEME, TARGET_SPACING, Option
 from .nifti import (_as_3d, _check_same_grid, _find_nifti, _load_image, _load_labels, _read_nifti,
                     _require_dir, _require_file, _resample_grid, _resample_labels, _scale_offset_matrix,
                     _translation)
-from .splits import ACDC_AUTHORS, check_scheme, describe_missing, grouped_cut
+from .splits import ACDC_AUTHORS, check_scheme, grouped_cut, missing_files_error
 
 
 def _read_info_cfg(path: str) -> dict:
@@ -192,11 +192,8 @@ class ACDCDataset(RegistrationDataset):
     def _check_files(self, ids) -> None:
         missing = self.missing_files(ids)
         if missing:
-            shown = "\n  ".join(describe_missing(missing))
-            raise FileNotFoundError(
-                f"dataset 'acdc' (--split-scheme {self.split_scheme}, {len(ids)} patients): {len(missing)} "
-                f"file(s) not found:\n  {shown}\n(under {self.data_dir}; --split-scheme ordered uses only "
-                f"the patients that are there)")
+            raise missing_files_error("acdc", self.split_scheme, f"{len(ids)} patients", missing,
+                                      f"under {self.data_dir}", unit="patients")
         for pid in ids:
             self._folders.setdefault(pid, self._expected_folder(pid))
 

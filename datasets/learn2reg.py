@@ -58,7 +58,7 @@ from .nifti import (_as_3d, _check_same_grid, _crop_or_pad_starts, _find_nifti, 
                     _load_keypoints, _load_labels, _nifti_shape, _nifti_stem, _points_to_grid,
                     _read_nifti, _require_dir, _resample_grid, _resample_image, _resample_labels,
                     _scale_offset_matrix, _slice_matrix, _translation, _window, convex_hull_mask)
-from .splits import LUNGCT_AUTHORS, NLST_AUTHORS, check_scheme, describe_missing
+from .splits import LUNGCT_AUTHORS, NLST_AUTHORS, check_scheme, missing_files_error
 
 LABEL_DIR = Option("label_dir", path=True,
                    help="nlst/l2r-lung: folder of tissue label maps named like the images, on their grids "
@@ -246,11 +246,8 @@ class _Learn2RegCT(RegistrationDataset):
     def _check_files(self) -> None:
         missing = self.missing_files()
         if missing:
-            shown = "\n  ".join(describe_missing(missing))
-            raise FileNotFoundError(
-                f"dataset {self.name!r} (--split-scheme {self.split_scheme}, {len(self._pairs)} pairs): "
-                f"{len(missing)} file(s) not found:\n  {shown}\n(images under {self.data_dir}, label maps "
-                f"under {self.label_dir}; --split-scheme ordered uses only the pairs that are there)")
+            raise missing_files_error(self.name, self.split_scheme, f"{len(self._pairs)} pairs", missing,
+                                      f"images under {self.data_dir}, label maps under {self.label_dir}")
 
     def keypoint_status(self) -> dict:
         """``{pair id: True/False}``: whether both keypoint files of the pair exist (3D only uses them)."""

@@ -102,6 +102,16 @@ def describe_ids(ids: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def missing_files_error(dataset: str, scheme: str, count: str, missing: Sequence[str], where: str,
+                        unit: str = "pairs") -> FileNotFoundError:
+    """The one error a loader raises for every file its splits need and cannot find: the dataset,
+    its split scheme, ``count`` (e.g. "30 pairs"), the files (:func:`describe_missing`), ``where``
+    they were looked for, and that ``--split-scheme ordered`` uses only the ``unit`` on disk."""
+    shown = "\n  ".join(describe_missing(missing))
+    return FileNotFoundError(f"dataset {dataset!r} (--split-scheme {scheme}, {count}): {len(missing)} file(s) not "
+                             f"found:\n  {shown}\n({where}; --split-scheme ordered uses only the {unit} that are there)")
+
+
 def describe_missing(paths: Sequence[str], limit: int = 20) -> List[str]:
     """Missing files as lines: up to ``limit`` files one path per line; more, every file named but runs compressed: ``<folder>/: NLST_0007..0030,
     NLST_0101..0110 (_0000.nii.gz)`` for Learn2Reg images/label maps, ``<folder>/: patient101..150
