@@ -1,17 +1,19 @@
-"""The tables of docs/results.md "The study": both settings side by side, the reported family of comparisons
-with Holm over exactly that family, calibrated - paper, the grid response and the stiffness order
-with intervals over seeds x pairs.
+"""The tables of docs/results.md "The study": the settings side by side (``paper``, ``calibrated`` and
+their ``-authors`` units), the reported family of comparisons with Holm over exactly that family
+(one family per metric, dense EPE first), the cross-setting differences (calibrated - paper,
+paper-authors - paper), the grid response and the stiffness order with intervals over seeds x pairs.
 
 Reads what ``benchmarks/study.py`` wrote into ``--study`` (``study_table.csv``,
 ``study_comparisons.csv``, ``grid_response.csv``, ``stiffness.csv``), writes ``study_report.md``
-there (printed as well) and the forest plot of the reported family (``--figure``; pooled and per
-seed, one panel per setting)::
+there (printed as well) and the forest plot of the first metric's family (``--figure``; pooled and
+per seed, one panel per setting)::
 
     .venv/bin/python benchmarks/study_report.py --study outputs/study --figure docs/study_forest.png
 
-Which comparisons docs/results.md reports is fixed here (``FAMILY``, ``CROSS_METHODS``), so the Holm
-family is the set of rows a reader sees (mean Dice, pooled over seeds x pairs), not whatever
-``study.py`` happened to compute.
+Which comparisons docs/results.md reports is fixed here (``FAMILY``, ``CROSS_METHODS``), so each Holm
+family is the set of rows a reader sees (one metric, pooled over seeds x pairs), not whatever
+``study.py`` happened to compute. ``ants-synpreset`` is ANTs' antsRegistrationSyN[s] preset (the
+practitioners' peer), ``ants-syn`` antspyx's quick ``SyN``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-#: the within-setting comparisons docs/results.md reports: (protocol, a, b), a - b in mean Dice
+#: the within-setting comparisons docs/results.md reports: (protocol, a, b), a - b in each reported metric
+#: (``ants-synpreset``: the antsRegistrationSyN[s] preset; ``ants-syn``: antspyx's quick SyN)
 FAMILY = (
     ("oracle", "elas-sas", "elas-g"), ("oracle", "diff-sas", "diff-g"), ("oracle", "elas-sas", "elas-sas@g"),
     ("oracle", "elas-sas+io", "elas-g+io"), ("oracle", "elas-sas (gradient)", "elas-g (gradient)"),
@@ -32,11 +35,14 @@ FAMILY = (
     ("oracle", "elas-sas zero+io", "elas-sas+io"), ("oracle", "elas-g zero+io", "elas-g+io"),
     ("oracle", "elas-sas (csain)", "elas-sas"), ("oracle", "diff-sas (csain)", "diff-sas"),
     ("oracle", "elas-sas", "ants-syn"), ("oracle", "elas-sas+io", "ants-syn"),
+    ("oracle", "elas-sas", "ants-synpreset"), ("oracle", "elas-sas+io", "ants-synpreset"),
     ("population", "elas-sas", "elas-g"), ("population", "elas-sas+io", "elas-g+io"),
     ("population", "elas-sas (gradient)", "elas-sas"), ("population", "elas-sas (csain)", "elas-g"),
     ("population", "elas-g+io", "elas-g"), ("population", "elas-sas+io", "ants-syn"),
+    ("population", "elas-sas+io", "ants-synpreset"),
 )
-#: methods whose calibrated - paper difference docs/results.md reports, per protocol
+#: methods whose cross-setting differences (calibrated - paper; <setting>-authors - <setting>, the
+#: authors' code against the paper text) docs/results.md reports, per protocol
 CROSS_METHODS = (
     ("oracle", "elas-g"), ("oracle", "elas-sas"), ("oracle", "diff-g"), ("oracle", "diff-sas"),
     ("oracle", "elas-sas (csain)"), ("oracle", "elas-g+io"), ("oracle", "elas-sas+io"),
@@ -44,13 +50,20 @@ CROSS_METHODS = (
 )
 #: rows of the side-by-side table: (protocol, method); '' = no protocol (initial, SyN)
 TABLE_ROWS = (
-    ("", "initial"), ("", "ants-syn"), ("oracle", "elas-g"), ("oracle", "elas-sas"), ("oracle", "diff-g"),
+    ("", "initial"), ("", "ants-syn"), ("", "ants-synpreset"), ("oracle", "elas-g"), ("oracle", "elas-sas"), ("oracle", "diff-g"),
     ("oracle", "diff-sas"), ("oracle", "elas-sas (csain)"), ("oracle", "diff-sas (csain)"),
     ("oracle", "elas-sas (gradient)"), ("oracle", "elas-g+io"), ("oracle", "elas-sas+io"),
     ("oracle", "elas-g zero+io"), ("oracle", "elas-sas zero+io"), ("population", "elas-g"),
     ("population", "elas-sas"), ("population", "elas-g+io"), ("population", "elas-sas+io"),
 )
 CROSS = "calibrated - paper"
+#: the metrics reported, the first one primary (synthetic data: dense EPE first, docs/results.md)
+METRICS = ("dense_epe", "mean_dice")
+
+
+def is_cross(setting: str) -> bool:
+    """A cross-setting comparison (``"<a> - <b>"``, e.g. ``calibrated - paper``, ``paper-authors - paper``)."""
+    return " - " in setting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--study", default=os.path.join("outputs", "study"), help="folder written by benchmarks/study.py")
     p.add_argument("--figure", default="", help="forest plot of the reported family (.png; '' = none)")
-    p.add_argument("--metric", default="mean_dice", help="metric of the comparisons and the Holm family")
+    p.add_argument("--metrics", nargs="+", default=list(METRICS),
+                   help="metrics of the comparisons, one Holm family each; the first is the figure's and the primary "
+                        "(dense_epe: mm, lower is better; mean_dice: higher is better)")
     return p
 
 
@@ -77,13 +92,17 @@ def _read(study: str, name: str):
 def reported_family(comp, metric: str = "mean_dice"):
     """The reported rows of ``study_comparisons.csv`` (every seed scope) for ``metric``, with
     ``p_family``: Holm over the pooled rows of the family (every setting's ``FAMILY`` rows and
-    the ``CROSS_METHODS`` rows of calibrated - paper that are present). Rows keep their order."""
+    the ``CROSS_METHODS`` rows of every cross-setting comparison, ``"<a> - <b>"``, that are present).
+    Rows keep their order."""
     import pandas as pd
 
     from hypermorph_spatially_adaptive.intervals import holm
 
-    wanted = [(s, prot, f"{a} - {b}") for s in comp["setting"].unique() if s != CROSS for prot, a, b in FAMILY]
-    wanted += [(CROSS, prot, f"{m} [calibrated] - {m} [paper]") for prot, m in CROSS_METHODS]
+    settings = list(comp["setting"].unique())
+    wanted = [(s, prot, f"{a} - {b}") for s in settings if not is_cross(s) for prot, a, b in FAMILY]
+    for cross in (s for s in settings if is_cross(s)):
+        a, b = cross.split(" - ")
+        wanted += [(cross, prot, f"{m} [{a}] - {m} [{b}]") for prot, m in CROSS_METHODS]
     keys = pd.DataFrame(wanted, columns=["setting", "protocol", "comparison"])
     fam = keys.merge(comp[comp["metric"] == metric], on=["setting", "protocol", "comparison"], how="inner")
     pooled = fam["seed"].astype(str) == "all"
@@ -125,7 +144,7 @@ def _family_cell(rows) -> str:
 def family_markdown(fam) -> str:
     """One row per reported comparison, one column group per setting: pooled difference [95 %
     interval], p, Holm p over the family, and the per-seed differences."""
-    within = fam[fam["setting"] != CROSS]
+    within = fam[~fam["setting"].map(is_cross)]
     settings = list(dict.fromkeys(within["setting"]))
     groups = {s: g.set_index(["protocol", "comparison"]) for s, g in within.groupby("setting", sort=False)}
     head = "| protocol | a - b | " + " | ".join(f"{s}: pooled [95 %] | p / p_H | per seed" for s in settings) + " |"
@@ -136,14 +155,16 @@ def family_markdown(fam) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cross_markdown(fam) -> str:
-    """calibrated - paper per reported method: pooled difference [95 %], p / Holm p (family)."""
-    cross = fam[(fam["setting"] == CROSS) & (fam["seed"].astype(str) == "all")]
-    if cross.empty:
+def cross_markdown(fam, cross: str = CROSS) -> str:
+    """One cross-setting comparison (``"<a> - <b>"``) per reported method: pooled difference [95 %],
+    p / Holm p (family)."""
+    rows = fam[(fam["setting"] == cross) & (fam["seed"].astype(str) == "all")]
+    if rows.empty:
         return ""
-    lines = ["| protocol | method | calibrated - paper [95 %] | seeds x pairs | p / p_H |", "|---|---|---|---|---|"]
-    for _, r in cross.iterrows():
-        method = r["comparison"].split(" [calibrated]")[0]
+    a = cross.split(" - ")[0]
+    lines = [f"| protocol | method | {cross} [95 %] | seeds x pairs | p / p_H |", "|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        method = r["comparison"].split(f" [{a}]")[0]
         lines.append(f"| {r['protocol']} | {method} | {_cell(r)} | {int(r['n_seeds'])} x {int(r['n_pairs'])} | "
                      f"{_p(r['p'])} / {_p(r['p_family'])} |")
     return "\n".join(lines) + "\n"
@@ -223,16 +244,20 @@ def stiffness_markdown(summary) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
     comp = _read(args.study, "study_comparisons.csv")
-    fam = reported_family(comp, args.metric)
-    if fam.empty:
-        raise ValueError(f"{args.study}/study_comparisons.csv has none of the reported comparisons for {args.metric}")
-    n_family = int((fam["seed"].astype(str) == "all").sum())
-    parts = ["## Both settings, mean over seeds x pairs", settings_table_markdown(_read(args.study, "study_table.csv")),
-             f"## Reported comparisons ({args.metric}; p_H: Holm over these {n_family} pooled rows)",
-             family_markdown(fam), "## calibrated - paper", cross_markdown(fam),
-             "## Grid response of the global models", response_markdown(_read(args.study, "grid_response.csv")),
-             "## Stiffness order (elastic SA model vs the phantom's Lame values)",
-             stiffness_markdown(stiffness_summary(_read(args.study, "stiffness.csv")))]
+    parts = ["## Settings side by side, mean over seeds x pairs", settings_table_markdown(_read(args.study, "study_table.csv"))]
+    families = {}
+    for metric in args.metrics:
+        fam = reported_family(comp, metric)
+        if fam.empty:
+            raise ValueError(f"{args.study}/study_comparisons.csv has none of the reported comparisons for {metric}")
+        families[metric] = fam
+        n_family = int((fam["seed"].astype(str) == "all").sum())
+        parts += [f"## Reported comparisons: {metric} (p_H: Holm over these {n_family} pooled rows)", family_markdown(fam)]
+        for cross in dict.fromkeys(s for s in fam["setting"] if is_cross(s)):
+            parts += [f"### {cross}: {metric}", cross_markdown(fam, cross)]
+    parts += ["## Grid response of the global models", response_markdown(_read(args.study, "grid_response.csv")),
+              "## Stiffness order (elastic SA model vs the phantom's Lame values)",
+              stiffness_markdown(stiffness_summary(_read(args.study, "stiffness.csv")))]
     text = "\n".join(parts)
     from datasets.atomic import atomic_write
 
@@ -241,8 +266,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.figure:
         from hypermorph_spatially_adaptive.figures import plot_comparison_forest
 
-        within = fam[fam["setting"] != CROSS].assign(p_holm=fam["p_family"])
-        plot_comparison_forest(within, args.figure, args.metric)
+        fam = families[args.metrics[0]]
+        within = fam[~fam["setting"].map(is_cross)].assign(p_holm=fam["p_family"])
+        plot_comparison_forest(within, args.figure, args.metrics[0])
         print(f"[study_report] wrote {args.figure}", flush=True)
     print(text, flush=True)
     print(f"[study_report] wrote {out}", flush=True)

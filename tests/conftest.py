@@ -30,6 +30,16 @@ def _quick_argv(out, *extra) -> list:
             "--train-args", QUICK_TRAIN_ARGS, *extra]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Work units of ``pytest -n`` (pytest-xdist, ``--dist loadgroup`` in pytest.ini): every test that
+    reads :func:`quick_run` in one group, so the session's quick pipeline is made once; every other
+    test grouped with its file, so a module-scoped fixture is made once. Without xdist the marks
+    do nothing."""
+    for item in items:
+        group = "quick_run" if "quick_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def quick_argv():
     """``quick_argv(out, *extra)``: the command line of the :func:`quick_run` pipeline (a rerun with

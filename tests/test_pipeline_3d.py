@@ -1,14 +1,16 @@
-"""The 3D path (issue 23): the whole pipeline on a tiny 3D synthetic case, the Learn2Reg Lung CT
-loader through all three stages on a fake tree, a known 3D translation recovered by refinement
-(warp convention ``warped(x) = moving(x + u(x))``), and the chunked grid search that keeps 3D
-identification within memory.
+"""The 3D path (issue 23): the elastic models through all three stages on a tiny 3D synthetic case,
+the whole pipeline on it and the Learn2Reg Lung CT loader through all three stages on a fake tree,
+a known 3D translation recovered by refinement (warp convention ``warped(x) = moving(x + u(x))``),
+and the chunked grid search that keeps 3D identification within memory.
 
-Budget: the synthetic pipeline and the unit checks run in ``make test``; the Learn2Reg case is a
-second pipeline and is marked ``slow`` (``make test PYTEST_ARGS='-m slow'``). Sizes are the
-smallest that still mean something: 32^3 (at 16^3 the synthetic motion leaves the
-label maps unchanged, initial Dice 1.0, so Table 1 would be all ties), 3 training steps, a 2 x 2
-grid, 3 refinement steps, tiny networks. The numbers of the models are not checked (they are not
-trained); shapes, hand-over files and conventions are.
+Budget: the elastic chain (two trainings, one grid identification, inference with refinement and a
+panel) and the unit checks run in ``make test``; the two whole pipelines (4 trainings, 4 grid
+identifications each) are marked ``slow`` (``make test PYTEST_ARGS='-m slow'``); the 2D ``--quick``
+pipeline of tests/conftest.py covers the pipeline's own hand-overs in ``make test``. Sizes are the
+smallest that still mean something: 32^3 (at 16^3 the synthetic motion leaves the label maps
+unchanged, initial Dice 1.0, so Table 1 would be all ties), 3 training steps, a 2 x 2 grid, 3
+refinement steps, tiny networks. The numbers of the models are not checked (they are not trained);
+shapes, hand-over files and conventions are.
 """
 import json
 import warnings
@@ -30,7 +32,8 @@ PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 
 def _pipeline_argv(out, *data_args, steps=3, refine=3, panels=1):
     return [*data_args, "--out", str(out), "--steps", str(steps), "--grid-steps", "2", "--refine", str(refine),
-            "--gradient-steps", "0", "--panels", str(panels), "--train-args", TRAIN_ARGS]
+            "--gradient-steps", "0", "--panels", str(panels), "--train-args", TRAIN_ARGS,
+            "--jobs", "1"]  # in process: no child imports TensorFlow again (pytest-xdist uses the other cores)
 
 
 def _check_handovers(out, shape, n_test, panels=1):
@@ -66,6 +69,59 @@ def synthetic_3d(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def elastic_3d(tmp_path_factory):
+    """The elastic models (3 steps) of the 3D synthetic case, their oracle grid identification and
+    inference with refinement and one panel, stage by stage (the scripts' ``main``)."""
+    import inference
+    import parameter_identification
+    from hypermorph_spatially_adaptive.trainer import main as train_main
+
+    out = tmp_path_factory.mktemp("e3d")
+    data = ["--dataset", "synthetic", "--ndim", "3", "--image-size", *map(str, SIZE), "--num-pairs", "6",
+            "--cache-dir", str(out / "cache")]
+    for preset in ("elastic_global", "elastic_sa"):
+        train_main(preset, data + TRAIN_ARGS.split() + ["--out", str(out / "runs" / preset), "--steps", "3",
+                                                        "--log-every", "1"])
+    ident = str(out / "identification" / "elastic")
+    parameter_identification.main(["--run", str(out / "runs" / "elastic_global"), "--grid-steps", "2", "--out", ident,
+                                   "--no-figure"])
+    inference.main(["--out", str(out / "results"), "--elastic-sa", str(out / "runs" / "elastic_sa"),
+                    "--elastic-ident", ident, "--refine", "3", "--panels", "1", "--bootstrap", "100"])
+    return out
+
+
+def test_3d_elastic_chain_hands_over_every_file(elastic_3d):
+    for p in ("elastic_global", "elastic_sa"):
+        cfg = art.read_config(str(elastic_3d / "runs" / p))
+        assert cfg.get("finished") and list(cfg["model"]["image_shape"]) == list(SIZE), p
+    d = elastic_3d / "identification" / "elastic"
+    ident = pd.read_csv(d / "identified_parameters.csv", dtype={"pair_id": str})
+    grid = pd.read_csv(d / "grid_dice.csv", dtype={"pair_id": str})
+    assert len(ident) == 1 and len(grid) == 4 * grid["pair_id"].nunique() and grid["mean_dice"].between(0, 1).all()
+    res = elastic_3d / "results"
+    for f in ("table1.csv", "per_pair_metrics.csv", "inference.json"):
+        assert (res / f).stat().st_size > 0, f
+    assert len(list(res.glob("fig3_*.png"))) == 1  # elastic only, one pair, drawn as slices
+    t1 = pd.read_csv(res / "table1.csv")
+    rows = t1.set_index(t1["method"] + "/" + t1["protocol"].fillna(""))
+    for col in ("mean_dice_mean", "hd95_mean", "tre_mean", "dense_epe_mean", "percent_neg_jac_mean", "sdlogj_mean"):
+        assert np.isfinite(rows.loc["elas-sas+io/oracle", col]), col  # 3D keypoints, true field, Jacobian
+    per_pair = pd.read_csv(res / "per_pair_metrics.csv", dtype={"pair_id": str})
+    initial = per_pair[per_pair["method"] == "initial"].iloc[0]
+    assert 0.3 < initial["mean_dice"] < 0.99  # the 3D pair really moves (not the 16^3 degenerate case)
+    # initial TRE from the 3D keypoints, recomputed independently: mean ||p_F - p_M|| (spacing 1 mm)
+    import datasets
+
+    ds = datasets.get_dataset("synthetic", None, ndim=3, image_size=list(SIZE), num_pairs=6,
+                              cache_dir=str(elastic_3d / "cache"))
+    pair = ds.load_pair(initial["pair_id"])
+    assert pair.fixed_kp.shape[1] == 3
+    expected = np.linalg.norm(pair.fixed_kp - pair.moving_kp, axis=1).mean()
+    assert initial["tre"] == pytest.approx(expected, rel=1e-4) and expected > 0.1
+
+
+@pytest.mark.slow  # the whole pipeline (4 trainings, 4 grid identifications); make test PYTEST_ARGS='-m slow'
 def test_3d_pipeline_hands_over_every_file(synthetic_3d):
     per_pair = _check_handovers(synthetic_3d, SIZE, n_test=1)
     t1 = pd.read_csv(synthetic_3d / "results" / "table1.csv")

@@ -238,9 +238,8 @@ def test_authors_tre_is_sqrt_of_mean_distance():
 
 
 # ---- end to end ----------------------------------------------------------------------------------------
-# slow: two tiny trainings, a grid identification and inference are ~60 s alone (120 s on the loaded
-# machine), above this file's share of the default suite; run with -m slow
-@pytest.mark.slow
+# two tiny trainings, a grid identification and inference (~60 s alone): the authors profile end to end
+# in make test (issue 33), on its own pytest-xdist worker while other files run on the other
 def test_authors_profile_end_to_end_and_stages_refuse_another_profile(tmp_path):
     import inference
     import parameter_identification

@@ -82,12 +82,36 @@ def test_main_writes_report_and_figure(tmp_path):
     pd.DataFrame([{"setting": "paper", "objective": "dice", "pair_id": f"p{k}", "seed": 0, "spearman_mu": 0.5 * k,
                    "spearman_lambda": 0.5} for k in range(3)]).to_csv(study / "stiffness.csv", index=False)
     fig = tmp_path / "forest.png"
-    out = study_report.main(["--study", str(study), "--figure", str(fig)])
+    out = study_report.main(["--study", str(study), "--figure", str(fig), "--metrics", "mean_dice"])
     text = open(out).read()
     assert "| - | initial | 0.800 (0.010) | 2.00 | 1.00 | 0.000 | 0.700 (0.010) |" in text
     assert "Holm over these 4 pooled rows" in text
     assert "| paper | elastic | 0.030 (0.030) | 40 % (40 %) |" in text
     assert fig.stat().st_size > 1000
+
+
+def test_profile_cross_rows_and_the_preset_join_the_family_per_metric():
+    """paper-authors - paper is a cross-setting comparison like calibrated - paper; the preset rows
+    are in the family; each metric is its own Holm family; dense EPE is the primary metric."""
+    assert study_report.METRICS[0] == "dense_epe"
+    rows = [_comp_row("paper", "oracle", "elas-sas - ants-synpreset", "all", -0.1, 0.01, metric="dense_epe"),
+            _comp_row("paper-authors", "oracle", "elas-sas - elas-g", "all", -0.2, 0.02, metric="dense_epe"),
+            _comp_row("paper-authors - paper", "oracle", "elas-sas [paper-authors] - elas-sas [paper]", "all", 0.3,
+                      0.04, metric="dense_epe"),
+            _comp_row("paper-authors - paper", "oracle", "initial [paper-authors] - initial [paper]", "all", 0.0, 1.0,
+                      metric="dense_epe"),
+            _comp_row("paper", "oracle", "elas-sas - elas-g", "all", 0.02, 0.5)]  # another metric's family
+    fam = study_report.reported_family(pd.DataFrame(rows), "dense_epe")
+    pooled = fam.set_index(["setting", "comparison"])["p_family"]
+    assert len(pooled) == 3  # initial is not a reported method; the mean Dice row is another family
+    # Holm over p = 0.01, 0.02, 0.04: 0.03, 0.04, 0.04 (by hand)
+    assert pooled[("paper", "elas-sas - ants-synpreset")] == pytest.approx(0.03)
+    assert pooled[("paper-authors", "elas-sas - elas-g")] == pytest.approx(0.04)
+    assert pooled[("paper-authors - paper", "elas-sas [paper-authors] - elas-sas [paper]")] == pytest.approx(0.04)
+    md = study_report.cross_markdown(fam, "paper-authors - paper")
+    assert "| oracle | elas-sas | +0.300 [+0.290, +0.310] | 2 x 5 | 0.04 / 0.04 |" in md
+    family = study_report.family_markdown(fam)
+    assert "paper-authors: pooled" in family and "paper-authors - paper" not in family
 
 
 def test_missing_input_names_the_file(tmp_path):
