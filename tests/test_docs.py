@@ -330,7 +330,7 @@ def test_pyproject_matches_requirements():
     runtime = _pins(project["project"]["dependencies"])
     test_only = _pins(project["project"]["optional-dependencies"]["test"])
     assert {**runtime, **test_only} == _pins(_read("requirements.txt").splitlines())
-    assert set(test_only) == {"pytest", "simpleitk"}
+    assert set(test_only) == {"pytest", "pytest-xdist", "simpleitk"}
     top_level = sorted(n[:-3] for n in os.listdir(ROOT) if n.endswith(".py"))
     assert sorted(project["tool"]["setuptools"]["py-modules"]) == top_level
     assert set(project["tool"]["setuptools"]["packages"]) == {"hypermorph_spatially_adaptive", "datasets"}
