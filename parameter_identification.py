@@ -225,7 +225,8 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     if args.method == "gradient":  # docs/extensions.md "Gradient identification"; writes <run>/identification_gradient[_epe]
         from hypermorph_spatially_adaptive import gradient_identification
 
-        return gradient_identification.run_cli(args, argv, model, config, dataset, ids, dest=dest)
+        return gradient_identification.run_cli(args, argv, model, config, dataset, ids, dest=dest,
+                                               profile=fidelity.profile)
     regularizer = config["model"]["regularizer"]
     class_names = list(config["class_names"])
     values = args.grid if args.grid is not None else ident.grid_values(args.grid_steps)

@@ -766,7 +766,8 @@ def _write_identification(dest: str, choice, trace_rows: List[Dict], meta: Dict,
                                        jitter=0.0)  # continuous values: no grid clusters to spread
 
 
-def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], dest: Optional[str] = None) -> str:
+def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], dest: Optional[str] = None,
+            profile: str = "paper") -> str:
     """``parameter_identification.py --method gradient``: identify, then write all files at once.
 
     ``args`` are the parsed options (``sa_run``, ``protocol``, ``population_split``, ``init``,
@@ -775,7 +776,9 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], de
     pairs to identify (oracle) or to apply the population setting to. Files are written into
     ``dest`` (the caller's temporary folder that replaces the output folder at the end; default:
     the output folder itself). The runs' recorded data/weights hashes are checked first
-    (:func:`.provenance.check_runs`, ``--force``). Returns the output folder.
+    (:func:`.provenance.check_runs`, ``--force``). ``profile`` is the runs' ``--profile``, recorded
+    in identification.json 'fidelity' for the later stages' check (the gradient method itself is the
+    project's under either profile: docs/fidelity.md). Returns the output folder.
     """
     import pandas as pd
 
@@ -814,6 +817,8 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], de
             "seconds_sa": round(res_sa.seconds, 2), "seconds_g": round(res_g.seconds, 2),
             "provenance": provenance, "force": bool(getattr(args, "force", False)),
             "command": ["parameter_identification.py"] + list(argv if argv is not None else sys.argv[1:])}
+    if profile != "paper":  # as the grid method records it (none = paper); its rules are the grid's only
+        meta["fidelity"] = {"profile": profile, "method": "gradient (the project's under every profile)"}
     if args.objective == "epe":
         _add_stiffness_order(meta, opt_pairs, res_sa.h, class_names, regularizer)
     _write_identification(dest, choice, trace_rows, meta, not args.no_figure, class_names, regularizer)

@@ -275,11 +275,17 @@ def test_authors_profile_end_to_end_and_stages_refuse_another_profile(tmp_path):
     with pytest.raises(ValueError, match="profile"):
         inference.main(["--out", str(tmp_path / "res_bad"), "--elastic-sa", runs["elastic_sa"], "--elastic-ident",
                         ident_dir, "--panels", "0", "--bootstrap", "100", "--profile", "paper"])
+    # gradient identification records the profile too, so inference reads it beside the grid's
+    grad_dir = str(tmp_path / "grad")
+    parameter_identification.main(["--run", runs["elastic_global"], "--sa-run", runs["elastic_sa"], "--method",
+                                   "gradient", "--steps", "2", "--out", grad_dir, "--no-figure"])
+    grad_meta = json.loads(open(os.path.join(grad_dir, art.IDENTIFICATION_META)).read())
+    assert grad_meta["fidelity"]["profile"] == "authors"
     res = str(tmp_path / "res")
-    inference.main(["--out", res, "--elastic-sa", runs["elastic_sa"], "--elastic-ident", ident_dir, "--panels", "0",
-                    "--bootstrap", "100"])
+    inference.main(["--out", res, "--elastic-sa", runs["elastic_sa"], "--elastic-ident", ident_dir, grad_dir,
+                    "--panels", "0", "--bootstrap", "100"])
     per_pair = pd.read_csv(os.path.join(res, art.PER_PAIR_METRICS))
-    assert {"elas-g", "elas-sas", "elas-sas@g"} <= set(per_pair["method"])
+    assert {"elas-g", "elas-sas", "elas-sas@g", "elas-sas (gradient)"} <= set(per_pair["method"])
     assert json.loads(open(os.path.join(res, art.INFERENCE_META)).read())["profile"] == "authors"
 
 
