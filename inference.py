@@ -436,8 +436,9 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import evaluation, runio
     from hypermorph_spatially_adaptive.models import needs_segmentation
-    from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+    from hypermorph_spatially_adaptive.refinement import Refiner
     from hypermorph_spatially_adaptive.registration import warped_moving_segmentation
+    from hypermorph_spatially_adaptive.tf_ops import warp_linear
 
     short = evaluation.SHORT[g["reg"]]
     g_cols = art.global_columns(g["reg"])
@@ -475,7 +476,7 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
             for label, u0, spent in starts:
                 t1 = time.time()
                 u, before, after = refiners[key](moving, fixed, u0, hyp, seg, args.refine, args.refine_lr)
-                rec.record(f"{short}-{variant}{label}{tag}", src.protocol, linear_warp(moving, u).numpy(), u, hyp,
+                rec.record(f"{short}-{variant}{label}{tag}", src.protocol, warp_linear(moving, u).numpy(), u, hyp,
                            cols, spent + time.time() - t1, maps=MAP_LABELS[source] if key != "g" else "")
                 print(f"[inference]   refinement{label.replace('+io', '')} loss {before.mean():.4f} -> "
                       f"{after.mean():.4f}", flush=True)

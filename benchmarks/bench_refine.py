@@ -241,13 +241,13 @@ def draw_panel(panel: Dict, path: str, order: Sequence[str]) -> str:
     """Fig. 3 panel of the stored pair: one row per stored displacement, in ``order``."""
     import eval_metrics
     from hypermorph_spatially_adaptive import figures
-    from hypermorph_spatially_adaptive.refinement import linear_warp
+    from hypermorph_spatially_adaptive.tf_ops import warp_linear
 
     pair = panel["pair"]
     results = {}
     for name in [n for n in order if n in panel["disp"]]:
         u = panel["disp"][name]
-        warped = linear_warp(pair.moving[None], u[None]).numpy()[0, ..., 0]
+        warped = warp_linear(pair.moving[None], u[None]).numpy()[0, ..., 0]
         seg = eval_metrics.warp_labels(pair.moving_seg, u)
         results[name] = {"warped": warped, "disp": u, "warped_seg": seg,
                          "dice": eval_metrics.mean_dice(pair.fixed_seg, seg, 3),

@@ -42,7 +42,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import eval_metrics
 from tf_compat import import_voxelmorph
+
+from .tf_ops import soft_dice, warp_linear
 
 tf, _vxm, _ne = import_voxelmorph()
 
@@ -58,63 +61,6 @@ GRADIENT_VOXEL_BUDGET = 2 ** 16
 # ----------------------------------------------------------------------------------------------
 # differentiable pieces
 # ----------------------------------------------------------------------------------------------
-def warp_linear(vol: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
-    """Warp ``vol [B, *spatial, K]`` by ``disp [B, *spatial, D]`` with (bi/tri)linear interpolation.
-
-    ``out(x) = vol(x + disp(x))``; sample positions are clamped to the image (edge values
-    repeat, like ``scipy.ndimage.map_coordinates(order=1, mode='nearest')``). Differentiable in
-    ``disp`` (and ``vol``). Static spatial shape required; every spatial size must be >= 2.
-    """
-    vol = tf.convert_to_tensor(vol, tf.float32)
-    disp = tf.convert_to_tensor(disp, tf.float32)
-    sizes = [int(s) for s in vol.shape[1:-1]]
-    nd = len(sizes)
-    if int(disp.shape[-1]) != nd or [int(s) for s in disp.shape[1:-1]] != sizes:
-        raise ValueError(f"disp {disp.shape} does not fit the volume {vol.shape}")
-    if min(sizes) < 2:
-        raise ValueError("warp_linear needs every spatial size >= 2")
-    k = int(vol.shape[-1])
-    n_vox = int(np.prod(sizes))
-    strides = [int(np.prod(sizes[j + 1:])) for j in range(nd)]
-    grid = tf.meshgrid(*[tf.range(s, dtype=tf.float32) for s in sizes], indexing="ij")
-    lo, frac = [], []
-    for j in range(nd):
-        loc = tf.clip_by_value(grid[j][None] + disp[..., j], 0.0, sizes[j] - 1.0)
-        base = tf.clip_by_value(tf.floor(loc), 0.0, sizes[j] - 2.0)
-        lo.append(tf.cast(base, tf.int32))
-        frac.append(loc - base)
-    flat = tf.reshape(vol, [-1, n_vox, k])
-    out = 0.0
-    for corner in itertools.product((0, 1), repeat=nd):
-        index = 0
-        weight = 1.0
-        for j, c in enumerate(corner):
-            index += (lo[j] + c) * strides[j]
-            weight *= frac[j] if c else 1.0 - frac[j]
-        vals = tf.gather(flat, tf.reshape(index, [-1, n_vox]), batch_dims=1)
-        out += tf.reshape(vals, tf.shape(vol)) * weight[..., None]
-    return out
-
-
-def soft_dice(fixed_onehot: tf.Tensor, warped_onehot: tf.Tensor, eps: float = 1e-6) -> tf.Tensor:
-    """Soft Dice per sample and class: ``2 sum(a b) / (sum a + sum b + eps)``.
-
-    Args:
-        fixed_onehot: ``[B, *spatial, K]`` fixed labels, one-hot (or soft) per class.
-        warped_onehot: ``[B, *spatial, K]`` warped moving labels (e.g. linearly interpolated).
-
-    Returns:
-        ``[B, K]``. On binary inputs it equals the hard Dice up to ``eps``; a class absent from
-        both is 0 (not NaN: callers mask absent classes themselves).
-    """
-    a = tf.convert_to_tensor(fixed_onehot, tf.float32)
-    b = tf.convert_to_tensor(warped_onehot, tf.float32)
-    axes = list(range(1, a.shape.rank - 1))
-    inter = tf.reduce_sum(a * b, axis=axes)
-    denom = tf.reduce_sum(a, axis=axes) + tf.reduce_sum(b, axis=axes)
-    return 2.0 * inter / (denom + eps)
-
-
 def tissue_onehot(seg, num_classes: int) -> tf.Tensor:
     """``seg [B, *spatial]`` int labels 0..C -> ``[B, *spatial, C]`` one-hot of classes 1..C."""
     return tf.one_hot(tf.cast(seg, tf.int32), num_classes + 1, dtype=tf.float32)[..., 1:]
@@ -127,7 +73,7 @@ def dice_objective(fixed_oh: tf.Tensor, moving_oh: tf.Tensor, disp: tf.Tensor,
     ``fixed_oh``/``moving_oh`` ``[B, *spatial, C]``; ``mask [B, *spatial]`` (optional) limits
     the voxels counted. Returns ``[B]``.
     """
-    warped = warp_linear(moving_oh, disp)
+    warped = warp_linear(moving_oh, disp, "cell")
     a = fixed_oh
     if mask is not None:
         a = a * mask[..., None]
@@ -557,8 +503,6 @@ def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_nam
 def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int, net_seg=None) -> np.ndarray:
     """Hard class Dice ``[N, C]`` after registering each pair with its ``hyp [N, P]`` (a CSAIN
     model builds its map from ``net_seg [N, *spatial]``, default the fixed segmentations)."""
-    import eval_metrics
-
     from .registration import Registrar
 
     seg = np.stack([p.fixed_seg for p in pairs]) if net_seg is None else net_seg
@@ -609,11 +553,6 @@ def _summarize(values: Sequence[float]) -> Dict[str, float]:
             "min": round(float(v.min()), 3), "fraction_perfect": round(float(np.mean(v > 0.999)), 3)}
 
 
-def _nanmean(x) -> float:
-    x = np.asarray(x, float)
-    return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
-
-
 def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_names, h_sa, dice_sa, h_g, dice_g,
                  res_sa: GradientResult, res_g: GradientResult, fallback: Sequence[str]) -> List[Dict]:
     """Rows of identified_parameters.csv: row ``k`` uses row ``k`` of every array (or row 0 when
@@ -628,9 +567,9 @@ def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_n
         row: Dict = {art.PAIR_ID: pid, art.REGULARIZER: regularizer}
         row.update({n: float(v) for n, v in zip(sa_names, at(h_sa, k))})
         row.update({f"dice_{n}": float(at(dice_sa, k)[c]) for c, n in enumerate(class_names)})
-        row["mean_dice"] = _nanmean(at(dice_sa, k))
+        row["mean_dice"] = eval_metrics.nanmean(at(dice_sa, k))
         row.update({c: float(v) for c, v in zip(g_cols, at(h_g, k))})
-        row[art.G_MEAN_DICE] = _nanmean(at(dice_g, k))
+        row[art.G_MEAN_DICE] = eval_metrics.nanmean(at(dice_g, k))
         row["fallback"] = fallback[k]
         row.update({"objective": float(at(res_sa.best, k)), "start_objective": float(at(res_sa.start, k)),
                     "g_objective": float(at(res_g.best, k)), "g_start_objective": float(at(res_g.start, k)),
@@ -706,8 +645,8 @@ def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, k
     n = len(val)
     dice_sa = _hard_dice(sa_model, val, np.repeat(res_sa.h.astype(np.float32), n, 0), C, net_segs)
     dice_g = _hard_dice(g_model, val, np.repeat(res_g.h.astype(np.float32), n, 0), C)
-    val_sa = np.array([[_nanmean(dice_sa[:, c]) for c in range(C)]])
-    val_g = np.array([[_nanmean(dice_g[:, c]) for c in range(C)]])
+    val_sa = np.array([[eval_metrics.nanmean(dice_sa[:, c]) for c in range(C)]])
+    val_g = np.array([[eval_metrics.nanmean(dice_g[:, c]) for c in range(C)]])
     rows = _result_rows(ids, regularizer, sa_names, g_cols, class_names, res_sa.h, val_sa, res_g.h, val_g,
                         res_sa, res_g, [""] * len(ids))
     traces = [{art.PAIR_ID: "population", "model": name, "step": s, "objective": float(o)}

@@ -45,9 +45,10 @@ the optimized array, zero at the start); with ``grid = 1, smooth = 0`` this is A
 itself. The energy and the fold penalty always act on the full displacement ``u`` (the paper's
 field), also for runs trained with ``--reg-field svf``.
 
-Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is (bi/tri)linear with coordinates
-clamped to the image (voxelmorph's ``SpatialTransformer`` with ``fill_value=None``). The result
-is a displacement in the same convention, so every metric applies unchanged.
+Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is :func:`.tf_ops.warp_linear`
+(``'floor'`` stencil), (bi/tri)linear with coordinates clamped to the image (voxelmorph's
+``SpatialTransformer`` with ``fill_value=None``). The result is a displacement in the same
+convention, so every metric applies unchanged.
 
 Pairs run as one batch, in chunks of at most ``pair_batch`` pairs (default: as many as hold
 about ``2**21`` voxels, :data:`PAIR_VOXEL_BUDGET`; all pairs of a 2D test split, one pair per
@@ -65,73 +66,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from eval_metrics import det_from_grads
-
 from .losses import loss_terms
 from .params import HypMapping, ParamSpec
-
-
-def linear_warp(image: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
-    """``image(x + disp(x))`` with (bi/tri)linear interpolation, batched without ``map_fn``.
-
-    Args:
-        image: ``[B, *spatial, K]`` float.
-        disp: ``[B, *spatial, D]`` displacement in voxels (channel j along axis j).
-
-    Returns:
-        ``[B, *spatial, K]``; sample coordinates outside the image are clamped to its border.
-    """
-    image = tf.convert_to_tensor(image, tf.float32)
-    disp = tf.convert_to_tensor(disp, tf.float32)
-    shape = image.shape[1:-1]
-    ndim = len(shape)
-    grid = tf.stack(tf.meshgrid(*[tf.range(s, dtype=tf.float32) for s in shape], indexing="ij"), axis=-1)
-    coords = grid[None] + disp
-    upper = tf.constant([float(s - 1) for s in shape], tf.float32)
-    coords = tf.clip_by_value(coords, 0.0, upper)
-    lo = tf.floor(coords)
-    frac = coords - lo
-    lo = tf.cast(lo, tf.int32)
-    hi = tf.minimum(lo + 1, tf.cast(upper, tf.int32))
-    out = 0.0
-    for corner in range(2 ** ndim):
-        bits = [(corner >> a) & 1 for a in range(ndim)]
-        idx = tf.stack([hi[..., a] if bits[a] else lo[..., a] for a in range(ndim)], axis=-1)
-        w = 1.0
-        for a in range(ndim):
-            w = w * (frac[..., a] if bits[a] else 1.0 - frac[..., a])
-        out = out + w[..., None] * tf.gather_nd(image, idx, batch_dims=1)
-    return out
-
-
-
-def jacobian_determinant(u: tf.Tensor) -> tf.Tensor:
-    """``det(I + grad u)`` ``[N, *spatial]`` of displacements ``u [N, *spatial, D]`` (voxels).
-
-    Central differences inside, one-sided at the border: the discretization of ``np.gradient``,
-    so the values match ``eval_metrics.jacobian_determinant`` (float32). Every spatial axis needs
-    at least 2 voxels.
-    """
-    u = tf.convert_to_tensor(u, tf.float32)
-    ndim = u.shape.rank - 2
-    grads = []  # grads[i][..., j] = d u_j / d x_i
-    for i in range(ndim):
-        ax = i + 1
-        n = u.shape[ax]
-        if n is None or n < 2:
-            raise ValueError(f"jacobian_determinant: spatial axis {i} has {n} voxels (needs >= 2)")
-
-        def sl(a, b, ax=ax):
-            idx = [slice(None)] * u.shape.rank
-            idx[ax] = slice(a, b)
-            return u[tuple(idx)]
-
-        parts = [sl(1, 2) - sl(0, 1)]
-        if n > 2:
-            parts.append(0.5 * (sl(2, None) - sl(None, -2)))
-        parts.append(sl(n - 1, n) - sl(n - 2, n - 1))
-        grads.append(tf.concat(parts, axis=ax))
-    return det_from_grads([[grads[i][..., j] for j in range(ndim)] for i in range(ndim)])
+from .tf_ops import box_smooth, jacobian_determinant, warp_linear
 
 
 def fold_penalty(u: tf.Tensor, eps: float = 0.1, det: Optional[tf.Tensor] = None) -> tf.Tensor:
@@ -148,17 +85,6 @@ def log_jacobian_penalty(u: tf.Tensor, eps: float = 0.1, det: Optional[tf.Tensor
     det = jacobian_determinant(u) if det is None else det
     logj = tf.math.log(tf.maximum(det, eps))
     return tf.reduce_mean(tf.square(logj), axis=list(range(1, det.shape.rank)))
-
-
-def box_smooth(v: tf.Tensor, passes: int) -> tf.Tensor:
-    """``passes`` successive 3-voxel means along every axis (stride 1, 'SAME': the border means
-    average only the voxels inside), per channel; ``v [N, *spatial, K]``."""
-    v = tf.convert_to_tensor(v, tf.float32)
-    ndim = v.shape.rank - 2
-    pool = tf.nn.avg_pool2d if ndim == 2 else tf.nn.avg_pool3d
-    for _ in range(int(passes)):
-        v = pool(v, ksize=3, strides=1, padding="SAME")
-    return v
 
 
 def _interp_matrix(n: int, m: int, centred: bool = False) -> np.ndarray:
@@ -201,7 +127,7 @@ def integrate_svf(v: tf.Tensor, steps: int = 7) -> tf.Tensor:
     (voxels) by scaling and squaring, ``d <- d + d(x + d)`` ``steps`` times from ``v / 2^steps``."""
     d = v / float(2 ** int(steps))
     for _ in range(int(steps)):
-        d = d + linear_warp(d, d)
+        d = d + warp_linear(d, d)
     return d
 
 
@@ -338,7 +264,7 @@ class Refiner:
         overrides the refiner's (mm per voxel; the coarse level of ``scale`` uses ``scale`` times it)."""
         moving, fixed = tf.convert_to_tensor(moving, tf.float32), tf.convert_to_tensor(fixed, tf.float32)
         hyp, u = tf.convert_to_tensor(hyp, tf.float32), tf.convert_to_tensor(u, tf.float32)
-        warped = linear_warp(moving, u)
+        warped = warp_linear(moving, u)
         out = loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing if spacing is None else spacing,
                          self.win, self.energy_scale, self.mapping)["loss"]
         det = jacobian_determinant(u) if self.fold_weight > 0 or self.logj_weight > 0 else None
@@ -355,7 +281,7 @@ class Refiner:
         if not self.svf:
             return u0 + v
         d = integrate_svf(v, self.int_steps)
-        return d + linear_warp(u0, d)
+        return d + warp_linear(u0, d)
 
     def _check(self, moving, u0, hyp, steps) -> None:
         if u0.shape[:-1] != tuple(moving.shape[:-1]) or u0.shape[-1] != len(moving.shape) - 2:
@@ -467,7 +393,7 @@ class Refiner:
             v = integrate_svf(v, self.int_steps)
         d = s * upsample_linear(v, u0.shape[1:-1], centred=True)  # fine voxels
         u0_t = tf.constant(u0)
-        u = d + linear_warp(u0_t, d) if self.svf else u0_t + d
+        u = d + warp_linear(u0_t, d) if self.svf else u0_t + d
         end = self.loss(moving, fixed, u, hyp, seg).numpy()
         better = end < start
         keep = better.reshape([-1] + [1] * (u0.ndim - 1))

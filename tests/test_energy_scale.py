@@ -10,7 +10,7 @@ import inference
 import regularizers
 from hypermorph_spatially_adaptive import losses
 from hypermorph_spatially_adaptive.params import ParamSpec
-from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+from hypermorph_spatially_adaptive.refinement import Refiner
 from hypermorph_spatially_adaptive.trainer import main as train_main
 
 SPECS = [ParamSpec("elastic", False, 3), ParamSpec("elastic", True, 3), ParamSpec("diffusion", False, 3),

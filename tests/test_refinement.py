@@ -1,11 +1,11 @@
-"""Instance optimization (hypermorph_spatially_adaptive.refinement): warp convention, zero steps,
-loss decrease, recovery of a known translation."""
+"""Instance optimization (hypermorph_spatially_adaptive.refinement): zero steps, loss decrease,
+recovery of a known translation (the warp and the Jacobian: tests/test_tf_ops.py)."""
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
 from hypermorph_spatially_adaptive.params import ParamSpec
-from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+from hypermorph_spatially_adaptive.refinement import Refiner
 
 
 def _smooth_image(shape, seed=0, sigma=3.0):
@@ -13,23 +13,6 @@ def _smooth_image(shape, seed=0, sigma=3.0):
     img = ndi.gaussian_filter(rng.standard_normal(shape), sigma)
     img = (img - img.min()) / (img.max() - img.min())
     return img.astype(np.float32)
-
-
-def test_linear_warp_matches_map_coordinates():
-    rng = np.random.default_rng(1)
-    img = rng.random((2, 12, 10, 1)).astype(np.float32)
-    disp = rng.uniform(-2.5, 2.5, (2, 12, 10, 2)).astype(np.float32)
-    out = linear_warp(img, disp).numpy()
-    for b in range(2):
-        coords = np.indices((12, 10)).astype(np.float64) + np.moveaxis(disp[b], -1, 0)
-        ref = ndi.map_coordinates(img[b, ..., 0].astype(np.float64), coords, order=1, mode="nearest")
-        np.testing.assert_allclose(out[b, ..., 0], ref, atol=1e-5)
-
-
-def test_linear_warp_3d_zero_flow_is_identity():
-    img = np.random.default_rng(2).random((1, 6, 5, 4, 2)).astype(np.float32)
-    out = linear_warp(img, np.zeros((1, 6, 5, 4, 3), np.float32)).numpy()
-    np.testing.assert_allclose(out, img, atol=1e-6)
 
 
 def _pair(shape=(32, 32), shift=(1.5, -1.0)):
@@ -110,19 +93,6 @@ def _folded_field(n=32):
     return u[None].astype(np.float32)
 
 
-def test_jacobian_determinant_matches_eval_metrics():
-    import eval_metrics
-    from hypermorph_spatially_adaptive.refinement import jacobian_determinant
-
-    rng = np.random.default_rng(5)
-    u2 = rng.normal(0, 0.7, (2, 9, 7, 2)).astype(np.float32)
-    u3 = rng.normal(0, 0.7, (1, 5, 6, 4, 3)).astype(np.float32)
-    for u in (u2, u3):
-        got = jacobian_determinant(u).numpy()
-        for b in range(u.shape[0]):
-            np.testing.assert_allclose(got[b], eval_metrics.jacobian_determinant(u[b]), rtol=1e-5, atol=1e-5)
-
-
 def test_fold_penalty_unfolds_a_folded_field():
     """Energy-free loss (lambda = mu = 1 leaves only the elastic energy, here tiny against the
     penalty): the folding penalty alone must take %negJ of a deliberately folded field to 0."""
@@ -162,7 +132,8 @@ def test_options_zero_steps_and_translation(opts):
 def test_upsample_and_smooth_are_exact_on_linear_fields():
     """Linear interpolation with aligned corners and 'SAME' box means keep an affine field affine
     inside (the box mean of a linear function is its centre value)."""
-    from hypermorph_spatially_adaptive.refinement import box_smooth, upsample_linear
+    from hypermorph_spatially_adaptive.refinement import upsample_linear
+    from hypermorph_spatially_adaptive.tf_ops import box_smooth
 
     coarse = np.indices((5, 4)).astype(np.float32)  # value = coarse index
     fine = upsample_linear(np.moveaxis(coarse, 0, -1)[None], (9, 7)).numpy()[0]
