@@ -121,7 +121,7 @@ def _pipeline_argv(args, setting: str, seed: int, out: str) -> List[str]:
 def _run_unit(args, setting: str, seed: int) -> Dict:
     """One (setting, seed): run_pipeline.py in a subprocess (its own TensorFlow state), then DONE.json."""
     from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive.folders import last_error_line, run_child
+    from hypermorph_spatially_adaptive.jobs import last_error_line, run_child
 
     out = os.path.join(args.out, setting, f"seed{seed}")
     done = os.path.join(out, "DONE.json")
@@ -153,7 +153,7 @@ def _identify_epe(args, unit_dir: str) -> str:
         return out
     runs = os.path.join(unit_dir, "runs")
     steps = "3" if args.quick else "50"
-    from hypermorph_spatially_adaptive.folders import run_child
+    from hypermorph_spatially_adaptive.jobs import run_child
 
     rc = run_child([sys.executable, "parameter_identification.py", "--run", os.path.join(runs, "elastic_global"),
                     "--sa-run", os.path.join(runs, "elastic_sa"), "--method", "gradient", "--objective", "epe",

@@ -16,7 +16,7 @@ array conventions: CONVENTIONS.md. Submodules:
 - :mod:`.provenance` content hashes of data and weights recorded by every stage and compared by the next
 - :mod:`.pair_registration`  one pair of NIfTI images with a run folder (``register.py``)
 - :mod:`.pair_geometry`      its world geometry: model grid, resampling, ITK displacement fields
-- :mod:`.jobs`       stage commands as parallel child processes (``run_pipeline.py --jobs``)
+- :mod:`.jobs`       child processes: parallel stage commands (``run_pipeline.py --jobs``), one child with a log
 - :mod:`.timing`     wall time per pipeline stage (``stage_times.csv``)
 """
 import tf_compat  # noqa: F401  (applies the shims on import)
