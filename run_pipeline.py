@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-steps", type=arg_int(2), default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=arg_int(0), default=0, help="training seed (all four models)")
     g.add_argument("--refine", type=arg_int(0), default=100,
-                   help="instance optimization steps per test pair after the networks (the +io rows; 0: off)")
+                   help="instance optimization steps per test pair after the networks (the +io rows; 0: off). "
+                        "Default 100 here because Table 1 reports the +io rows; inference.py and register.py default "
+                        "to 0 (opt-in: N more loss and gradient evaluations per pair)")
     add_refine_args(g)
     g.add_argument("--gradient-steps", type=arg_int(0), default=50,
                    help="gradient identification (oracle protocol, every parameter started at 0.5): Adam steps per "
@@ -368,12 +370,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
-    from hypermorph_spatially_adaptive.runio import refine_argv
+    from hypermorph_spatially_adaptive.configs import RefineConfig
 
     sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
     with timer.stage("inference: register, refine, Table 1, figures"):
         inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine),
-                        *refine_argv(args), *(["--zero-io"] if args.zero_io else []), *_profile_argv(args),
+                        *RefineConfig.from_args(args).argv(), *(["--zero-io"] if args.zero_io else []),
+                        *_profile_argv(args),
                         "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
                         "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
     # in --out, not in results/: inference's folder holds only what inference wrote (its completion marker)

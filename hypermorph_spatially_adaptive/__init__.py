@@ -7,6 +7,7 @@ array conventions: CONVENTIONS.md. Submodules:
 - :mod:`.params`     hyperparameter layout (ParamSpec) and SA parameter maps; no voxelmorph
 - :mod:`.models`     HyperVxmDense builders (global and spatially adaptive)
 - :mod:`.losses`     training loss, paper eq. (1) (NCC + elastic / diffusion)
+- :mod:`.configs`    settings as types: LossConfig (``config.json["loss"]``), RefineConfig (refinement options)
 - :mod:`.tf_ops`     TensorFlow field operations: linear warp, Jacobian determinant, soft Dice, box smoothing
 - :mod:`.trainer`    the shared trainer behind the four ``train_hypermorph_*`` scripts
 - :mod:`.unrolled`   per-sample voxelmorph/neurite layers unrolled for static batches (speed)
