@@ -84,7 +84,7 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
     Trailing singleton axes are dropped (a ``(X, Y, 1)`` NIfTI is 2D). ``default_affine`` is used
     for a bare array.
     """
-    from datasets.nifti import _read_nifti
+    from datasets.nifti import read_nifti
 
     if isinstance(x, (str, os.PathLike)):
         path = os.fspath(x)
@@ -93,7 +93,7 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what} not found: {path}")
         _check_size(_header_shape(path, what), f"{what} {path}")
-        data, affine, _ = _read_nifti(path, what)
+        data, affine, _ = read_nifti(path, what)
         what = f"{what} {path}"
     elif hasattr(x, "affine") and hasattr(x, "dataobj"):  # nibabel image
         data, affine = np.asarray(x.dataobj), np.asarray(x.affine, np.float64)
