@@ -95,22 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_state(run_dir: str, argv: List[str]) -> str:
-    """State of a training run folder for the training command ``argv``: ``"none"`` (no run),
-    ``"finished"`` / ``"unfinished"`` (a run whose latest command, ``--resume``/``--overwrite``
-    aside, equals ``argv``) or ``"changed"`` (a run made with another command)."""
-    from hypermorph_spatially_adaptive import artifacts as art
-
-    if not os.path.isfile(os.path.join(run_dir, art.CONFIG)):
-        return "none"
-    cfg = art.read_config(run_dir)
-    command = (cfg.get("resumed") or [cfg])[-1].get("command", [None])
-    if [a for a in command[1:] if a not in ("--resume", "--overwrite")] != argv:
-        return "changed"
-    done = bool(cfg.get("finished")) and os.path.isfile(os.path.join(run_dir, art.WEIGHTS))
-    return "finished" if done else "unfinished"
-
-
 def _check_inputs(args, preset_argv: dict) -> None:
     """Before anything is trained: every stage's options and every pair of every split (the test
     split included: it must be non-empty and readable); the NCC window and the identification
@@ -162,11 +146,13 @@ def _refuse_shorter(args, run_dir: str) -> None:
 def _training_plan(args, preset_argv: dict, runs: dict) -> list:
     """What stage 1 does with every model: ``(name, preset, argv or None, message)``; ``argv`` is
     the training command (``--overwrite``/``--resume`` added as needed), None for a reused run."""
+    from hypermorph_spatially_adaptive import artifacts as art
+
     plan = []
     n = len(preset_argv)
     for k, (name, argv_p) in enumerate(preset_argv.items(), 1):
         preset = name.replace("_csain", "")  # the CSAIN runs are the SA presets with --conditioning csain
-        state = _run_state(runs[name], argv_p)
+        state = art.run_state(runs[name], argv_p)
         if state != "none" and args.force:
             plan.append((name, preset, argv_p + ["--overwrite"],
                          f"-- [{k}/{n}] {name}: --force: the run in {runs[name]} is replaced (--overwrite)"))
