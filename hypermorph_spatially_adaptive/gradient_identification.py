@@ -40,10 +40,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.stats import spearmanr
 
 import eval_metrics
+from datasets.atomic import atomic_write
 from tf_compat import import_voxelmorph
 
+from . import artifacts as art
+from . import runio
+from .models import call_model, needs_segmentation
+from .provenance import check_runs, weights_sha256
+from .registration import Registrar, auto_batch_size, warped_moving_segmentation
 from .tf_ops import soft_dice, warp_linear
 
 tf, _vxm, _ne = import_voxelmorph()
@@ -149,8 +156,6 @@ def _make_step(model, objective: str, beta1: float = 0.9, beta2: float = 0.999, 
     ``t`` is the 1-based Adam step, ``spacing [D]`` mm per axis; ``seg [B, *spatial]`` int32 is
     the fixed segmentation, passed to models that build a conditioning map from it (CSAIN).
     """
-    from .models import call_model
-
     cache = _STEP_CACHE.setdefault(model, {})
     if objective in cache:
         return cache[objective]
@@ -230,8 +235,6 @@ def _prepare(model, moving: np.ndarray, fixed: np.ndarray, fixed_seg, moving_seg
         b = np.zeros((n, 1), np.float32)
         present = np.zeros((n, 1), np.float32)
         spc = np.asarray(spacing if spacing is not None else (1.0,) * nd, np.float32)
-    from .models import needs_segmentation
-
     seg = net_seg if net_seg is not None else fseg
     if needs_segmentation(model) and seg is None:
         raise ValueError("this model (CSAIN) builds its conditioning map from the fixed segmentation: pass fixed_seg")
@@ -356,8 +359,6 @@ def _make_grad(model, objective: str) -> Callable:
     """Compiled objective and gradient, cached per model and objective:
     ``grad(z [B, P], moving, fixed, seg, a, b, present, mask, spacing) -> (objective [B], d sum(objective) / dz [B, P])``
     (inputs as :func:`_make_step`)."""
-    from .models import call_model
-
     cache = _STEP_CACHE.setdefault(model, {})
     key = ("grad", objective)
     if key in cache:
@@ -482,13 +483,11 @@ def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_nam
     """Start points ``(h0_sa [N, P_sa], h0_g [N, P_g], description)`` (``None`` = 0.5)."""
     if init == "center":
         return None, None, "center (0.5)"
-    from .artifacts import IDENTIFIED_PARAMETERS, PAIR_ID, read_table
-
-    path = os.path.join(init_dir, IDENTIFIED_PARAMETERS) if init_dir else None
+    path = os.path.join(init_dir, art.IDENTIFIED_PARAMETERS) if init_dir else None
     if path is None or not os.path.isfile(path):
         print(f"[identify gradient] --init grid: no grid identification at {path}; starting at 0.5", flush=True)
         return None, None, "center (0.5; no grid identification found)"
-    df = read_table(path, fix="rerun the grid identification").set_index(PAIR_ID)
+    df = art.read_table(path, fix="rerun the grid identification").set_index(art.PAIR_ID)
     cols = list(sa_names) + list(g_names)
     missing_cols = [c for c in cols if c not in df]
     missing_ids = [p for p in ids if p not in df.index]
@@ -502,8 +501,6 @@ def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_nam
 def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int, net_seg=None) -> np.ndarray:
     """Hard class Dice ``[N, C]`` after registering each pair with its ``hyp [N, P]`` (a CSAIN
     model builds its map from ``net_seg [N, *spatial]``, default the fixed segmentations)."""
-    from .registration import Registrar
-
     seg = np.stack([p.fixed_seg for p in pairs]) if net_seg is None else net_seg
     _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp, seg)
     return np.stack([eval_metrics.dice_per_class(p.fixed_seg, eval_metrics.warp_labels(p.moving_seg, disp[k]),
@@ -512,8 +509,6 @@ def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int, net_seg=None) ->
 
 def stiffness_spearman(mu: np.ndarray, true_mu: np.ndarray) -> float:
     """Spearman rank correlation between identified and true per-class values (NaN if constant)."""
-    from scipy.stats import spearmanr
-
     if np.ptp(mu) == 0 or np.ptp(true_mu) == 0:
         return float("nan")
     return float(spearmanr(mu, true_mu).statistic)
@@ -556,8 +551,6 @@ def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_n
                  res_sa: GradientResult, res_g: GradientResult, fallback: Sequence[str]) -> List[Dict]:
     """Rows of identified_parameters.csv: row ``k`` uses row ``k`` of every array (or row 0 when
     the array has one row: the population protocol's single setting)."""
-    from . import artifacts as art
-
     def at(x, k):
         return x[k if len(x) > 1 else 0]
 
@@ -579,8 +572,6 @@ def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_n
 
 def _oracle(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, kw: Dict) -> Tuple:
     """Per test pair, on its own labels: ``(rows, trace_rows, meta, pairs, res_sa, res_g)``."""
-    from . import artifacts as art
-
     pairs = [dataset.load_pair(pid) for pid in ids]
     for p in pairs:
         _check_pair(p, args.objective)
@@ -613,10 +604,6 @@ def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, k
     ``(rows, trace_rows, meta, val_pairs, res_sa, res_g)``. A CSAIN model sees, on the validation pairs
     as on the test pairs (inference ``--population-maps warped-moving``), maps built from the
     moving labels warped by the -g network at its population setting."""
-    from . import artifacts as art
-    from .models import needs_segmentation
-    from .registration import Registrar, warped_moving_segmentation
-
     if args.objective != "dice" or args.init != "center":
         raise ValueError("--method gradient --protocol population supports --objective dice and --init center")
     sa_names, g_cols, class_names, regularizer = names
@@ -660,8 +647,6 @@ def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, k
 def _load_sa_for(args, g_config: Dict, dataset) -> Tuple:
     """The SA run ``--sa-run`` of the global run's regularizer, trained on the same data and classes and
     compatible with ``dataset``: ``(model, config)``."""
-    from . import runio
-
     if args.sa_run is None:
         raise ValueError("--method gradient needs --sa-run (the spatially adaptive run folder)")
     sa_model, sa_config = runio.load_run(args.sa_run, expect_regularizer=g_config["model"]["regularizer"],
@@ -691,9 +676,6 @@ def _write_identification(dest: str, choice, trace_rows: List[Dict], meta: Dict,
     """identified_parameters.csv, the objective trace, identification.json and (``figure``) Fig. 2 into ``dest``."""
     import pandas as pd
 
-    from datasets.atomic import atomic_write
-    from . import artifacts as art
-
     atomic_write(os.path.join(dest, art.IDENTIFIED_PARAMETERS), choice)
     atomic_write(os.path.join(dest, art.OBJECTIVE_TRACE), pd.DataFrame(trace_rows))
     atomic_write(os.path.join(dest, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
@@ -716,10 +698,6 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], de
     (:func:`.provenance.check_runs`, ``--force``). Returns the output folder.
     """
     import pandas as pd
-
-    from . import artifacts as art
-    from .provenance import check_runs, weights_sha256
-    from .registration import auto_batch_size
 
     sa_model, sa_config = _load_sa_for(args, g_config, dataset)
     regularizer = g_config["model"]["regularizer"]
