@@ -56,6 +56,7 @@ __all__ = [
     "warp_keypoints",
     "dice_per_class",
     "mean_dice",
+    "nanmean",
     "hd95_per_class",
     "image_diagonal_mm",
     "tre",
@@ -160,8 +161,9 @@ def _check_keypoints(kp, ndim: int, name: str) -> np.ndarray:
     return kp
 
 
-def _nanmean(values: np.ndarray) -> float:
-    """nanmean that returns NaN (without a RuntimeWarning) when everything is NaN."""
+def nanmean(values) -> float:
+    """Mean over the non-NaN entries as a float; NaN (without a RuntimeWarning) when everything is
+    NaN or nothing is given (the mean over classes of :func:`registration_metrics`)."""
     values = np.asarray(values, dtype=np.float64)
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else float("nan")
@@ -283,7 +285,7 @@ def dice_per_class(seg_a: np.ndarray, seg_b: np.ndarray, num_classes: int) -> np
 
 def mean_dice(seg_a: np.ndarray, seg_b: np.ndarray, num_classes: int) -> float:
     """NaN-mean over classes 1..C of :func:`dice_per_class` (NaN if every class is NaN)."""
-    return _nanmean(dice_per_class(seg_a, seg_b, num_classes))
+    return nanmean(dice_per_class(seg_a, seg_b, num_classes))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -557,9 +559,9 @@ def registration_metrics(
         tre_mean = float("nan")
     return {
         "dice": dice,
-        "mean_dice": _nanmean(dice),
+        "mean_dice": nanmean(dice),
         "hd95": hd95,
-        "mean_hd95": _nanmean(hd95),
+        "mean_hd95": nanmean(hd95),
         "tre_mean": tre_mean,
         "percent_neg_jac": percent_negative_jacobian(disp),
         "sdlogj": sdlogj(disp, convention=sdlogj_convention),

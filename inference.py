@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--refine", type=runio.arg_int(0), default=0, metavar="N",
                    help="instance optimization: refine the -g and -sas displacements of every pair for N Adam "
-                        "steps on the training loss (adds the +io rows; 0: off)")
+                        "steps on the training loss (adds the +io rows; 0: off, the default: refinement costs N loss "
+                        "and gradient evaluations per pair; run_pipeline.py passes --refine 100 for Table 1)")
     p.add_argument("--refine-lr", type=runio.arg_float(0.0), default=0.1,
                    help="Adam learning rate of the refinement (voxels)")
     p.add_argument("--population-maps", choices=MAP_SOURCES, default="warped-moving",
@@ -164,7 +165,7 @@ def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], glo
     """Load and cross-check one regularizer's SA model(s), global model and identifications."""
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.params import check_same_weighting
+    from hypermorph_spatially_adaptive.configs import check_same_weighting
 
     sas = _load_sa_runs(reg, sa_runs)
     sa_cfg = sas[0]["cfg"]
@@ -434,10 +435,12 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
     import numpy as np
 
     from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import evaluation, runio
+    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive.configs import RefineConfig
     from hypermorph_spatially_adaptive.models import needs_segmentation
-    from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+    from hypermorph_spatially_adaptive.refinement import Refiner
     from hypermorph_spatially_adaptive.registration import warped_moving_segmentation
+    from hypermorph_spatially_adaptive.tf_ops import warp_linear
 
     short = evaluation.SHORT[g["reg"]]
     g_cols = art.global_columns(g["reg"])
@@ -445,7 +448,8 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
     models = {"g": (g["g_model"], g["g_cfg"], "", g["global_run"])}
     models.update({f"sa{i}": (sa["model"], sa["cfg"], sa["tag"], sa["run"]) for i, sa in enumerate(g["sas"])})
     registrars = _traced_registrars(models, moving, fixed, fixed_seg)
-    refiners = ({key: Refiner.from_config(cfg, **runio.refine_kwargs(args)) for key, (_, cfg, _, _) in models.items()}
+    options = RefineConfig.from_args(args)
+    refiners = ({key: Refiner.from_config(cfg, options=options) for key, (_, cfg, _, _) in models.items()}
                 if args.refine else {})
     g_done = set()  # (protocol, suffix) whose -g row exists: gradient folders of two SA runs both hold one
     for src in g["sources"]:
@@ -475,7 +479,7 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
             for label, u0, spent in starts:
                 t1 = time.time()
                 u, before, after = refiners[key](moving, fixed, u0, hyp, seg, args.refine, args.refine_lr)
-                rec.record(f"{short}-{variant}{label}{tag}", src.protocol, linear_warp(moving, u).numpy(), u, hyp,
+                rec.record(f"{short}-{variant}{label}{tag}", src.protocol, warp_linear(moving, u).numpy(), u, hyp,
                            cols, spent + time.time() - t1, maps=MAP_LABELS[source] if key != "g" else "")
                 print(f"[inference]   refinement{label.replace('+io', '')} loss {before.mean():.4f} -> "
                       f"{after.mean():.4f}", flush=True)
@@ -533,7 +537,7 @@ def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional
                     n: int, provenance: Dict, file_names: Dict[str, str]) -> Dict:
     """The content of ``inference.json``: runs and identifications used (absolute paths), dataset,
     split, options, provenance, the pair ids whose file names differ and the command."""
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive.configs import RefineConfig
 
     return {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sas"][0]["run"]),
                                   "sa_runs": {sa["tag"].strip(" ()") or "hypernetwork": os.path.abspath(sa["run"])
@@ -542,7 +546,7 @@ def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional
                                   "identification": [os.path.abspath(s.csv) for s in g["sources"]]}
                        for g in groups},
             "dataset": groups[0]["sa_cfg"]["data"], "split": split, "n_pairs": n, "refine_steps": args.refine,
-            "refine_lr": args.refine_lr, "refine_options": runio.refine_kwargs(args),
+            "refine_lr": args.refine_lr, "refine_options": RefineConfig.from_args(args).to_dict(),
             "bootstrap": args.bootstrap, "seed": args.seed, "provenance": provenance, "force": bool(args.force),
             "file_names": {p: f for p, f in file_names.items() if p != f},
             **({"profile": args.resolved_profile} if getattr(args, "resolved_profile", "paper") != "paper" else {}),

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-lr", type=arg_float(0.0), default=0.05, help="--identify gradient: Adam learning rate")
     g = p.add_argument_group("refinement")
     g.add_argument("--refine", type=arg_int(0), default=0, metavar="N",
-                   help="instance optimization: N Adam steps on the training loss from the network's field (0: off)")
+                   help="instance optimization: N Adam steps on the training loss from the network's field (0: off, "
+                        "the default: opt-in, N more loss and gradient evaluations; the README example uses 100)")
     g.add_argument("--refine-lr", type=arg_float(0.0), default=0.1, help="Adam learning rate of the refinement (voxels)")
     add_refine_args(g)
     g = p.add_argument_group("outputs (at least one)")
@@ -88,13 +89,13 @@ def main(argv: Optional[Sequence[str]] = None):
                        {"--out-warped": nifti, "--out-warped-seg": nifti, "--out-disp": nifti,
                         "--out-itk-warp": nifti, "--out-json": (".json",)})
     from hypermorph_spatially_adaptive.pair_registration import PairRegistrar, save_result
-    from hypermorph_spatially_adaptive.runio import refine_kwargs
+    from hypermorph_spatially_adaptive.configs import RefineConfig
 
     registrar = PairRegistrar(args.run, args.global_run, args.orientation, load=False)
     result = registrar(args.fixed, args.moving, args.params, args.fixed_seg, args.moving_seg, args.refine,
                        refine_lr=args.refine_lr, ident=args.ident, ident_pair=args.ident_pair,
                        identify=args.identify, grid_steps=args.grid_steps, gradient_steps=args.gradient_steps,
-                       gradient_lr=args.gradient_lr, refine_options=refine_kwargs(args))
+                       gradient_lr=args.gradient_lr, refine_options=RefineConfig.from_args(args))
     written = save_result(result, args.out_warped, args.out_disp, args.out_itk_warp, args.out_warped_seg)
     summary = {"params": result.params(), "model_grid_spacing": [round(s, 4) for s in result.grid.spacing],
                "seconds": {k: round(v, 4) for k, v in result.seconds.items()}}

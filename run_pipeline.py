@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-steps", type=arg_int(2), default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=arg_int(0), default=0, help="training seed (all four models)")
     g.add_argument("--refine", type=arg_int(0), default=100,
-                   help="instance optimization steps per test pair after the networks (the +io rows; 0: off)")
+                   help="instance optimization steps per test pair after the networks (the +io rows; 0: off). "
+                        "Default 100 here because Table 1 reports the +io rows; inference.py and register.py default "
+                        "to 0 (opt-in: N more loss and gradient evaluations per pair)")
     add_refine_args(g)
     g.add_argument("--gradient-steps", type=arg_int(0), default=50,
                    help="gradient identification (oracle protocol, every parameter started at 0.5): Adam steps per "
@@ -91,22 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-args", default="", type=arg_argv,
                    help="extra options passed to every training script, e.g. \"--ncc-win 7 --oversample-endpoints 0.2\"")
     return p
-
-
-def _run_state(run_dir: str, argv: List[str]) -> str:
-    """State of a training run folder for the training command ``argv``: ``"none"`` (no run),
-    ``"finished"`` / ``"unfinished"`` (a run whose latest command, ``--resume``/``--overwrite``
-    aside, equals ``argv``) or ``"changed"`` (a run made with another command)."""
-    from hypermorph_spatially_adaptive import artifacts as art
-
-    if not os.path.isfile(os.path.join(run_dir, art.CONFIG)):
-        return "none"
-    cfg = art.read_config(run_dir)
-    command = (cfg.get("resumed") or [cfg])[-1].get("command", [None])
-    if [a for a in command[1:] if a not in ("--resume", "--overwrite")] != argv:
-        return "changed"
-    done = bool(cfg.get("finished")) and os.path.isfile(os.path.join(run_dir, art.WEIGHTS))
-    return "finished" if done else "unfinished"
 
 
 def _check_inputs(args, preset_argv: dict) -> None:
@@ -160,11 +146,13 @@ def _refuse_shorter(args, run_dir: str) -> None:
 def _training_plan(args, preset_argv: dict, runs: dict) -> list:
     """What stage 1 does with every model: ``(name, preset, argv or None, message)``; ``argv`` is
     the training command (``--overwrite``/``--resume`` added as needed), None for a reused run."""
+    from hypermorph_spatially_adaptive import artifacts as art
+
     plan = []
     n = len(preset_argv)
     for k, (name, argv_p) in enumerate(preset_argv.items(), 1):
         preset = name.replace("_csain", "")  # the CSAIN runs are the SA presets with --conditioning csain
-        state = _run_state(runs[name], argv_p)
+        state = art.run_state(runs[name], argv_p)
         if state != "none" and args.force:
             plan.append((name, preset, argv_p + ["--overwrite"],
                          f"-- [{k}/{n}] {name}: --force: the run in {runs[name]} is replaced (--overwrite)"))
@@ -368,12 +356,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
-    from hypermorph_spatially_adaptive.runio import refine_argv
+    from hypermorph_spatially_adaptive.configs import RefineConfig
 
     sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
     with timer.stage("inference: register, refine, Table 1, figures"):
         inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine),
-                        *refine_argv(args), *(["--zero-io"] if args.zero_io else []), *_profile_argv(args),
+                        *RefineConfig.from_args(args).argv(), *(["--zero-io"] if args.zero_io else []),
+                        *_profile_argv(args),
                         "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
                         "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
     # in --out, not in results/: inference's folder holds only what inference wrote (its completion marker)

@@ -13,7 +13,7 @@ child process (this script re-invoked with ``--single``) so that peak memory is 
 - ``forward``: the elastic SA model's forward pass (inference, batch 1);
 - ``refine_step``: one Adam step of the elastic SA refinement
   (:class:`~hypermorph_spatially_adaptive.refinement.Refiner` with the pipeline's defaults
-  ``runio.REFINE_DEFAULTS``), timed as ``(t(1 + n steps) - t(1 step)) / n``, n = 20, after a traced call.
+  ``configs.RefineConfig()``), timed as ``(t(1 + n steps) - t(1 step)) / n``, n = 20, after a traced call.
 
 Seconds: median over ``--repeats`` calls after ``--warmup`` untimed ones (the first traces).
 Memory: the child's peak resident set (``VmHWM``, i.e. ``ru_maxrss``) and its growth over the
@@ -126,6 +126,7 @@ def _model(job: Dict, preset: str):
 def _train_call(job: Dict, data):
     import tensorflow as tf
 
+    from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
 
     moving, fixed, seg, hyp = data
@@ -134,7 +135,8 @@ def _train_call(job: Dict, data):
     with strategy.scope():
         optimizer = make_optimizer(model, 1e-4)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    step = make_train_step(model, optimizer, strategy, step_var, mc.spec, [1.0] * 3, int(job["ncc_win"]), False, 1)
+    loss = LossConfig(ncc_win=int(job["ncc_win"]), spacing=(1.0,) * 3)
+    step = make_train_step(model, optimizer, strategy, step_var, mc.spec, loss, 1)
     batch = {"moving": tf.constant(moving), "fixed": tf.constant(fixed), "fixed_seg": tf.constant(seg),
              "hyp": tf.constant(hyp[:, :mc.spec.num_params])}
     return lambda: {k: float(v) for k, v in step(batch).items()}
@@ -164,12 +166,13 @@ def _forward_call(job: Dict, data):
 
 
 def _refine_calls(job: Dict, data):
+    from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
     from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.refinement import Refiner
-    from hypermorph_spatially_adaptive.runio import REFINE_DEFAULTS
 
     moving, fixed, seg, hyp = data
-    r = Refiner(ParamSpec("elastic", True, NUM_CLASSES), [1.0] * 3, int(job["ncc_win"]), **REFINE_DEFAULTS)
+    loss = LossConfig(ncc_win=int(job["ncc_win"]), spacing=(1.0,) * 3)
+    r = Refiner(ParamSpec("elastic", True, NUM_CLASSES), loss, RefineConfig())
     u0 = np.zeros((*moving.shape[:-1], 3), np.float32)
     return lambda steps: r(moving, fixed, u0, hyp, seg, steps=steps, lr=0.1)
 

@@ -96,6 +96,9 @@ def expressible(w: np.ndarray, kind: str, K: float, decades: Optional[float]) ->
 def register_all(pairs, settings: np.ndarray, args, C: int, spacing) -> np.ndarray:
     """Displacements ``[len(pairs), len(settings[0]), *shape, D]``: pair i with its settings
     ``settings[i] [S, 2 (C + 1)]`` (weights per unit similarity), coarse to fine from zero."""
+    from dataclasses import replace
+
+    from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
     from hypermorph_spatially_adaptive.params import HypMapping, ParamSpec
     from hypermorph_spatially_adaptive.refinement import Refiner
 
@@ -109,7 +112,8 @@ def register_all(pairs, settings: np.ndarray, args, C: int, spacing) -> np.ndarr
     seg = rep([p.fixed_seg for p in pairs])
     u = np.zeros(moving.shape[:-1] + (moving.ndim - 2,), np.float32)
     for grid, steps in zip(args.levels, args.level_steps):
-        refiner = Refiner(spec, spacing, args.ncc_win, 1.0, mapping, grid=grid)
+        loss = LossConfig(ncc_win=args.ncc_win, spacing=spacing, hyp_mapping=mapping)
+        refiner = Refiner(spec, loss, replace(RefineConfig.original(), grid=grid))
         u, _, _ = refiner(moving, fixed, u, hyp, seg, steps=steps, lr=args.lr)
     return u.reshape((len(pairs), S) + u.shape[1:])
 

@@ -41,7 +41,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 WARM_STEPS = 20  # --warm: untimed steps that trace every level of a row
 MODES = {"demo": {}, "stress": {"motion": "stress"}, "inter-subject": {"pairing": "inter-subject"}}
 #: the rows of docs/experiments.md "Refinement options": the original refinement, each option alone, and the chosen default
-#: (``grid2+smooth3+fold100+logj1`` = ``runio.REFINE_DEFAULTS``)
+#: (``grid2+smooth3+fold100+logj1``: the penalties, smoothing and grid of ``configs.RefineConfig()`` at one
+#: full-resolution level; a row adds its options to ``RefineConfig.original()``)
 DEFAULT_ROWS = ["net", "net+io", "net+io+fold100", "net+io+smooth3", "net+io+grid2", "net+io+grid4", "net+io+svf",
                 "net+io+svf+smooth3", "net+io+fold100+logj1", "net+io+grid2+smooth3+fold100+logj1", "zero+io",
                 "zero+io+grid2+smooth3+fold100+logj1"]
@@ -140,6 +141,7 @@ def _load_mode(mode: str, args) -> Tuple[object, List]:
 def _model(args):
     """``(registrar or None, ParamSpec, run config or None, ncc window)``."""
     from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.registration import Registrar
 
@@ -149,7 +151,7 @@ def _model(args):
     reg = Registrar(model)
     if list(reg.image_shape) != list(args.image_size):
         raise ValueError(f"{args.run} was trained on {reg.image_shape} images, not --image-size {args.image_size}")
-    return reg, ParamSpec.from_model_config(cfg["model"]), cfg, cfg.get("loss", {}).get("ncc_win", 9)
+    return reg, ParamSpec.from_model_config(cfg["model"]), cfg, LossConfig.from_run_config(cfg).ncc_win
 
 
 def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None) -> List[Dict]:
@@ -157,9 +159,12 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
     the first pair and its displacement of every ``--panel-rows`` row are stored in it. The
     refinement uses the run's loss (``Refiner.from_config``: spacing, NCC window, energy scale)
     or, without ``cfg``, the elastic global loss with window ``win``."""
+    from dataclasses import replace
+
     import numpy as np
 
     from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
     from hypermorph_spatially_adaptive.refinement import Refiner
 
     ds, pairs = _load_mode(mode, args)
@@ -186,7 +191,9 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
         cpu = seconds  # the network's start: its wall clock (refinement rows add their CPU time)
         if refine:
             steps, lr = opts.pop("steps", args.steps), opts.pop("lr", args.lr)
-            refiner = Refiner.from_config(cfg, **opts) if cfg is not None else Refiner(spec, None, win, **opts)
+            options = replace(RefineConfig.original(), **opts)  # a row names what it adds to the original
+            refiner = (Refiner.from_config(cfg, options=options) if cfg is not None
+                       else Refiner(spec, LossConfig(ncc_win=win), options))
             if args.warm:  # trace every level's compiled step outside the timing (20 steps reach each level)
                 refiner(moving, fixed, u, hyp, seg, WARM_STEPS, lr)
             t0, c0 = time.time(), time.process_time()
@@ -241,13 +248,13 @@ def draw_panel(panel: Dict, path: str, order: Sequence[str]) -> str:
     """Fig. 3 panel of the stored pair: one row per stored displacement, in ``order``."""
     import eval_metrics
     from hypermorph_spatially_adaptive import figures
-    from hypermorph_spatially_adaptive.refinement import linear_warp
+    from hypermorph_spatially_adaptive.tf_ops import warp_linear
 
     pair = panel["pair"]
     results = {}
     for name in [n for n in order if n in panel["disp"]]:
         u = panel["disp"][name]
-        warped = linear_warp(pair.moving[None], u[None]).numpy()[0, ..., 0]
+        warped = warp_linear(pair.moving[None], u[None]).numpy()[0, ..., 0]
         seg = eval_metrics.warp_labels(pair.moving_seg, u)
         results[name] = {"warped": warped, "disp": u, "warped_seg": seg,
                          "dice": eval_metrics.mean_dice(pair.fixed_seg, seg, 3),

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hypermorph_spatially_adaptive  # noqa: E402,F401
+from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
 
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 
@@ -164,7 +165,7 @@ def interior_fraction(ident_dir: str) -> Optional[float]:
     choice for the -g row) all lie strictly inside (0, 1), or None."""
     import pandas as pd
 
-    path = os.path.join(ident_dir, "identified_parameters.csv")
+    path = os.path.join(ident_dir, art.IDENTIFIED_PARAMETERS)
     if not os.path.isfile(path):
         return None
     df = pd.read_csv(path)
@@ -179,7 +180,7 @@ def grid_spread(ident_dir: str) -> Optional[float]:
     """Mean over pairs of (max - min) mean Dice over the grid points, or None without a grid."""
     import pandas as pd
 
-    path = os.path.join(ident_dir, "grid_dice.csv")
+    path = os.path.join(ident_dir, art.GRID_DICE)
     if not os.path.isfile(path):
         return None
     g = pd.read_csv(path).groupby("pair_id")["mean_dice"]
@@ -212,10 +213,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"{run}: {line}", flush=True)
     if args.pipeline:
         for reg in ("elastic", "diffusion"):
-            s = grid_spread(os.path.join(args.pipeline, "identification", reg))
+            s = grid_spread(os.path.join(args.pipeline, art.IDENTIFICATION_DIRS["oracle"], reg))
             if s is not None:
                 print(f"{reg} grid search: mean over pairs of (max - min) mean Dice over the grid = {s:.4f}")
-            for protocol in ("identification", "identification_population"):
+            for protocol in (art.IDENTIFICATION_DIRS["oracle"], art.IDENTIFICATION_DIRS["population"]):
                 f = interior_fraction(os.path.join(args.pipeline, protocol, reg))
                 if f is not None:
                     print(f"{reg} {protocol}: fraction of pairs whose -g parameters lie inside the box: {f:.2f}")

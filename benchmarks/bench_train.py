@@ -227,6 +227,7 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
 def _build_ours(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
     """Our model ``name`` with the trainer's optimizer and compiled step (same computation as
     trainer.run's per_replica / train_step); the :func:`_build` contract."""
+    from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.models import ModelConfig, build_model
     from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
 
@@ -244,10 +245,8 @@ def _build_ours(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     hyp = tf.constant(data["hyp_all"][:, :spec.num_params])
     batch = {"moving": data["moving"], "fixed": data["fixed"], "fixed_seg": data["fixed_seg"], "hyp": hyp}
-    use_svf = False  # trainer default --reg-field disp
-
-    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, win, use_svf,
-                                 bsz)  # the trainer's own compiled step
+    loss = LossConfig(ncc_win=win, spacing=spacing)  # trainer default --reg-field disp
+    train_step = make_train_step(model, optimizer, strategy, step_var, spec, loss, bsz)  # the trainer's own step
 
     def step():
         out = train_step(batch)
@@ -260,6 +259,7 @@ def _build_ours(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
 def _ours_passes(tf, model, spec, spacing: list, win: int, bsz: int) -> tuple:
     """Compiled ``(forward, forward + loss, forward + loss + gradient)`` of our model on a
     batch dict (moving, fixed, hyp, fixed_seg), the loss as in the trainer (sum / batch)."""
+    from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.losses import loss_terms
     from hypermorph_spatially_adaptive.models import call_model
 
@@ -273,7 +273,8 @@ def _ours_passes(tf, model, spec, spacing: list, win: int, bsz: int) -> tuple:
     def fwd_loss(batch):
         warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
                                        training=True)
-        terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"], spacing, win)
+        terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"],
+                           LossConfig(ncc_win=win, spacing=spacing))
         return tf.reduce_sum(terms["loss"]) / bsz
 
     @tf.function
@@ -282,7 +283,7 @@ def _ours_passes(tf, model, spec, spacing: list, win: int, bsz: int) -> tuple:
             warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
                                            training=True)
             terms = loss_terms(spec, batch["fixed"], warped, disp, batch["hyp"], batch["fixed_seg"],
-                               spacing, win)
+                               LossConfig(ncc_win=win, spacing=spacing))
             loss = tf.reduce_sum(terms["loss"]) / bsz
         grads = tape.gradient(loss, model.trainable_variables)
         with tf.control_dependencies(grads):
@@ -297,6 +298,7 @@ def _ours_pieces(tf, vxm, model, spec, batch: Dict, step, job: Dict) -> Dict:
     on the warped image and field of one forward pass. Values: a callable, or
     ``(compiled fn, args)``."""
     from hypermorph_spatially_adaptive import losses as hm_losses
+    from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.losses import loss_terms
     from hypermorph_spatially_adaptive.params import regularization_parameters
     import regularizers
@@ -321,7 +323,8 @@ def _ours_pieces(tf, vxm, model, spec, batch: Dict, step, job: Dict) -> Dict:
         "forward+loss+grad": lambda: float(fwd_loss_grad(batch)),
         "step": step,
         "loss_terms fwd+bwd": (_value_and_grad_fn(
-            tf, lambda w, d, f, h, s: loss_terms(spec, f, w, d, h, s, spacing, win)["loss"], 2),
+            tf, lambda w, d, f, h, s: loss_terms(spec, f, w, d, h, s, LossConfig(ncc_win=win, spacing=spacing))["loss"],
+            2),
             (warped0, disp0, fixed, hyp, fixed_seg)),
         "ncc ours fwd+bwd": (_value_and_grad_fn(
             tf, lambda w, f: hm_losses.ncc_map(f, w, win), 1), (warped0, fixed)),

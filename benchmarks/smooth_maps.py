@@ -28,7 +28,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402  (no TensorFlow)
 
 #: SA rows compared with their unsmoothed twins (those present in both tables are used)
 SA_METHODS = ("elas-sas", "diff-sas", "elas-sas@g", "diff-sas@g", "elas-sas+io", "diff-sas+io",
@@ -59,7 +62,7 @@ def _sa_runs(unit: str, csain: bool) -> Dict[str, str]:
     """The unit's SA run folders to retrain: ``{name: run_dir}``."""
     names = ["elastic_sa", "diffusion_sa"] + (["elastic_sa_csain", "diffusion_sa_csain"] if csain else [])
     runs = {n: os.path.join(unit, "runs", n) for n in names}
-    missing = [d for d in runs.values() if not os.path.isfile(os.path.join(d, "config.json"))]
+    missing = [d for d in runs.values() if not os.path.isfile(os.path.join(d, art.CONFIG))]
     if missing:
         raise FileNotFoundError(f"no trained run in {missing[0]} (run benchmarks/study.py first)")
     return runs
@@ -67,8 +70,7 @@ def _sa_runs(unit: str, csain: bool) -> Dict[str, str]:
 
 def _train_smoothed(unit: str, runs: Dict[str, str], sigma: float) -> Dict[str, str]:
     """Retrain each SA run with its own command plus ``--smooth-maps sigma``; returns the new run folders."""
-    from hypermorph_spatially_adaptive import artifacts as art, trainer
-    from run_pipeline import _run_state
+    from hypermorph_spatially_adaptive import trainer
 
     out = {}
     for k, (name, run_dir) in enumerate(runs.items(), 1):
@@ -78,7 +80,7 @@ def _train_smoothed(unit: str, runs: Dict[str, str], sigma: float) -> Dict[str, 
         argv[argv.index("--out") + 1] = new_dir
         argv += ["--smooth-maps", f"{sigma:g}"]
         out[name] = new_dir
-        state = _run_state(new_dir, argv)  # the pipeline's reuse rule: same command and finished
+        state = art.run_state(new_dir, argv)  # the pipeline's reuse rule: same command and finished
         if state == "finished":
             print(f"[smooth] [{k}/{len(runs)}] {new_dir}: finished, reused", flush=True)
             continue
@@ -91,9 +93,7 @@ def _replay_inference(unit: str, new_runs: Dict[str, str], sigma: float) -> str:
     """The unit's own inference command with the smoothed SA runs in place of the unit's (SA runs
     not retrained are left out) and without the gradient identifications (made on the unsmoothed
     networks); returns the per-pair metrics CSV."""
-    import inference
-
-    with open(os.path.join(unit, "results", "inference.json")) as f:
+    with open(os.path.join(unit, "results", art.INFERENCE_META)) as f:
         recorded = json.load(f)["command"][1:]
     results = os.path.join(unit, _tag(sigma), "results")
     argv, i = [], 0
@@ -109,7 +109,7 @@ def _replay_inference(unit: str, new_runs: Dict[str, str], sigma: float) -> str:
                 # only the retrained SA models (an unsmoothed one would be compared with itself)
                 values = [new_runs[n] for n in (os.path.basename(v.rstrip("/")) for v in values) if n in new_runs]
             else:
-                values = [v for v in values if "identification_gradient" not in v]
+                values = [v for v in values if art.IDENTIFICATION_DIRS["gradient"] not in v]
             argv += [a, *values]
             i = j
             continue
@@ -125,13 +125,23 @@ def _replay_inference(unit: str, new_runs: Dict[str, str], sigma: float) -> str:
         i += 1
     argv = [a for a in argv if a != "--zero-io"]
     print(f"[smooth] inference -> {results}", flush=True)
-    inference.main(argv)
+    _run_inference(argv)
     return _results_csv(unit, sigma)
+
+
+def _run_inference(argv: Sequence[str]) -> None:
+    """``inference.py argv`` as a child process (a benchmark imports no script); its output is
+    passed through."""
+    from hypermorph_spatially_adaptive.jobs import run_child
+
+    rc = run_child([sys.executable, os.path.join(ROOT, "inference.py"), *argv], cwd=ROOT)
+    if rc != 0:
+        raise RuntimeError(f"inference.py failed (exit {rc}); its output is above")
 
 
 def _results_csv(unit: str, sigma: float) -> str:
     """The smoothed models' per-pair metrics of a unit."""
-    return os.path.join(unit, _tag(sigma), "results", "per_pair_metrics.csv")
+    return os.path.join(unit, _tag(sigma), "results", art.PER_PAIR_METRICS)
 
 
 def _reusable(csv: str, csain: bool) -> bool:
@@ -154,7 +164,7 @@ def compare_units(pairs: Sequence[tuple], sigma: float, n_boot: int):
     frames = []
     for seed, base_csv, smooth_csv in pairs:
         for tag, path in (("0", base_csv), (f"{sigma:g}", smooth_csv)):
-            df = pd.read_csv(path, dtype={"pair_id": str})
+            df = pd.read_csv(path, dtype={art.PAIR_ID: str})
             df = df[df["method"].isin(SA_METHODS)]
             frames.append(df.assign(method=df["method"] + f" [sigma {tag}]", seed=seed))
     both = pd.concat(frames, ignore_index=True)
@@ -198,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         else:
             new_runs = _train_smoothed(unit, _sa_runs(unit, args.csain), args.sigma)
             smooth_csv = _replay_inference(unit, new_runs, args.sigma)
-        units.append((seed, os.path.join(unit, "results", "per_pair_metrics.csv"), smooth_csv))
+        units.append((seed, os.path.join(unit, "results", art.PER_PAIR_METRICS), smooth_csv))
         print(f"[smooth] unit {k}/{len(args.seeds)} done ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
     comp = compare_units(units, args.sigma, args.bootstrap)
     stem = os.path.join(args.study, f"smooth_maps_{args.setting}_{_tag(args.sigma)}")

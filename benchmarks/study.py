@@ -47,6 +47,8 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402  (stage file names; no TensorFlow)
+
 #: run_pipeline.py options per regularization setting. "calibrated" (docs/extensions.md 'Calibrated energy'): the
 #: log mapping over 2 decades centred where benchmarks/calibrate_energy.py puts the optimal amplitude
 #: of the true field at ~0.85 (elastic K 10, diffusion K 3), no endpoint oversampling (0.2 doubled the
@@ -121,7 +123,7 @@ def _pipeline_argv(args, setting: str, seed: int, out: str) -> List[str]:
 def _run_unit(args, setting: str, seed: int) -> Dict:
     """One (setting, seed): run_pipeline.py in a subprocess (its own TensorFlow state), then DONE.json."""
     from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive.folders import last_error_line, run_child
+    from hypermorph_spatially_adaptive.jobs import last_error_line, run_child
 
     out = os.path.join(args.out, setting, f"seed{seed}")
     done = os.path.join(out, "DONE.json")
@@ -148,12 +150,12 @@ def _run_unit(args, setting: str, seed: int) -> Dict:
 def _identify_epe(args, unit_dir: str) -> str:
     """Gradient identification with the EPE-oracle objective on the elastic SA model of a unit
     (the synthetic truth; for the stiffness-recovery check), or the existing folder."""
-    out = os.path.join(unit_dir, "identification_gradient_epe", "elastic")
-    if os.path.isfile(os.path.join(out, "identified_parameters.csv")) and not args.refresh:
+    out = os.path.join(unit_dir, art.IDENTIFICATION_DIRS["gradient"] + "_epe", "elastic")
+    if os.path.isfile(os.path.join(out, art.IDENTIFIED_PARAMETERS)) and not args.refresh:
         return out
     runs = os.path.join(unit_dir, "runs")
     steps = "3" if args.quick else "50"
-    from hypermorph_spatially_adaptive.folders import run_child
+    from hypermorph_spatially_adaptive.jobs import run_child
 
     rc = run_child([sys.executable, "parameter_identification.py", "--run", os.path.join(runs, "elastic_global"),
                     "--sa-run", os.path.join(runs, "elastic_sa"), "--method", "gradient", "--objective", "epe",
@@ -172,8 +174,9 @@ def stiffness_recovery(unit_dir: str, class_names: Sequence[str], true_lame: Dic
     from scipy.stats import spearmanr
 
     rows = []
-    for objective, sub in (("dice", "identification_gradient"), ("epe", "identification_gradient_epe")):
-        path = os.path.join(unit_dir, sub, "elastic", "identified_parameters.csv")
+    gradient = art.IDENTIFICATION_DIRS["gradient"]
+    for objective, sub in (("dice", gradient), ("epe", gradient + "_epe")):
+        path = os.path.join(unit_dir, sub, "elastic", art.IDENTIFIED_PARAMETERS)
         if not os.path.isfile(path):
             continue
         df = pd.read_csv(path, dtype={"pair_id": str})
@@ -197,12 +200,12 @@ def grid_response(unit_dir: str):
 
     rows = []
     for reg, cols in (("elastic", ["g_lambda", "g_mu"]), ("diffusion", ["g_lambda"])):
-        folder = os.path.join(unit_dir, "identification", reg)
-        if not os.path.isfile(os.path.join(folder, "grid_dice.csv")):
+        folder = os.path.join(unit_dir, art.IDENTIFICATION_DIRS["oracle"], reg)
+        if not os.path.isfile(os.path.join(folder, art.GRID_DICE)):
             continue
-        grid = pd.read_csv(os.path.join(folder, "grid_dice.csv"), dtype={"pair_id": str})
+        grid = pd.read_csv(os.path.join(folder, art.GRID_DICE), dtype={"pair_id": str})
         spread = grid.groupby("pair_id")["mean_dice"].agg(lambda x: x.max() - x.min())
-        choice = pd.read_csv(os.path.join(folder, "identified_parameters.csv"), dtype={"pair_id": str})
+        choice = pd.read_csv(os.path.join(folder, art.IDENTIFIED_PARAMETERS), dtype={"pair_id": str})
         inside = ((choice[cols] > 0) & (choice[cols] < 1)).all(axis=1)
         rows.append({"regularizer": reg, "grid_spread_mean": float(spread.mean()),
                      "grid_spread_median": float(spread.median()), "interior_fraction": float(inside.mean()),
@@ -245,7 +248,7 @@ def _run_syn(args) -> Optional[str]:
         print("[study] antspyx not installed (make bench-setup): no SyN rows", flush=True)
         return None
     out = os.path.join(args.out, "ants_syn")
-    table = os.path.join(out, "per_pair_metrics.csv")
+    table = os.path.join(out, art.PER_PAIR_METRICS)
     if os.path.isfile(table) and PEER_ROWS[0] in set(_methods_of(table)):
         return table
     data = (["--image-size", "32", "32", "--num-pairs", "24"] if args.quick
@@ -267,7 +270,7 @@ def collect(args, units: Sequence[Dict], syn_table: Optional[str]):
     frames = []
     syn = pd.read_csv(syn_table, dtype={"pair_id": str}) if syn_table else None
     for u in units:
-        res = os.path.join(args.out, u["setting"], f"seed{u['seed']}", "results", "per_pair_metrics.csv")
+        res = os.path.join(args.out, u["setting"], f"seed{u['seed']}", "results", art.PER_PAIR_METRICS)
         df = pd.read_csv(res, dtype={"pair_id": str})
         if syn is not None:
             s = syn[syn["method"].isin(PEER_ROWS)].copy()

@@ -31,12 +31,13 @@ from typing import Iterator, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.atomic import atomic_write  # noqa: E402
+from hypermorph_spatially_adaptive.artifacts import CONFIG, OBJECTIVE_TRACE  # noqa: E402  (no TensorFlow)
 
 #: file types kept from a unit
 KEPT_SUFFIXES = (".csv", ".json", ".md")
 #: files of those types left out: per-step traces of the gradient identification (~20 % of a unit's
 #: record; nothing of the study reads them)
-LEFT_OUT = ("objective_trace.csv",)
+LEFT_OUT = (OBJECTIVE_TRACE,)
 
 
 def _kept(rel: str) -> bool:
@@ -47,7 +48,7 @@ def _kept(rel: str) -> bool:
     if "runs" in parts[:-1]:
         # inside runs/<name>/...: only the run's own config.json (its training command)
         i = parts.index("runs")
-        return len(parts) == i + 3 and parts[-1] == "config.json"
+        return len(parts) == i + 3 and parts[-1] == CONFIG
     return True
 
 

@@ -78,9 +78,9 @@ from __future__ import annotations
 
 from .acdc import ACDCDataset
 from .atomic import atomic_write
-from .base import (SPLITS, PairNotFoundError, RegistrationDataset, RegistrationPair, _split_sizes,
+from .base import (SPLITS, PairNotFoundError, RegistrationDataset, RegistrationPair, split_sizes,
                    validate_dataset, validate_pair)
-from .cache import _generator_version
+from .cache import generator_version
 from .cli import (DATASET_NAMES, add_dataset_args, dataset_argv, dataset_class, dataset_from_args,
                   dataset_from_config, dataset_options, get_dataset)
 from .folder import FolderDataset

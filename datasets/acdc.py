@@ -35,17 +35,17 @@ import warnings
 
 import numpy as np
 
-from .base import SPLITS, RegistrationDataset, RegistrationPair, _split_sizes
+from .base import SPLITS, RegistrationDataset, RegistrationPair, split_sizes
 from .options import NDIM, SPLIT_SCHEME, TARGET_SPACING, Option
-from .nifti import (_as_3d, _check_same_grid, _find_nifti, _load_image, _load_labels, _read_nifti,
-                    _require_dir, _require_file, _resample_grid, _resample_labels, _scale_offset_matrix,
-                    _translation)
+from .nifti import (as_3d, check_label_grid, find_nifti, load_image, load_labels, read_nifti,
+                    require_dir, require_file, resample_grid, resample_labels, scale_offset_matrix,
+                    translation_matrix)
 from .splits import ACDC_AUTHORS, check_scheme, grouped_cut, missing_files_error
 
 
 def _read_info_cfg(path: str) -> dict:
     """``{"ED": frame, "ES": frame, "Group": text or ""}`` of an ACDC ``Info.cfg``."""
-    _require_file(path, "ACDC Info.cfg")
+    require_file(path, "ACDC Info.cfg")
     info = {}
     with open(path) as fh:
         for line in fh:
@@ -104,7 +104,7 @@ class ACDCDataset(RegistrationDataset):
         if data_dir is None:
             raise ValueError("dataset 'acdc' needs --data-dir (the ACDC release folder with training/ and "
                              "testing/, or a folder holding patientXXX/)")
-        root = _require_dir(os.path.abspath(data_dir), "ACDC data folder")
+        root = require_dir(os.path.abspath(data_dir), "ACDC data folder")
         if ndim is not None and int(ndim) != 2:
             raise ValueError("dataset 'acdc' is 2D only (labelled middle slices); use --ndim 2")
         if image_size is not None:
@@ -158,7 +158,7 @@ class ACDCDataset(RegistrationDataset):
                 groups.setdefault(group, []).append(pid)
             return grouped_cut(groups, self.split_ratios)
         table, start = {}, 0
-        for split, size in zip(SPLITS, _split_sizes(len(ids), self.split_ratios)):
+        for split, size in zip(SPLITS, split_sizes(len(ids), self.split_ratios)):
             table[split] = ids[start:start + size]
             start += size
         return table
@@ -221,8 +221,8 @@ class ACDCDataset(RegistrationDataset):
         out = {}
         for key in ("ED", "ES"):
             stem = f"{pair_id}_frame{self._frames[pair_id][key]:02d}"
-            out[key] = (_find_nifti(folder, stem, f"ACDC {key} image"),
-                        _find_nifti(folder, stem + "_gt", f"ACDC {key} label map"))
+            out[key] = (find_nifti(folder, stem, f"ACDC {key} image"),
+                        find_nifti(folder, stem + "_gt", f"ACDC {key} label map"))
         return out
 
     def _load_pair(self, pair_id: str) -> RegistrationPair:
@@ -231,18 +231,18 @@ class ACDCDataset(RegistrationDataset):
         files = self.frame_files(pair_id)
         raw = {}
         for key, (img_path, gt_path) in files.items():
-            img, affine, zooms = _load_image(img_path, f"ACDC {key} image")
-            img = _as_3d(img, img_path, f"ACDC {key} image")
-            lab = _as_3d(_load_labels(gt_path, 3, f"ACDC {key} label map"), gt_path, "label map")
-            _check_same_grid(img.shape, affine, img_path, lab.shape, _read_nifti(gt_path, "label map")[1], gt_path)
+            img, affine, zooms = load_image(img_path, f"ACDC {key} image")
+            img = as_3d(img, img_path, f"ACDC {key} image")
+            lab = as_3d(load_labels(gt_path, 3, f"ACDC {key} label map"), gt_path, "label map")
+            check_label_grid(img.shape, affine, img_path, lab.shape, read_nifti(gt_path, "label map")[1], gt_path)
             raw[key] = (img, lab, affine, zooms, img_path)
         if raw["ED"][0].shape != raw["ES"][0].shape:
             raise ValueError(f"shape mismatch: {raw['ED'][4]} has shape {raw['ED'][0].shape} but "
                              f"{raw['ES'][4]} has shape {raw['ES'][0].shape}")
         ed_img, ed_lab, affine, zooms, _ = raw["ED"]
         t = self.target_spacing
-        out_shape, scale, offset = _resample_grid(ed_img.shape, zooms[:3], t)
-        fixed_rs = _resample_labels(ed_lab, out_shape, scale, offset)
+        out_shape, scale, offset = resample_grid(ed_img.shape, zooms[:3], t)
+        fixed_rs = resample_labels(ed_lab, out_shape, scale, offset)
         if np.any(fixed_rs > 0):
             where = np.argwhere(fixed_rs > 0)
             centre = (where.min(axis=0) + where.max(axis=0) + 1) // 2  # bounding-box centre
@@ -271,7 +271,7 @@ class ACDCDataset(RegistrationDataset):
             lb = np.where(keep, lab[np.ix_(idx[0], idx[1])][:, :, iz], 0)
             sl[key] = (np.clip(im, 0.0, 1.0).astype(np.float32), lb.astype(np.int32))
         # preprocessed (a, b, c) -> resampled (a + start_a, b + start_b, z + c) -> raw voxel
-        new_to_raw = _scale_offset_matrix(scale, offset) @ _translation([starts[0], starts[1], z])
+        new_to_raw = scale_offset_matrix(scale, offset) @ translation_matrix([starts[0], starts[1], z])
         return RegistrationPair(
             pair_id=pair_id,
             moving=sl["ES"][0][..., None],

@@ -59,7 +59,7 @@ class PairNotFoundError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def _split_sizes(n: int, ratios) -> list[int]:
+def split_sizes(n: int, ratios) -> list[int]:
     """Split ``n`` items by ``ratios``: exact when ``n == sum(ratios)``, else proportional with
     largest-remainder rounding; every split with a positive ratio gets at least one item when
     there are enough items (taken from the currently largest split)."""
@@ -140,7 +140,7 @@ class RegistrationDataset:
 
     def _split_table(self) -> dict:
         ids = list(self._all_ids())
-        sizes = _split_sizes(len(ids), self.split_ratios)
+        sizes = split_sizes(len(ids), self.split_ratios)
         table, start = {}, 0
         for split, size in zip(SPLITS, sizes):
             table[split] = ids[start:start + size]

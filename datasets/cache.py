@@ -16,7 +16,7 @@ import re
 import numpy as np
 
 
-def _generator_version(module) -> str:
+def generator_version(module) -> str:
     parts = []
     for attr in ("GENERATOR_VERSION", "VERSION", "__version__"):
         value = getattr(module, attr, None)
@@ -31,14 +31,14 @@ def _generator_version(module) -> str:
     return "v" + re.sub(r"[^A-Za-z0-9.-]", "_", version)
 
 
-def _encode(value):
+def encode_value(value):
     """Structure-preserving JSON encoding (dict/tuple/list/ndarray/numpy scalars)."""
     if isinstance(value, dict):
-        return {"d": [[_encode(k), _encode(v)] for k, v in value.items()]}
+        return {"d": [[encode_value(k), encode_value(v)] for k, v in value.items()]}
     if isinstance(value, tuple):
-        return {"t": [_encode(v) for v in value]}
+        return {"t": [encode_value(v) for v in value]}
     if isinstance(value, list):
-        return {"l": [_encode(v) for v in value]}
+        return {"l": [encode_value(v) for v in value]}
     if isinstance(value, np.ndarray):
         return {"a": value.tolist(), "dtype": str(value.dtype)}
     if isinstance(value, np.generic):
@@ -46,18 +46,18 @@ def _encode(value):
     return value
 
 
-def _decode(value):
+def decode_value(value):
     if isinstance(value, dict):
         if "d" in value:
-            return {_decode(k): _decode(v) for k, v in value["d"]}
+            return {decode_value(k): decode_value(v) for k, v in value["d"]}
         if "t" in value:
-            return tuple(_decode(v) for v in value["t"])
+            return tuple(decode_value(v) for v in value["t"])
         if "l" in value:
-            return [_decode(v) for v in value["l"]]
+            return [decode_value(v) for v in value["l"]]
         if "a" in value:
             return np.asarray(value["a"], dtype=value["dtype"])
     return value
 
 
-def _roundtrip(value):
-    return _decode(json.loads(json.dumps(_encode(value))))
+def json_roundtrip(value):
+    return decode_value(json.loads(json.dumps(encode_value(value))))

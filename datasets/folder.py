@@ -35,8 +35,8 @@ import numpy as np
 
 from .base import SPLITS, RegistrationDataset, RegistrationPair, assemble_pair
 from .options import CLASS_NAMES, NDIM, SLICE_AXIS, Option, arg_type, positive_int, split_class_names
-from .nifti import (_as_3d, _check_same_shape, _load_image, _load_keypoints, _load_labels,
-                    _nifti_shape, _points_to_grid, _require_file, _slice_matrix, _warn_outside,
+from .nifti import (as_3d, check_same_shape, load_image, load_keypoints, load_labels,
+                    nifti_shape, points_to_grid, require_file, slice_matrix, warn_outside,
                     minmax_scale)
 
 
@@ -73,7 +73,7 @@ class FolderDataset(RegistrationDataset):
         if pairs_csv is None:
             raise ValueError("dataset 'folder' needs --pairs-csv (columns pair_id,fixed,moving,"
                              "fixed_seg,moving_seg[,fixed_kp,moving_kp][,split])")
-        self.pairs_csv = _require_file(os.path.abspath(pairs_csv), "pairs CSV")
+        self.pairs_csv = require_file(os.path.abspath(pairs_csv), "pairs CSV")
         if image_size is not None:
             warnings.warn("--image-size is ignored for dataset 'folder' (no resampling)",
                           stacklevel=3)
@@ -135,11 +135,11 @@ class FolderDataset(RegistrationDataset):
             for key in ("fixed", "moving", "fixed_seg", "moving_seg"):
                 if not row[key]:
                     raise ValueError(f"{self.pairs_csv} line {line}: empty {key!r} column")
-                entry[key] = _require_file(os.path.normpath(os.path.join(base, row[key])),
+                entry[key] = require_file(os.path.normpath(os.path.join(base, row[key])),
                                            f"{key} of pair {pid} ({self.pairs_csv})")
             for key in ("fixed_kp", "moving_kp"):
                 value = row.get(key, "") if has_kp else ""
-                entry[key] = (_require_file(os.path.normpath(os.path.join(base, value)),
+                entry[key] = (require_file(os.path.normpath(os.path.join(base, value)),
                                             f"{key} of pair {pid} ({self.pairs_csv})")
                               if value else None)
             if (entry["fixed_kp"] is None) != (entry["moving_kp"] is None):
@@ -156,7 +156,7 @@ class FolderDataset(RegistrationDataset):
 
     def _infer_layout(self) -> dict:
         first = next(iter(self._rows.values()))["fixed"]
-        shape = _nifti_shape(first, "fixed image")
+        shape = nifti_shape(first, "fixed image")
         if len(shape) > 3 and any(s != 1 for s in shape[3:]):
             raise ValueError(f"fixed image {first} has shape {shape}; expected 2D or 3D")
         shape3 = tuple(shape[:3]) + (1,) * (3 - len(shape[:3]))
@@ -186,7 +186,7 @@ class FolderDataset(RegistrationDataset):
 
     def _infer_image_shape(self):
         first = next(iter(self._rows.values()))["fixed"]
-        shape = _nifti_shape(first, "fixed image")
+        shape = nifti_shape(first, "fixed image")
         shape3 = tuple(shape[:3]) + (1,) * (3 - len(shape[:3]))
         return tuple(shape3[a] for a in self._layout["kept"])
 
@@ -199,9 +199,9 @@ class FolderDataset(RegistrationDataset):
             found_fixed: set = set()
             moving_labels = {}
             for entry in self._rows.values():
-                found_fixed.update(np.unique(_load_labels(entry["fixed_seg"], None, "fixed label map")).tolist())
+                found_fixed.update(np.unique(load_labels(entry["fixed_seg"], None, "fixed label map")).tolist())
                 moving_labels[entry["moving_seg"]] = set(
-                    np.unique(_load_labels(entry["moving_seg"], None, "moving label map")).tolist())
+                    np.unique(load_labels(entry["moving_seg"], None, "moving label map")).tolist())
             n = max(found_fixed)
             if n == 0:
                 raise ValueError(f"no foreground labels in the fixed label maps of "
@@ -229,17 +229,17 @@ class FolderDataset(RegistrationDataset):
         return minmax_scale(img, self.clip_percentiles, f"image {path}")
 
     def _prepare(self, img_path: str, seg_path: str, what: str):
-        img, affine, zooms = _load_image(img_path, f"{what} image")
-        img = _as_3d(img, img_path, f"{what} image")
+        img, affine, zooms = load_image(img_path, f"{what} image")
+        img = as_3d(img, img_path, f"{what} image")
         lay = self._layout
         if lay["mode"] == "squeeze" and img.shape[lay["drop"]] > 1 and self._requested_ndim != 2:
             first = next(iter(self._rows.values()))["fixed"]
             raise ValueError(f"{what} image {img_path} is a 3D volume {img.shape} but the dataset is 2D "
                              f"(its first image {first} is 2D); pass --ndim 2 to use the middle slice "
                              f"along axis {lay['drop']}, or list only 2D images")
-        lab = _as_3d(_load_labels(seg_path, self.num_classes, f"{what} label map"), seg_path,
+        lab = as_3d(load_labels(seg_path, self.num_classes, f"{what} label map"), seg_path,
                      "label map")
-        _check_same_shape(img, img_path, lab, seg_path)
+        check_same_shape(img, img_path, lab, seg_path)
         img = self._normalize(img, img_path)
         zooms3 = tuple(float(z) for z in zooms[:3]) + (1.0,) * (3 - len(zooms[:3]))
         lay = self._layout
@@ -249,7 +249,7 @@ class FolderDataset(RegistrationDataset):
             index = img.shape[lay["drop"]] // 2
             img = np.take(img, index, axis=lay["drop"])
             lab = np.take(lab, index, axis=lay["drop"])
-            new_to_raw = _slice_matrix(lay["drop"], index)
+            new_to_raw = slice_matrix(lay["drop"], index)
         spacing = tuple(zooms3[a] for a in lay["kept"])
         return img, lab, affine, new_to_raw, spacing
 
@@ -274,13 +274,13 @@ class FolderDataset(RegistrationDataset):
         lay = self._layout
         if path is None or lay["mode"] == "slice":
             return None
-        kp = _load_keypoints(path, (2, 3) if lay["mode"] == "squeeze" else 3)
+        kp = load_keypoints(path, (2, 3) if lay["mode"] == "squeeze" else 3)
         if kp.shape[1] == 2:
             full = np.zeros((len(kp), 3))
             full[:, lay["kept"]] = kp
             kp = full
-        kp = _points_to_grid(kp, new_to_raw, self.ndim).astype(np.float32)
-        _warn_outside(kp, shape, f"keypoints of {path}")
+        kp = points_to_grid(kp, new_to_raw, self.ndim).astype(np.float32)
+        warn_outside(kp, shape, f"keypoints of {path}")
         return kp
 
     def _load_pair(self, pair_id: str) -> RegistrationPair:

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .nifti import _check_same_grid, _nibabel, _read_nifti, _require_dir
+from .nifti import check_label_grid, import_nibabel, read_nifti, require_dir
 
 CLASSES = ("lung", "bone", "liver")
 LUNG_LOBES = ("lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
@@ -62,15 +62,15 @@ def merge_case(case_dir: str, image_path: Optional[str] = None, lung_mask: Optio
     labels, affine, first = None, None, None
     for value in (1, 2, 3):
         for path in files[value]:
-            data, aff, _ = _read_nifti(path, "TotalSegmentator mask")
+            data, aff, _ = read_nifti(path, "TotalSegmentator mask")
             if labels is None:
                 labels, affine, first = np.zeros(data.shape, np.uint8), aff, path
-            _check_same_grid(labels.shape, affine, first, data.shape, aff, path)
+            check_label_grid(labels.shape, affine, first, data.shape, aff, path)
             labels[np.asarray(data) > 0] = value
     if image_path is not None:
-        nib = _nibabel()
+        nib = import_nibabel()
         img = nib.load(image_path)
-        _check_same_grid(img.shape[:3], img.affine, image_path, labels.shape, affine, case_dir)
+        check_label_grid(img.shape[:3], img.affine, image_path, labels.shape, affine, case_dir)
     counts = {v: int(np.sum(labels == v)) for v in (1, 2, 3)}
     return labels, affine, counts
 
@@ -83,12 +83,12 @@ def make_labels(ts_dir: str, out_dir: str, images_dir: Optional[str] = None, lun
     ``{case: {class: voxels}}``."""
     from .atomic import atomic_write
 
-    _require_dir(ts_dir, "TotalSegmentator output folder")
+    require_dir(ts_dir, "TotalSegmentator output folder")
     cases = sorted(d for d in os.listdir(ts_dir) if os.path.isdir(os.path.join(ts_dir, d)))
     if not cases:
         raise ValueError(f"{ts_dir} holds no case folders (one TotalSegmentator output folder per image)")
     os.makedirs(out_dir, exist_ok=True)
-    nib = _nibabel()
+    nib = import_nibabel()
     report: Dict[str, Dict[int, int]] = {}
     for case in cases:
         image = None
@@ -98,9 +98,9 @@ def make_labels(ts_dir: str, out_dir: str, images_dir: Optional[str] = None, lun
                     image = os.path.join(images_dir, case + ext)
         lung = None
         if lung_masks is not None:
-            from .nifti import _find_nifti
+            from .nifti import find_nifti
 
-            lung = _find_nifti(lung_masks, case, "lung mask")
+            lung = find_nifti(lung_masks, case, "lung mask")
         labels, affine, counts = merge_case(os.path.join(ts_dir, case), image, lung)
         path = os.path.join(out_dir, case + ".nii.gz")
         atomic_write(path, lambda tmp, a=labels, f=affine: nib.save(nib.Nifti1Image(a, f), tmp))

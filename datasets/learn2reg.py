@@ -54,10 +54,10 @@ import numpy as np
 
 from .base import SPLITS, RegistrationDataset, RegistrationPair, assemble_pair
 from .options import NDIM, SLICE_AXIS, SPLIT_SCHEME, TARGET_SPACING, Option
-from .nifti import (_as_3d, _check_same_grid, _crop_or_pad_starts, _find_nifti, _load_image,
-                    _load_keypoints, _load_labels, _nifti_shape, _nifti_stem, _points_to_grid,
-                    _read_nifti, _require_dir, _resample_grid, _resample_image, _resample_labels,
-                    _scale_offset_matrix, _slice_matrix, _translation, _window, convex_hull_mask)
+from .nifti import (as_3d, check_label_grid, crop_or_pad_starts, find_nifti, load_image,
+                    load_keypoints, load_labels, nifti_shape, nifti_stem, points_to_grid,
+                    read_nifti, require_dir, resample_grid, resample_image, resample_labels,
+                    scale_offset_matrix, slice_matrix, translation_matrix, crop_window, convex_hull_mask)
 from .splits import LUNGCT_AUTHORS, NLST_AUTHORS, check_scheme, missing_files_error
 
 LABEL_DIR = Option("label_dir", path=True,
@@ -111,19 +111,19 @@ class _Learn2RegCT(RegistrationDataset):
         if data_dir is None:
             raise ValueError(f"dataset {self.name!r} needs --data-dir (the folder holding "
                              f"imagesTr/, masksTr/, keypointsTr/)")
-        root = _require_dir(os.path.abspath(data_dir), f"{self.name} data folder")
+        root = require_dir(os.path.abspath(data_dir), f"{self.name} data folder")
         if not os.path.isdir(os.path.join(root, "imagesTr")) and os.path.isdir(
                 os.path.join(root, self.subfolder, "imagesTr")):
             root = os.path.join(root, self.subfolder)  # the archive's own top folder
         self.data_dir = root
-        self.images_dir = _require_dir(os.path.join(root, "imagesTr"), f"{self.name} image folder")
+        self.images_dir = require_dir(os.path.join(root, "imagesTr"), f"{self.name} image folder")
         if label_dir is None:
             raise ValueError(
                 f"dataset {self.name!r} needs --label-dir: a folder with one tissue label map "
                 f"per image named like the image ({self.prefix}_XXXX_0000.nii.gz, "
                 f"{self.prefix}_XXXX_0001.nii.gz), values 0 background, 1 lung, 2 bone, "
                 f"3 liver (python -m datasets make-labels merges TotalSegmentator output)")
-        self.label_dir = _require_dir(os.path.abspath(label_dir), f"{self.name} label folder")
+        self.label_dir = require_dir(os.path.abspath(label_dir), f"{self.name} label folder")
         if image_size is not None:
             warnings.warn(f"--image-size is ignored for dataset {self.name!r}", stacklevel=3)
         self.ndim = self.default_ndim if ndim is None else int(ndim)
@@ -183,16 +183,16 @@ class _Learn2RegCT(RegistrationDataset):
                 continue
             for fname in sorted(os.listdir(folder)):
                 if pattern.match(fname):
-                    stem = _nifti_stem(fname)[: -len("_0000")]
+                    stem = nifti_stem(fname)[: -len("_0000")]
                     moving = os.path.join(folder, stem + "_0001" + fname[len(stem) + 5:])
                     entries.append((os.path.join(folder, fname), moving))
         pairs: dict = {}
         for fixed, moving in entries:
-            fs, ms = _nifti_stem(fixed), _nifti_stem(moving)
+            fs, ms = nifti_stem(fixed), nifti_stem(moving)
             fcase, mcase = fs.rsplit("_", 1)[0], ms.rsplit("_", 1)[0]
             pid = fcase if fcase == mcase else f"{fs}__{ms}"
             if pid in pairs and pairs[pid] != (fixed, moving):
-                if pid == fcase and _nifti_stem(pairs[pid][0]) == fs:
+                if pid == fcase and nifti_stem(pairs[pid][0]) == fs:
                     continue  # the same pair under both file name extensions / JSON and folder
                 pid = f"{fs}__{ms}"
             pairs.setdefault(pid, (fixed, moving))
@@ -203,11 +203,11 @@ class _Learn2RegCT(RegistrationDataset):
 
     def _make_table(self) -> dict:
         if self.split_scheme == "ordered":
-            from .base import _split_sizes
+            from .base import split_sizes
 
             ids = sorted(self._found)
             table, start = {}, 0
-            for split, size in zip(SPLITS, _split_sizes(len(ids), self.split_ratios)):
+            for split, size in zip(SPLITS, split_sizes(len(ids), self.split_ratios)):
                 table[split] = ids[start:start + size]
                 start += size
             return table
@@ -222,14 +222,14 @@ class _Learn2RegCT(RegistrationDataset):
 
     def _label_path(self, image_path: str) -> str | None:
         for ext in (".nii.gz", ".nii"):
-            path = os.path.join(self.label_dir, _nifti_stem(image_path) + ext)
+            path = os.path.join(self.label_dir, nifti_stem(image_path) + ext)
             if os.path.isfile(path):
                 return path
         return None
 
     def _keypoint_path(self, image_path: str) -> str | None:
         sub = _image_folder_of(image_path).replace("images", "keypoints", 1)
-        path = os.path.join(self.data_dir, sub, _nifti_stem(image_path) + ".csv")
+        path = os.path.join(self.data_dir, sub, nifti_stem(image_path) + ".csv")
         return path if os.path.isfile(path) else None
 
     def missing_files(self) -> list:
@@ -240,7 +240,7 @@ class _Learn2RegCT(RegistrationDataset):
                 if not os.path.isfile(path):
                     missing.append(path)
                 if self._label_path(path) is None:
-                    missing.append(os.path.join(self.label_dir, _nifti_stem(path) + ".nii.gz"))
+                    missing.append(os.path.join(self.label_dir, nifti_stem(path) + ".nii.gz"))
         return sorted(missing)
 
     def _check_files(self) -> None:
@@ -281,13 +281,13 @@ class _Learn2RegCT(RegistrationDataset):
 
     def _infer_image_shape(self):
         fixed = next(iter(self._pairs.values()))[0]
-        shape = _nifti_shape(fixed, f"{self.name} image")
+        shape = nifti_shape(fixed, f"{self.name} image")
         grid = tuple(shape[:3]) + (1,) * (3 - len(shape[:3]))
         if self.pad_shape is not None:
             grid = tuple(self.pad_shape)
         elif self.target_spacing is not None:
-            zooms = _read_nifti(fixed, f"{self.name} image")[2]
-            grid = _resample_grid(grid, zooms, self.target_spacing)[0]
+            zooms = read_nifti(fixed, f"{self.name} image")[2]
+            grid = resample_grid(grid, zooms, self.target_spacing)[0]
         if self.ndim == 3:
             return grid
         return tuple(s for a, s in enumerate(grid) if a != self.slice_axis)
@@ -295,26 +295,26 @@ class _Learn2RegCT(RegistrationDataset):
     def _prepare(self, image_path: str, what: str):
         """Load one image + label map and preprocess them. Returns (image, labels, new->raw 4x4,
         raw affine, spacing)."""
-        img, affine, zooms = _load_image(image_path, f"{self.name} {what} image")
-        img = _as_3d(img, image_path, f"{self.name} {what} image")
-        label_path = _find_nifti(self.label_dir, _nifti_stem(image_path), f"{self.name} {what} label map")
-        lab = _load_labels(label_path, len(self.CLASS_NAMES), f"{self.name} {what} label map")
-        lab = _as_3d(lab, label_path, "label map")
-        _check_same_grid(img.shape, affine, image_path, lab.shape, _read_nifti_affine(label_path), label_path)
+        img, affine, zooms = load_image(image_path, f"{self.name} {what} image")
+        img = as_3d(img, image_path, f"{self.name} {what} image")
+        label_path = find_nifti(self.label_dir, nifti_stem(image_path), f"{self.name} {what} label map")
+        lab = load_labels(label_path, len(self.CLASS_NAMES), f"{self.name} {what} label map")
+        lab = as_3d(lab, label_path, "label map")
+        check_label_grid(img.shape, affine, image_path, lab.shape, _read_nifti_affine(label_path), label_path)
         new_to_raw = np.eye(4)
         spacing = tuple(float(z) for z in zooms[:3])
         if self.target_spacing is not None:
-            out_shape, scale, offset = _resample_grid(img.shape, spacing, self.target_spacing)
-            img = _resample_image(img, out_shape, scale, offset)
-            lab = _resample_labels(lab, out_shape, scale, offset)
-            new_to_raw = _scale_offset_matrix(scale, offset)
+            out_shape, scale, offset = resample_grid(img.shape, spacing, self.target_spacing)
+            img = resample_image(img, out_shape, scale, offset)
+            lab = resample_labels(lab, out_shape, scale, offset)
+            new_to_raw = scale_offset_matrix(scale, offset)
             spacing = (self.target_spacing,) * 3
         lo, hi = self.hu_window
         body = None
         if self.ndim == 2 and self.pad_shape is None:  # slice first (NLST: the mask of the slice)
             index = img.shape[self.slice_axis] // 2
             img, lab = np.take(img, index, axis=self.slice_axis), np.take(lab, index, axis=self.slice_axis)
-            new_to_raw = new_to_raw @ _slice_matrix(self.slice_axis, index)
+            new_to_raw = new_to_raw @ slice_matrix(self.slice_axis, index)
         if self.body_mask:
             body = convex_hull_mask(img > BODY_HU)
             if body is None:
@@ -326,14 +326,14 @@ class _Learn2RegCT(RegistrationDataset):
         if body is not None:
             img = (img * body).astype(np.float32)
         if self.pad_shape is not None:
-            starts = _crop_or_pad_starts(img.shape, self.pad_shape)
-            img = _window(img, starts, self.pad_shape, np.float32(0.0))
-            lab = _window(lab, starts, self.pad_shape, np.int32(0))
-            new_to_raw = new_to_raw @ _translation(starts)
+            starts = crop_or_pad_starts(img.shape, self.pad_shape)
+            img = crop_window(img, starts, self.pad_shape, np.float32(0.0))
+            lab = crop_window(lab, starts, self.pad_shape, np.int32(0))
+            new_to_raw = new_to_raw @ translation_matrix(starts)
             if self.ndim == 2:
                 index = img.shape[self.slice_axis] // 2
                 img, lab = np.take(img, index, axis=self.slice_axis), np.take(lab, index, axis=self.slice_axis)
-                new_to_raw = new_to_raw @ _slice_matrix(self.slice_axis, index)
+                new_to_raw = new_to_raw @ slice_matrix(self.slice_axis, index)
         if self.ndim == 2:
             spacing = tuple(s for a, s in enumerate(spacing) if a != self.slice_axis)
         return img.astype(np.float32), lab.astype(np.int32), new_to_raw, affine, spacing
@@ -344,8 +344,8 @@ class _Learn2RegCT(RegistrationDataset):
         path = self._keypoint_path(image_path)
         if path is None:
             return None
-        kp = _load_keypoints(path, 3, f"{self.name} {what} keypoint file")
-        return _points_to_grid(kp, new_to_raw, 3)
+        kp = load_keypoints(path, 3, f"{self.name} {what} keypoint file")
+        return points_to_grid(kp, new_to_raw, 3)
 
     def _load_pair(self, pair_id: str) -> RegistrationPair:
         fixed_path, moving_path = self._pairs[pair_id]
@@ -373,10 +373,10 @@ class _Learn2RegCT(RegistrationDataset):
 
 def _read_nifti_affine(path: str) -> np.ndarray:
     """The voxel -> world affine of a NIfTI header (no data read)."""
-    from .nifti import _nibabel
+    from .nifti import import_nibabel
 
     try:
-        return np.asarray(_nibabel().load(path).affine, np.float64)
+        return np.asarray(import_nibabel().load(path).affine, np.float64)
     except Exception as exc:
         raise ValueError(f"cannot read NIfTI header of {path}: {exc}") from exc
 

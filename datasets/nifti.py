@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 
-def _nibabel():
+def import_nibabel():
     try:
         import nibabel
     except ImportError as exc:  # pragma: no cover - environment problem
@@ -19,19 +19,19 @@ def _nibabel():
     return nibabel
 
 
-def _require_dir(path: str, what: str) -> str:
+def require_dir(path: str, what: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
 
 
-def _require_file(path: str, what: str) -> str:
+def require_file(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
 
 
-def _nifti_stem(path: str) -> str:
+def nifti_stem(path: str) -> str:
     base = os.path.basename(path)
     for ext in (".nii.gz", ".nii"):
         if base.endswith(ext):
@@ -39,7 +39,7 @@ def _nifti_stem(path: str) -> str:
     return base
 
 
-def _find_nifti(folder: str, stem: str, what: str) -> str:
+def find_nifti(folder: str, stem: str, what: str) -> str:
     """``folder/stem.nii.gz`` or ``folder/stem.nii``; FileNotFoundError naming the .nii.gz."""
     for ext in (".nii.gz", ".nii"):
         path = os.path.join(folder, stem + ext)
@@ -48,18 +48,18 @@ def _find_nifti(folder: str, stem: str, what: str) -> str:
     raise FileNotFoundError(f"{what} not found: {os.path.join(folder, stem + '.nii.gz')}")
 
 
-def _nifti_shape(path: str, what: str) -> tuple:
-    _require_file(path, what)
+def nifti_shape(path: str, what: str) -> tuple:
+    require_file(path, what)
     try:
-        return tuple(int(s) for s in _nibabel().load(path).shape)
+        return tuple(int(s) for s in import_nibabel().load(path).shape)
     except Exception as exc:
         raise ValueError(f"cannot read NIfTI header of {what} {path}: {exc}") from exc
 
 
-def _read_nifti(path: str, what: str):
+def read_nifti(path: str, what: str):
     """(data as stored, affine 4x4, zooms) -- FileNotFoundError / ValueError naming ``path``."""
-    _require_file(path, what)
-    nib = _nibabel()
+    require_file(path, what)
+    nib = import_nibabel()
     try:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
@@ -74,7 +74,7 @@ def _read_nifti(path: str, what: str):
     return data, affine, zooms
 
 
-def _as_3d(data: np.ndarray, path: str, what: str) -> np.ndarray:
+def as_3d(data: np.ndarray, path: str, what: str) -> np.ndarray:
     if data.ndim == 2:
         data = data[:, :, None]
     if data.ndim != 3:
@@ -82,16 +82,16 @@ def _as_3d(data: np.ndarray, path: str, what: str) -> np.ndarray:
     return data
 
 
-def _load_image(path: str, what: str = "image"):
-    data, affine, zooms = _read_nifti(path, what)
+def load_image(path: str, what: str = "image"):
+    data, affine, zooms = read_nifti(path, what)
     data = data.astype(np.float32, copy=False)
     if not np.all(np.isfinite(data)):
         raise ValueError(f"{what} {path} contains NaN or infinite values")
     return data, affine, zooms
 
 
-def _load_labels(path: str, num_classes: int | None, what: str = "label map") -> np.ndarray:
-    data, _, _ = _read_nifti(path, what)
+def load_labels(path: str, num_classes: int | None, what: str = "label map") -> np.ndarray:
+    data, _, _ = read_nifti(path, what)
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)):
             raise ValueError(f"{what} {path} contains NaN or infinite values")
@@ -137,9 +137,9 @@ def minmax_scale(img: np.ndarray, clip_percentiles=None, what: str = "image") ->
     return ((img - lo) / (hi - lo)).astype(np.float32)
 
 
-def _load_keypoints(path: str, ncols: int | tuple, what: str = "keypoint file") -> np.ndarray:
+def load_keypoints(path: str, ncols: int | tuple, what: str = "keypoint file") -> np.ndarray:
     """Comma-separated voxel coordinates, one keypoint per row (a header row is tolerated)."""
-    _require_file(path, what)
+    require_file(path, what)
     allowed = (ncols,) if isinstance(ncols, int) else tuple(ncols)
     kp = None
     for skip in (0, 1):
@@ -161,7 +161,7 @@ def _load_keypoints(path: str, ncols: int | tuple, what: str = "keypoint file") 
     return kp
 
 
-def _window(arr: np.ndarray, starts, size, fill) -> np.ndarray:
+def crop_window(arr: np.ndarray, starts, size, fill) -> np.ndarray:
     """``out[n] = arr[n + start]`` on a ``size`` grid; outside ``arr`` -> ``fill``."""
     out = np.full(tuple(size), fill, dtype=arr.dtype)
     src, dst = [], []
@@ -175,14 +175,14 @@ def _window(arr: np.ndarray, starts, size, fill) -> np.ndarray:
     return out
 
 
-def _translation(starts) -> np.ndarray:
+def translation_matrix(starts) -> np.ndarray:
     """4x4 mapping new voxel index -> raw voxel index for ``raw = new + start``."""
     m = np.eye(4)
     m[:3, 3] = np.asarray(list(starts) + [0] * (3 - len(starts)), dtype=np.float64)[:3]
     return m
 
 
-def _slice_matrix(axis: int, index: float) -> np.ndarray:
+def slice_matrix(axis: int, index: float) -> np.ndarray:
     """4x4 mapping a 2D index (a, b, c=0) of the slice ``index`` along ``axis`` of a 3D grid to
     the 3D index; columns 0/1 are the kept axes in increasing order, column 2 the sliced one."""
     kept = [a for a in range(3) if a != axis]
@@ -195,14 +195,14 @@ def _slice_matrix(axis: int, index: float) -> np.ndarray:
     return m
 
 
-def _points_to_grid(points: np.ndarray, new_to_raw: np.ndarray, ndim: int) -> np.ndarray:
+def points_to_grid(points: np.ndarray, new_to_raw: np.ndarray, ndim: int) -> np.ndarray:
     """Map raw voxel coordinates [K, 3] into the preprocessed grid (first ``ndim`` columns)."""
     raw_to_new = np.linalg.inv(new_to_raw)
     homog = np.concatenate([points, np.ones((len(points), 1))], axis=1)
     return (homog @ raw_to_new.T)[:, :ndim]
 
 
-def _warn_outside(kp: np.ndarray, shape, what: str) -> None:
+def warn_outside(kp: np.ndarray, shape, what: str) -> None:
     if len(kp) == 0:
         return
     hi = np.asarray(shape, np.float64) - 1
@@ -212,13 +212,13 @@ def _warn_outside(kp: np.ndarray, shape, what: str) -> None:
                       f"grid {tuple(shape)}; they are kept", stacklevel=3)
 
 
-def _check_same_shape(a: np.ndarray, path_a: str, b: np.ndarray, path_b: str) -> None:
+def check_same_shape(a: np.ndarray, path_a: str, b: np.ndarray, path_b: str) -> None:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {path_a} has shape {a.shape} but {path_b} has "
                          f"shape {b.shape}")
 
 
-def _check_same_grid(img_shape, img_affine, img_path: str, lab_shape, lab_affine, lab_path: str,
+def check_label_grid(img_shape, img_affine, img_path: str, lab_shape, lab_affine, lab_path: str,
                      atol: float = 1e-3) -> None:
     """A label map must lie on its image's voxel grid: same shape and the same voxel -> world
     affine (within ``atol`` mm). A map of the right shape but another affine (axes swapped or
@@ -237,7 +237,7 @@ def _check_same_grid(img_shape, img_affine, img_path: str, lab_shape, lab_affine
                 f"image (e.g. rerun TotalSegmentator on this very file)")
 
 
-def _resample_grid(shape, zooms, target: float):
+def resample_grid(shape, zooms, target: float):
     """The isotropic ``target`` mm grid over the same field of view as a ``shape`` grid of voxel
     size ``zooms`` (voxel corners aligned, as torchio's ``Resample``): ``n_out = round(n z / t)``
     per axis, and output voxel ``o`` sits at raw voxel ``(o + 1/2) t / z - 1/2``. Returns
@@ -249,7 +249,7 @@ def _resample_grid(shape, zooms, target: float):
     return out_shape, scale, offset
 
 
-def _resample_image(img: np.ndarray, out_shape, scale, offset) -> np.ndarray:
+def resample_image(img: np.ndarray, out_shape, scale, offset) -> np.ndarray:
     """Linear resampling of ``img`` onto ``raw = scale * o + offset`` (edge values beyond the
     border); float32. The map is diagonal, so (bi/tri)linear interpolation is done one axis at a
     time (the same numbers as ``scipy.ndimage.affine_transform(order=1, mode="nearest")``, a few
@@ -268,14 +268,14 @@ def _resample_image(img: np.ndarray, out_shape, scale, offset) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def _resample_labels(lab: np.ndarray, out_shape, scale, offset) -> np.ndarray:
+def resample_labels(lab: np.ndarray, out_shape, scale, offset) -> np.ndarray:
     """Nearest-neighbour resampling of a label map onto ``raw = scale * o + offset``."""
     idx = [np.clip(np.floor(s * np.arange(n) + o + 0.5).astype(np.int64), 0, m - 1)
            for n, s, o, m in zip(out_shape, scale, offset, lab.shape)]
     return lab[np.ix_(*idx)]
 
 
-def _scale_offset_matrix(scale, offset) -> np.ndarray:
+def scale_offset_matrix(scale, offset) -> np.ndarray:
     """4x4 of ``raw = scale * new + offset`` (3 axes)."""
     m = np.eye(4)
     m[:3, :3] = np.diag(np.asarray(list(scale) + [1.0] * (3 - len(scale)), np.float64)[:3])
@@ -283,7 +283,7 @@ def _scale_offset_matrix(scale, offset) -> np.ndarray:
     return m
 
 
-def _crop_or_pad_starts(shape, target) -> list:
+def crop_or_pad_starts(shape, target) -> list:
     """Window starts of a centred crop-or-pad of ``shape`` to ``target`` as torchio's ``CropOrPad``
     (an odd difference puts the extra voxel before): crop start ``ceil(d/2)``, pad ``-ceil(d/2)``."""
     starts = []

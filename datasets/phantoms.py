@@ -92,13 +92,15 @@ import scipy.ndimage as ndi
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from eval_metrics import jacobian_determinant
+
 __all__ = [
     "CLASS_NAMES", "DEFAULT_LAME", "DEFAULT_SHEAR_MODULUS", "DEFAULT_POISSON_RATIO",
     "lame_from_shear_poisson", "lame_maps", "assemble_elasticity", "elastic_energy",
     "solve_navier_cauchy", "strain_norm", "make_phantom", "random_body_force", "warp",
     "invert_displacement", "sample_keypoints", "generate_pair",
     "GENERATOR_VERSION", "DEFAULT_AIR_LAME", "RESIDUAL_BOUND", "MOTION_PRESETS", "DEFAULT_MOTION",
-    "LUNG_STRAIN_PER_MOTION", "displacement_gradient", "principal_strain", "jacobian_determinant",
+    "LUNG_STRAIN_PER_MOTION", "displacement_gradient", "principal_strain",
     "equilibrate_force", "inverse_consistency", "motion_to_max_disp", "SyntheticPairError",
 ]
 
@@ -608,12 +610,6 @@ def principal_strain(disp, spacing=None):
     (central differences; 0.1 = 10 % stretch or compression along the principal direction)."""
     g = displacement_gradient(disp, spacing)
     return np.abs(np.linalg.eigvalsh(0.5 * (g + np.swapaxes(g, -1, -2)))).max(axis=-1)
-
-
-def jacobian_determinant(disp, spacing=None):
-    """Voxelwise ``det(I + grad u)`` ``[*shape]`` (central differences)."""
-    g = displacement_gradient(disp, spacing)
-    return np.linalg.det(np.eye(g.shape[-1]) + g)
 
 
 # ----------------------------------------------------------------------------------------------

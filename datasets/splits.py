@@ -15,7 +15,7 @@ authors' released code, and the ordered cut. Standard library only.
 
 ``ordered``
     Contiguous train / val / test blocks of the sorted pairs in the ratios of the paper text
-    (:func:`datasets.base._split_sizes`), what this project did before the schemes existed.
+    (:func:`datasets.base.split_sizes`), what this project did before the schemes existed.
 
 ``paper-text`` (ACDC only)
     The paper text's 50/20/30, taken from ``training/`` (the text does not say which subjects):
@@ -62,14 +62,14 @@ def check_scheme(dataset: str, scheme: str, allowed: Sequence[str]) -> str:
 
 def grouped_cut(ids_by_group: Dict[str, List[str]], ratios: Sequence[int]) -> Dict[str, List[str]]:
     """Cut every group's sorted ids into train/val/test blocks of ``ratios`` (scaled to the group
-    size as :func:`datasets.base._split_sizes` does); each split lists its ids in sorted order."""
-    from .base import SPLITS, _split_sizes
+    size as :func:`datasets.base.split_sizes` does); each split lists its ids in sorted order."""
+    from .base import SPLITS, split_sizes
 
     table: Dict[str, List[str]] = {s: [] for s in SPLITS}
     for group in sorted(ids_by_group):
         ids = sorted(ids_by_group[group])
         start = 0
-        for split, size in zip(SPLITS, _split_sizes(len(ids), ratios)):
+        for split, size in zip(SPLITS, split_sizes(len(ids), ratios)):
             table[split] += ids[start:start + size]
             start += size
     return {s: sorted(v) for s, v in table.items()}

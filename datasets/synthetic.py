@@ -47,7 +47,7 @@ import warnings
 import numpy as np
 
 from .base import RegistrationDataset, RegistrationPair
-from .cache import _decode, _encode, _generator_version, _roundtrip
+from .cache import decode_value, encode_value, generator_version, json_roundtrip
 from .options import IMAGE_SIZE, NDIM, Option, arg_type, nonnegative_int, positive_int
 from .atomic import atomic_write
 
@@ -228,7 +228,7 @@ class SyntheticDataset(RegistrationDataset):
     def cache_path(self, pair_id: str) -> str:
         shape = "x".join(str(s) for s in self.image_shape)
         spread = f"s{self.stiffness_spread:g}_" if self.stiffness_spread else ""
-        name = (f"synthetic_{_generator_version(self.module)}_{shape}_m{self.motion:g}_{spread}"
+        name = (f"synthetic_{generator_version(self.module)}_{shape}_m{self.motion:g}_{spread}"
                 f"seed{self.seed_of(pair_id)}.npz")
         return os.path.join(self.cache_dir, name)
 
@@ -241,8 +241,8 @@ class SyntheticDataset(RegistrationDataset):
                 raise ValueError(f"missing arrays {missing}")
             if tuple(rec["fixed"].shape) != self.image_shape:
                 raise ValueError(f"shape {rec['fixed'].shape} != {self.image_shape}")
-            rec["lame"] = _decode(json.loads(str(rec.pop("lame_json"))))
-            rec["meta"] = (_decode(json.loads(str(rec.pop("meta_json"))))
+            rec["lame"] = decode_value(json.loads(str(rec.pop("lame_json"))))
+            rec["meta"] = (decode_value(json.loads(str(rec.pop("meta_json"))))
                            if "meta_json" in rec else {})
             return rec
         except Exception as exc:  # any unreadable / truncated / inconsistent file
@@ -253,8 +253,8 @@ class SyntheticDataset(RegistrationDataset):
     def _write_cache(self, path: str, rec: dict) -> None:
         os.makedirs(self.cache_dir, exist_ok=True)
         payload = {k: np.asarray(rec[k]) for k in self._KEYS}
-        payload["lame_json"] = np.array(json.dumps(_encode(rec["lame"])))
-        payload["meta_json"] = np.array(json.dumps(_encode(rec.get("meta", {}))))
+        payload["lame_json"] = np.array(json.dumps(encode_value(rec["lame"])))
+        payload["meta_json"] = np.array(json.dumps(encode_value(rec.get("meta", {}))))
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as fh:
@@ -293,8 +293,8 @@ class SyntheticDataset(RegistrationDataset):
         if rec is None:
             rec = self._generate(seed)
             self._write_cache(path, rec)
-            rec["lame"] = _roundtrip(rec["lame"])  # same types as when read from the cache
-            rec["meta"] = _roundtrip(rec["meta"])
+            rec["lame"] = json_roundtrip(rec["lame"])  # same types as when read from the cache
+            rec["meta"] = json_roundtrip(rec["meta"])
         D = self.ndim
 
         def image(a):

@@ -115,6 +115,21 @@ def read_config(run_dir: str) -> Dict:
     return config
 
 
+def run_state(run_dir: str, argv: Sequence[str]) -> str:
+    """State of a training run folder for the training command ``argv`` (the script's arguments):
+    ``"none"`` (no run), ``"finished"`` / ``"unfinished"`` (a run whose latest command,
+    ``--resume``/``--overwrite`` aside, equals ``argv``) or ``"changed"`` (a run made with another
+    command). The reuse rule of ``run_pipeline.py`` and ``benchmarks/smooth_maps.py``."""
+    if not os.path.isfile(os.path.join(run_dir, CONFIG)):
+        return "none"
+    cfg = read_config(run_dir)
+    command = (cfg.get("resumed") or [cfg])[-1].get("command", [None])
+    if [a for a in command[1:] if a not in ("--resume", "--overwrite")] != list(argv):
+        return "changed"
+    done = bool(cfg.get("finished")) and os.path.isfile(os.path.join(run_dir, WEIGHTS))
+    return "finished" if done else "unfinished"
+
+
 def _kind(spatially_adaptive: bool) -> str:
     return "spatially adaptive" if spatially_adaptive else "global"
 

@@ -94,7 +94,7 @@ def amplitude_curves(moving: np.ndarray, fixed: np.ndarray, ref_disp: np.ndarray
     import regularizers
 
     from .losses import ncc_map
-    from .refinement import linear_warp
+    from .tf_ops import warp_linear
 
     if regularizer not in ("elastic", "diffusion"):
         raise ValueError(f"unknown regularizer {regularizer!r}")
@@ -111,7 +111,7 @@ def amplitude_curves(moving: np.ndarray, fixed: np.ndarray, ref_disp: np.ndarray
     for i in range(n):
         disp = tf.constant(amplitudes[:, None].reshape([a] + [1] * (ref_disp.ndim - 1)) * ref_disp[i:i + 1],
                            tf.float32)
-        warped = linear_warp(np.repeat(moving[i:i + 1], a, axis=0), disp)
+        warped = warp_linear(np.repeat(moving[i:i + 1], a, axis=0), disp)
         cc = ncc_map(tf.constant(np.repeat(fixed[i:i + 1], a, axis=0)), warped, win)
         ncc[i] = tf.reduce_mean(cc, axis=axes).numpy()
     u = tf.constant(ref_disp)

@@ -30,7 +30,6 @@ protocols).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -41,8 +40,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.stats import spearmanr
 
+import eval_metrics
+from datasets.atomic import atomic_write
 from tf_compat import import_voxelmorph
+
+from . import artifacts as art
+from . import runio
+from .models import call_model, needs_segmentation
+from .provenance import check_runs, weights_sha256
+from .registration import Registrar, auto_batch_size, warped_moving_segmentation
+from .tf_ops import soft_dice, warp_linear
 
 tf, _vxm, _ne = import_voxelmorph()
 
@@ -58,63 +67,6 @@ GRADIENT_VOXEL_BUDGET = 2 ** 16
 # ----------------------------------------------------------------------------------------------
 # differentiable pieces
 # ----------------------------------------------------------------------------------------------
-def warp_linear(vol: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
-    """Warp ``vol [B, *spatial, K]`` by ``disp [B, *spatial, D]`` with (bi/tri)linear interpolation.
-
-    ``out(x) = vol(x + disp(x))``; sample positions are clamped to the image (edge values
-    repeat, like ``scipy.ndimage.map_coordinates(order=1, mode='nearest')``). Differentiable in
-    ``disp`` (and ``vol``). Static spatial shape required; every spatial size must be >= 2.
-    """
-    vol = tf.convert_to_tensor(vol, tf.float32)
-    disp = tf.convert_to_tensor(disp, tf.float32)
-    sizes = [int(s) for s in vol.shape[1:-1]]
-    nd = len(sizes)
-    if int(disp.shape[-1]) != nd or [int(s) for s in disp.shape[1:-1]] != sizes:
-        raise ValueError(f"disp {disp.shape} does not fit the volume {vol.shape}")
-    if min(sizes) < 2:
-        raise ValueError("warp_linear needs every spatial size >= 2")
-    k = int(vol.shape[-1])
-    n_vox = int(np.prod(sizes))
-    strides = [int(np.prod(sizes[j + 1:])) for j in range(nd)]
-    grid = tf.meshgrid(*[tf.range(s, dtype=tf.float32) for s in sizes], indexing="ij")
-    lo, frac = [], []
-    for j in range(nd):
-        loc = tf.clip_by_value(grid[j][None] + disp[..., j], 0.0, sizes[j] - 1.0)
-        base = tf.clip_by_value(tf.floor(loc), 0.0, sizes[j] - 2.0)
-        lo.append(tf.cast(base, tf.int32))
-        frac.append(loc - base)
-    flat = tf.reshape(vol, [-1, n_vox, k])
-    out = 0.0
-    for corner in itertools.product((0, 1), repeat=nd):
-        index = 0
-        weight = 1.0
-        for j, c in enumerate(corner):
-            index += (lo[j] + c) * strides[j]
-            weight *= frac[j] if c else 1.0 - frac[j]
-        vals = tf.gather(flat, tf.reshape(index, [-1, n_vox]), batch_dims=1)
-        out += tf.reshape(vals, tf.shape(vol)) * weight[..., None]
-    return out
-
-
-def soft_dice(fixed_onehot: tf.Tensor, warped_onehot: tf.Tensor, eps: float = 1e-6) -> tf.Tensor:
-    """Soft Dice per sample and class: ``2 sum(a b) / (sum a + sum b + eps)``.
-
-    Args:
-        fixed_onehot: ``[B, *spatial, K]`` fixed labels, one-hot (or soft) per class.
-        warped_onehot: ``[B, *spatial, K]`` warped moving labels (e.g. linearly interpolated).
-
-    Returns:
-        ``[B, K]``. On binary inputs it equals the hard Dice up to ``eps``; a class absent from
-        both is 0 (not NaN: callers mask absent classes themselves).
-    """
-    a = tf.convert_to_tensor(fixed_onehot, tf.float32)
-    b = tf.convert_to_tensor(warped_onehot, tf.float32)
-    axes = list(range(1, a.shape.rank - 1))
-    inter = tf.reduce_sum(a * b, axis=axes)
-    denom = tf.reduce_sum(a, axis=axes) + tf.reduce_sum(b, axis=axes)
-    return 2.0 * inter / (denom + eps)
-
-
 def tissue_onehot(seg, num_classes: int) -> tf.Tensor:
     """``seg [B, *spatial]`` int labels 0..C -> ``[B, *spatial, C]`` one-hot of classes 1..C."""
     return tf.one_hot(tf.cast(seg, tf.int32), num_classes + 1, dtype=tf.float32)[..., 1:]
@@ -127,7 +79,7 @@ def dice_objective(fixed_oh: tf.Tensor, moving_oh: tf.Tensor, disp: tf.Tensor,
     ``fixed_oh``/``moving_oh`` ``[B, *spatial, C]``; ``mask [B, *spatial]`` (optional) limits
     the voxels counted. Returns ``[B]``.
     """
-    warped = warp_linear(moving_oh, disp)
+    warped = warp_linear(moving_oh, disp, "cell")
     a = fixed_oh
     if mask is not None:
         a = a * mask[..., None]
@@ -204,8 +156,6 @@ def _make_step(model, objective: str, beta1: float = 0.9, beta2: float = 0.999, 
     ``t`` is the 1-based Adam step, ``spacing [D]`` mm per axis; ``seg [B, *spatial]`` int32 is
     the fixed segmentation, passed to models that build a conditioning map from it (CSAIN).
     """
-    from .models import call_model
-
     cache = _STEP_CACHE.setdefault(model, {})
     if objective in cache:
         return cache[objective]
@@ -285,8 +235,6 @@ def _prepare(model, moving: np.ndarray, fixed: np.ndarray, fixed_seg, moving_seg
         b = np.zeros((n, 1), np.float32)
         present = np.zeros((n, 1), np.float32)
         spc = np.asarray(spacing if spacing is not None else (1.0,) * nd, np.float32)
-    from .models import needs_segmentation
-
     seg = net_seg if net_seg is not None else fseg
     if needs_segmentation(model) and seg is None:
         raise ValueError("this model (CSAIN) builds its conditioning map from the fixed segmentation: pass fixed_seg")
@@ -411,8 +359,6 @@ def _make_grad(model, objective: str) -> Callable:
     """Compiled objective and gradient, cached per model and objective:
     ``grad(z [B, P], moving, fixed, seg, a, b, present, mask, spacing) -> (objective [B], d sum(objective) / dz [B, P])``
     (inputs as :func:`_make_step`)."""
-    from .models import call_model
-
     cache = _STEP_CACHE.setdefault(model, {})
     key = ("grad", objective)
     if key in cache:
@@ -537,13 +483,11 @@ def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_nam
     """Start points ``(h0_sa [N, P_sa], h0_g [N, P_g], description)`` (``None`` = 0.5)."""
     if init == "center":
         return None, None, "center (0.5)"
-    from .artifacts import IDENTIFIED_PARAMETERS, PAIR_ID, read_table
-
-    path = os.path.join(init_dir, IDENTIFIED_PARAMETERS) if init_dir else None
+    path = os.path.join(init_dir, art.IDENTIFIED_PARAMETERS) if init_dir else None
     if path is None or not os.path.isfile(path):
         print(f"[identify gradient] --init grid: no grid identification at {path}; starting at 0.5", flush=True)
         return None, None, "center (0.5; no grid identification found)"
-    df = read_table(path, fix="rerun the grid identification").set_index(PAIR_ID)
+    df = art.read_table(path, fix="rerun the grid identification").set_index(art.PAIR_ID)
     cols = list(sa_names) + list(g_names)
     missing_cols = [c for c in cols if c not in df]
     missing_ids = [p for p in ids if p not in df.index]
@@ -557,10 +501,6 @@ def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_nam
 def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int, net_seg=None) -> np.ndarray:
     """Hard class Dice ``[N, C]`` after registering each pair with its ``hyp [N, P]`` (a CSAIN
     model builds its map from ``net_seg [N, *spatial]``, default the fixed segmentations)."""
-    import eval_metrics
-
-    from .registration import Registrar
-
     seg = np.stack([p.fixed_seg for p in pairs]) if net_seg is None else net_seg
     _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp, seg)
     return np.stack([eval_metrics.dice_per_class(p.fixed_seg, eval_metrics.warp_labels(p.moving_seg, disp[k]),
@@ -569,8 +509,6 @@ def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int, net_seg=None) ->
 
 def stiffness_spearman(mu: np.ndarray, true_mu: np.ndarray) -> float:
     """Spearman rank correlation between identified and true per-class values (NaN if constant)."""
-    from scipy.stats import spearmanr
-
     if np.ptp(mu) == 0 or np.ptp(true_mu) == 0:
         return float("nan")
     return float(spearmanr(mu, true_mu).statistic)
@@ -609,17 +547,10 @@ def _summarize(values: Sequence[float]) -> Dict[str, float]:
             "min": round(float(v.min()), 3), "fraction_perfect": round(float(np.mean(v > 0.999)), 3)}
 
 
-def _nanmean(x) -> float:
-    x = np.asarray(x, float)
-    return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
-
-
 def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_names, h_sa, dice_sa, h_g, dice_g,
                  res_sa: GradientResult, res_g: GradientResult, fallback: Sequence[str]) -> List[Dict]:
     """Rows of identified_parameters.csv: row ``k`` uses row ``k`` of every array (or row 0 when
     the array has one row: the population protocol's single setting)."""
-    from . import artifacts as art
-
     def at(x, k):
         return x[k if len(x) > 1 else 0]
 
@@ -628,9 +559,9 @@ def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_n
         row: Dict = {art.PAIR_ID: pid, art.REGULARIZER: regularizer}
         row.update({n: float(v) for n, v in zip(sa_names, at(h_sa, k))})
         row.update({f"dice_{n}": float(at(dice_sa, k)[c]) for c, n in enumerate(class_names)})
-        row["mean_dice"] = _nanmean(at(dice_sa, k))
+        row["mean_dice"] = eval_metrics.nanmean(at(dice_sa, k))
         row.update({c: float(v) for c, v in zip(g_cols, at(h_g, k))})
-        row[art.G_MEAN_DICE] = _nanmean(at(dice_g, k))
+        row[art.G_MEAN_DICE] = eval_metrics.nanmean(at(dice_g, k))
         row["fallback"] = fallback[k]
         row.update({"objective": float(at(res_sa.best, k)), "start_objective": float(at(res_sa.start, k)),
                     "g_objective": float(at(res_g.best, k)), "g_start_objective": float(at(res_g.start, k)),
@@ -641,8 +572,6 @@ def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_n
 
 def _oracle(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, kw: Dict) -> Tuple:
     """Per test pair, on its own labels: ``(rows, trace_rows, meta, pairs, res_sa, res_g)``."""
-    from . import artifacts as art
-
     pairs = [dataset.load_pair(pid) for pid in ids]
     for p in pairs:
         _check_pair(p, args.objective)
@@ -675,10 +604,6 @@ def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, k
     ``(rows, trace_rows, meta, val_pairs, res_sa, res_g)``. A CSAIN model sees, on the validation pairs
     as on the test pairs (inference ``--population-maps warped-moving``), maps built from the
     moving labels warped by the -g network at its population setting."""
-    from . import artifacts as art
-    from .models import needs_segmentation
-    from .registration import Registrar, warped_moving_segmentation
-
     if args.objective != "dice" or args.init != "center":
         raise ValueError("--method gradient --protocol population supports --objective dice and --init center")
     sa_names, g_cols, class_names, regularizer = names
@@ -706,8 +631,8 @@ def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, k
     n = len(val)
     dice_sa = _hard_dice(sa_model, val, np.repeat(res_sa.h.astype(np.float32), n, 0), C, net_segs)
     dice_g = _hard_dice(g_model, val, np.repeat(res_g.h.astype(np.float32), n, 0), C)
-    val_sa = np.array([[_nanmean(dice_sa[:, c]) for c in range(C)]])
-    val_g = np.array([[_nanmean(dice_g[:, c]) for c in range(C)]])
+    val_sa = np.array([[eval_metrics.nanmean(dice_sa[:, c]) for c in range(C)]])
+    val_g = np.array([[eval_metrics.nanmean(dice_g[:, c]) for c in range(C)]])
     rows = _result_rows(ids, regularizer, sa_names, g_cols, class_names, res_sa.h, val_sa, res_g.h, val_g,
                         res_sa, res_g, [""] * len(ids))
     traces = [{art.PAIR_ID: "population", "model": name, "step": s, "objective": float(o)}
@@ -722,8 +647,6 @@ def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, k
 def _load_sa_for(args, g_config: Dict, dataset) -> Tuple:
     """The SA run ``--sa-run`` of the global run's regularizer, trained on the same data and classes and
     compatible with ``dataset``: ``(model, config)``."""
-    from . import runio
-
     if args.sa_run is None:
         raise ValueError("--method gradient needs --sa-run (the spatially adaptive run folder)")
     sa_model, sa_config = runio.load_run(args.sa_run, expect_regularizer=g_config["model"]["regularizer"],
@@ -753,9 +676,6 @@ def _write_identification(dest: str, choice, trace_rows: List[Dict], meta: Dict,
     """identified_parameters.csv, the objective trace, identification.json and (``figure``) Fig. 2 into ``dest``."""
     import pandas as pd
 
-    from datasets.atomic import atomic_write
-    from . import artifacts as art
-
     atomic_write(os.path.join(dest, art.IDENTIFIED_PARAMETERS), choice)
     atomic_write(os.path.join(dest, art.OBJECTIVE_TRACE), pd.DataFrame(trace_rows))
     atomic_write(os.path.join(dest, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
@@ -781,10 +701,6 @@ def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], de
     project's under either profile: docs/fidelity.md). Returns the output folder.
     """
     import pandas as pd
-
-    from . import artifacts as art
-    from .provenance import check_runs, weights_sha256
-    from .registration import auto_batch_size
 
     sa_model, sa_config = _load_sa_for(args, g_config, dataset)
     regularizer = g_config["model"]["regularizer"]

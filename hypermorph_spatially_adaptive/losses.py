@@ -9,7 +9,8 @@ image, and ``Lambda, Gamma`` (elastic) or ``W`` (diffusion) either per-sample co
 
 With ``--hyp-mapping log`` (:class:`.params.HypMapping`) the weights are ``0.5 * 10^(D (h - 0.5))``
 and the similarity weight is constant, its linear value at the box centre (1 elastic, 0.5
-diffusion), so both mappings give the same loss at ``h = 0.5``. ``K`` is the energy scale (``--energy-scale``, ``config["loss"]["energy_scale"]``); ``K = 1`` is the
+diffusion), so both mappings give the same loss at ``h = 0.5``. ``K`` is the energy scale
+(``--energy-scale``, ``config["loss"]["energy_scale"]``, :class:`.configs.LossConfig`); ``K = 1`` is the
 eq. (1) of the paper text exactly (the authors' code differs: docs/fidelity.md). On breathing-like motion the paper's energy is ~1/100 of the weighted
 NCC term over most of the hyperparameter box, so the best field hardly depends on the
 hyperparameters; ``K`` brings the two terms to the same order (docs/extensions.md "Calibrated energy",
@@ -31,13 +32,14 @@ Units: ``cc`` is dimensionless in [0, 1]; the regularizer is in squared strain (
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import tensorflow as tf
 
 import regularizers
 
-from .params import HypMapping, ParamSpec, regularization_parameters
+from .configs import LossConfig
+from .params import ParamSpec, regularization_parameters
 from .profiles import PAPER, Fidelity
 
 
@@ -122,22 +124,20 @@ def _weighted_mean(weight, values: tf.Tensor) -> tf.Tensor:
 
 
 def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.Tensor,
-               hyp: tf.Tensor, fixed_seg: Optional[tf.Tensor] = None,
-               spacing: Optional[Sequence[float]] = None, win: int = 9,
-               energy_scale: float = 1.0, mapping: Optional[HypMapping] = None,
+               hyp: tf.Tensor, fixed_seg: Optional[tf.Tensor] = None, config: Optional[LossConfig] = None,
                fidelity: Optional[Fidelity] = None) -> Dict[str, tf.Tensor]:
     """Per-sample loss terms for any of the four presets.
 
     Args:
         spec: which regularizer / global or SA / number of classes.
         fixed, warped: ``[B, *spatial, 1]``.
-        field: the regularized field ``[B, *spatial, D]`` (the displacement by default).
+        field: the regularized field ``[B, *spatial, D]`` in voxels (the displacement by default;
+            the caller picks it by ``config.reg_field``).
         hyp: ``[B, P]`` hyperparameters in [0, 1] (layout in :mod:`.models`).
         fixed_seg: ``[B, *spatial]`` labels 0..C (needed for SA models).
-        spacing: voxel size in mm.
-        win: NCC window per axis.
-        energy_scale: factor ``K >= 0`` on the regularization energy (1 = paper's eq. 1).
-        mapping: how ``hyp`` becomes weights (:class:`.params.HypMapping`; None = linear, eq. 1).
+        config: :class:`.configs.LossConfig` (None: its defaults, paper eq. 1 at unit spacing):
+            ``spacing`` (mm per voxel), ``ncc_win`` (voxels per axis), ``energy_scale`` ``K >= 0``
+            on the regularization energy, ``hyp_mapping`` (how ``hyp`` becomes weights).
         fidelity: similarity weight, diffusion energy scale, NCC numerics and ``crop_in_loss``
             (the warped image zeroed where ``fixed == 0`` before the similarity)
             (:class:`.profiles.Fidelity`; None = the ``paper`` profile, see the module docstring).
@@ -146,12 +146,16 @@ def loss_terms(spec: ParamSpec, fixed: tf.Tensor, warped: tf.Tensor, field: tf.T
         dict with ``loss``, ``similarity`` (weighted -NCC), ``regularization`` (the scaled
         energy ``K * E``, the term that enters ``loss``) and ``ncc`` (unweighted mean NCC), each ``[B]``.
     """
+    config = LossConfig() if config is None else config
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+    spacing, win, energy_scale, mapping = config.spacing, config.ncc_win, config.energy_scale, config.hyp_mapping
     fid = fidelity or PAPER
     if fid.crop_in_loss:  # authors' crop_in_loss: no similarity from where the fixed image is empty
         warped = tf.where(tf.equal(fixed, 0.0), tf.zeros_like(warped), warped)
     cc = ncc_map_voxelmorph(fixed, warped, win) if fid.ncc == "voxelmorph" else ncc_map(fixed, warped, win)
     lam, mu = regularization_parameters(spec, hyp, fixed_seg)
-    linear = mapping is None or mapping.weighted_similarity
+    linear = mapping.weighted_similarity
     if not linear and spec.weight_range != "unit":
         raise ValueError("the paper weight range and a non-linear hyperparameter mapping exclude each other")
     if spec.regularizer == "elastic":

@@ -45,7 +45,7 @@ import numpy as np
 
 from . import pair_geometry as geo
 from .artifacts import RunInfo, global_columns, read_identification, read_run, sa_columns
-from .params import check_same_weighting
+from .configs import LossConfig, RefineConfig, check_same_weighting
 
 ImageLike = Union[str, "os.PathLike", np.ndarray, Tuple[np.ndarray, np.ndarray], object]
 IDENTIFY_METHODS = ("grid", "gradient")
@@ -84,7 +84,7 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
     Trailing singleton axes are dropped (a ``(X, Y, 1)`` NIfTI is 2D). ``default_affine`` is used
     for a bare array.
     """
-    from datasets.nifti import _read_nifti
+    from datasets.nifti import read_nifti
 
     if isinstance(x, (str, os.PathLike)):
         path = os.fspath(x)
@@ -93,7 +93,7 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what} not found: {path}")
         _check_size(_header_shape(path, what), f"{what} {path}")
-        data, affine, _ = _read_nifti(path, what)
+        data, affine, _ = read_nifti(path, what)
         what = f"{what} {path}"
     elif hasattr(x, "affine") and hasattr(x, "dataobj"):  # nibabel image
         data, affine = np.asarray(x.dataobj), np.asarray(x.affine, np.float64)
@@ -404,7 +404,7 @@ class PairRegistrar:
             check_same_weighting({run: self.info.config, global_run: self.global_info.config})
         self.orientation = _check_orientation(orientation)
         self.model_shape = tuple(int(s) for s in self.info.config["model"]["image_shape"])
-        self.train_spacing = self.info.config.get("loss", {}).get("spacing")
+        self.train_spacing = LossConfig.from_run_config(self.info.config).spacing
         self.normalize = intensity_normalizer(self.info.data)
         self.names = param_names(self.info)
         self.load_seconds = 0.0
@@ -497,10 +497,10 @@ class PairRegistrar:
                  moving_seg: Optional[ImageLike] = None, refine: int = 0, refine_lr: float = 0.1,
                  ident: Optional[str] = None, ident_pair: Optional[str] = None, identify: Optional[str] = None,
                  grid_steps: int = 11, gradient_steps: int = 50, gradient_lr: float = 0.05,
-                 refine_options: Optional[Dict] = None) -> PairResult:
+                 refine_options: Optional[RefineConfig] = None) -> PairResult:
         """Register ``moving`` onto ``fixed`` (module docstring); returns a :class:`PairResult`.
-        ``refine_options``: :class:`.refinement.Refiner` keyword options (default
-        ``runio.REFINE_DEFAULTS``, those of the command line)."""
+        ``refine_options``: :class:`.configs.RefineConfig` of the refinement (default
+        ``RefineConfig()``, the defaults of the command line)."""
         seconds: Dict[str, float] = {}
         t0 = time.perf_counter()
         inp = self.check(fixed, moving, fixed_seg, moving_seg, params, ident, ident_pair, identify, refine)
@@ -580,13 +580,11 @@ class PairRegistrar:
         return row[cols].to_numpy(np.float32)
 
     def _refine(self, moving_m, fixed_m, u, hyp, fseg, grid: geo.ModelGrid, steps: int, lr: float,
-                options: Optional[Dict] = None):
+                options: Optional[RefineConfig] = None):
         from .refinement import Refiner
-        from .runio import REFINE_DEFAULTS
 
         # the run's loss (K, mapping, NCC window) at the model grid's spacing
-        refiner = Refiner.from_config(self.info.config, spacing=grid.spacing,
-                                      **(REFINE_DEFAULTS if options is None else options))
+        refiner = Refiner.from_config(self.info.config, spacing=grid.spacing, options=options)
         u_ref, before, after = refiner(moving_m[None, ..., None], fixed_m[None, ..., None], u[None], hyp[None],
                                        None if fseg is None else fseg[None], steps, lr)
         return u_ref[0], (float(before[0]), float(after[0]))

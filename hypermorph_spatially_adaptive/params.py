@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-import math
 from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -293,23 +292,6 @@ class HypMapping:
         if self.kind == "linear":
             return w
         return 0.5 + np.log10(w / 0.5) / self.decades
-
-
-def check_same_weighting(configs: Mapping[str, Mapping]) -> float:
-    """The common energy scale ``K`` of runs ``{run folder: config.json}`` (``K = 1`` and the
-    linear mapping where unrecorded); ValueError naming the runs if their ``K`` or hyperparameter
-    mapping differ: a hyperparameter then means another regularization strength in each model,
-    so identified values do not transfer between them."""
-    def weighting(cfg: Mapping):
-        loss = cfg.get("loss", {})
-        return float(loss.get("energy_scale", 1.0)), HypMapping.from_loss_config(loss)
-
-    found = {run: weighting(cfg) for run, cfg in configs.items()}
-    if len(set(found.values())) > 1:
-        what = ", ".join(f"{run}: K = {k:g}, {m.kind} mapping" for run, (k, m) in found.items())
-        raise ValueError(f"the runs were trained with different --energy-scale / --hyp-mapping ({what}); identified "
-                         f"parameters do not transfer between them: train them with the same options")
-    return next(iter(found.values()))[0]
 
 
 def _is_tensor(x) -> bool:

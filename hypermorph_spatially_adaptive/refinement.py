@@ -11,8 +11,10 @@ protocol pass the fixed segmentation (the paper's); the population protocol of `
 passes the moving segmentation warped by the network's displacement, so no test label touches
 the registration.
 
-Options that keep the refined field plausible (keyword-only arguments of :class:`Refiner`;
-all off by default = the original refinement, which optimizes ``u`` voxel by voxel):
+Options that keep the refined field plausible (fields of :class:`.configs.RefineConfig`, the
+``options`` of :class:`Refiner`; its defaults are the refinement that does not tear,
+``RefineConfig.original()`` turns them all off: the original refinement, which optimizes ``u``
+voxel by voxel and tears anatomy):
 
 * ``fold_weight`` w: adds ``w * mean_x relu(fold_eps - det(I + grad u))^2`` to the objective,
   with the Jacobian determinant of ``x + u(x)`` from central differences (one-sided at the
@@ -45,9 +47,10 @@ the optimized array, zero at the start); with ``grid = 1, smooth = 0`` this is A
 itself. The energy and the fold penalty always act on the full displacement ``u`` (the paper's
 field), also for runs trained with ``--reg-field svf``.
 
-Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is (bi/tri)linear with coordinates
-clamped to the image (voxelmorph's ``SpatialTransformer`` with ``fill_value=None``). The result
-is a displacement in the same convention, so every metric applies unchanged.
+Conventions: CONVENTIONS.md (``u [N, *spatial, D]``); the warp is :func:`.tf_ops.warp_linear`
+(``'floor'`` stencil), (bi/tri)linear with coordinates clamped to the image (voxelmorph's
+``SpatialTransformer`` with ``fill_value=None``). The result is a displacement in the same
+convention, so every metric applies unchanged.
 
 Pairs run as one batch, in chunks of at most ``pair_batch`` pairs (default: as many as hold
 about ``2**21`` voxels, :data:`PAIR_VOXEL_BUDGET`; all pairs of a 2D test split, one pair per
@@ -65,73 +68,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from eval_metrics import det_from_grads
-
+from .configs import LossConfig, RefineConfig, split_steps
 from .losses import loss_terms
-from .params import HypMapping, ParamSpec
-
-
-def linear_warp(image: tf.Tensor, disp: tf.Tensor) -> tf.Tensor:
-    """``image(x + disp(x))`` with (bi/tri)linear interpolation, batched without ``map_fn``.
-
-    Args:
-        image: ``[B, *spatial, K]`` float.
-        disp: ``[B, *spatial, D]`` displacement in voxels (channel j along axis j).
-
-    Returns:
-        ``[B, *spatial, K]``; sample coordinates outside the image are clamped to its border.
-    """
-    image = tf.convert_to_tensor(image, tf.float32)
-    disp = tf.convert_to_tensor(disp, tf.float32)
-    shape = image.shape[1:-1]
-    ndim = len(shape)
-    grid = tf.stack(tf.meshgrid(*[tf.range(s, dtype=tf.float32) for s in shape], indexing="ij"), axis=-1)
-    coords = grid[None] + disp
-    upper = tf.constant([float(s - 1) for s in shape], tf.float32)
-    coords = tf.clip_by_value(coords, 0.0, upper)
-    lo = tf.floor(coords)
-    frac = coords - lo
-    lo = tf.cast(lo, tf.int32)
-    hi = tf.minimum(lo + 1, tf.cast(upper, tf.int32))
-    out = 0.0
-    for corner in range(2 ** ndim):
-        bits = [(corner >> a) & 1 for a in range(ndim)]
-        idx = tf.stack([hi[..., a] if bits[a] else lo[..., a] for a in range(ndim)], axis=-1)
-        w = 1.0
-        for a in range(ndim):
-            w = w * (frac[..., a] if bits[a] else 1.0 - frac[..., a])
-        out = out + w[..., None] * tf.gather_nd(image, idx, batch_dims=1)
-    return out
-
-
-
-def jacobian_determinant(u: tf.Tensor) -> tf.Tensor:
-    """``det(I + grad u)`` ``[N, *spatial]`` of displacements ``u [N, *spatial, D]`` (voxels).
-
-    Central differences inside, one-sided at the border: the discretization of ``np.gradient``,
-    so the values match ``eval_metrics.jacobian_determinant`` (float32). Every spatial axis needs
-    at least 2 voxels.
-    """
-    u = tf.convert_to_tensor(u, tf.float32)
-    ndim = u.shape.rank - 2
-    grads = []  # grads[i][..., j] = d u_j / d x_i
-    for i in range(ndim):
-        ax = i + 1
-        n = u.shape[ax]
-        if n is None or n < 2:
-            raise ValueError(f"jacobian_determinant: spatial axis {i} has {n} voxels (needs >= 2)")
-
-        def sl(a, b, ax=ax):
-            idx = [slice(None)] * u.shape.rank
-            idx[ax] = slice(a, b)
-            return u[tuple(idx)]
-
-        parts = [sl(1, 2) - sl(0, 1)]
-        if n > 2:
-            parts.append(0.5 * (sl(2, None) - sl(None, -2)))
-        parts.append(sl(n - 1, n) - sl(n - 2, n - 1))
-        grads.append(tf.concat(parts, axis=ax))
-    return det_from_grads([[grads[i][..., j] for j in range(ndim)] for i in range(ndim)])
+from .params import ParamSpec
+from .tf_ops import box_smooth, jacobian_determinant, warp_linear
 
 
 def fold_penalty(u: tf.Tensor, eps: float = 0.1, det: Optional[tf.Tensor] = None) -> tf.Tensor:
@@ -148,17 +88,6 @@ def log_jacobian_penalty(u: tf.Tensor, eps: float = 0.1, det: Optional[tf.Tensor
     det = jacobian_determinant(u) if det is None else det
     logj = tf.math.log(tf.maximum(det, eps))
     return tf.reduce_mean(tf.square(logj), axis=list(range(1, det.shape.rank)))
-
-
-def box_smooth(v: tf.Tensor, passes: int) -> tf.Tensor:
-    """``passes`` successive 3-voxel means along every axis (stride 1, 'SAME': the border means
-    average only the voxels inside), per channel; ``v [N, *spatial, K]``."""
-    v = tf.convert_to_tensor(v, tf.float32)
-    ndim = v.shape.rank - 2
-    pool = tf.nn.avg_pool2d if ndim == 2 else tf.nn.avg_pool3d
-    for _ in range(int(passes)):
-        v = pool(v, ksize=3, strides=1, padding="SAME")
-    return v
 
 
 def _interp_matrix(n: int, m: int, centred: bool = False) -> np.ndarray:
@@ -201,7 +130,7 @@ def integrate_svf(v: tf.Tensor, steps: int = 7) -> tf.Tensor:
     (voxels) by scaling and squaring, ``d <- d + d(x + d)`` ``steps`` times from ``v / 2^steps``."""
     d = v / float(2 ** int(steps))
     for _ in range(int(steps)):
-        d = d + linear_warp(d, d)
+        d = d + warp_linear(d, d)
     return d
 
 
@@ -233,103 +162,55 @@ def auto_scale(shape: Sequence[int], min_side: int = AUTO_SCALE_MIN_SIDE) -> int
 PAIR_VOXEL_BUDGET = 2 ** 21  # voxels per refinement chunk (64^3: 8 pairs; ~2.4 GB at the ~1.2 kB per voxel of docs/pipeline.md "3D")
 
 
-def split_steps(steps: int, weights: Sequence[float]) -> List[int]:
-    """``steps`` split over levels in proportion to ``weights`` (floors; the remainder goes to the
-    last, finest level), so the parts sum to ``steps`` exactly."""
-    w = np.asarray(weights, np.float64)
-    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"level split weights must be >= 0 with a positive sum, got {list(weights)}")
-    parts = [int(np.floor(int(steps) * x / w.sum())) for x in w]
-    parts[-1] += int(steps) - sum(parts)
-    return parts
-
-
 def _coarse_shape(shape: Sequence[int], grid: int) -> Tuple[int, ...]:
     return tuple(max(2, -(-int(n) // int(grid))) if grid > 1 else int(n) for n in shape)
 
 
 class Refiner:
-    """Compiled per-pair refinement for one model's loss (``spec``, spacing, NCC window).
+    """Compiled per-pair refinement for one model's loss (``spec`` and :class:`.configs.LossConfig`).
 
-    ``Refiner(spec, spacing, win, energy_scale)(moving, fixed, u0, hyp, fixed_seg, steps, lr)``
-    returns ``(u, loss_start, loss_end)``: the refined displacement ``[N, *spatial, D]`` (numpy, voxels)
+    ``Refiner(spec, loss, options)(moving, fixed, u0, hyp, fixed_seg, steps, lr)`` returns
+    ``(u, loss_start, loss_end)``: the refined displacement ``[N, *spatial, D]`` (numpy, voxels)
     and the per-pair objective ``[N]`` (:meth:`loss`) before and after (that of the returned
     ``u``).
 
-    Keyword-only options (module docstring; defaults = the original voxelwise refinement):
-    ``fold_weight`` (>= 0) and ``fold_eps`` of the folding penalty, ``logj_weight`` (>= 0) of the
-    log-Jacobian penalty, ``smooth`` (box-filter passes of the update), ``grid`` (update grid
-    coarsening factor, >= 1), ``svf`` (refine a velocity field and compose its exponential with
-    ``u0``), ``int_steps`` (its squarings), ``scale`` (optimize on images downsampled by this
-    factor per axis, 0: :func:`auto_scale` of each call's image size), ``levels`` (a coarse-to-
-    fine pyramid of such factors, e.g. ``(4, 2, 1)``; None: the single level ``scale``; with
-    levels, ``scale`` must be 0 or 1 and is not used), ``level_split`` (relative steps per level,
-    None: equal) and ``pair_batch`` (pairs per chunk, None: about :data:`PAIR_VOXEL_BUDGET`
-    voxels per chunk; module docstring).
+    ``loss``: the run's loss (None: ``LossConfig()``, unit spacing, NCC window 9, ``K = 1``,
+    linear mapping; :meth:`from_config` reads a run's). ``options``: :class:`.configs.RefineConfig`
+    (module docstring; None: its defaults, the refinement that does not tear;
+    ``RefineConfig.original()`` is the original voxelwise one). ``pair_batch``: pairs per chunk
+    (None: about :data:`PAIR_VOXEL_BUDGET` voxels per chunk; the result does not depend on it).
     """
 
-    def __init__(self, spec: ParamSpec, spacing: Optional[Sequence[float]] = None, win: int = 9,
-                 energy_scale: float = 1.0, mapping: Optional[HypMapping] = None, *,
-                 fold_weight: float = 0.0, fold_eps: float = 0.1, logj_weight: float = 0.0, smooth: int = 0,
-                 grid: int = 1, svf: bool = False, int_steps: int = 7, scale: int = 1,
-                 levels: Optional[Sequence[int]] = None, level_split: Optional[Sequence[float]] = None,
-                 pair_batch: Optional[int] = None):
+    def __init__(self, spec: ParamSpec, loss: Optional[LossConfig] = None, options: Optional[RefineConfig] = None,
+                 *, pair_batch: Optional[int] = None):
         self.spec = spec
-        self.mapping = mapping
-        self.spacing = None if spacing is None else [float(s) for s in spacing]
-        self.win = int(win)
-        self.energy_scale = float(energy_scale)
-        if fold_weight < 0:
-            raise ValueError(f"fold_weight must be >= 0, got {fold_weight}")
-        if logj_weight < 0:
-            raise ValueError(f"logj_weight must be >= 0, got {logj_weight}")
-        if smooth < 0 or int(smooth) != smooth:
-            raise ValueError(f"smooth must be an integer >= 0, got {smooth}")
-        if grid < 1 or int(grid) != grid:
-            raise ValueError(f"grid must be an integer >= 1, got {grid}")
-        if int_steps < 0:
-            raise ValueError(f"int_steps must be >= 0, got {int_steps}")
-        if scale < 0 or int(scale) != scale:
-            raise ValueError(f"scale must be an integer >= 1, or 0 (auto), got {scale}")
-        self.scale_option = int(scale)
-        self.scale = max(int(scale), 1)
-        self.levels: Optional[Tuple[int, ...]] = None
-        if levels is not None:
-            levels = list(levels)
-            if not levels or any(int(f) != f or f < 1 for f in levels):
-                raise ValueError(f"levels must be integers >= 1 (shrink factors, coarse to fine), got {levels}")
-            if any(a <= b for a, b in zip(levels, levels[1:])):
-                raise ValueError(f"levels must decrease (coarse to fine, e.g. 4 2 1), got {levels}")
-            if int(scale) > 1:
-                raise ValueError(f"give either scale ({scale}) or levels ({levels}), not both")
-            self.levels = tuple(int(f) for f in levels)
-        if level_split is not None:
-            if self.levels is None:
-                raise ValueError("level_split needs levels")
-            if len(level_split) != len(self.levels):
-                raise ValueError(f"level_split has {len(level_split)} weights for {len(self.levels)} levels")
-            split_steps(1, level_split)  # validates the weights
-        self.level_split = None if level_split is None else tuple(float(w) for w in level_split)
-        self.fold_weight = float(fold_weight)
-        self.fold_eps = float(fold_eps)
-        self.logj_weight = float(logj_weight)
-        self.smooth = int(smooth)
-        self.grid = int(grid)
-        self.svf = bool(svf)
-        self.int_steps = int(int_steps)
+        self.loss_config = LossConfig() if loss is None else loss
+        self.options = RefineConfig() if options is None else options
+        if not isinstance(self.loss_config, LossConfig) or not isinstance(self.options, RefineConfig):
+            raise TypeError(f"Refiner(spec, loss: LossConfig, options: RefineConfig), got "
+                            f"{type(self.loss_config).__name__} and {type(self.options).__name__}")
+        opt = self.options
+        self.spacing = None if self.loss_config.spacing is None else list(self.loss_config.spacing)
+        self.scale_option = opt.scale
+        self.scale = max(opt.scale, 1)  # the level being refined (plan() sets it per level)
+        self.levels, self.level_split = opt.levels, opt.level_split
+        self.fold_weight, self.fold_eps, self.logj_weight = opt.fold_weight, opt.fold_eps, opt.logj_weight
+        self.smooth, self.grid, self.svf, self.int_steps = opt.smooth, opt.grid, opt.svf, opt.int_steps
         if pair_batch is not None and (int(pair_batch) != pair_batch or pair_batch < 1):
             raise ValueError(f"pair_batch must be an integer >= 1 or None, got {pair_batch}")
         self.pair_batch = None if pair_batch is None else int(pair_batch)
 
     @classmethod
-    def from_config(cls, config: dict, spacing: Optional[Sequence[float]] = None, **options) -> "Refiner":
-        """The refiner of a saved run (``config.json``): its spec, spacing (or ``spacing``, e.g. of
-        a resampled grid), NCC window, energy scale ``K`` and hyperparameter mapping (runs made
-        before these existed: ``K = 1``, linear); ``options``: the keyword-only plausibility
-        options (class docstring)."""
-        loss = config.get("loss", {})
-        return cls(ParamSpec.from_model_config(config["model"]), loss.get("spacing") if spacing is None else spacing,
-                   loss.get("ncc_win", 9), loss.get("energy_scale", 1.0), HypMapping.from_loss_config(loss), **options)
+    def from_config(cls, config: dict, spacing: Optional[Sequence[float]] = None,
+                    options: Optional[RefineConfig] = None, *, pair_batch: Optional[int] = None) -> "Refiner":
+        """The refiner of a saved run (``config.json``): its spec and loss
+        (:meth:`.configs.LossConfig.from_run_config`: spacing, NCC window, energy scale ``K``,
+        hyperparameter mapping; runs made before these existed: ``K = 1``, linear), on voxels of
+        ``spacing`` mm if given (e.g. a resampled grid); ``options`` as in the class docstring."""
+        loss = LossConfig.from_run_config(config)
+        if spacing is not None:
+            loss = loss.with_spacing(spacing)
+        return cls(ParamSpec.from_model_config(config["model"]), loss, options, pair_batch=pair_batch)
 
     def loss(self, moving, fixed, u, hyp, fixed_seg, spacing: Optional[Sequence[float]] = None) -> tf.Tensor:
         """Per-pair objective ``[N]`` of displacement ``u``: the training loss
@@ -338,9 +219,9 @@ class Refiner:
         overrides the refiner's (mm per voxel; the coarse level of ``scale`` uses ``scale`` times it)."""
         moving, fixed = tf.convert_to_tensor(moving, tf.float32), tf.convert_to_tensor(fixed, tf.float32)
         hyp, u = tf.convert_to_tensor(hyp, tf.float32), tf.convert_to_tensor(u, tf.float32)
-        warped = linear_warp(moving, u)
-        out = loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, self.spacing if spacing is None else spacing,
-                         self.win, self.energy_scale, self.mapping)["loss"]
+        warped = warp_linear(moving, u)
+        loss = self.loss_config if spacing is None else self.loss_config.with_spacing(spacing)
+        out = loss_terms(self.spec, fixed, warped, u, hyp, fixed_seg, loss)["loss"]
         det = jacobian_determinant(u) if self.fold_weight > 0 or self.logj_weight > 0 else None
         if self.fold_weight > 0:
             out = out + self.fold_weight * fold_penalty(u, self.fold_eps, det)
@@ -355,7 +236,7 @@ class Refiner:
         if not self.svf:
             return u0 + v
         d = integrate_svf(v, self.int_steps)
-        return d + linear_warp(u0, d)
+        return d + warp_linear(u0, d)
 
     def _check(self, moving, u0, hyp, steps) -> None:
         if u0.shape[:-1] != tuple(moving.shape[:-1]) or u0.shape[-1] != len(moving.shape) - 2:
@@ -467,7 +348,7 @@ class Refiner:
             v = integrate_svf(v, self.int_steps)
         d = s * upsample_linear(v, u0.shape[1:-1], centred=True)  # fine voxels
         u0_t = tf.constant(u0)
-        u = d + linear_warp(u0_t, d) if self.svf else u0_t + d
+        u = d + warp_linear(u0_t, d) if self.svf else u0_t + d
         end = self.loss(moving, fixed, u, hyp, seg).numpy()
         better = end < start
         keep = better.reshape([-1] + [1] * (u0.ndim - 1))

@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from datasets.atomic import atomic_write
 
@@ -205,18 +205,7 @@ def arg_argv(text: str) -> str:
 arg_argv.__name__ = "options"
 
 
-# ---- refinement options (inference.py, run_pipeline.py) --------------------------------------
-#: Command-line defaults of the refinement's plausibility options (:class:`.refinement.Refiner`
-#: keyword arguments), chosen from ``benchmarks/bench_refine.py`` (docs/extensions.md "Refinement that does
-#: not tear"). The Refiner's own defaults are the original voxelwise refinement.
-#: ``levels`` (4, 2, 1): a coarse-to-fine pyramid whose ``level_split`` weights (None: equal) share
-#: the ``--refine`` steps; at the same 100 steps it beat the single level (``levels`` None, i.e.
-#: ``scale``) on the stress pairs (Dice 0.974 -> 0.985, dense EPE 0.29 -> 0.15 mm, less than half the
-#: CPU time) and tied on the demo pairs (docs/peer_and_refinement.md).
-REFINE_DEFAULTS = {"fold_weight": 100.0, "logj_weight": 1.0, "smooth": 3, "grid": 2, "svf": False, "scale": 0,
-                   "levels": (4, 2, 1), "level_split": None}
-
-
+# ---- refinement options (inference.py, run_pipeline.py, register.py) -----------------------------
 def _arg_level(text: str):
     """argparse ``type`` of ``--refine-levels``: an integer >= 1, or ``off``."""
     import argparse
@@ -235,46 +224,38 @@ def _arg_level(text: str):
 _arg_level.__name__ = "shrink factor"
 
 
-def _levels_of(args) -> Optional[Tuple[int, ...]]:
-    levels = getattr(args, "refine_levels", REFINE_DEFAULTS["levels"])
-    if levels is None or list(levels) == ["off"]:
-        return None
-    if "off" in levels:
-        raise ValueError(f"--refine-levels: 'off' stands alone, got {' '.join(map(str, levels))}")
-    scale = int(getattr(args, "refine_scale", REFINE_DEFAULTS["scale"]))
-    if scale > 1:
-        raise ValueError(f"--refine-scale {scale} is the single-level refinement: give it with --refine-levels off "
-                         f"(the levels {' '.join(map(str, levels))} set every level's factor)")
-    return tuple(int(f) for f in levels)
-
-
 def add_refine_args(group) -> None:
     """Add ``--refine-fold-weight``, ``--refine-logj-weight``, ``--refine-smooth``,
     ``--refine-grid``, ``--refine-scale``, ``--refine-levels``, ``--refine-level-split`` and
-    ``--refine-svf`` to an argparse parser or group (defaults :data:`REFINE_DEFAULTS`)."""
+    ``--refine-svf`` to an argparse parser or group, each with the default of its
+    :class:`.configs.RefineConfig` field (parse them back with ``RefineConfig.from_args``)."""
     import argparse
 
+    from .configs import RefineConfig
+
+    default = RefineConfig()
+
     group.add_argument("--refine-fold-weight", type=arg_float(0.0, inclusive=True),
-                       default=REFINE_DEFAULTS["fold_weight"],
+                       default=default.fold_weight,
                        help="refinement: weight of the folding penalty mean(relu(0.1 - det(I + grad u))^2) "
                             "added to the training loss (0: off, the original refinement, which folds)")
     group.add_argument("--refine-logj-weight", type=arg_float(0.0, inclusive=True),
-                       default=REFINE_DEFAULTS["logj_weight"],
+                       default=default.logj_weight,
                        help="refinement: weight of the log-Jacobian penalty mean(log(max(det(I + grad u), 0.1))^2) "
                             "added to the training loss (keeps the local volume change, SDlogJ, near the "
                             "network's; 0: off)")
-    group.add_argument("--refine-smooth", type=arg_int(0), default=REFINE_DEFAULTS["smooth"],
+    group.add_argument("--refine-smooth", type=arg_int(0), default=default.smooth,
                        help="refinement: successive 3-voxel box filters applied to the update each step (0: off)")
-    group.add_argument("--refine-grid", type=arg_int(1), default=REFINE_DEFAULTS["grid"],
+    group.add_argument("--refine-grid", type=arg_int(1), default=default.grid,
                        help="refinement: the update lives on a grid this many times coarser per axis, "
                             "upsampled linearly (1: the image grid)")
-    group.add_argument("--refine-scale", type=arg_int(0), default=REFINE_DEFAULTS["scale"],
+    group.add_argument("--refine-scale", type=arg_int(0), default=default.scale,
                        help="refinement: evaluate the objective on images this many times coarser per axis (block "
                             "means) and upsample the update; 1: full resolution; 0 (auto): the largest power of two "
                             "that leaves >= 64 voxels per axis (1 at 64^2, 2 at 128^2: ~4x faster, no Dice lost there; "
                             "at 64^2 a factor 2 lost 0.02-0.05 Dice). Image sizes must be divisible by it. Only with "
                             "--refine-levels off")
-    default_levels = REFINE_DEFAULTS["levels"]
+    default_levels = default.levels
     group.add_argument("--refine-levels", type=_arg_level, nargs="+",
                        default=None if default_levels is None else list(default_levels), metavar="FACTOR",
                        help="refinement: a coarse-to-fine pyramid of shrink factors (e.g. 4 2 1, as ANTs' "
@@ -285,37 +266,9 @@ def add_refine_args(group) -> None:
                             "divide every image size (default 4 2 1: at the same steps it beat the single level on the "
                             "stress pairs, docs/peer_and_refinement.md). 'off': one level, --refine-scale")
     group.add_argument("--refine-level-split", type=arg_float(0.0, inclusive=True), nargs="+",
-                       default=REFINE_DEFAULTS["level_split"], metavar="WEIGHT",
+                       default=default.level_split, metavar="WEIGHT",
                        help="refinement: relative share of the --refine steps per --refine-levels level (one weight "
                             "per level; unset: equal shares, the remainder to the finest level)")
-    group.add_argument("--refine-svf", action=argparse.BooleanOptionalAction, default=REFINE_DEFAULTS["svf"],
+    group.add_argument("--refine-svf", action=argparse.BooleanOptionalAction, default=default.svf,
                        help="refinement: optimize a stationary velocity field, integrate it (scaling and squaring) "
                             "and compose it with the network's map (diffeomorphic by construction)")
-
-
-def refine_kwargs(args) -> Dict:
-    """The :class:`.refinement.Refiner` keyword options of parsed ``add_refine_args`` arguments."""
-    return {"fold_weight": float(args.refine_fold_weight), "logj_weight": float(args.refine_logj_weight),
-            "smooth": int(args.refine_smooth),
-            "grid": int(args.refine_grid), "svf": bool(args.refine_svf),
-            "scale": int(getattr(args, "refine_scale", REFINE_DEFAULTS["scale"])),
-            "levels": _levels_of(args), "level_split": _split_of(args)}
-
-
-def _split_of(args) -> Optional[Tuple[float, ...]]:
-    split = getattr(args, "refine_level_split", REFINE_DEFAULTS["level_split"])
-    if split is None:
-        return None
-    if _levels_of(args) is None:
-        raise ValueError("--refine-level-split needs --refine-levels")
-    return tuple(float(w) for w in split)
-
-
-def refine_argv(args) -> List[str]:
-    """Command-line tokens passing the refinement options of ``args`` on to another script."""
-    return ["--refine-fold-weight", repr(float(args.refine_fold_weight)),
-            "--refine-logj-weight", repr(float(args.refine_logj_weight)), "--refine-smooth", str(args.refine_smooth),
-            "--refine-grid", str(args.refine_grid), "--refine-scale", str(getattr(args, "refine_scale", REFINE_DEFAULTS["scale"])),
-            "--refine-svf" if args.refine_svf else "--no-refine-svf",
-            "--refine-levels", *(["off"] if _levels_of(args) is None else [str(f) for f in _levels_of(args)]),
-            *(["--refine-level-split", *[repr(w) for w in _split_of(args)]] if _split_of(args) else [])]

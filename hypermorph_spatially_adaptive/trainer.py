@@ -54,6 +54,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import artifacts as art
+from .configs import LossConfig
 from .profiles import CHOICES, PROFILES
 
 
@@ -393,8 +394,9 @@ def _folder_state(run_dir: str):
     if problem:
         return "foreign", f"holds a config.json that is not a run config of this code ({problem}) besides {listing}"
     if isinstance(config.get("loss"), dict):  # runs made before these options existed: K = 1, linear
-        config["loss"].setdefault("energy_scale", 1.0)
-        config["loss"].setdefault("hyp_mapping", {"kind": "linear"})
+        trained_with = LossConfig()
+        config["loss"].setdefault("energy_scale", trained_with.energy_scale)
+        config["loss"].setdefault("hyp_mapping", trained_with.hyp_mapping.to_dict())
     from .profiles import Fidelity
 
     # runs made before --profile: paper runs with their own three settings; settings added since
@@ -490,9 +492,9 @@ def _args_config(preset: str, args: argparse.Namespace) -> Dict:
                   "int_resolution": args.int_resolution, "hyp_layers": args.hyp_layers, "hyp_units": args.hyp_units,
                   **cond},
         "fidelity": resolve_fidelity(args).to_dict(),
-        "loss": {"ncc_win": args.ncc_win, "reg_field": args.reg_field, "hyp_sampling": sampling,
-                 "oversample_endpoints": args.oversample_endpoints, "energy_scale": args.energy_scale,
-                 "hyp_mapping": _mapping(args).to_dict()},
+        "loss": LossConfig(ncc_win=args.ncc_win, reg_field=args.reg_field, hyp_sampling=sampling,
+                           oversample_endpoints=args.oversample_endpoints, energy_scale=args.energy_scale,
+                           hyp_mapping=_mapping(args)).to_dict(),  # "spacing" is added from the data
         "training": {"batch_size": args.batch_size, "lr": args.lr, "optimizer": "Adam", "strategy": args.strategy,
                      "epochs": args.epochs, "val_every": args.val_every, "log_every": args.log_every,
                      "checkpoint_every": args.checkpoint_every, "determinism": not args.no_determinism},
@@ -541,12 +543,15 @@ def make_optimizer(model, lr: float):
     return optimizer
 
 
-def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: int, use_svf: bool,
-                    global_batch: int, energy_scale: float = 1.0, mapping=None, fidelity=None):
+def make_train_step(model, optimizer, strategy, step_var, spec, loss: LossConfig, global_batch: int,
+                    fidelity=None):
     """The compiled training step: ``train_step(batch) -> {term: scalar}``.
 
-    ``batch`` is a (distributed) dict ``moving, fixed, fixed_seg, hyp``. Each replica sums its
-    per-sample loss terms and divides by the *global* batch size, so gradients add up correctly
+    ``batch`` is a (distributed) dict ``moving [B, *spatial, 1], fixed [B, *spatial, 1],
+    fixed_seg [B, *spatial] int, hyp [B, P]``. ``loss`` (:class:`.configs.LossConfig`): spacing
+    (mm), NCC window (voxels), energy scale ``K``, hyperparameter mapping and ``reg_field``
+    (``svf``: the energy acts on the velocity field, else on the displacement). Each replica sums
+    its per-sample loss terms and divides by the *global* batch size, so gradients add up correctly
     across replicas; the returned terms are summed over replicas (= means over the global batch).
     ``step_var`` is incremented once per call. ``fidelity`` (:class:`.profiles.Fidelity`, None =
     paper) selects the similarity weight, diffusion energy and NCC numerics of the loss.
@@ -556,14 +561,16 @@ def make_train_step(model, optimizer, strategy, step_var, spec, spacing, win: in
     from .losses import loss_terms
     from .models import call_model
 
+    use_svf = loss.reg_field == "svf"
+
     def replica_step(batch):
         with tf.GradientTape() as tape:
             warped, disp, svf = call_model(model, batch["moving"], batch["fixed"], batch["hyp"], batch["fixed_seg"],
                                            training=True)
             terms = loss_terms(spec, batch["fixed"], warped, svf if use_svf else disp, batch["hyp"],
-                               batch["fixed_seg"], spacing, win, energy_scale, mapping, fidelity)
-            loss = tf.reduce_sum(terms["loss"]) / global_batch
-        grads = tape.gradient(loss, model.trainable_variables)
+                               batch["fixed_seg"], loss, fidelity)
+            total = tf.reduce_sum(terms["loss"]) / global_batch
+        grads = tape.gradient(total, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return {k: tf.reduce_sum(v) / global_batch for k, v in terms.items()}
 
@@ -704,7 +711,7 @@ def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[s
         config, start_step = resumed
     else:
         config.update(versions=runio.versions(), command=command, finished=False)
-    return _start(preset, args, run_dir, state, old, config, (dataset, mc, spec, steps, start_step, spacing))
+    return _start(preset, args, run_dir, state, old, config, (dataset, mc, spec, steps, start_step))
 
 
 def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old: Optional[Dict], config: Dict,
@@ -775,8 +782,8 @@ def _constrained(args: argparse.Namespace) -> bool:
     return reg == "elastic" and resolve_fidelity(args).constrained(sa)
 
 
-def _validator(model, dataset, spec, spacing: List[float], args: argparse.Namespace, energy_scale: float, mapping):
-    """``validate() -> (mean loss, mean NCC)`` over every validation pair with fixed hyperparameters
+def _validator(model, dataset, spec, loss: LossConfig, args: argparse.Namespace):
+    """``validate() -> (mean loss, mean NCC)`` of the training ``loss`` over every validation pair with fixed hyperparameters
     (drawn from ``seed + 104729``), one compiled forward pass per batch; ``(nan, nan)`` without
     validation (``--val-every 0``)."""
     import numpy as np
@@ -785,16 +792,15 @@ def _validator(model, dataset, spec, spacing: List[float], args: argparse.Namesp
     from .losses import loss_terms
     from .models import call_model
 
-    use_svf = args.reg_field == "svf"
-    win, seed, bsz = int(args.ncc_win), int(args.seed), int(args.batch_size)
+    use_svf = loss.reg_field == "svf"
+    seed, bsz = int(args.seed), int(args.batch_size)
     val_ids = dataset.split_ids("val") if args.val_every > 0 else []
     val = dataset.arrays("val") if val_ids else None
 
     @tf.function(autograph=False)
     def eval_batch(moving, fixed, seg, hyp):
         warped, disp, svf = call_model(model, moving, fixed, hyp, seg, training=False)
-        t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, spacing, win, energy_scale, mapping,
-                       args.fidelity)
+        t = loss_terms(spec, fixed, warped, svf if use_svf else disp, hyp, seg, loss, args.fidelity)
         return t["loss"], t["ncc"]
 
     def validate():
@@ -912,14 +918,14 @@ def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: 
 
 
 def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, dataset, mc, spec, steps: int,
-           resume_from: int, spacing: List[float], on_checkpoint=None) -> str:
-    """The TensorFlow part of :func:`run` (folder and data already checked, config written)."""
+           resume_from: int, on_checkpoint=None) -> str:
+    """The TensorFlow part of :func:`run` (folder and data already checked, config written; the
+    loss is the one ``config["loss"]`` records, :class:`.configs.LossConfig`)."""
     _setup_devices(args)
     import tensorflow as tf
 
     from . import runio
     from .models import build_model
-    from .params import HypMapping
 
     tf.keras.utils.set_random_seed(args.seed)
     if not args.no_determinism:
@@ -946,12 +952,10 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     start = int(step_var.numpy())
     batches = _train_batches(dataset, strategy, spec.num_params, args, start)
 
-    energy_scale = float(config["loss"].get("energy_scale", 1.0))
-    mapping = HypMapping.from_loss_config(config["loss"])
-    train_step = make_train_step(model, optimizer, strategy, step_var, spec, spacing, int(args.ncc_win),
-                                 args.reg_field == "svf", int(args.batch_size), energy_scale, mapping,
+    loss = LossConfig.from_run_config(config)
+    train_step = make_train_step(model, optimizer, strategy, step_var, spec, loss, int(args.batch_size),
                                  fidelity=args.fidelity)
-    validate, has_val = _validator(model, dataset, spec, spacing, args, energy_scale, mapping)
+    validate, has_val = _validator(model, dataset, spec, loss, args)
 
     rows = _read_log(os.path.join(run_dir, art.TRAIN_LOG), start) if resume_prefix else []
     t0 = time.time()

@@ -174,3 +174,67 @@ def test_atomic_write_writes_a_dataframe_as_csv_without_index(tmp_path):
     atomic_write(str(target), df)
     assert target.read_text().splitlines() == ["pair_id,dice", "a,0.5", "b,0.75"]
     _no_temp_files(tmp_path, ["t.csv"])
+
+
+# ------------------------------------------------------------------------------------------------
+# walls between modules (issue 38): private names, scripts, stage file names
+# ------------------------------------------------------------------------------------------------
+#: the command-line scripts at the repository root (CONVENTIONS.md "Import floors", floor 1)
+SCRIPTS = ("run_pipeline", "inference", "register", "parameter_identification", "train_hypermorph_elastic_global",
+           "train_hypermorph_elastic_sa", "train_hypermorph_diffusion_global", "train_hypermorph_diffusion_sa")
+
+
+def _code_files(*folders, top_level=False):
+    files = [os.path.join(ROOT, f) for f in sorted(os.listdir(ROOT)) if f.endswith(".py")] if top_level else []
+    for folder in folders:
+        base = os.path.join(ROOT, folder)
+        files += [os.path.join(base, f) for f in sorted(os.listdir(base)) if f.endswith(".py")]
+    return files
+
+
+def _trees(files):
+    for path in files:
+        with open(path) as fh:
+            yield os.path.relpath(path, ROOT), ast.parse(fh.read(), filename=path)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name with a leading underscore belongs to its module: make it public or move the caller."""
+    bad = []
+    for rel, tree in _trees(_code_files("hypermorph_spatially_adaptive", "datasets", "benchmarks", top_level=True)):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                bad += [f"{rel}:{node.lineno} {node.module or '.'}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad
+
+
+def test_benchmarks_import_no_script():
+    bad = []
+    for rel, tree in _trees(_code_files("benchmarks")):
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            bad += [f"{rel}:{node.lineno} {n}" for n in names if n.split(".")[0] in SCRIPTS]
+    assert not bad, bad
+
+
+def test_benchmarks_spell_no_stage_file_name():
+    """Stage file names live in artifacts.py (CONVENTIONS.md "Stage hand-offs")."""
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    names = {v for k, v in vars(art).items() if k.isupper() and isinstance(v, str) and "." in v}
+    assert {"config.json", "identified_parameters.csv", "per_pair_metrics.csv"} <= names
+    bad = []
+    for rel, tree in _trees(_code_files("benchmarks")):
+        bad += [f"{rel}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]
+    assert not bad, bad
+
+
+def test_the_package_docstring_lists_every_module():
+    import hypermorph_spatially_adaptive as pkg
+
+    modules = [m.name for m in pkgutil.iter_modules([os.path.join(ROOT, "hypermorph_spatially_adaptive")])]
+    missing = [m for m in modules if f":mod:`.{m}`" not in pkg.__doc__]
+    assert len(modules) >= 25 and not missing, missing

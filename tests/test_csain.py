@@ -9,6 +9,7 @@ from scipy.ndimage import gaussian_filter
 
 from hypermorph_spatially_adaptive import artifacts as art
 from hypermorph_spatially_adaptive import losses, runio
+from hypermorph_spatially_adaptive.configs import LossConfig
 from hypermorph_spatially_adaptive.csain import CSAIN, IN_EPS
 from hypermorph_spatially_adaptive.models import ModelConfig, build_model, call_model
 from hypermorph_spatially_adaptive.params import ParamSpec, gaussian_kernel_1d, smooth_maps
@@ -183,8 +184,8 @@ def test_short_csain_training_lowers_the_loss_and_logged_val_loss_reproduces(tmp
     spec = ParamSpec.from_model_config(m)
     hyp = sample_hyperparameters(cfg["seed"] + 104729, 0, len(v["fixed"]), spec.num_params).numpy()
     warped, disp, _ = call_model(model, v["moving"], v["fixed"], hyp, v["fixed_seg"])
-    loss = losses.loss_terms(spec, tf.constant(v["fixed"]), warped, disp, hyp, v["fixed_seg"], cfg["loss"]["spacing"],
-                             cfg["loss"]["ncc_win"])["loss"]
+    loss = losses.loss_terms(spec, tf.constant(v["fixed"]), warped, disp, hyp, v["fixed_seg"],
+                             LossConfig.from_run_config(cfg))["loss"]
     assert abs(float(np.mean(loss)) - val.loc[50, "val_loss"]) < 1e-4
 
 

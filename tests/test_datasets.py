@@ -192,7 +192,7 @@ def check_splits(ds, sizes):
     (2, (70, 15, 15), [1, 1, 0]),
 ])
 def test_split_sizes(n, ratios, expected):
-    sizes = D._split_sizes(n, ratios)
+    sizes = D.split_sizes(n, ratios)
     assert sizes == expected and sum(sizes) == n
 
 

@@ -10,7 +10,8 @@ import inference
 import regularizers
 from hypermorph_spatially_adaptive import losses
 from hypermorph_spatially_adaptive.params import ParamSpec
-from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
+from hypermorph_spatially_adaptive.refinement import Refiner
 from hypermorph_spatially_adaptive.trainer import main as train_main
 
 SPECS = [ParamSpec("elastic", False, 3), ParamSpec("elastic", True, 3), ParamSpec("diffusion", False, 3),
@@ -32,7 +33,7 @@ def test_k1_is_the_paper_loss_and_k_scales_only_the_energy(spec):
     fixed, warped, field, hyp, seg = _case(spec)
     fixed, warped, field = tf.constant(fixed), tf.constant(warped), tf.constant(field)
     spacing = [1.5, 0.8]
-    t1 = losses.loss_terms(spec, fixed, warped, field, hyp, seg, spacing, 5)
+    t1 = losses.loss_terms(spec, fixed, warped, field, hyp, seg, LossConfig(ncc_win=5, spacing=spacing))
     # eq. (1) computed independently from the regularizers and the NCC map
     cc = losses.ncc_map(fixed, warped, 5).numpy()
     k = spec.num_classes + 1
@@ -53,10 +54,11 @@ def test_k1_is_the_paper_loss_and_k_scales_only_the_energy(spec):
     np.testing.assert_allclose(t1["regularization"].numpy(), energy, rtol=1e-5)
     np.testing.assert_allclose(t1["loss"].numpy(), sim + energy, rtol=1e-5)
     # the default is K = 1, bit for bit
-    t_default = losses.loss_terms(spec, fixed, warped, field, hyp, seg, spacing, 5, energy_scale=1.0)
+    t_default = losses.loss_terms(spec, fixed, warped, field, hyp, seg,
+                                  LossConfig(ncc_win=5, spacing=spacing, energy_scale=1.0))
     for key in t1:
         np.testing.assert_array_equal(t1[key].numpy(), t_default[key].numpy())
-    t30 = losses.loss_terms(spec, fixed, warped, field, hyp, seg, spacing, 5, energy_scale=30.0)
+    t30 = losses.loss_terms(spec, fixed, warped, field, hyp, seg, LossConfig(ncc_win=5, spacing=spacing, energy_scale=30.0))
     np.testing.assert_array_equal(t30["similarity"].numpy(), t1["similarity"].numpy())
     np.testing.assert_array_equal(t30["ncc"].numpy(), t1["ncc"].numpy())
     np.testing.assert_allclose(t30["regularization"].numpy(), 30 * energy, rtol=1e-5)
@@ -67,12 +69,12 @@ def test_refiner_uses_the_runs_energy_scale():
     spec = ParamSpec("elastic", False, 3)
     cfg = {"model": {"regularizer": "elastic", "spatially_adaptive": False, "num_classes": 3},
            "loss": {"spacing": [1.0, 1.0], "ncc_win": 5, "energy_scale": 30.0}}
-    r30 = Refiner.from_config(cfg)
-    assert r30.energy_scale == 30.0 and r30.win == 5
+    r30 = Refiner.from_config(cfg, options=RefineConfig.original())
+    assert r30.loss_config.energy_scale == 30.0 and r30.loss_config.ncc_win == 5
     old = json.loads(json.dumps(cfg))
     del old["loss"]["energy_scale"]  # a run made before --energy-scale existed
-    r1 = Refiner.from_config(old)
-    assert r1.energy_scale == 1.0
+    r1 = Refiner.from_config(old, options=RefineConfig.original())
+    assert r1.loss_config.energy_scale == 1.0
     fixed, moving, u, hyp, _ = _case(spec, seed=1)
     l30, l1 = r30.loss(moving, fixed, u, hyp, None).numpy(), r1.loss(moving, fixed, u, hyp, None).numpy()
     energy = regularizers.elastic_regularizer(tf.constant(u), tf.constant(hyp[:, 0]), tf.constant(hyp[:, 1]), [1.0, 1.0]).numpy()
@@ -86,7 +88,7 @@ def test_refiner_uses_the_runs_energy_scale():
 
 
 def test_mixed_energy_scales_are_refused_by_inference():
-    from hypermorph_spatially_adaptive.params import check_same_weighting
+    from hypermorph_spatially_adaptive.configs import check_same_weighting
 
     a = {"loss": {"energy_scale": 30.0}}
     assert check_same_weighting({"sa": a, "g": {"loss": {"energy_scale": 30.0}}}) == 30.0
@@ -106,7 +108,7 @@ def test_training_records_k_and_resume_refuses_another(tmp_path):
     train_main("elastic_global", argv)
     cfg = art.read_config(str(out))
     assert cfg["loss"]["energy_scale"] == 30.0
-    assert Refiner.from_config(cfg).energy_scale == 30.0
+    assert Refiner.from_config(cfg).loss_config.energy_scale == 30.0
     with pytest.raises(ValueError, match="--resume refused: changed --energy-scale 30.0 -> 1.0"):
         train_main("elastic_global", [a for a in argv if a not in ("--energy-scale", "30")] + ["--resume", "--steps", "3"])
 
@@ -137,7 +139,7 @@ def test_log_mapping_loss_has_unit_similarity_and_mapped_weights(spec):
     fixed, warped, field, hyp, seg = _case(spec, seed=2)
     fixed, warped, field = tf.constant(fixed), tf.constant(warped), tf.constant(field)
     m = HypMapping("log", 2.0)
-    t = losses.loss_terms(spec, fixed, warped, field, hyp, seg, None, 5, 3.0, m)
+    t = losses.loss_terms(spec, fixed, warped, field, hyp, seg, LossConfig(ncc_win=5, energy_scale=3.0, hyp_mapping=m))
     cc = losses.ncc_map(fixed, warped, 5).numpy()
     sim_weight = 1.0 if spec.regularizer == "elastic" else 0.5  # linear mapping's value at the centre
     np.testing.assert_allclose(t["similarity"].numpy(), -sim_weight * cc.mean(axis=(1, 2)), rtol=1e-5)
@@ -149,6 +151,7 @@ def test_log_mapping_loss_has_unit_similarity_and_mapped_weights(spec):
     np.testing.assert_allclose(t["regularization"].numpy(), 3.0 * energy, rtol=1e-5)
     # at h = 0.5 everywhere the log mapping is the linear mapping's centre
     half = np.full_like(hyp, 0.5)
-    a = losses.loss_terms(spec, fixed, warped, field, half, seg, None, 5, 3.0, m)["loss"].numpy()
-    b = losses.loss_terms(spec, fixed, warped, field, half, seg, None, 5, 3.0)["loss"].numpy()
+    a = losses.loss_terms(spec, fixed, warped, field, half, seg,
+                          LossConfig(ncc_win=5, energy_scale=3.0, hyp_mapping=m))["loss"].numpy()
+    b = losses.loss_terms(spec, fixed, warped, field, half, seg, LossConfig(ncc_win=5, energy_scale=3.0))["loss"].numpy()
     np.testing.assert_allclose(a, b, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""Gradient-based identification (docs/extensions.md "Gradient identification"): soft Dice, linear warp, optimizer, CLI, inference."""
+"""Gradient-based identification (docs/extensions.md "Gradient identification"): soft Dice objective, optimizer, CLI,
+inference (the linear warp itself: tests/test_tf_ops.py)."""
 import json
 import os
 
@@ -12,6 +13,7 @@ from hypermorph_spatially_adaptive import gradient_identification as gid
 from hypermorph_spatially_adaptive import runio
 from hypermorph_spatially_adaptive.evaluation import pair_metrics
 from hypermorph_spatially_adaptive.registration import Registrar
+from hypermorph_spatially_adaptive.tf_ops import soft_dice, warp_linear
 from conftest import TINY_ARCH  # noqa: E402
 
 ARCH = TINY_ARCH
@@ -20,30 +22,6 @@ CLASSES = ["lung", "bone", "liver"]
 
 # ---------------------------------------------------------------- pieces without a network
 
-@pytest.mark.parametrize("shape", [(9, 7), (5, 6, 4)])
-def test_warp_linear_matches_scipy_linear_interpolation(shape):
-    rng = np.random.default_rng(0)
-    vol = rng.random((2, *shape, 3)).astype(np.float32)
-    disp = rng.uniform(-3, 3, (2, *shape, len(shape))).astype(np.float32)  # reaches outside: edge clamp
-    out = gid.warp_linear(vol, disp).numpy()
-    for b in range(2):
-        ref = eval_metrics.warp_image(vol[b], disp[b], order=1)
-        np.testing.assert_allclose(out[b], ref, atol=1e-5)
-
-
-def test_warp_linear_gradient_wrt_displacement_is_finite_difference():
-    rng = np.random.default_rng(1)
-    vol = tf.constant(rng.random((1, 8, 8, 1)), tf.float32)
-    disp = tf.Variable(rng.uniform(-1.5, 1.5, (1, 8, 8, 2)).astype(np.float32))
-    with tf.GradientTape() as tape:
-        s = tf.reduce_sum(gid.warp_linear(vol, disp) ** 2)
-    g = tape.gradient(s, disp).numpy()
-    d = np.zeros((1, 8, 8, 2), np.float32)
-    d[0, 3, 4, 1] = 1e-2
-    fd = (tf.reduce_sum(gid.warp_linear(vol, disp + d) ** 2) - tf.reduce_sum(gid.warp_linear(vol, disp - d) ** 2)) / 2e-2
-    assert g[0, 3, 4, 1] == pytest.approx(float(fd), rel=1e-2, abs=1e-4)
-
-
 def test_soft_dice_equals_hard_dice_on_binary_labels_with_identity_warp():
     rng = np.random.default_rng(2)
     fixed = rng.integers(0, 4, (2, 32, 32))
@@ -51,9 +29,9 @@ def test_soft_dice_equals_hard_dice_on_binary_labels_with_identity_warp():
     moving[1][moving[1] == 2] = 0       # class 2 only in fixed
     moving[1][moving[1] == 3] = 0
     fixed[1][fixed[1] == 3] = 0         # class 3 in neither image of pair 1
-    warped = gid.warp_linear(gid.tissue_onehot(moving, 3), tf.zeros((2, 32, 32, 2))).numpy()
+    warped = warp_linear(gid.tissue_onehot(moving, 3), tf.zeros((2, 32, 32, 2)), "cell").numpy()
     np.testing.assert_array_equal(warped, gid.tissue_onehot(moving, 3).numpy())
-    soft = gid.soft_dice(gid.tissue_onehot(fixed, 3), warped).numpy()
+    soft = soft_dice(gid.tissue_onehot(fixed, 3), warped).numpy()
     for b in range(2):
         hard = eval_metrics.dice_per_class(fixed[b], moving[b], 3)
         ok = np.isfinite(hard)

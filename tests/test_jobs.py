@@ -1,5 +1,7 @@
-"""run_pipeline.py --jobs: parallel child processes (jobs.py) and the per-stage time table (timing.py)."""
+"""Child processes (jobs.py: run_pipeline.py --jobs, the study's run_child) and the per-stage time table
+(timing.py)."""
 import csv
+import subprocess
 import sys
 import time
 
@@ -52,6 +54,48 @@ def test_job_counts_follow_the_cores():
     assert jobs.default_jobs(1, cores=8) == 1 and jobs.threads_per_job(1, cores=1) == 1
     with pytest.raises(ValueError, match=">= 1"):
         jobs.run_jobs([], parallel=0)
+
+
+def test_run_child_writes_its_log_and_returns_the_exit_status(tmp_path):
+    log_path = tmp_path / "child.log"
+    with open(log_path, "w") as log:
+        rc = jobs.run_child(_py("import sys; print('working'); print('error: bad seed', file=sys.stderr); "
+                                "sys.exit(3)"), stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+    assert rc == 3
+    assert log_path.read_text().splitlines() == ["working", "error: bad seed"]
+    assert jobs.last_error_line(str(log_path)) == "error: bad seed"
+    assert jobs.run_child(_py("pass"), stdout=subprocess.DEVNULL) == 0
+
+
+_PARENT = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+from hypermorph_spatially_adaptive import folders, jobs
+slow = ("import os, sys, time\nprint(os.getpid(), flush=True)\ntry:\n    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n    open({marker!r}, 'w').write('saved'); sys.exit(130)")
+try:
+    jobs.run_jobs([jobs.Job("slow", [sys.executable, "-c", slow])], parallel=1)
+except folders.Terminated as exc:
+    print("raised", type(exc).__name__, exc.signum, flush=True)
+"""
+
+
+def test_sigterm_to_run_jobs_stops_the_children_like_ctrl_c_and_raises_terminated(tmp_path):
+    """One supervisor for both helpers: SIGTERM to the parent stops each job with SIGINT (so a
+    training saves its state), then raises folders.Terminated (a KeyboardInterrupt)."""
+    import os
+    import signal
+
+    marker = tmp_path / "interrupted"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT.format(root=root, marker=str(marker))],
+                              stdout=subprocess.PIPE, text=True)
+    first = parent.stdout.readline()
+    assert first.startswith("[slow] "), first
+    parent.send_signal(signal.SIGTERM)
+    out, _ = parent.communicate(timeout=60)
+    assert marker.read_text() == "saved"
+    assert out.strip().splitlines()[-1] == f"raised Terminated {int(signal.SIGTERM)}"
 
 
 def test_stage_timer_rows_add_up(tmp_path):

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from hypermorph_spatially_adaptive import artifacts as art
 from hypermorph_spatially_adaptive import losses, runio
+from hypermorph_spatially_adaptive.configs import LossConfig
 from hypermorph_spatially_adaptive.models import ModelConfig, build_model
 from hypermorph_spatially_adaptive.params import ParamSpec, parameter_maps, regularization_parameters
 from hypermorph_spatially_adaptive.trainer import main as train_main, sample_hyperparameters
@@ -129,8 +130,9 @@ def test_sa_loss_with_equal_class_parameters_equals_global(reg, shape):
     g_spec, sa_spec = ParamSpec(reg, False, 3), ParamSpec(reg, True, 3)
     glob = rng.random((2, g_spec.num_params)).astype(np.float32)
     sa = np.repeat(glob, 4, axis=1)  # [lam x4, mu x4] or [w x4]
-    lg = losses.loss_terms(g_spec, fixed, warped, disp, glob, None, (1.0, 2.0, 0.5)[:d])
-    ls = losses.loss_terms(sa_spec, fixed, warped, disp, sa, seg, (1.0, 2.0, 0.5)[:d])
+    loss = LossConfig(spacing=(1.0, 2.0, 0.5)[:d])
+    lg = losses.loss_terms(g_spec, fixed, warped, disp, glob, None, loss)
+    ls = losses.loss_terms(sa_spec, fixed, warped, disp, sa, seg, loss)
     for k in ("loss", "similarity", "regularization"):
         assert lg[k].shape == (2,)
         np.testing.assert_allclose(ls[k].numpy(), lg[k].numpy(), rtol=1e-5, atol=1e-7)

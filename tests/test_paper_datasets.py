@@ -94,7 +94,7 @@ def test_nlst_authors_split_and_subfolder(nlst):
     assert "NLST_0030" in test and "NLST_0030" not in train  # the authors' overlap is not copied
     assert "NLST_0150" not in ds.all_ids()
     ordered = D.get_dataset("nlst", str(root), label_dir=str(labels), ndim=3, split_scheme="ordered")
-    assert [len(ordered.split_ids(s)) for s in D.SPLITS] == D._split_sizes(211, (169, 10, 30))
+    assert [len(ordered.split_ids(s)) for s in D.SPLITS] == D.split_sizes(211, (169, 10, 30))
     assert ordered.split_ids("train")[0] == "NLST_0001"  # contiguous in sorted order
     with pytest.raises(ValueError, match="paper-text"):
         D.get_dataset("nlst", str(root), label_dir=str(labels), split_scheme="paper-text")
@@ -237,7 +237,7 @@ def test_lungct_authors_split(lungct):
     assert nums(ds.split_ids("val")) == [21, 22, 23] and nums(ds.split_ids("test")) == [24, 25, 28, 29]
     assert all("imagesTs" in ds.pair_files(p)[0] for p in ds.split_ids("test"))
     ordered = D.get_dataset("l2r-lung", str(root), label_dir=str(labels), split_scheme="ordered")
-    assert [len(ordered.split_ids(s)) for s in D.SPLITS] == D._split_sizes(30, (20, 4, 4))
+    assert [len(ordered.split_ids(s)) for s in D.SPLITS] == D.split_sizes(30, (20, 4, 4))
 
 
 def test_lungct_geometry_and_keypoints_in_world(lungct):

@@ -14,6 +14,7 @@ shapes, hand-over files and conventions are.
 """
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from hypermorph_spatially_adaptive import artifacts as art
+from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
 
 SIZE = (32, 32, 32)
 # tiny networks (one scaling-and-squaring step: the integration stays in every traced graph at a
@@ -207,7 +209,8 @@ def test_refinement_recovers_a_3d_translation():
     shift = np.array([1.5, -1.0, 0.5])
     shape = (20, 20, 20)
     moving, fixed = _shifted_pair(shape, shift)
-    r = Refiner(ParamSpec("diffusion", False, 1), [1.0, 1.0, 1.0], win=5, smooth=2)
+    r = Refiner(ParamSpec("diffusion", False, 1), LossConfig(ncc_win=5, spacing=(1.0, 1.0, 1.0)),
+                replace(RefineConfig.original(), smooth=2))
     u, before, after = r(moving, fixed, np.zeros((1, *shape, 3), np.float32), np.array([[0.3]], np.float32),
                          steps=60, lr=0.2)
     inner = u[0, 5:-5, 5:-5, 5:-5].reshape(-1, 3)
@@ -296,9 +299,10 @@ def test_refinement_in_pair_chunks_equals_one_batch():
     hyp = rng.random((3, 8)).astype(np.float32)
     u0 = rng.normal(0, 0.2, (3, *shape, 3)).astype(np.float32)
     spec = ParamSpec("elastic", True, 3)
-    opts = dict(win=5, fold_weight=100.0, logj_weight=1.0, smooth=1, grid=2)
-    whole = Refiner(spec, [1.0, 1.5, 2.0], **opts)(moving, fixed, u0, hyp, seg, steps=4, lr=0.1)
-    chunked = Refiner(spec, [1.0, 1.5, 2.0], pair_batch=2, **opts)(moving, fixed, u0, hyp, seg, steps=4, lr=0.1)
+    loss = LossConfig(ncc_win=5, spacing=(1.0, 1.5, 2.0))
+    opts = replace(RefineConfig.original(), fold_weight=100.0, logj_weight=1.0, smooth=1, grid=2)
+    whole = Refiner(spec, loss, opts)(moving, fixed, u0, hyp, seg, steps=4, lr=0.1)
+    chunked = Refiner(spec, loss, opts, pair_batch=2)(moving, fixed, u0, hyp, seg, steps=4, lr=0.1)
     for a, b in zip(whole, chunked):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,11 +1,20 @@
-"""Instance optimization (hypermorph_spatially_adaptive.refinement): warp convention, zero steps,
-loss decrease, recovery of a known translation."""
+"""Instance optimization (hypermorph_spatially_adaptive.refinement): zero steps, loss decrease,
+recovery of a known translation (the warp and the Jacobian: tests/test_tf_ops.py)."""
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+from dataclasses import replace
+
+from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
 from hypermorph_spatially_adaptive.params import ParamSpec
-from hypermorph_spatially_adaptive.refinement import Refiner, linear_warp
+from hypermorph_spatially_adaptive.refinement import Refiner
+
+
+def _refiner(spec, win=9, **options):
+    """A Refiner on unit 2D spacing with NCC window ``win``: the original refinement
+    (``RefineConfig.original()``) plus ``options``, what most tests here measure."""
+    return Refiner(spec, LossConfig(ncc_win=win, spacing=(1.0, 1.0)), replace(RefineConfig.original(), **options))
 
 
 def _smooth_image(shape, seed=0, sigma=3.0):
@@ -13,23 +22,6 @@ def _smooth_image(shape, seed=0, sigma=3.0):
     img = ndi.gaussian_filter(rng.standard_normal(shape), sigma)
     img = (img - img.min()) / (img.max() - img.min())
     return img.astype(np.float32)
-
-
-def test_linear_warp_matches_map_coordinates():
-    rng = np.random.default_rng(1)
-    img = rng.random((2, 12, 10, 1)).astype(np.float32)
-    disp = rng.uniform(-2.5, 2.5, (2, 12, 10, 2)).astype(np.float32)
-    out = linear_warp(img, disp).numpy()
-    for b in range(2):
-        coords = np.indices((12, 10)).astype(np.float64) + np.moveaxis(disp[b], -1, 0)
-        ref = ndi.map_coordinates(img[b, ..., 0].astype(np.float64), coords, order=1, mode="nearest")
-        np.testing.assert_allclose(out[b, ..., 0], ref, atol=1e-5)
-
-
-def test_linear_warp_3d_zero_flow_is_identity():
-    img = np.random.default_rng(2).random((1, 6, 5, 4, 2)).astype(np.float32)
-    out = linear_warp(img, np.zeros((1, 6, 5, 4, 3), np.float32)).numpy()
-    np.testing.assert_allclose(out, img, atol=1e-6)
 
 
 def _pair(shape=(32, 32), shift=(1.5, -1.0)):
@@ -44,7 +36,7 @@ def _pair(shape=(32, 32), shift=(1.5, -1.0)):
 def test_zero_steps_returns_the_start_unchanged():
     moving, fixed = _pair()
     u0 = np.random.default_rng(3).normal(0, 0.3, (1, 32, 32, 2)).astype(np.float32)
-    r = Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], win=5)
+    r = _refiner(ParamSpec("elastic", False, 3), 5)
     u, before, after = r(moving, fixed, u0, np.array([[0.2, 0.2]]), steps=0)
     np.testing.assert_array_equal(u, u0)
     assert before == pytest.approx(after)
@@ -58,7 +50,7 @@ def test_few_steps_lower_the_loss_and_keep_shape():
     spec = ParamSpec("elastic", True, 3)
     hyp = np.array([[0.2, 0.5, 0.9, 0.3, 0.2, 0.5, 0.9, 0.3]], np.float32)
     u0 = np.zeros((1, 32, 32, 2), np.float32)
-    u, before, after = Refiner(spec, [1.0, 1.0], win=5)(moving, fixed, u0, hyp, seg, steps=10, lr=0.1)
+    u, before, after = _refiner(spec, 5)(moving, fixed, u0, hyp, seg, steps=10, lr=0.1)
     assert u.shape == u0.shape and u.dtype == np.float32
     assert after[0] < before[0] - 1e-3
 
@@ -68,7 +60,7 @@ def test_known_translation_is_recovered():
     shift = np.array([1.5, -1.0])
     moving, fixed = _pair((48, 48), tuple(shift))
     u0 = np.zeros((1, 48, 48, 2), np.float32)
-    r = Refiner(ParamSpec("diffusion", False, 1), [1.0, 1.0], win=7)
+    r = _refiner(ParamSpec("diffusion", False, 1), 7)
     u, before, after = r(moving, fixed, u0, np.array([[0.3]], np.float32), steps=150, lr=0.1)
     inner = u[0, 12:-12, 12:-12]  # away from the clamped border
     err = np.abs(inner - shift).max(axis=(0, 1))
@@ -78,7 +70,7 @@ def test_known_translation_is_recovered():
 
 def test_bad_inputs_are_refused():
     moving, fixed = _pair()
-    r = Refiner(ParamSpec("elastic", True, 3), [1.0, 1.0], win=5)
+    r = _refiner(ParamSpec("elastic", True, 3), 5)
     u0 = np.zeros((1, 32, 32, 2), np.float32)
     with pytest.raises(ValueError, match="fixed segmentation"):
         r(moving, fixed, u0, np.full((1, 8), 0.5), None, steps=1)
@@ -93,7 +85,7 @@ def test_never_ends_above_the_start():
     first steps move every voxel by about lr and can raise it, the best iterate is kept."""
     moving, fixed = _pair()
     u0 = ndi.gaussian_filter(np.random.default_rng(4).normal(0, 1.0, (1, 32, 32, 2)), (0, 3, 3, 0)).astype(np.float32)
-    r = Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], win=5)
+    r = _refiner(ParamSpec("elastic", False, 3), 5)
     for steps in (1, 3, 30):
         u, before, after = r(moving, fixed, u0, np.array([[1.0, 1.0]], np.float32), steps=steps, lr=0.5)
         assert after[0] <= before[0]
@@ -110,19 +102,6 @@ def _folded_field(n=32):
     return u[None].astype(np.float32)
 
 
-def test_jacobian_determinant_matches_eval_metrics():
-    import eval_metrics
-    from hypermorph_spatially_adaptive.refinement import jacobian_determinant
-
-    rng = np.random.default_rng(5)
-    u2 = rng.normal(0, 0.7, (2, 9, 7, 2)).astype(np.float32)
-    u3 = rng.normal(0, 0.7, (1, 5, 6, 4, 3)).astype(np.float32)
-    for u in (u2, u3):
-        got = jacobian_determinant(u).numpy()
-        for b in range(u.shape[0]):
-            np.testing.assert_allclose(got[b], eval_metrics.jacobian_determinant(u[b]), rtol=1e-5, atol=1e-5)
-
-
 def test_fold_penalty_unfolds_a_folded_field():
     """Energy-free loss (lambda = mu = 1 leaves only the elastic energy, here tiny against the
     penalty): the folding penalty alone must take %negJ of a deliberately folded field to 0."""
@@ -131,11 +110,11 @@ def test_fold_penalty_unfolds_a_folded_field():
     u0 = _folded_field()
     assert eval_metrics.percent_negative_jacobian(u0[0]) > 1.0
     moving, fixed = _pair()
-    r = Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], win=5, fold_weight=100.0)
+    r = _refiner(ParamSpec("elastic", False, 3), 5, fold_weight=100.0)
     u, before, after = r(moving, fixed, u0, np.array([[0.1, 0.1]], np.float32), steps=60, lr=0.05)
     assert eval_metrics.percent_negative_jacobian(u[0]) == 0.0
     assert after[0] < before[0]
-    plain = Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], win=5)  # the penalty is what unfolds it
+    plain = _refiner(ParamSpec("elastic", False, 3), 5)  # the penalty is what unfolds it
     u_plain = plain(moving, fixed, u0, np.array([[0.1, 0.1]], np.float32), steps=60, lr=0.05)[0]
     assert eval_metrics.percent_negative_jacobian(u_plain[0]) > 0.0
 
@@ -146,7 +125,7 @@ def test_options_zero_steps_and_translation(opts):
     """Zero steps return u0 exactly; smoothing, coarse grid and SVF still recover a translation."""
     shift = np.array([1.5, -1.0])
     moving, fixed = _pair((48, 48), tuple(shift))
-    r = Refiner(ParamSpec("diffusion", False, 1), [1.0, 1.0], win=7, fold_weight=1.0, **opts)
+    r = _refiner(ParamSpec("diffusion", False, 1), 7, fold_weight=1.0, **opts)
     hyp = np.array([[0.3]], np.float32)
     u0 = np.random.default_rng(6).normal(0, 0.2, (1, 48, 48, 2)).astype(np.float32)
     np.testing.assert_array_equal(r(moving, fixed, u0, hyp, steps=0)[0], u0)
@@ -162,7 +141,8 @@ def test_options_zero_steps_and_translation(opts):
 def test_upsample_and_smooth_are_exact_on_linear_fields():
     """Linear interpolation with aligned corners and 'SAME' box means keep an affine field affine
     inside (the box mean of a linear function is its centre value)."""
-    from hypermorph_spatially_adaptive.refinement import box_smooth, upsample_linear
+    from hypermorph_spatially_adaptive.refinement import upsample_linear
+    from hypermorph_spatially_adaptive.tf_ops import box_smooth
 
     coarse = np.indices((5, 4)).astype(np.float32)  # value = coarse index
     fine = upsample_linear(np.moveaxis(coarse, 0, -1)[None], (9, 7)).numpy()[0]
@@ -178,7 +158,7 @@ def test_bad_options_are_refused():
     for kwargs, msg in (({"fold_weight": -1}, "fold_weight"), ({"smooth": 1.5}, "smooth"),
                         ({"grid": 0}, "grid")):
         with pytest.raises(ValueError, match=msg):
-            Refiner(spec, [1.0, 1.0], 5, **kwargs)
+            _refiner(spec, 5, **kwargs)
 
 
 def test_jacobian_penalties_on_a_uniform_scaling():
@@ -198,29 +178,76 @@ def test_command_line_options_reach_the_refiner():
     """inference.py's refinement options round-trip through run_pipeline.py's argv."""
     import inference
     import run_pipeline
-    from hypermorph_spatially_adaptive import runio
 
     args = run_pipeline.build_parser().parse_args(["--refine-fold-weight", "7", "--refine-logj-weight", "0",
                                                    "--refine-smooth", "2", "--refine-grid", "3", "--refine-svf",
                                                    "--refine-scale", "2", "--refine-levels", "off"])
-    inf = inference.build_parser().parse_args(runio.refine_argv(args))
-    kw = runio.refine_kwargs(inf)
-    assert kw == {"fold_weight": 7.0, "logj_weight": 0.0, "smooth": 2, "grid": 3, "svf": True, "scale": 2,
-                  "levels": None, "level_split": None}
-    Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], 5, **kw)  # accepted as keywords
-    default = runio.refine_kwargs(inference.build_parser().parse_args([]))
-    assert default == runio.REFINE_DEFAULTS
+    inf = inference.build_parser().parse_args(RefineConfig.from_args(args).argv())
+    cfg = RefineConfig.from_args(inf)
+    assert cfg == RefineConfig(fold_weight=7.0, logj_weight=0.0, smooth=2, grid=3, svf=True, scale=2, levels=None,
+                               level_split=None)
+    Refiner(ParamSpec("elastic", False, 3), LossConfig(ncc_win=5), cfg)
     pyr = run_pipeline.build_parser().parse_args(["--refine-levels", "4", "2", "1", "--refine-level-split", "2", "1", "1"])
-    kw = runio.refine_kwargs(inference.build_parser().parse_args(runio.refine_argv(pyr)))
-    assert kw["levels"] == (4, 2, 1) and kw["level_split"] == (2.0, 1.0, 1.0) and kw["scale"] == 0
-    Refiner(ParamSpec("elastic", False, 3), [1.0, 1.0], 5, **kw)
+    cfg = RefineConfig.from_args(inference.build_parser().parse_args(RefineConfig.from_args(pyr).argv()))
+    assert cfg.levels == (4, 2, 1) and cfg.level_split == (2.0, 1.0, 1.0) and cfg.scale == 0
     off = inference.build_parser().parse_args(["--refine-levels", "off"])
-    assert runio.refine_kwargs(off)["levels"] is None
+    assert RefineConfig.from_args(off).levels is None
     with pytest.raises(ValueError, match="needs --refine-levels"):
-        runio.refine_kwargs(inference.build_parser().parse_args(["--refine-levels", "off", "--refine-level-split", "1"]))
+        RefineConfig.from_args(inference.build_parser().parse_args(["--refine-levels", "off", "--refine-level-split", "1"]))
     with pytest.raises(ValueError, match="with --refine-levels off"):
-        runio.refine_kwargs(inference.build_parser().parse_args(["--refine-scale", "2"]))
-    assert runio.REFINE_DEFAULTS["levels"] == (4, 2, 1)  # the measured default (docs/peer_and_refinement.md)
+        RefineConfig.from_args(inference.build_parser().parse_args(["--refine-scale", "2"]))
+    with pytest.raises(ValueError, match="'off' stands alone"):
+        RefineConfig.from_args(inference.build_parser().parse_args(["--refine-levels", "4", "off"]))
+
+
+def test_argparse_defaults_are_the_refine_config_defaults():
+    """Every script's --refine-* defaults are RefineConfig()'s, the measured non-tearing refinement."""
+    import inference
+    import register
+    import run_pipeline
+
+    parsers = {"inference": inference.build_parser(), "run_pipeline": run_pipeline.build_parser(),
+               "register": register.build_parser()}
+    for name, parser in parsers.items():
+        assert RefineConfig.from_args(parser.parse_args(_required_args(name))) == RefineConfig(), name
+    assert RefineConfig().levels == (4, 2, 1)  # the measured default (docs/peer_and_refinement.md)
+    assert (RefineConfig().fold_weight, RefineConfig().logj_weight, RefineConfig().smooth, RefineConfig().grid) == \
+        (100.0, 1.0, 3, 2)
+
+
+def _required_args(script: str) -> list:
+    """The smallest argv each script's parser accepts."""
+    if script == "register":
+        return ["--run", "r", "--fixed", "f.nii.gz", "--moving", "m.nii.gz"]
+    return []
+
+
+def test_refiner_defaults_do_not_tear_and_the_original_is_reachable_by_name():
+    spec = ParamSpec("elastic", False, 3)
+    r = Refiner(spec)
+    assert r.options == RefineConfig() and r.loss_config == LossConfig()
+    assert (r.fold_weight, r.logj_weight, r.smooth, r.grid, r.levels) == (100.0, 1.0, 3, 2, (4, 2, 1))
+    original = Refiner(spec, options=RefineConfig.original())
+    assert (original.fold_weight, original.logj_weight, original.smooth, original.grid, original.levels,
+            original.scale) == (0.0, 0.0, 0, 1, None, 1)
+    with pytest.raises(TypeError, match="LossConfig"):
+        Refiner(spec, [1.0, 1.0])  # the old positional spacing is refused, not misread
+
+
+def test_refine_config_round_trips_and_validates():
+    cfg = RefineConfig(fold_weight=7, smooth=2, levels=[4, 2, 1], level_split=[2, 1, 1])
+    assert cfg.levels == (4, 2, 1) and cfg.level_split == (2.0, 1.0, 1.0) and isinstance(cfg.fold_weight, float)
+    assert RefineConfig.from_dict(cfg.to_dict()) == cfg
+    import json
+
+    assert RefineConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # as recorded in inference.json
+    assert RefineConfig.from_dict({}) == RefineConfig()
+    with pytest.raises(ValueError, match="unknown refinement options"):
+        RefineConfig.from_dict({"fold": 1})
+    for kwargs, msg in (({"fold_eps": 0.0}, "fold_eps"), ({"int_steps": -1}, "int_steps"),
+                        ({"logj_weight": -1.0}, "logj_weight"), ({"scale": -1}, "scale")):
+        with pytest.raises(ValueError, match=msg):
+            RefineConfig(**kwargs)
 
 
 def test_a_reused_refiner_equals_a_fresh_one():
@@ -234,10 +261,10 @@ def test_a_reused_refiner_equals_a_fresh_one():
     m1, f1 = _pair(shift=(1.5, -1.0))
     m2, f2 = _pair(shift=(-0.5, 2.0))
     u0 = np.random.default_rng(4).normal(0, 0.3, (1, 32, 32, 2)).astype(np.float32)
-    reused = Refiner(spec, [1.0, 1.0], 5, **opts)
+    reused = _refiner(spec, 5, **opts)
     reused(m1, f1, np.zeros_like(u0), hyp, seg, steps=6, lr=0.2)
     second = reused(m2, f2, u0, hyp, seg, steps=4, lr=0.05)
-    fresh = Refiner(spec, [1.0, 1.0], 5, **opts)(m2, f2, u0, hyp, seg, steps=4, lr=0.05)
+    fresh = _refiner(spec, 5, **opts)(m2, f2, u0, hyp, seg, steps=4, lr=0.05)
     for a, b in zip(second, fresh):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(second[0], u0)  # it did refine
@@ -257,7 +284,7 @@ def test_centred_upsampling_of_block_means_keeps_a_linear_field():
     np.testing.assert_allclose(back[0, 1:-1, 1:-1], field[0, 1:-1, 1:-1], atol=1e-5)
     with pytest.raises(ValueError, match="divisible"):
         moving, fixed = _pair((30, 30))
-        Refiner(ParamSpec("diffusion", False, 1), [1.0, 1.0], win=5, scale=4)(
+        _refiner(ParamSpec("diffusion", False, 1), 5, scale=4)(
             moving, fixed, np.zeros((1, 30, 30, 2), np.float32), np.array([[0.3]], np.float32), steps=2)
 
 
@@ -271,8 +298,8 @@ def test_auto_scale_keeps_64_voxels_per_axis():
     moving, fixed = _pair((64, 64))
     spec = ParamSpec("diffusion", False, 1)
     args = (moving, fixed, np.zeros((1, 64, 64, 2), np.float32), np.array([[0.3]], np.float32))
-    a = Refiner(spec, [1.0, 1.0], 5, scale=0)(*args, steps=3)
-    b = Refiner(spec, [1.0, 1.0], 5, scale=1)(*args, steps=3)
+    a = _refiner(spec, 5, scale=0)(*args, steps=3)
+    b = _refiner(spec, 5, scale=1)(*args, steps=3)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 
@@ -300,7 +327,7 @@ def test_pyramid_recovers_a_smooth_field_the_single_level_cannot_reach():
     u0 = np.zeros((1, 32, 32, 2), np.float32)
     errors, ends = {}, {}
     for levels in (None, (4, 2, 1)):
-        r = Refiner(spec, [1.0, 1.0], 5, smooth=1, levels=levels)
+        r = _refiner(spec, 5, smooth=1, levels=levels)
         u, before, after = r(moving, fixed, u0, hyp, steps=20, lr=0.1)
         errors[levels] = float(np.linalg.norm(u[0] - u_true, axis=-1)[6:-6, 6:-6].mean())
         ends[levels] = after[0]
@@ -313,7 +340,7 @@ def test_pyramid_zero_steps_and_levels_that_do_not_divide():
     moving, fixed, _ = _smooth_field_pair()
     spec, hyp = ParamSpec("diffusion", False, 1), np.array([[0.05]], np.float32)
     u0 = np.random.default_rng(7).normal(0, 0.3, (1, 32, 32, 2)).astype(np.float32)
-    r = Refiner(spec, [1.0, 1.0], 5, fold_weight=100.0, logj_weight=1.0, smooth=3, grid=2, levels=(4, 2, 1))
+    r = _refiner(spec, 5, fold_weight=100.0, logj_weight=1.0, smooth=3, grid=2, levels=(4, 2, 1))
     u, before, after = r(moving, fixed, u0, hyp, steps=0)
     np.testing.assert_array_equal(u, u0)
     assert before == after
@@ -325,15 +352,15 @@ def test_pyramid_zero_steps_and_levels_that_do_not_divide():
                         ({"levels": (2, 1), "level_split": (1,)}, "1 weights for 2 levels"),
                         ({"levels": (2, 1), "level_split": (0, 0)}, "positive sum")):
         with pytest.raises(ValueError, match=msg):
-            Refiner(spec, [1.0, 1.0], 5, **kwargs)
+            _refiner(spec, 5, **kwargs)
 
 
 def test_split_steps_sums_to_the_total():
-    from hypermorph_spatially_adaptive.refinement import split_steps
+    from hypermorph_spatially_adaptive.configs import split_steps
 
     assert split_steps(100, [1, 1, 1]) == [33, 33, 34]
     assert split_steps(100, [2, 1, 1]) == [50, 25, 25]
     assert split_steps(5, [1, 1, 1, 1]) == [1, 1, 1, 2]
     assert split_steps(2, [1, 0, 1]) == [1, 0, 1]
-    assert Refiner(ParamSpec("diffusion", False, 1), levels=(4, 2, 1)).plan((64, 64), 100) == [(4, 33), (2, 33), (1, 34)]
-    assert Refiner(ParamSpec("diffusion", False, 1), scale=0).plan((128, 128), 100) == [(2, 100)]
+    assert _refiner(ParamSpec("diffusion", False, 1), levels=(4, 2, 1)).plan((64, 64), 100) == [(4, 33), (2, 33), (1, 34)]
+    assert _refiner(ParamSpec("diffusion", False, 1), scale=0).plan((128, 128), 100) == [(2, 100)]

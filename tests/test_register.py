@@ -187,9 +187,9 @@ def test_command_equals_pipeline_and_identification_folder(setup, tmp_path):
                    "--params", *[f"{n}={v}" for n, v in zip(names, hyp)]])
     model, cfg = setup["registrar"].model, info.config  # inference.py's calls on the same model:
     _, disp = Registrar(model)(pair.moving[None], pair.fixed[None], hyp[None])
-    from hypermorph_spatially_adaptive.runio import REFINE_DEFAULTS  # the command-line refinement options
+    from hypermorph_spatially_adaptive.configs import RefineConfig  # the command-line refinement options
 
-    u, _, _ = Refiner.from_config(cfg, **REFINE_DEFAULTS)(
+    u, _, _ = Refiner.from_config(cfg, options=RefineConfig())(
         pair.moving[None], pair.fixed[None], disp, hyp[None], pair.fixed_seg[None], 3, 0.1)
     assert np.abs(u[0]).max() > 0.05  # a field to compare, not zeros
     np.testing.assert_allclose(nib.load(out["d"]).get_fdata(), u[0], atol=1e-5)

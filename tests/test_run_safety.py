@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 import datasets as D  # noqa: E402
 from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
-from hypermorph_spatially_adaptive import folders, provenance, trainer  # noqa: E402
+from hypermorph_spatially_adaptive import folders, jobs, provenance, trainer  # noqa: E402
 from conftest import TINY_ARCH  # noqa: E402
 
 nib = pytest.importorskip("nibabel")
@@ -561,8 +561,8 @@ def test_a_run_left_aside_by_a_killed_overwrite_is_put_back_by_the_next_command(
 _PARENT = r"""
 import sys
 sys.path.insert(0, {root!r})
-from hypermorph_spatially_adaptive import folders
-folders.run_child([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"])
+from hypermorph_spatially_adaptive import jobs
+jobs.run_child([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"])
 """
 
 
@@ -577,7 +577,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_a_child_process_dies_with_its_parent(sig):
-    """benchmarks/study.py runs run_pipeline.py through folders.run_child: SIGTERM to the parent
+    """benchmarks/study.py runs run_pipeline.py through jobs.run_child: SIGTERM to the parent
     stops the child first; SIGKILL (no clean-up possible) reaches it through PR_SET_PDEATHSIG."""
     parent = subprocess.Popen([sys.executable, "-c", _PARENT.format(root=ROOT)], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
@@ -597,10 +597,10 @@ def test_a_child_process_dies_with_its_parent(sig):
 def test_last_error_line_gives_the_reason_of_a_failed_child(tmp_path):
     log = tmp_path / "pipeline.log"
     log.write_text("=== run\n[data] ok\nTraceback ...\nerror: argument --seed: must be >= 0, got -1\n\n")
-    assert folders.last_error_line(str(log)) == "error: argument --seed: must be >= 0, got -1"
+    assert jobs.last_error_line(str(log)) == "error: argument --seed: must be >= 0, got -1"
     log.write_text("usage: run_pipeline.py\nrun_pipeline.py: error: argument --seed: must be >= 0, got -1\n")
-    assert folders.last_error_line(str(log)).endswith("argument --seed: must be >= 0, got -1")
-    assert folders.last_error_line(str(tmp_path / "missing")) == ""
+    assert jobs.last_error_line(str(log)).endswith("argument --seed: must be >= 0, got -1")
+    assert jobs.last_error_line(str(tmp_path / "missing")) == ""
 
 
 def _mid_resume(tmp_path, base, name="run"):

@@ -53,8 +53,7 @@ def test_replayed_inference_swaps_sa_runs_and_drops_gradient_identifications(tmp
                 "u/identification_population/elastic", "--no-refine-svf"]
     (unit / "results" / "inference.json").write_text(json.dumps({"command": recorded}))
     seen = {}
-    import inference
-    monkeypatch.setattr(inference, "main", lambda argv: seen.setdefault("argv", argv))
+    monkeypatch.setattr(smooth_maps, "_run_inference", lambda argv: seen.setdefault("argv", argv))
     new = {"elastic_sa": "new/elastic_sa"}
     smooth_maps._replay_inference(str(unit), new, 0.8)
     argv = seen["argv"]

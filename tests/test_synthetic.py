@@ -486,7 +486,7 @@ def test_generator_version_in_cache_key():
     import datasets as D
 
     assert S.GENERATOR_VERSION == "2"
-    assert D._generator_version(S).startswith("v2-")
+    assert D.generator_version(S).startswith("v2-")
     assert D.SYNTHETIC_MOTION_PRESETS == S.MOTION_PRESETS
     assert D.synthetic_motion("stress") == 0.1 and D.synthetic_motion("0.07") == 0.07
     with pytest.raises(ValueError, match="motion"):
