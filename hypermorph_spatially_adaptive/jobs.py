@@ -12,8 +12,10 @@ never the results.
 
 One supervisor (:func:`supervise`) runs every child, whichever helper started it:
 
-- each child runs under :func:`die_with_parent` (Linux): the kernel sends it SIGTERM if this
-  process is killed outright (SIGKILL), so children never outlive the command that started them;
+- each child runs under :func:`child_preexec`: SIGINT at its default (so the stop signal works even
+  if this process was started with SIGINT ignored) and :func:`die_with_parent` (Linux): the kernel
+  sends it SIGTERM if this process is killed outright (SIGKILL), so children never outlive the
+  command that started them;
 - a SIGINT, SIGTERM or SIGHUP to this process (main thread) stops every running child with the
   helper's stop signal, waits up to its grace time (then SIGKILL), and raises: SIGTERM and SIGHUP
   as :class:`.folders.Terminated`, SIGINT as ``KeyboardInterrupt`` (both take the clean-up path of
@@ -43,7 +45,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from .folders import Terminated
 
-__all__ = ["Job", "JobFailed", "default_jobs", "die_with_parent", "last_error_line", "run_child", "run_jobs",
+__all__ = ["Job", "JobFailed", "child_preexec", "default_jobs", "die_with_parent", "last_error_line", "run_child", "run_jobs",
            "script_job", "supervise", "threads_per_job"]
 
 #: signals that stop the children and then this process
@@ -107,6 +109,16 @@ def die_with_parent() -> None:
         pass
 
 
+def child_preexec() -> None:
+    """``preexec_fn`` of every supervised child: SIGINT back to its default disposition, so the
+    child's Python turns the supervisor's SIGINT into KeyboardInterrupt even when this process was
+    started with SIGINT ignored (a background job of a non-interactive shell, ``nohup``, a test
+    worker), which a child would otherwise inherit; then :func:`die_with_parent`."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        die_with_parent()
+
+
 def _last_error(lines: Sequence[str]) -> Optional[str]:
     """The last of ``lines`` that starts with ``error:`` (None if there is none)."""
     return next((line for line in reversed(lines) if line.startswith("error:")), None)
@@ -168,8 +180,8 @@ class _Running:
             dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         if env is not None:
             kw.setdefault("env", env)
-        if sys.platform.startswith("linux"):
-            kw.setdefault("preexec_fn", die_with_parent)
+        if os.name == "posix":
+            kw.setdefault("preexec_fn", child_preexec)
         self.proc = subprocess.Popen(list(job.command), **kw)
         if job.popen_kw is None:
             self.reader = threading.Thread(target=_pump, args=(job, self.proc.stdout, lock, job.tail, write),

@@ -127,3 +127,21 @@ def test_parallel_training_gives_the_same_weights(tmp_path):
         assert (tmp_path / "one/runs" / p / "weights.h5").read_bytes() == \
             (tmp_path / "two/runs" / p / "weights.h5").read_bytes(), p
     assert (tmp_path / "one/results/table1.md").read_text() == (tmp_path / "two/results/table1.md").read_text()
+
+
+def test_a_child_stops_on_sigint_even_if_its_parent_ignores_sigint(tmp_path):
+    """A pipeline started with SIGINT ignored (nohup, a background job) still stops its children with
+    SIGINT: child_preexec gives them SIGINT's default back, so Python raises KeyboardInterrupt there."""
+    import signal
+
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with open(tmp_path / "plain.log", "w") as log:  # what a child inherits without child_preexec
+            subprocess.call([sys.executable, "-c", probe], stdout=log)
+        with open(tmp_path / "supervised.log", "w") as log:
+            assert jobs.run_child([sys.executable, "-c", probe], stdout=log) == 0
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert (tmp_path / "plain.log").read_text().strip() == "False"
+    assert (tmp_path / "supervised.log").read_text().strip() == "True"

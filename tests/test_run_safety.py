@@ -505,8 +505,11 @@ def test_sigterm_and_sighup_take_the_same_restore_path_as_ctrl_c(tmp_path, base,
     run = tmp_path / "run"
     shutil.copytree(base["run"], run)
     before = snapshot(run)
+    # SIGINT at its default, as under a terminal: a process started in the background (here a pytest-xdist
+    # worker) passes SIGINT on ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-c", _LOCKED_OVERWRITE.format(root=ROOT, run=str(run))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "moved aside"
     proc.send_signal(getattr(signal, sig))
     out, err = proc.communicate(timeout=30)
