@@ -61,6 +61,21 @@ def _check_handovers(out, shape, n_test, panels=1):
     return per_pair
 
 
+def _check_initial_pair(out, per_pair):
+    """The synthetic 3D test pair really moves (not the 16^3 degenerate case), and its initial TRE
+    equals an independent computation from the 3D keypoints: mean ||p_F - p_M|| (spacing 1 mm)."""
+    import datasets
+
+    initial = per_pair[per_pair["method"] == "initial"].iloc[0]
+    assert 0.3 < initial["mean_dice"] < 0.99
+    ds = datasets.get_dataset("synthetic", None, ndim=3, image_size=list(SIZE), num_pairs=6,
+                              cache_dir=str(out / "cache"))
+    pair = ds.load_pair(initial["pair_id"])
+    assert pair.fixed_kp.shape[1] == 3
+    expected = np.linalg.norm(pair.fixed_kp - pair.moving_kp, axis=1).mean()
+    assert initial["tre"] == pytest.approx(expected, rel=1e-4) and expected > 0.1
+
+
 @pytest.fixture(scope="module")
 def synthetic_3d(tmp_path_factory):
     import run_pipeline
@@ -110,17 +125,7 @@ def test_3d_elastic_chain_hands_over_every_file(elastic_3d):
     for col in ("mean_dice_mean", "hd95_mean", "tre_mean", "dense_epe_mean", "percent_neg_jac_mean", "sdlogj_mean"):
         assert np.isfinite(rows.loc["elas-sas+io/oracle", col]), col  # 3D keypoints, true field, Jacobian
     per_pair = pd.read_csv(res / "per_pair_metrics.csv", dtype={"pair_id": str})
-    initial = per_pair[per_pair["method"] == "initial"].iloc[0]
-    assert 0.3 < initial["mean_dice"] < 0.99  # the 3D pair really moves (not the 16^3 degenerate case)
-    # initial TRE from the 3D keypoints, recomputed independently: mean ||p_F - p_M|| (spacing 1 mm)
-    import datasets
-
-    ds = datasets.get_dataset("synthetic", None, ndim=3, image_size=list(SIZE), num_pairs=6,
-                              cache_dir=str(elastic_3d / "cache"))
-    pair = ds.load_pair(initial["pair_id"])
-    assert pair.fixed_kp.shape[1] == 3
-    expected = np.linalg.norm(pair.fixed_kp - pair.moving_kp, axis=1).mean()
-    assert initial["tre"] == pytest.approx(expected, rel=1e-4) and expected > 0.1
+    _check_initial_pair(elastic_3d, per_pair)
 
 
 @pytest.mark.slow  # the whole pipeline (4 trainings, 4 grid identifications); make test PYTEST_ARGS='-m slow'
@@ -133,17 +138,7 @@ def test_3d_pipeline_hands_over_every_file(synthetic_3d):
     rows = t1.set_index(t1["method"] + "/" + t1["protocol"].fillna(""))
     assert np.isfinite(rows.loc["elas-sas+io/oracle", "percent_neg_jac_mean"])
     assert np.isfinite(rows.loc["elas-sas+io/oracle", "sdlogj_mean"])
-    initial = per_pair[per_pair["method"] == "initial"].iloc[0]
-    assert 0.3 < initial["mean_dice"] < 0.99  # the 3D pair really moves (not the 16^3 degenerate case)
-    # initial TRE from the 3D keypoints, recomputed independently: mean ||p_F - p_M|| (spacing 1 mm)
-    import datasets
-
-    ds = datasets.get_dataset("synthetic", None, ndim=3, image_size=list(SIZE), num_pairs=6,
-                              cache_dir=str(synthetic_3d / "cache"))
-    pair = ds.load_pair(initial["pair_id"])
-    assert pair.fixed_kp.shape[1] == 3
-    expected = np.linalg.norm(pair.fixed_kp - pair.moving_kp, axis=1).mean()
-    assert initial["tre"] == pytest.approx(expected, rel=1e-4) and expected > 0.1
+    _check_initial_pair(synthetic_3d, per_pair)
 
 
 # --------------------------------------------------------- Learn2Reg Lung CT, fake tree
