@@ -69,11 +69,9 @@ def pair_metrics(pair, disp: np.ndarray, num_classes: int, class_names: Sequence
     row["sdlogj"] = float(m["sdlogj"])
     truth = (pair.extras or {}).get("disp_true")
     if truth is not None:  # synthetic data: dense end-point error against the true field, mm
-        err = np.linalg.norm((disp - truth) * np.asarray(pair.spacing), axis=-1)
-        row["dense_epe"] = float(err[pair.fixed_seg > 0].mean())
-        for c, n in enumerate(class_names, 1):
-            inside = pair.fixed_seg == c
-            row[f"dense_epe_{n}"] = float(err[inside].mean()) if inside.any() else float("nan")
+        epe = eval_metrics.dense_epe(disp, truth, pair.spacing, pair.fixed_seg, num_classes)
+        row["dense_epe"] = epe["mean"]
+        row.update({f"dense_epe_{n}": float(v) for n, v in zip(class_names, epe["per_class"])})
     return row
 
 

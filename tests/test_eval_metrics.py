@@ -411,3 +411,23 @@ def test_validation_errors(call, match):
     seg, disp, kp = _ok()
     with pytest.raises(ValueError, match=match):
         call(seg, disp, kp)
+
+
+def test_dense_epe_known_error_in_mm_and_per_class():
+    """A constant error of (1, 0.5) voxel at spacing (2, 4) mm is sqrt(2^2 + 2^2) mm everywhere;
+    the mean counts tissue voxels only and an absent class is NaN."""
+    seg = np.zeros((8, 8), np.int32)
+    seg[:4] = 1
+    seg[4:, :4] = 3
+    truth = np.random.default_rng(0).normal(size=(8, 8, 2)).astype(np.float32)
+    disp = truth.copy()
+    disp[seg == 1] += np.array([1.0, 0.5], np.float32)
+    disp[seg == 0] += 100.0  # background: not counted
+    out = em.dense_epe(disp, truth, (2.0, 4.0), seg, num_classes=3)
+    # class 1 error sqrt(8), class 3 error 0, tissue mean weighted by voxel counts 32 : 16
+    assert out["per_class"][0] == pytest.approx(np.sqrt(8.0), rel=1e-6)
+    assert out["per_class"][2] == pytest.approx(0.0, abs=1e-6)
+    assert np.isnan(out["per_class"][1])
+    assert out["mean"] == pytest.approx(np.sqrt(8.0) * 32 / 48, rel=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        em.dense_epe(disp[:4], truth, (1.0, 1.0), seg)
