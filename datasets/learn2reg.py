@@ -49,6 +49,7 @@ import json
 import os
 import re
 import warnings
+from typing import Sequence
 
 import numpy as np
 
@@ -70,6 +71,28 @@ BODY_MASK = Option("body_mask", action="store_false",
 
 #: HU threshold of the body mask (authors' code)
 BODY_HU = -20.0
+
+
+def normalize_ct(img: np.ndarray, hu_window: Sequence[float], body_mask: bool, what: str = "a CT image") -> np.ndarray:
+    """The CT intensity normalization of NLST / Learn2Reg Lung CT training, in one place (training's
+    ``_prepare`` and ``register.py`` both call it).
+
+    ``img`` in HU, any shape; with ``body_mask`` the body is the convex hull of the voxels with HU >
+    ``BODY_HU`` (authors' code; computed before clipping; a warning naming ``what`` if there is none);
+    then clip to ``hu_window``, min-max of the clipped image to [0, 1], zero outside the body.
+    Returns float32 of the same shape.
+    """
+    body = None
+    if body_mask:
+        body = convex_hull_mask(img > BODY_HU)
+        if body is None:
+            warnings.warn(f"{what}: no body (HU > {BODY_HU:g}) to mask; the image is not masked", stacklevel=3)
+    img = np.clip(img, *hu_window)
+    vmin, vmax = float(img.min()), float(img.max())
+    img = ((img - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(img)).astype(np.float32)
+    if body is not None:
+        img = (img * body).astype(np.float32)
+    return img
 
 
 def _image_folder_of(path: str) -> str:
@@ -309,22 +332,11 @@ class _Learn2RegCT(RegistrationDataset):
             lab = resample_labels(lab, out_shape, scale, offset)
             new_to_raw = scale_offset_matrix(scale, offset)
             spacing = (self.target_spacing,) * 3
-        lo, hi = self.hu_window
-        body = None
         if self.ndim == 2 and self.pad_shape is None:  # slice first (NLST: the mask of the slice)
             index = img.shape[self.slice_axis] // 2
             img, lab = np.take(img, index, axis=self.slice_axis), np.take(lab, index, axis=self.slice_axis)
             new_to_raw = new_to_raw @ slice_matrix(self.slice_axis, index)
-        if self.body_mask:
-            body = convex_hull_mask(img > BODY_HU)
-            if body is None:
-                warnings.warn(f"{image_path}: no body (HU > {BODY_HU:g}) to mask; the image is not masked",
-                              stacklevel=4)
-        img = np.clip(img, lo, hi)
-        vmin, vmax = float(img.min()), float(img.max())
-        img = ((img - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(img)).astype(np.float32)
-        if body is not None:
-            img = (img * body).astype(np.float32)
+        img = normalize_ct(img, self.hu_window, self.body_mask, image_path)
         if self.pad_shape is not None:
             starts = crop_or_pad_starts(img.shape, self.pad_shape)
             img = crop_window(img, starts, self.pad_shape, np.float32(0.0))

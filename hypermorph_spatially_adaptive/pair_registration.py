@@ -203,7 +203,9 @@ def intensity_normalizer(data_config: Mapping):
 
     synthetic: clip to [0, 1] (its images are already in [0, 1]); folder: min-max, after
     clipping at ``clip_percentiles`` if the run used them (``datasets.nifti.minmax_scale``, which
-    warns about outliers); nlst / l2r-lung: the dataset's HU window scaled to [0, 1]; acdc: min-max
+    warns about outliers); nlst / l2r-lung: ``datasets.learn2reg.normalize_ct`` (HU window, min-max,
+    the body mask where the run's data used it: the volume's hull, where 2D training masked the
+    slice); acdc: min-max
     (``ACDCDataset._normalize``). Every normalizer takes the image's name (for warnings)
     as an optional second argument.
     """
@@ -213,15 +215,18 @@ def intensity_normalizer(data_config: Mapping):
     if name == "synthetic":
         return lambda img, what=None: np.clip(img, 0.0, 1.0).astype(np.float32)
     if name in ("nlst", "l2r-lung"):
-        lo, hi = datasets.dataset_class(name).hu_window
-    elif name == "acdc":
+        from datasets.learn2reg import normalize_ct
+
+        cls = datasets.dataset_class(name)
+        body = bool(cls.has_body_mask and data_config.get("body_mask") is not False)  # as dataset_from_config
+        return lambda img, what="an input image": normalize_ct(np.asarray(img, np.float64), cls.hu_window, body, what)
+    if name == "acdc":
         return lambda img, what=None: _scale(img, *datasets.ACDCDataset._normalize(img))
     else:  # folder
         from datasets.nifti import minmax_scale
 
         pct = data_config.get("clip_percentiles")
         return lambda img, what="an input image": minmax_scale(img, pct or None, what)
-    return lambda img, what=None: _scale(img, lo, hi)
 
 
 def _scale(img: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -170,6 +170,13 @@ def test_nlst_body_mask_real_slice(tmp_path):
     off = D.get_dataset("nlst", str(tmp_path), label_dir=str(tmp_path / "labels"), split_scheme="ordered",
                         body_mask=False).load_pair("NLST_0001")
     assert off.fixed[5, 5, 0] > 0
+    # register.py normalizes new images as training did: the body mask by the run's data config
+    from hypermorph_spatially_adaptive.pair_registration import intensity_normalizer
+
+    np.testing.assert_allclose(intensity_normalizer({"name": "nlst"})(sl), expected, atol=1e-6)
+    unmasked = intensity_normalizer({"name": "nlst", "body_mask": False})(sl)
+    np.testing.assert_allclose(unmasked, off.fixed[..., 0], atol=1e-6)
+    assert unmasked[5, 5] > 0
 
 
 def test_label_map_on_another_grid_is_refused(tmp_path):
