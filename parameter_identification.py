@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import cli
     from hypermorph_spatially_adaptive.profiles import CHOICES, PROFILES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -67,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "per model, minimizing the mean soft Dice over the --population-split pairs)")
     p.add_argument("--population-split", default="val", choices=["train", "val"],
                    help="population protocol: the split whose labels choose the setting")
-    p.add_argument("--grid-steps", type=runio.arg_int(2), default=11,
+    p.add_argument("--grid-steps", type=cli.arg_int(2), default=11,
                    help="grid values per parameter axis, equidistant in [0, 1] (11 -> step 0.1)")
-    p.add_argument("--grid", type=runio.arg_float(0.0, 1.0, inclusive=True), nargs="+", default=None,
+    p.add_argument("--grid", type=cli.arg_float(0.0, 1.0, inclusive=True), nargs="+", default=None,
                    help="explicit grid values in [0, 1] (overrides --grid-steps)")
-    p.add_argument("--max-grid-gb", type=runio.arg_float(0.0), default=4.0, metavar="GB",
+    p.add_argument("--max-grid-gb", type=cli.arg_float(0.0), default=4.0, metavar="GB",
                    help="refuse a grid chunk (--batch-size points) whose displacements and warped images would "
                         "exceed this many GB (float32: points x voxels x (D + 1) x 4 bytes), before the model loads")
-    p.add_argument("--batch-size", type=runio.arg_int(0), default=0,
+    p.add_argument("--batch-size", type=cli.arg_int(0), default=0,
                    help="grid points per forward pass (0: as many as fit ~260k voxels, e.g. 16 at 128^2)")
     p.add_argument("--pairs", nargs="+", default=None, help="only these pair ids (default: the whole split)")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
@@ -120,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="dice", choices=["dice", "epe"],
                    help="gradient: 1 - mean soft Dice over tissues (linearly warped one-hot labels), or the mean "
                         "end-point error in mm against the true displacement in the body (synthetic data only)")
-    g.add_argument("--steps", type=runio.arg_int(1), default=50,
+    g.add_argument("--steps", type=cli.arg_int(1), default=50,
                    help="gradient: maximum Adam steps (forward+backward passes)")
-    g.add_argument("--lr", type=runio.arg_float(0.0), default=0.05,
+    g.add_argument("--lr", type=cli.arg_float(0.0), default=0.05,
                    help="gradient: Adam learning rate on z, h = sigmoid(z)")
-    g.add_argument("--patience", type=runio.arg_int(0), default=10,
+    g.add_argument("--patience", type=cli.arg_int(0), default=10,
                    help="gradient: stop a pair after this many steps without improvement (0: never)")
     return p
 
@@ -161,8 +161,8 @@ def _load_global_run(args: argparse.Namespace) -> Tuple[object, Dict, object, Li
     """The global run and its data: ``(model, config, dataset, ids of the --split/--pairs pairs)``. A grid
     too large for --max-grid-gb is refused before the model loads (docs/troubleshooting.md "Bad inputs")."""
     from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import identification as ident
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import grid_identification as ident
+    from hypermorph_spatially_adaptive import run_folder
 
     if args.method == "grid":
         info = art.read_run(args.run, expect_sa=False)
@@ -170,9 +170,9 @@ def _load_global_run(args: argparse.Namespace) -> Tuple[object, Dict, object, Li
         ident.check_grid_size(info.regularizer, n_values, info.config["model"]["image_shape"], args.max_grid_gb,
                               args.batch_size or None)
     # loading first: a truncated or foreign weights.h5 gets the load error that names the checkpoint to redo it
-    model, config = runio.load_run(args.run, expect_sa=False)
+    model, config = run_folder.load_run(args.run, expect_sa=False)
     dataset = art.load_dataset(config, args.data_dir, args.label_dir)
-    runio.check_compatible(args.run, config, dataset)
+    run_folder.check_compatible(args.run, config, dataset)
     return model, config, dataset, dataset.select_ids(args.split, args.pairs)
 
 
@@ -182,7 +182,7 @@ def _search_grid(registrar, dataset, search_ids: Sequence[str], grid, class_name
     printed per pair)."""
     import pandas as pd
 
-    from hypermorph_spatially_adaptive import identification as ident
+    from hypermorph_spatially_adaptive import grid_identification as ident
 
     t0 = time.time()
     tables = []
@@ -215,10 +215,10 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
     """The body of :func:`main`: identify and write every file into ``dest`` (the staging folder of ``out``)."""
     from datasets.atomic import atomic_write
     from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import identification as ident
+    from hypermorph_spatially_adaptive import grid_identification as ident
     from hypermorph_spatially_adaptive import provenance as prov
     from hypermorph_spatially_adaptive.profiles import PAPER
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
     model, config, dataset, ids = _load_global_run(args)
     fidelity = identification_fidelity(args, config)
@@ -282,6 +282,6 @@ def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str,
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypermorph_spatially_adaptive.runio import add_refine_args, arg_float, arg_int
+    from hypermorph_spatially_adaptive.cli import add_refine_args, arg_float, arg_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -112,6 +112,6 @@ def main(argv: Optional[Sequence[str]] = None):
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

@@ -29,7 +29,7 @@ QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, 
 
 def build_parser() -> argparse.ArgumentParser:
     import datasets
-    from hypermorph_spatially_adaptive.runio import add_refine_args, arg_argv, arg_float, arg_int
+    from hypermorph_spatially_adaptive.cli import add_refine_args, arg_argv, arg_float, arg_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,7 +101,7 @@ def _check_inputs(args, preset_argv: dict) -> None:
     grid against the image size."""
     import datasets
     import parameter_identification
-    from hypermorph_spatially_adaptive import identification, trainer
+    from hypermorph_spatially_adaptive import grid_identification, trainer
 
     targs = [trainer.build_parser(p.replace("_csain", "")).parse_args(argv) for p, argv in preset_argv.items()]
     for a in targs:
@@ -113,7 +113,7 @@ def _check_inputs(args, preset_argv: dict) -> None:
                                         log=lambda line: print(line, flush=True))
     for a in targs:
         trainer.check_ncc_window(a, summary["image_shape"])
-    identification.check_grid_size("elastic", args.grid_steps, summary["image_shape"], iargs.max_grid_gb)
+    grid_identification.check_grid_size("elastic", args.grid_steps, summary["image_shape"], iargs.max_grid_gb)
 
 
 def _plot_training_curves(runs: dict, out_png: str) -> None:
@@ -130,10 +130,10 @@ def _plot_training_curves(runs: dict, out_png: str) -> None:
 def _refuse_shorter(args, run_dir: str) -> None:
     """A run already trained past ``--steps`` cannot be resumed to fewer steps: say so in the
     pipeline's own options (not the trainer's ``--resume``, which the user never typed)."""
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import run_folder
 
     try:
-        latest = runio.latest_checkpoint(run_dir)
+        latest = run_folder.latest_checkpoint(run_dir)
     except (OSError, ValueError):
         return  # the trainer's --resume reports a broken checkpoint itself
     done = latest[1] if latest else 0
@@ -377,6 +377,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

@@ -8,8 +8,8 @@ child process (this script re-invoked with ``--single``) so that peak memory is 
   (:func:`~hypermorph_spatially_adaptive.trainer.make_train_step`: forward, paper eq. 1 loss,
   gradient, Adam);
 - ``grid_point``: one grid point of the identification: the elastic global model's compiled
-  forward pass (:class:`~hypermorph_spatially_adaptive.registration.Registrar`, batch 1) plus the
-  nearest-neighbour label warp and class Dice that ``identification.grid_dice`` does per point;
+  forward pass (:class:`~hypermorph_spatially_adaptive.forward.Registrar`, batch 1) plus the
+  nearest-neighbour label warp and class Dice that ``grid_identification.grid_dice`` does per point;
 - ``forward``: the elastic SA model's forward pass (inference, batch 1);
 - ``refine_step``: one Adam step of the elastic SA refinement
   (:class:`~hypermorph_spatially_adaptive.refinement.Refiner` with the pipeline's defaults
@@ -144,7 +144,7 @@ def _train_call(job: Dict, data):
 
 def _grid_point_call(job: Dict, data):
     import eval_metrics
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
     moving, fixed, seg, hyp = data
     _, model = _model(job, "elastic_global")
@@ -157,7 +157,7 @@ def _grid_point_call(job: Dict, data):
 
 
 def _forward_call(job: Dict, data):
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
     moving, fixed, seg, hyp = data
     _, model = _model(job, "elastic_sa")

@@ -73,12 +73,12 @@ def _speed_models(args) -> tuple:
     """``(global elastic model, SA elastic model, image shape)``: the ``--run`` model and its
     shape, else a random-weight global model of ``--size``; the SA model has random weights
     (3 tissue classes)."""
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import run_folder
     from hypermorph_spatially_adaptive.models import ModelConfig, build_model
 
     shape = tuple(args.size)
     if args.run:
-        g_model, cfg = runio.load_run(args.run, expect_sa=False)
+        g_model, cfg = run_folder.load_run(args.run, expect_sa=False)
         shape = tuple(cfg["model"]["image_shape"])
     else:
         g_model = build_model(ModelConfig(shape, "elastic", False, 3))
@@ -93,8 +93,8 @@ def _time_grid_search(args) -> dict:
     import numpy as np
 
     import eval_metrics
-    from hypermorph_spatially_adaptive import identification as ident
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive import grid_identification as ident
+    from hypermorph_spatially_adaptive.forward import Registrar
 
     g_model, sa_model, shape = _speed_models(args)
     rng = np.random.default_rng(0)
@@ -166,10 +166,10 @@ def compare_gradient(args) -> None:
 
     import eval_metrics
     from hypermorph_spatially_adaptive import gradient_identification as gid
-    from hypermorph_spatially_adaptive import identification as ident
+    from hypermorph_spatially_adaptive import grid_identification as ident
     from datasets.atomic import atomic_write
     from hypermorph_spatially_adaptive.params import ParamSpec
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
     g_model, sa_model, g_cfg, dataset, pairs = _load_compare_runs(args)
     reg = g_cfg["model"]["regularizer"]
@@ -217,14 +217,14 @@ def _load_compare_runs(args) -> tuple:
     """``(global model, SA model, global run config, dataset, pairs)`` of ``--run`` /
     ``--sa-run`` (same regularizer and data, else SystemExit) and the first ``--num-pairs``
     pairs of ``--split``."""
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import run_folder
     from hypermorph_spatially_adaptive.artifacts import load_dataset
 
     if not (args.run and args.sa_run):
         raise SystemExit("--compare-gradient needs --run (global) and --sa-run (SA)")
-    g_model, g_cfg = runio.load_run(args.run, expect_sa=False)
+    g_model, g_cfg = run_folder.load_run(args.run, expect_sa=False)
     reg = g_cfg["model"]["regularizer"]
-    sa_model, sa_cfg = runio.load_run(args.sa_run, expect_regularizer=reg, expect_sa=True)
+    sa_model, sa_cfg = run_folder.load_run(args.sa_run, expect_regularizer=reg, expect_sa=True)
     if sa_cfg["data"] != g_cfg["data"]:
         raise SystemExit(f"{args.run} and {args.sa_run} were trained on different data")
     dataset = load_dataset(g_cfg)

@@ -120,7 +120,7 @@ def register_all(pairs, settings: np.ndarray, args, C: int, spacing) -> np.ndarr
 
 def score(pairs, fields: np.ndarray, C: int, names) -> np.ndarray:
     """``[pairs, settings, 2]``: dense EPE (mm) and mean Dice of every field."""
-    from hypermorph_spatially_adaptive.evaluation import pair_metrics
+    from hypermorph_spatially_adaptive.tables import pair_metrics
 
     out = np.zeros(fields.shape[:2] + (2,))
     for i, pair in enumerate(pairs):

@@ -4,7 +4,7 @@ exactly like inference.py scores our models.
 For every selected pair of any dataset (default: the demo's synthetic test pairs) this runs
 ``ants.registration(fixed, moving, type_of_transform=T)`` for every ``--transform`` T (antspyx, a
 benchmark-only dependency: ``make bench-setup``), turns ANTs' forward transforms into our
-displacement field and computes the per-pair metrics with ``evaluation.pair_metrics`` (Dice,
+displacement field and computes the per-pair metrics with ``tables.pair_metrics`` (Dice,
 HD95, TRE, %negJ, SDlogJ, dense EPE on synthetic data), plus the wall-clock seconds of the
 registration. Rows: ``initial`` (zero displacement) and one per transform (:func:`method_name`):
 
@@ -40,7 +40,7 @@ Conventions
 
 Outputs in ``--out``: ``per_pair_metrics.csv`` (inference.py's columns plus ``seconds`` and ``cpu_seconds``, the
 process's CPU time: on a loaded machine the fairer cost with one thread), ``table1.csv`` /
-``table1.md`` (``evaluation.table1``; table1.csv adds ``seconds_mean/std``, ``cpu_seconds_mean``),
+``table1.md`` (``tables.table1``; table1.csv adds ``seconds_mean/std``, ``cpu_seconds_mean``),
 ``bench_peer.json`` (versions, options, pairs, data version).
 """
 from __future__ import annotations
@@ -347,7 +347,7 @@ def _repeat_per_protocol(per_pair):
 
 
 def _versions(antspyx: str) -> Dict[str, str]:
-    """Library versions (runio.versions() would import TensorFlow, which this script never needs)."""
+    """Library versions (run_folder.versions() would import TensorFlow, which this script never needs)."""
     import platform
 
     import pandas
@@ -372,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     ants = import_ants(args.threads, args.seed)
     import pandas as pd
 
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
 
     dataset, data_opts = load_dataset(args)
     ids = select_ids(dataset, args)
@@ -396,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     rows, total = _register_all(ants, dataset, ids, args)
 
     per_pair = pd.DataFrame(rows)
-    problem = evaluation.check_range(per_pair, class_names)
+    problem = tables.check_range(per_pair, class_names)
     if problem:
         raise FloatingPointError(f"metrics out of range: {problem}")
     table_rows = per_pair
@@ -411,7 +411,7 @@ def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -
     """Register every pair of ``ids`` with every ``--transform`` (one temporary folder each),
     printing one line per pair and transform. Returns the per-pair metric rows (an ``initial`` row
     and one :func:`method_name` row per transform and pair) and the total seconds."""
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
 
     class_names = list(dataset.class_names)
     C = len(class_names)
@@ -420,7 +420,7 @@ def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -
     for k, pid in enumerate(ids, 1):
         pair = dataset.load_pair(pid)
         zero = np.zeros((*pair.fixed.shape[:-1], pair.fixed.ndim - 1), np.float32)
-        init = evaluation.pair_metrics(pair, zero, C, class_names)
+        init = tables.pair_metrics(pair, zero, C, class_names)
         rows.append({"pair_id": pid, "method": "initial", "params": "", **init, "seconds": 0.0, "cpu_seconds": 0.0})
         for transform in args.transform:
             params = json.dumps({"type_of_transform": transform, "seed": args.seed, "threads": args.threads})
@@ -429,7 +429,7 @@ def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -
                 u = register(ants, pair.fixed[..., 0], pair.moving[..., 0], pair.spacing, transform,
                              args.seed, work)[0]
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-            m = evaluation.pair_metrics(pair, u, C, class_names)
+            m = tables.pair_metrics(pair, u, C, class_names)
             rows.append({"pair_id": pid, "method": method_name(transform), "params": params, **m,
                          "seconds": seconds, "cpu_seconds": cpu})
             print(f"[bench_peer] {k}/{len(ids)} {pid} {method_name(transform)}: mean Dice {init['mean_dice']:.3f} -> "
@@ -443,10 +443,10 @@ def _write_results(args: argparse.Namespace, argv: Optional[Sequence[str]], per_
     table CSV / markdown, ``bench_peer.json`` with versions and the command) and printed."""
     from datasets.atomic import atomic_write
     from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
 
     class_names = list(dataset.class_names)
-    numeric, markdown = evaluation.table1(table_rows, class_names)
+    numeric, markdown = tables.table1(table_rows, class_names)
     secs = per_pair.groupby("method")["seconds"]
     numeric["seconds_mean"] = numeric["method"].map(secs.mean())
     numeric["seconds_std"] = numeric["method"].map(secs.std(ddof=0))

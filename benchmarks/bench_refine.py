@@ -23,7 +23,7 @@ no true field, so no dense EPE). Every row registers the ``--split`` pairs of a 
 as ``inference.py`` does; seconds per pair = wall clock of that call (tracing included, unless
 ``--warm`` traced it first) / pairs; CPU s/pair the same for the process's CPU time (with
 ``--threads 1`` the fairer cost on a loaded machine; a ``net`` row counts its prediction's wall clock).
-Metrics are ``evaluation.pair_metrics`` (the ones of Table 1), means over pairs; ``gain kept`` =
+Metrics are ``tables.pair_metrics`` (the ones of Table 1), means over pairs; ``gain kept`` =
 (Dice - Dice of ``net``) / (Dice of ``net+io`` - Dice of ``net``), the share of today's
 refinement's Dice gain a row keeps.
 
@@ -140,14 +140,14 @@ def _load_mode(mode: str, args) -> Tuple[object, List]:
 
 def _model(args):
     """``(registrar or None, ParamSpec, run config or None, ncc window)``."""
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import run_folder
     from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.params import ParamSpec
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
     if args.run is None:
         return None, ParamSpec("elastic", False, 3), None, args.ncc_win
-    model, cfg = runio.load_run(args.run)
+    model, cfg = run_folder.load_run(args.run)
     reg = Registrar(model)
     if list(reg.image_shape) != list(args.image_size):
         raise ValueError(f"{args.run} was trained on {reg.image_shape} images, not --image-size {args.image_size}")
@@ -163,7 +163,7 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
 
     import numpy as np
 
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
     from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
     from hypermorph_spatially_adaptive.refinement import Refiner
 
@@ -182,7 +182,7 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
         t0 = time.time()
         starts["net"] = (reg(moving, fixed, hyp)[1], time.time() - t0)
     rows = [{"mode": mode, "row": "initial", "pair_id": p.pair_id, "seconds": 0.0, "cpu_seconds": 0.0,
-             **evaluation.pair_metrics(p, starts["zero"][0][k], len(names), names)} for k, p in enumerate(pairs)]
+             **tables.pair_metrics(p, starts["zero"][0][k], len(names), names)} for k, p in enumerate(pairs)]
     for name in args.rows:
         start, refine, opts = parse_row(name)
         if start not in starts:
@@ -205,7 +205,7 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
         for k, p in enumerate(pairs):
             rows.append({"mode": mode, "row": name, "pair_id": p.pair_id, "seconds": seconds / len(pairs),
                          "cpu_seconds": cpu / len(pairs),
-                         **evaluation.pair_metrics(p, u[k], len(names), names)})
+                         **tables.pair_metrics(p, u[k], len(names), names)})
         print(f"[bench_refine] {mode:13s} {name:32s} Dice {np.mean([r['mean_dice'] for r in rows[-len(pairs):]]):.3f} "
               f"%negJ {np.mean([r['percent_neg_jac'] for r in rows[-len(pairs):]]):.3f} "
               f"{seconds / len(pairs):.3f} s/pair", flush=True)

@@ -36,11 +36,11 @@ PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 
 def response(run: str, split: str = "test", num_pairs: int = 3) -> Dict[str, float]:
     """Displacement response of the model in ``run`` to its hyperparameters (voxels)."""
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import run_folder
     from hypermorph_spatially_adaptive.artifacts import load_dataset
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
-    model, config = runio.load_run(run)
+    model, config = run_folder.load_run(run)
     sa, num_classes = bool(config["model"]["spatially_adaptive"]), int(config["model"]["num_classes"])
     pairs = list(itertools.islice(load_dataset(config).pairs(split), num_pairs))
     if not pairs:
@@ -104,11 +104,11 @@ def response_curves(run: str, split: str = "test", num_pairs: int = 3, steps: in
     import pandas as pd
 
     import eval_metrics
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import run_folder
     from hypermorph_spatially_adaptive.artifacts import load_dataset
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
-    model, config = runio.load_run(run)
+    model, config = run_folder.load_run(run)
     pairs = list(itertools.islice(load_dataset(config).pairs(split), num_pairs))
     if not pairs:
         raise ValueError(f"{run}: the {split} split is empty")

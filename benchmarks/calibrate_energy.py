@@ -81,10 +81,10 @@ def _pairs_and_reference(args):
         if not args.run:
             raise ValueError("these pairs have no true displacement: give a trained --run whose field at all-zero "
                              "hyperparameters serves as the reference")
-        from hypermorph_spatially_adaptive import runio
-        from hypermorph_spatially_adaptive.registration import Registrar
+        from hypermorph_spatially_adaptive import run_folder
+        from hypermorph_spatially_adaptive.forward import Registrar
 
-        model, _ = runio.load_run(args.run)
+        model, _ = run_folder.load_run(args.run)
         reg = Registrar(model)
         moving = np.stack([p.moving for p in pairs])
         fixed = np.stack([p.fixed for p in pairs])
@@ -131,6 +131,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

@@ -159,7 +159,7 @@ def compare_units(pairs: Sequence[tuple], sigma: float, n_boot: int):
     smoothed_csv)`` units, pooled over seeds and per seed. Returns the comparison DataFrame."""
     import pandas as pd
 
-    from hypermorph_spatially_adaptive.evaluation import paired_comparison
+    from hypermorph_spatially_adaptive.tables import paired_comparison
 
     frames = []
     for seed, base_csv, smooth_csv in pairs:

@@ -283,7 +283,7 @@ def collect(args, units: Sequence[Dict], syn_table: Optional[str]):
 def study_comparisons(methods: Sequence[str]) -> List[tuple]:
     """The family docs/results.md reports, per regularizer: -sas vs -g (network, ablation, +io,
     gradient), gradient vs grid proxy, +io vs network, zero+io vs +io, ours vs ANTs SyN."""
-    from hypermorph_spatially_adaptive.evaluation import default_comparisons
+    from hypermorph_spatially_adaptive.tables import default_comparisons
 
     present, out = set(methods), list(default_comparisons(methods))
     for s in ("diff", "elas"):
@@ -341,7 +341,7 @@ def compare(study, n_boot: int):
     method (pooled); one table with a ``setting`` column."""
     import pandas as pd
 
-    from hypermorph_spatially_adaptive.evaluation import paired_comparison
+    from hypermorph_spatially_adaptive.tables import paired_comparison
 
     frames = []
     for setting, df in study.groupby("setting", sort=False):
@@ -397,7 +397,7 @@ def run_units(args) -> List[Dict]:
 def write_comparisons(args, study) -> None:
     """``study_comparisons.csv/.md``, ``study_table.csv/.md`` and the forest plots (within settings)."""
     from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive.evaluation import comparison_markdown
+    from hypermorph_spatially_adaptive.tables import comparison_markdown
     from hypermorph_spatially_adaptive.figures import plot_comparison_forest
 
     comp = compare(study, args.bootstrap)
@@ -457,6 +457,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

@@ -276,6 +276,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

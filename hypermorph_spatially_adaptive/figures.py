@@ -759,7 +759,7 @@ def plot_comparison_forest(comp: pd.DataFrame, out_png: str, metric: str = "mean
     one panel without that column), one line per (protocol, comparison ``a - b``).
 
     Args:
-        comp: rows of :func:`.evaluation.paired_comparison` with columns ``protocol, seed,
+        comp: rows of :func:`.tables.paired_comparison` with columns ``protocol, seed,
             comparison, metric, mean_diff, ci_low, ci_high, p_holm, n_seeds, n_pairs`` (``seed``
             ``'all'`` = pooled over seeds x pairs; other values = one seed over its pairs).
         out_png: output path (``.png``).

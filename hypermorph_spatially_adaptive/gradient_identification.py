@@ -1,6 +1,6 @@
 """Direct identification of a model's hyperparameters by gradient descent (docs/extensions.md "Gradient identification").
 
-The grid method (:mod:`.identification`) searches the *global* model and hands each tissue's
+The grid method (:mod:`.grid_identification`) searches the *global* model and hands each tissue's
 best grid point to the spatially adaptive (SA) model, a proxy. Both networks are differentiable
 in their hyperparameter input, so the SA model's own parameters (every class, background
 included) can be optimized directly:
@@ -47,10 +47,10 @@ from datasets.atomic import atomic_write
 from tf_compat import import_voxelmorph
 
 from . import artifacts as art
-from . import runio
+from . import run_folder
 from .models import call_model, needs_segmentation
 from .provenance import check_runs, weights_sha256
-from .registration import Registrar, auto_batch_size, warped_moving_segmentation
+from .forward import Registrar, auto_batch_size, warped_moving_segmentation
 from .tf_ops import soft_dice, warp_linear
 
 tf, _vxm, _ne = import_voxelmorph()
@@ -649,11 +649,11 @@ def _load_sa_for(args, g_config: Dict, dataset) -> Tuple:
     compatible with ``dataset``: ``(model, config)``."""
     if args.sa_run is None:
         raise ValueError("--method gradient needs --sa-run (the spatially adaptive run folder)")
-    sa_model, sa_config = runio.load_run(args.sa_run, expect_regularizer=g_config["model"]["regularizer"],
+    sa_model, sa_config = run_folder.load_run(args.sa_run, expect_regularizer=g_config["model"]["regularizer"],
                                          expect_sa=True)
     if sa_config["data"] != g_config["data"] or list(sa_config["class_names"]) != list(g_config["class_names"]):
         raise ValueError(f"{args.sa_run} and {args.run} were trained on different datasets/classes")
-    runio.check_compatible(args.sa_run, sa_config, dataset)
+    run_folder.check_compatible(args.sa_run, sa_config, dataset)
     return sa_model, sa_config
 
 

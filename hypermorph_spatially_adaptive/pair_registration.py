@@ -18,10 +18,10 @@ axis-aligned). Steps, each timed (``result.seconds``):
    the run's ``config['data']['name']``), then images and labels resampled to the model grid
    (:mod:`.pair_geometry` documents the rule; a warning when the grid's spacing differs from
    training by > 25 %).
-4. ``identify`` (optional): grid search with the global model (:mod:`.identification`, as
+4. ``identify`` (optional): grid search with the global model (:mod:`.grid_identification`, as
    ``parameter_identification.py``) or Adam on the run's own hyperparameters
    (:mod:`.gradient_identification`), both on the pair's labels.
-5. ``forward``: one forward pass (:class:`.registration.Registrar`); ``refine``: N Adam steps
+5. ``forward``: one forward pass (:class:`.forward.Registrar`); ``refine``: N Adam steps
    on the training loss (:class:`.refinement.Refiner`, model-grid spacing).
 6. ``output``: the displacement back on the fixed grid; moving image (original intensities,
    linear) and labels (nearest neighbour) warped onto the fixed grid.
@@ -419,8 +419,8 @@ class PairRegistrar:
         return self._model
 
     def load(self) -> None:
-        from .registration import Registrar
-        from .runio import load_run
+        from .forward import Registrar
+        from .run_folder import load_run
 
         t0 = time.perf_counter()
         if self._model is None:
@@ -567,8 +567,8 @@ class PairRegistrar:
             return res.h[0].astype(np.float32)
         import datasets
 
-        from . import identification as ident
-        from .registration import Registrar
+        from . import grid_identification as ident
+        from .forward import Registrar
 
         g_model = self._model if not self.info.spatially_adaptive else self._global_model
         pair = datasets.RegistrationPair("pair", moving_m[..., None], fixed_m[..., None], mseg, fseg,

@@ -249,7 +249,7 @@ class Refiner:
     def __call__(self, moving: np.ndarray, fixed: np.ndarray, u0: np.ndarray, hyp: np.ndarray,
                  fixed_seg: Optional[np.ndarray] = None, steps: int = 100,
                  lr: float = 0.1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from .registration import auto_batch_size
+        from .forward import auto_batch_size
 
         moving, fixed, hyp = (np.asarray(a, np.float32) for a in (moving, fixed, hyp))
         u0 = np.asarray(u0, np.float32)

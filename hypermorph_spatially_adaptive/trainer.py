@@ -7,7 +7,7 @@ pipeline, per-sample hyperparameter sampling, the compiled train step (``tf.func
 Run folders never lie and never vanish:
 
 - a run folder is recognized by its ``config.json`` *content* (a JSON object with ``format``
-  :data:`runio.RUN_FORMAT`, or, for runs made before the marker, ``preset`` and ``model``), never
+  :data:`.artifacts.RUN_FORMAT`, or, for runs made before the marker, ``preset`` and ``model``), never
   by the file name alone; any other non-empty folder is refused, never written or deleted;
 - training into a run folder refuses unless ``--resume`` (continue the run in it) or
   ``--overwrite`` (replace it, derived outputs such as ``identification/`` included).
@@ -92,7 +92,7 @@ LOG_FIELDS = ["step", "loss", "similarity", "regularization", "ncc", "val_loss",
 
 def _add_optimization_args(g: argparse._ArgumentGroup, preset: str) -> None:
     """Run folder, step budget, batch size and learning rate (into the ``training`` group)."""
-    from .runio import arg_float, arg_int
+    from .cli import arg_float, arg_int
 
     g.add_argument("--out", default=os.path.join("runs", preset), help="run folder to write")
     g.add_argument("--steps", type=arg_int(1), default=2000, help="number of optimizer steps")
@@ -104,7 +104,7 @@ def _add_optimization_args(g: argparse._ArgumentGroup, preset: str) -> None:
 
 def _add_loss_args(g: argparse._ArgumentGroup) -> None:
     """Similarity window, regularized field, energy scale, hyperparameter mapping and sampling."""
-    from .runio import arg_float, arg_int
+    from .cli import arg_float, arg_int
 
     g.add_argument("--ncc-win", type=arg_int(1, odd=True), default=9, help="local NCC window per axis (odd)")
     g.add_argument("--profile", choices=list(PROFILES), default="paper",
@@ -161,7 +161,7 @@ def _add_loss_args(g: argparse._ArgumentGroup) -> None:
 
 def _add_session_args(g: argparse._ArgumentGroup) -> None:
     """Seed, logging/validation/checkpoint intervals, resume/overwrite, devices and determinism."""
-    from .runio import arg_int
+    from .cli import arg_int
 
     g.add_argument("--seed", type=arg_int(0), default=0, help="seed for data order, hyperparameters and init")
     g.add_argument("--val-every", type=arg_int(0), default=200, help="validation loss every N steps (0: never)")
@@ -188,7 +188,7 @@ def _add_session_args(g: argparse._ArgumentGroup) -> None:
 
 def _add_model_args(m: argparse._ArgumentGroup) -> None:
     """The HyperVxmDense architecture: U-Net features, integration and hypernetwork size."""
-    from .runio import arg_int
+    from .cli import arg_int
 
     m.add_argument("--enc-features", type=arg_int(1), nargs="+", default=[16, 32, 32, 32],
                    help="U-Net encoder features (image sizes must be divisible by 2^levels, 16 by default)")
@@ -204,7 +204,7 @@ def _add_model_args(m: argparse._ArgumentGroup) -> None:
 
 def _add_conditioning_args(c: argparse._ArgumentGroup) -> None:
     """Spatially adaptive presets only: conditioning (hypernetwork / CSAIN), map smoothing, weight range."""
-    from .runio import arg_float, arg_int
+    from .cli import arg_float, arg_int
 
     c.add_argument("--conditioning", choices=["hypernetwork", "csain"], default="hypernetwork",
                    help="hypernetwork: HyperMorph (per-class values -> hyper-convolutions); csain: the same "
@@ -375,7 +375,7 @@ def _refuse_changes(run_dir: str, old: Dict, new: Dict) -> None:
 
 def _folder_state(run_dir: str):
     """``("empty", None)``, ``("run", config)`` or ``("foreign", reason)`` for ``run_dir``."""
-    from .runio import run_config_problem
+    from .artifacts import run_config_problem
 
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         return "foreign", "is a file, not a folder"
@@ -656,10 +656,10 @@ def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: 
     """The config of a resumed run: the old one with the options that may change updated and a
     dated ``resumed`` entry added; returns ``(config, step of the latest checkpoint)``, or ``None``
     when the run is already finished at ``steps``. Refuses changed options and a shrinking target."""
-    from . import runio
+    from . import run_folder
 
     _refuse_changes(run_dir, old, config)
-    latest = runio.latest_checkpoint(run_dir)
+    latest = run_folder.latest_checkpoint(run_dir)
     start_step = latest[1] if latest else 0
     if start_step > steps:
         raise ValueError(f"{run_dir}: --resume with --steps {steps} (or --epochs), but the run's checkpoint "
@@ -673,8 +673,8 @@ def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: 
     session = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": command, "from_step": start_step, "steps": steps,
                "changed": {option_name(k): [_flatten(old).get(k), v] for k, v in allowed.items()}}
-    if runio.versions() != old.get("versions"):
-        session["versions"] = runio.versions()
+    if run_folder.versions() != old.get("versions"):
+        session["versions"] = run_folder.versions()
     config = _merge(old, {"training": {k.split(".", 1)[1]: v for k, v in allowed.items()}})
     config["provenance"] = {"data": hashes}  # unchanged (checked above); added to runs made before it
     config["resumed"] = list(old.get("resumed", [])) + [session]
@@ -686,7 +686,7 @@ def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: 
 
 def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> str:
     """:func:`run` with ``--out`` locked: check the folder, options and data, write the config, train."""
-    from . import runio
+    from . import run_folder
 
     run_dir = args.out
     state, old = _check_folder(args)
@@ -710,7 +710,7 @@ def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[s
             return run_dir
         config, start_step = resumed
     else:
-        config.update(versions=runio.versions(), command=command, finished=False)
+        config.update(versions=run_folder.versions(), command=command, finished=False)
     return _start(preset, args, run_dir, state, old, config, (dataset, mc, spec, steps, start_step))
 
 
@@ -719,7 +719,7 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
     """Write the config and train; ``--overwrite`` moves the old run aside until the first
     checkpoint exists (then deletes it), and a failure before that restores it (or, for a new
     folder, removes what this attempt wrote)."""
-    from . import folders, runio
+    from . import folders, run_folder
 
     overwrite = state == "run" and args.overwrite
     created = overwrite or not os.path.isdir(run_dir)
@@ -738,7 +738,7 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
             print(f"[{preset}] --overwrite: {_describe(old)} in {run_dir} moved aside to {aside}; it is deleted once "
                   f"the new run has written its first checkpoint", flush=True)
         os.makedirs(run_dir, exist_ok=True)
-        runio.save_config(run_dir, config)
+        run_folder.save_config(run_dir, config)
         return _train(preset, args, run_dir, config, *train_args, on_checkpoint=first_checkpoint)
     except BaseException:
         if pending["aside"]:
@@ -750,7 +750,7 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
             if not created:
                 os.makedirs(run_dir, exist_ok=True)
         elif args.resume and old is not None and old.get("finished"):  # a failed resume keeps the run finished
-            runio.save_config(run_dir, old)
+            run_folder.save_config(run_dir, old)
         raise
 
 
@@ -896,7 +896,7 @@ def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, 
 def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: float) -> str:
     """Write ``weights.h5`` atomically, record its sha256, the session's seconds and ``finished`` in
     config.json; returns the run folder."""
-    from . import runio
+    from . import run_folder
     from datasets.atomic import atomic_write
     from .provenance import file_sha256
 
@@ -904,7 +904,7 @@ def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: 
     try:
         atomic_write(weights, lambda tmp: model.save_weights(tmp))
     except OSError as exc:
-        raise OSError(f"{weights}: cannot write the final weights ({runio._short(exc)}); the checkpoint of step "
+        raise OSError(f"{weights}: cannot write the final weights ({run_folder.short_error(exc)}); the checkpoint of step "
                       f"{steps} is complete: free space and rerun with --resume to write them") from exc
     config.setdefault("provenance", {})["weights_sha256"] = file_sha256(weights)
     seconds = round(time.time() - t0, 1)
@@ -912,7 +912,7 @@ def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: 
         config["resumed"][-1]["seconds"] = seconds
     # seconds of every session that reached its end (a killed session's time is unknown)
     config.update(finished=True, final_step=steps, train_seconds=round(float(config.get("train_seconds", 0.0)) + seconds, 1))
-    runio.save_config(run_dir, config)
+    run_folder.save_config(run_dir, config)
     print(f"[{preset}] done in {time.time() - t0:.0f} s -> {run_dir}", flush=True)
     return run_dir
 
@@ -924,7 +924,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     _setup_devices(args)
     import tensorflow as tf
 
-    from . import runio
+    from . import run_folder
     from .models import build_model
 
     tf.keras.utils.set_random_seed(args.seed)
@@ -943,7 +943,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
     resume_prefix = None
     if resume_from:
-        resume_prefix = runio.latest_checkpoint(run_dir)[0]
+        resume_prefix = run_folder.latest_checkpoint(run_dir)[0]
         try:
             ckpt.read(resume_prefix).assert_existing_objects_matched()
         except Exception as exc:  # truncated or foreign checkpoint: name it and the intact earlier one

@@ -10,9 +10,9 @@ import tensorflow as tf
 
 import eval_metrics
 from hypermorph_spatially_adaptive import gradient_identification as gid
-from hypermorph_spatially_adaptive import runio
-from hypermorph_spatially_adaptive.evaluation import pair_metrics
-from hypermorph_spatially_adaptive.registration import Registrar
+from hypermorph_spatially_adaptive import run_folder
+from hypermorph_spatially_adaptive.tables import pair_metrics
+from hypermorph_spatially_adaptive.forward import Registrar
 from hypermorph_spatially_adaptive.tf_ops import soft_dice, warp_linear
 from conftest import TINY_ARCH  # noqa: E402
 
@@ -78,8 +78,8 @@ def tiny(tiny_runs):
     from hypermorph_spatially_adaptive.artifacts import load_dataset
 
     root, runs = tiny_runs
-    sa, cfg = runio.load_run(runs["elastic_sa"])
-    g, _ = runio.load_run(runs["elastic_global"])
+    sa, cfg = run_folder.load_run(runs["elastic_sa"])
+    g, _ = run_folder.load_run(runs["elastic_global"])
     ds = load_dataset(cfg)
     pairs = [ds.load_pair(p) for p in ds.split_ids("train")[:2]]
     return {"sa": sa, "g": g, "pairs": pairs, "root": root, "runs": runs, "dataset": ds}

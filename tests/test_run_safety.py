@@ -451,10 +451,10 @@ STAGE_CASES = ["thesis", "the training run", "the data folder", "the working dir
 def test_a_stage_replaces_only_its_own_complete_folder(tmp_path, base, case, monkeypatch):
     """Identification/inference --out: refused before anything is computed (no model loaded), and
     every file under the folder (and beside it) stays byte-identical."""
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import run_folder
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runio, "load_run", lambda *a, **k: pytest.fail("a model was loaded before --out was checked"))
+    monkeypatch.setattr(run_folder, "load_run", lambda *a, **k: pytest.fail("a model was loaded before --out was checked"))
     main, argv, keep, msg = _stage_case(tmp_path, base, case)
     before, listing = snapshot(keep), sorted(os.listdir(tmp_path))
     with pytest.raises(ValueError, match="refusing to replace it|is an input|contains an input|is a file|symbolic") \

@@ -1,12 +1,12 @@
 """Subject-specific stiffness in the synthetic generator (--stiffness-spread) and the score of
-identified against true per-pair stiffness (evaluation.stiffness_recovery)."""
+identified against true per-pair stiffness (tables.stiffness_recovery)."""
 import numpy as np
 import pandas as pd
 import pytest
 
 from datasets import phantoms
 from datasets.synthetic import SyntheticDataset, parse_stiffness_spread, subject_lame
-from hypermorph_spatially_adaptive.evaluation import stiffness_recovery
+from hypermorph_spatially_adaptive.tables import stiffness_recovery
 
 NAMES = ("lung", "bone", "liver")
 
