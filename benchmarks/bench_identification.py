@@ -239,7 +239,7 @@ def _compare_pair(pair, n_grid: int, grid_proxy, gradient, sa_dice, classes: lis
     """One pair of ``--compare-gradient``: grid proxy, gradient from 0.5 and gradient from the
     grid's choice, timed; prints one line and returns the CSV row (SA hard mean Dice of each
     choice, passes, objective values; with ``objective`` epe the Spearman rho of mu)."""
-    from hypermorph_spatially_adaptive import gradient_identification as gid
+    from hypermorph_spatially_adaptive import tables
 
     t = time.perf_counter()
     h_grid = grid_proxy(pair)
@@ -253,7 +253,7 @@ def _compare_pair(pair, n_grid: int, grid_proxy, gradient, sa_dice, classes: lis
            "refine_dice": sa_dice(pair, res_ref.h[0])}
     if objective == "epe":
         for name, h in (("grid", h_grid), ("grad", res.h[0]), ("refine", res_ref.h[0])):
-            rho = gid.stiffness_order_summary([pair], h[None], classes, reg == "elastic")
+            rho = tables.stiffness_order_summary([pair], h[None], classes, reg == "elastic")
             row[f"{name}_rho_mu"] = rho[pair.pair_id]["mu"] if rho else float("nan")
     print(f"  {pair.pair_id}: grid {t_grid:6.2f} s {n_grid:4d} fwd  Dice {row['grid_dice']:.4f} | gradient "
           f"{res.seconds:6.2f} s {row['grad_passes']:3d} fwd+bwd Dice {row['grad_dice']:.4f} "

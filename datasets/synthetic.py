@@ -35,7 +35,7 @@ identification to find. With it pair ``i`` scales each tissue's (lambda, mu) by 
 ``exp(S z)`` (:func:`subject_lame`, seeded by the pair, independent of the phantom and force
 streams: the anatomy and force pattern are those of the spread-0 pair, the field differs); the
 values used are ``extras["lame"]`` of the pair, so identified values can be scored against them
-per pair (``hypermorph_spatially_adaptive.tables.stiffness_recovery``).
+per pair (``benchmarks/stiffness_recovery.py``).
 """
 from __future__ import annotations
 

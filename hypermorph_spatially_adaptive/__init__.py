@@ -12,7 +12,7 @@ array conventions: CONVENTIONS.md. Submodules (every one, one line each):
 - :mod:`.figures`                 Fig. 2, Fig. 3, training curves, Dice box plots (no TensorFlow)
 - :mod:`.folders`                 folder locks, staged (all-or-nothing) stage outputs, --overwrite set-aside, safe file names
 - :mod:`.forward`                 batched compiled forward passes of a trained model (Registrar)
-- :mod:`.gradient_identification` hyperparameters identified by gradient descent (and its CLI branch)
+- :mod:`.gradient_identification` hyperparameters identified by gradient descent (Adam per pair or for a population)
 - :mod:`.grid_identification`     grid identification with the global model (paper sec. 2.2)
 - :mod:`.intervals`               confidence intervals, p-values and multiplicity control of paired comparisons
 - :mod:`.jobs`                    child processes: parallel stage commands (``run_pipeline.py --jobs``), one child with a log
@@ -25,7 +25,7 @@ array conventions: CONVENTIONS.md. Submodules (every one, one line each):
 - :mod:`.provenance`              content hashes of data and weights recorded by every stage and compared by the next
 - :mod:`.refinement`              instance optimization of a displacement per pair on the training loss (Refiner)
 - :mod:`.run_folder`              run folders: config JSON, weights, rebuilding a trained model (``load_run``)
-- :mod:`.tables`                  per-pair metrics, the Table 1 layout and paired comparisons
+- :mod:`.tables`                  per-pair metrics, the Table 1 layout, paired comparisons, stiffness-order Spearman
 - :mod:`.tf_ops`                  TensorFlow field operations: linear warp, Jacobian determinant, soft Dice, box smoothing
 - :mod:`.timing`                  wall time per pipeline stage (``stage_times.csv``)
 - :mod:`.trainer`                 the shared trainer behind the four ``train_hypermorph_*`` scripts

@@ -417,9 +417,9 @@ def _run_csv_ok(case, setup, expected, tmp_path, capsys, request):
     folder = _identification_folder(tmp_path / "ident", expected.split())
     ident = art.read_identification(str(folder), "elastic")
     assert ident.pair_ids == expected.split()
-    from hypermorph_spatially_adaptive.gradient_identification import _start_points
+    from parameter_identification import _gradient_start_points
 
-    _, h0_g, _ = _start_points("grid", str(folder), expected.split(), [], ["g_lambda", "g_mu"])  # --init grid
+    _, h0_g, _ = _gradient_start_points("grid", str(folder), expected.split(), [], ["g_lambda", "g_mu"])  # --init grid
     np.testing.assert_array_equal(h0_g, np.full((5, 2), 0.5))
 
 

@@ -174,12 +174,14 @@ def test_nan_objective_or_input_raises_clearly(tiny):
 def test_pairs_without_labels_or_truth_are_rejected(tiny):
     import dataclasses
 
+    from parameter_identification import _check_gradient_pair
+
     p = tiny["pairs"][0]
     with pytest.raises(ValueError, match="no tissue labels"):
-        gid._check_pair(dataclasses.replace(p, moving_seg=np.zeros_like(p.moving_seg)), "dice")
+        _check_gradient_pair(dataclasses.replace(p, moving_seg=np.zeros_like(p.moving_seg)), "dice")
     with pytest.raises(ValueError, match="synthetic data only"):
-        gid._check_pair(dataclasses.replace(p, extras={}), "epe")
-    gid._check_pair(p, "epe")
+        _check_gradient_pair(dataclasses.replace(p, extras={}), "epe")
+    _check_gradient_pair(p, "epe")
 
 
 # ---------------------------------------------------------------- CLI and inference
