@@ -222,7 +222,7 @@ def check_provenance(groups: List[Dict], dataset, split: str, args) -> Dict:
     problems, idents = [], {}
     for g in groups:
         for src in g["sources"]:
-            idents[os.path.abspath(src.csv)] = prov.file_sha256(src.csv)
+            idents[os.path.abspath(src.csv)] = art.file_sha256(src.csv)
             rec = src.meta.get("provenance")
             meta_path = os.path.join(src.folder, art.IDENTIFICATION_META)
             if not isinstance(rec, dict):

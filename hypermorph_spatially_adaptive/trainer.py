@@ -898,7 +898,7 @@ def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: 
     config.json; returns the run folder."""
     from . import run_folder
     from datasets.atomic import atomic_write
-    from .provenance import file_sha256
+    from .artifacts import file_sha256
 
     weights = os.path.join(run_dir, art.WEIGHTS)
     try:
