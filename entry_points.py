@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 
+from hypermorph_spatially_adaptive.cli import cli_main
+
 #: console command -> top-level script module (its ``main(argv)`` is run)
 COMMANDS = {
     "hm-pipeline": "run_pipeline",
@@ -24,8 +26,6 @@ COMMANDS = {
 
 
 def _run(command: str) -> None:
-    from hypermorph_spatially_adaptive.cli import cli_main
-
     cli_main(importlib.import_module(COMMANDS[command]).main)
 
 

@@ -68,6 +68,18 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from datasets.atomic import atomic_write
+from hypermorph_spatially_adaptive import artifacts as art
+from hypermorph_spatially_adaptive import cli, run_folder
+from hypermorph_spatially_adaptive import provenance as prov
+from hypermorph_spatially_adaptive.artifacts import INFERENCE_META
+from hypermorph_spatially_adaptive.configs import RefineConfig, check_same_weighting
+from hypermorph_spatially_adaptive.folders import safe_file_names, staged_folder
+from hypermorph_spatially_adaptive.forward import Registrar, warped_moving_segmentation
+from hypermorph_spatially_adaptive.profiles import check_same_profile
+
 REGS = ("elastic", "diffusion")
 MAP_SOURCES = ("warped-moving", "fixed")
 #: fewest --bootstrap resamples accepted
@@ -77,8 +89,6 @@ MAP_LABELS = {"warped-moving": "moving seg warped by the network", "fixed": "fix
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypermorph_spatially_adaptive import cli
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for reg in REGS:
@@ -134,8 +144,6 @@ def sa_tag(config: Dict) -> str:
 
 def _load_sa_runs(reg: str, sa_runs: Sequence[str]) -> List[Dict]:
     """Load the SA runs of one regularizer: ``[{run, model, cfg, tag}]`` (one per conditioning)."""
-    from hypermorph_spatially_adaptive import run_folder
-
     out = []
     for run in sa_runs:
         model, cfg = run_folder.load_run(run, expect_regularizer=reg, expect_sa=True)
@@ -163,10 +171,6 @@ def applies_to(source, sa_run: str, sa_config: Dict) -> bool:
 
 def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], global_run: Optional[str]) -> Dict:
     """Load and cross-check one regularizer's SA model(s), global model and identifications."""
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import run_folder
-    from hypermorph_spatially_adaptive.configs import check_same_weighting
-
     sas = _load_sa_runs(reg, sa_runs)
     sa_cfg = sas[0]["cfg"]
     sa_names = art.sa_columns(reg, sa_cfg["class_names"])
@@ -192,9 +196,6 @@ def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], glo
 
 def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> None:
     import nibabel as nib
-    import numpy as np
-
-    from datasets.atomic import atomic_write
 
     affine = pair.affine if pair.affine is not None else np.diag([*pair.spacing, *[1.0] * (4 - len(pair.spacing))])
     os.makedirs(folder, exist_ok=True)
@@ -210,9 +211,6 @@ def check_provenance(groups: List[Dict], dataset, split: str, args) -> Dict:
     config.json recorded. Refuses a mismatch unless ``--force``; returns inference.json's
     ``provenance`` (data hash of the split, sha256 of every weights.h5 and identified_parameters.csv,
     forced messages)."""
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import provenance as prov
-
     runs = {}
     for g in groups:
         runs[g["global_run"]] = g["g_cfg"]
@@ -250,12 +248,9 @@ def check_provenance(groups: List[Dict], dataset, split: str, args) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    from hypermorph_spatially_adaptive.folders import staged_folder
-
     args = build_parser().parse_args(argv)
     # written into a temporary sibling that replaces --out only when everything succeeded: a killed
     # or failed run leaves the old results folder complete, never a mixture of old and new files
-    from hypermorph_spatially_adaptive.artifacts import INFERENCE_META
 
     inputs = [args.data_dir, args.label_dir] + [p for reg in REGS for opt in ("sa", "ident")
                                                 for p in (getattr(args, f"{reg}_{opt}") or [])]
@@ -286,8 +281,6 @@ def check_profiles(groups: List[Dict], profile: Optional[str]) -> str:
     """The runs' common profile (:func:`~hypermorph_spatially_adaptive.profiles.check_same_profile`:
     every run of every group, ``--profile`` if given); ValueError if an identification was made under
     another profile (identification.json 'fidelity'; none recorded = paper)."""
-    from hypermorph_spatially_adaptive.profiles import check_same_profile
-
     runs = {}
     for g in groups:
         runs[g["global_run"]] = g["g_cfg"]
@@ -306,9 +299,6 @@ def _load_test_set(groups: List[Dict], args: argparse.Namespace) -> Tuple[object
     """The dataset all runs were trained on, the split and the pair ids every identification was made
     on (those of the first one): ``(dataset, split, pair_ids)``. Refuses runs of different datasets or
     incompatible with the dataset now, and identifications of other pairs or another split."""
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import run_folder
-
     cfg0 = groups[0]["sa_cfg"]
     for g in groups[1:]:
         if g["sa_cfg"]["data"] != cfg0["data"]:
@@ -352,8 +342,6 @@ class _Rows:
 
     def add_initial(self, image_shape: Sequence[int]) -> None:
         """The ``initial`` rows: every pair scored with a zero displacement (no registration)."""
-        import numpy as np
-
         from hypermorph_spatially_adaptive import tables
 
         zero = np.zeros((*image_shape, len(image_shape)), np.float32)
@@ -366,10 +354,7 @@ class _Rows:
                maps: str = "") -> None:
         """Score every pair registered by one method: ``warped [N, *spatial, 1]``, ``disp [N, *spatial, D]``
         (voxels), ``hyp [N, P]`` with column names ``cols``; ``seconds`` is the time of all N pairs."""
-        import numpy as np
-
         import eval_metrics
-        from hypermorph_spatially_adaptive import artifacts as art
         from hypermorph_spatially_adaptive import tables
 
         n = len(self.pairs)
@@ -396,10 +381,6 @@ class _Rows:
 def _traced_registrars(models: Dict[str, tuple], moving, fixed, fixed_seg) -> Dict:
     """A :class:`Registrar` per model key, each called once on the first pair (hyp 0.5) so that tracing
     stays outside the timed calls."""
-    import numpy as np
-
-    from hypermorph_spatially_adaptive.forward import Registrar
-
     registrars = {key: Registrar(m) for key, (m, _, _, _) in models.items()}
     for key, (model, _, _, _) in models.items():
         registrars[key](moving[:1], fixed[:1], np.full((1, int(model.inputs[2].shape[-1])), 0.5, np.float32),
@@ -413,10 +394,6 @@ def _source_runs(src, g: Dict, models: Dict[str, tuple], g_hyp, sa_hyp, with_g: 
     ``g`` (when ``with_g``: not made yet for this protocol and method), ``sas`` of every SA run the
     identification applies to (:func:`applies_to`) and, for a grid identification, the ``sas@g``
     ablation (every class at the pair's -g values ``g_hyp [N, P_g]``, docs/reading_results.md "How to read the comparison")."""
-    import numpy as np
-
-    from hypermorph_spatially_adaptive import artifacts as art
-
     runs = [("g", "", "g", g_hyp, art.global_columns(g["reg"]))] if with_g else []
     for key, (_, cfg, tag, run) in models.items():
         if key == "g" or not applies_to(src, run, cfg):
@@ -432,14 +409,9 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
     """Register the test pairs (``moving``/``fixed [N, *spatial, 1]``, ``fixed_seg [N, *spatial]``) with
     every model of one regularizer group and every identification of it, network rows and (grid
     identifications, ``--refine``) the refined +io rows, into ``rec``."""
-    import numpy as np
-
-    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import tables
-    from hypermorph_spatially_adaptive.configs import RefineConfig
     from hypermorph_spatially_adaptive.models import needs_segmentation
     from hypermorph_spatially_adaptive.refinement import Refiner
-    from hypermorph_spatially_adaptive.forward import warped_moving_segmentation
     from hypermorph_spatially_adaptive.tf_ops import warp_linear
 
     short = tables.SHORT[g["reg"]]
@@ -488,8 +460,6 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
 def _write_tables(per_pair, class_names: Sequence[str], scope: str, dest: str, args: argparse.Namespace) -> str:
     """Check the metrics' range, write ``per_pair_metrics.csv``, ``table1.csv``, ``comparison.csv`` and
     ``table1.md`` into ``dest``; returns the Markdown text (``scope`` names the dataset, pairs and split)."""
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import tables
 
     problem = tables.check_range(per_pair, class_names)
@@ -537,8 +507,6 @@ def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional
                     n: int, provenance: Dict, file_names: Dict[str, str]) -> Dict:
     """The content of ``inference.json``: runs and identifications used (absolute paths), dataset,
     split, options, provenance, the pair ids whose file names differ and the command."""
-    from hypermorph_spatially_adaptive.configs import RefineConfig
-
     return {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sas"][0]["run"]),
                                   "sa_runs": {sa["tag"].strip(" ()") or "hypernetwork": os.path.abspath(sa["run"])
                                               for sa in g["sas"]},
@@ -555,12 +523,7 @@ def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional
 
 def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -> None:
     """The body of :func:`main`; every file goes to ``dest`` (the staging folder)."""
-    import numpy as np
     import pandas as pd
-
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive.folders import safe_file_names
 
     groups = _load_groups(args)
     dataset, split, pair_ids = _load_test_set(groups, args)

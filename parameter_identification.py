@@ -48,22 +48,22 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-import eval_metrics
 from datasets.atomic import atomic_write
 from hypermorph_spatially_adaptive import artifacts as art
+from hypermorph_spatially_adaptive import cli, run_folder
 from hypermorph_spatially_adaptive import provenance as prov
-from hypermorph_spatially_adaptive import run_folder
+from hypermorph_spatially_adaptive.artifacts import IDENTIFICATION_META
+from hypermorph_spatially_adaptive.folders import staged_folder
 from hypermorph_spatially_adaptive.forward import Registrar, auto_batch_size, warped_moving_segmentation
+from hypermorph_spatially_adaptive.profiles import CHOICES, PAPER, PROFILES, Fidelity, check_same_profile
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypermorph_spatially_adaptive import cli
-    from hypermorph_spatially_adaptive.profiles import CHOICES, PROFILES
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="run folder of a trained GLOBAL model (elastic or diffusion)")
@@ -141,8 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_out(args: argparse.Namespace) -> str:
     """``--out`` or the default identification folder inside ``--run`` (by method/protocol)."""
-    from hypermorph_spatially_adaptive import artifacts as art
-
     if args.out:
         return args.out
     if args.method == "gradient":
@@ -153,12 +151,9 @@ def default_out(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    from hypermorph_spatially_adaptive.folders import staged_folder
-
     args = build_parser().parse_args(argv)
     out = default_out(args)
     # written into a temporary sibling that replaces --out only when everything succeeded
-    from hypermorph_spatially_adaptive.artifacts import IDENTIFICATION_META
 
     inputs = [args.run, args.sa_run, args.init_from, args.data_dir, args.label_dir]  # never replaced (CONVENTIONS.md)
     with staged_folder(out, "identification folder", log=lambda line: print(line, flush=True), inputs=inputs,
@@ -170,9 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 def _load_global_run(args: argparse.Namespace) -> Tuple[object, Dict, object, List[str]]:
     """The global run and its data: ``(model, config, dataset, ids of the --split/--pairs pairs)``. A grid
     too large for --max-grid-gb is refused before the model loads (docs/troubleshooting.md "Bad inputs")."""
-    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import grid_identification as ident
-    from hypermorph_spatially_adaptive import run_folder
 
     if args.method == "grid":
         info = art.read_run(args.run, expect_sa=False)
@@ -210,11 +203,8 @@ def identification_fidelity(args: argparse.Namespace, config: Dict):
     """The :class:`~hypermorph_spatially_adaptive.profiles.Fidelity` of this identification: the run's
     training settings (config.json 'fidelity'), ``--profile`` (refused if it is not the run's) and its
     identification defaults overridden by the options given."""
-    from hypermorph_spatially_adaptive.profiles import Fidelity, check_same_profile
-
     trained = check_same_profile({args.run: config}, args.profile)
     base = Fidelity.of(trained.profile)
-    from dataclasses import replace
 
     return replace(trained, **{k: v if v is not None else getattr(base, k) for k, v in (
         ("background", args.background), ("zero_point", args.zero_point), ("objective", args.grid_objective),
@@ -223,12 +213,7 @@ def identification_fidelity(args: argparse.Namespace, config: Dict):
 
 def _identify(args: argparse.Namespace, argv: Optional[Sequence[str]], out: str, dest: str) -> None:
     """The body of :func:`main`: identify and write every file into ``dest`` (the staging folder of ``out``)."""
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import grid_identification as ident
-    from hypermorph_spatially_adaptive import provenance as prov
-    from hypermorph_spatially_adaptive.profiles import PAPER
-    from hypermorph_spatially_adaptive.forward import Registrar
 
     model, config, dataset, ids = _load_global_run(args)
     fidelity = identification_fidelity(args, config)
@@ -327,6 +312,8 @@ def _gradient_start_points(init: str, init_dir: Optional[str], ids: Sequence[str
 def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int, net_seg=None) -> np.ndarray:
     """Hard class Dice ``[N, C]`` after registering each pair with its ``hyp [N, P]`` (a CSAIN
     model builds its map from ``net_seg [N, *spatial]``, default the fixed segmentations)."""
+    import eval_metrics
+
     seg = np.stack([p.fixed_seg for p in pairs]) if net_seg is None else net_seg
     _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp, seg)
     return np.stack([eval_metrics.dice_per_class(p.fixed_seg, eval_metrics.warp_labels(p.moving_seg, disp[k]),
@@ -337,6 +324,8 @@ def _gradient_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class
                  res_sa, res_g, fallback: Sequence[str]) -> List[Dict]:
     """Rows of identified_parameters.csv: row ``k`` uses row ``k`` of every array (or row 0 when
     the array has one row: the population protocol's single setting)."""
+    import eval_metrics
+
     def at(x, k):
         return x[k if len(x) > 1 else 0]
 
@@ -392,6 +381,7 @@ def _gradient_population(args, g_model, sa_model, dataset, ids, names, C: int, b
     ``(rows, trace_rows, meta, val_pairs, res_sa, res_g)``. A CSAIN model sees, on the validation pairs
     as on the test pairs (inference ``--population-maps warped-moving``), maps built from the
     moving labels warped by the -g network at its population setting."""
+    import eval_metrics
     from hypermorph_spatially_adaptive import gradient_identification as gid
     from hypermorph_spatially_adaptive.models import needs_segmentation
 

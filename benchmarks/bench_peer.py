@@ -49,12 +49,20 @@ import argparse
 import inspect
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datasets  # noqa: E402
+from datasets.atomic import atomic_write  # noqa: E402
+from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
+from hypermorph_spatially_adaptive.artifacts import PER_PAIR_METRICS, read_config  # noqa: E402
 
 METHOD = "ants-syn"  # the quick SyN row's name (the earlier tables' and the study's)
 #: row names of the ANTs presets (other transforms: ``ants-<name in lower case, letters and digits>``)
@@ -73,20 +81,7 @@ def method_name(transform: str) -> str:
     return "ants-" + "".join(ch for ch in transform.lower() if ch.isalnum())
 
 
-def _project_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _add_project_to_path() -> None:
-    root = _project_root()
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _add_project_to_path()
-    import datasets
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     datasets.add_dataset_args(p)
@@ -134,12 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 def load_dataset(args: argparse.Namespace) -> Tuple[Any, Dict]:
     """The dataset of ``args`` (or of ``--from-run``) and the JSON options that rebuild it."""
-    _add_project_to_path()
-    import datasets
-
     if args.from_run:
-        from hypermorph_spatially_adaptive.artifacts import read_config
-
         opts = dict(read_config(args.from_run)["data"])
         if args.data_dir is not None:
             opts["data_dir"] = os.path.abspath(args.data_dir)
@@ -307,8 +297,6 @@ def read_merge(results_dir: str, pair_ids: Sequence[str]):
     must all contain; checked before any registration runs."""
     import pandas as pd
 
-    from hypermorph_spatially_adaptive.artifacts import PER_PAIR_METRICS
-
     path = os.path.join(results_dir, PER_PAIR_METRICS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; give an inference.py output folder to --merge")
@@ -348,8 +336,6 @@ def _repeat_per_protocol(per_pair):
 
 def _versions(antspyx: str) -> Dict[str, str]:
     """Library versions (run_folder.versions() would import TensorFlow, which this script never needs)."""
-    import platform
-
     import pandas
     import scipy
 
@@ -441,8 +427,6 @@ def _write_results(args: argparse.Namespace, argv: Optional[Sequence[str]], per_
                    dataset, data_opts: Dict, ids: Sequence[str], version: str, total: float) -> None:
     """Table 1 of ``table_rows`` plus seconds per method, written to ``args.out`` (per-pair CSV,
     table CSV / markdown, ``bench_peer.json`` with versions and the command) and printed."""
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive import tables
 
     class_names = list(dataset.class_names)

@@ -27,11 +27,15 @@ inference.json.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import datasets
 
 from .folders import STAGE_MARKER  # noqa: F401  (every stage output folder's completion marker)
 from .params import ParamSpec
@@ -190,7 +194,6 @@ def _finish_command(folder: str, config: Dict) -> str:
     command = list((config.get("resumed") or [config])[-1].get("command") or config.get("command") or [])
     if not command:
         return f"the run's training script with --out {folder} --resume"
-    import shlex
 
     command = [str(a) for a in command if a not in ("--resume", "--overwrite")] + ["--resume"]
     return "python " + shlex.join(command)
@@ -289,8 +292,6 @@ def attempt_without_checkpoint(folder: str) -> bool:
 def checkpoint_error(run_dir: str, prefix: str, exc: BaseException) -> str:
     """The message for a checkpoint ``prefix`` that cannot be read: it names the files and the
     newest earlier checkpoint of ``run_dir`` whose every tensor reads (TensorFlow imported here)."""
-    import glob
-
     import tensorflow as tf
 
     ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
@@ -430,6 +431,4 @@ def read_identification(folder: str, regularizer: Optional[str] = None,
 
 def load_dataset(config: Dict, data_dir: Optional[str] = None, label_dir: Optional[str] = None):
     """Rebuild the dataset a run was trained on (``config['data']``), optionally with moved folders."""
-    import datasets
-
     return datasets.dataset_from_config(config["data"], data_dir, label_dir)

@@ -8,8 +8,13 @@ and exits with status 1; ``--debug`` shows the traceback instead. ``arg_*`` are 
 """
 from __future__ import annotations
 
+import argparse
+import math
+import shlex
 import sys
 from typing import Callable, Optional, Sequence
+
+from .configs import RefineConfig
 
 #: exceptions that mean "the input is wrong", reported as one ``error:`` line by :func:`cli_main`
 USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
@@ -43,8 +48,6 @@ def cli_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
 # ---- argparse value checks (shared by the scripts) -------------------------------------------
 def arg_int(minimum: int, odd: bool = False) -> Callable[[str], int]:
     """argparse ``type``: an integer >= ``minimum`` (and odd with ``odd``), else a clear error."""
-    import argparse
-
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -62,9 +65,6 @@ def arg_int(minimum: int, odd: bool = False) -> Callable[[str], int]:
 
 def arg_float(minimum: float = 0.0, maximum: Optional[float] = None, inclusive: bool = False) -> Callable[[str], float]:
     """argparse ``type``: a finite float > ``minimum`` (>= with ``inclusive``), <= ``maximum``."""
-    import argparse
-    import math
-
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -83,9 +83,6 @@ def arg_float(minimum: float = 0.0, maximum: Optional[float] = None, inclusive: 
 def arg_argv(text: str) -> str:
     """argparse ``type`` of an option holding other options as one string (``--train-args``):
     the text is returned unchanged once ``shlex.split`` can split it (balanced quotes)."""
-    import argparse
-    import shlex
-
     try:
         shlex.split(text)
     except ValueError as exc:
@@ -100,8 +97,6 @@ arg_argv.__name__ = "options"
 # ---- refinement options (inference.py, run_pipeline.py, register.py) -----------------------------
 def _arg_level(text: str):
     """argparse ``type`` of ``--refine-levels``: an integer >= 1, or ``off``."""
-    import argparse
-
     if text.strip().lower() == "off":
         return "off"
     try:
@@ -121,10 +116,6 @@ def add_refine_args(group) -> None:
     ``--refine-grid``, ``--refine-scale``, ``--refine-levels``, ``--refine-level-split`` and
     ``--refine-svf`` to an argparse parser or group, each with the default of its
     :class:`.configs.RefineConfig` field (parse them back with ``RefineConfig.from_args``)."""
-    import argparse
-
-    from .configs import RefineConfig
-
     default = RefineConfig()
 
     group.add_argument("--refine-fold-weight", type=arg_float(0.0, inclusive=True),

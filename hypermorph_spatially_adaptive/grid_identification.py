@@ -37,6 +37,7 @@ import pandas as pd
 import eval_metrics
 
 from .artifacts import G_MEAN_DICE, PAIR_ID, global_columns, sa_columns
+from .forward import auto_batch_size
 
 
 def make_grid(regularizer: str, values: Sequence[float]) -> np.ndarray:
@@ -64,8 +65,6 @@ def grid_bytes(regularizer: str, n_values: int, image_shape: Sequence[int],
     (``batch_size``, or :func:`.forward.auto_batch_size` when None: about 2^18 voxels; at most
     the whole grid: elastic ``n_values^2`` points, diffusion ``n_values``). Chunks are reduced to
     Dice one at a time, so the grid's size does not enter beyond its first chunk."""
-    from .forward import auto_batch_size
-
     points = int(n_values) ** (2 if regularizer == "elastic" else 1)
     held = min(points, int(batch_size) if batch_size else auto_batch_size(image_shape, points))
     voxels = int(np.prod([int(s) for s in image_shape]))

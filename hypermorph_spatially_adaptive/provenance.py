@@ -25,6 +25,10 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from datasets.base import SPLITS
+
 from .artifacts import CONFIG, WEIGHTS, file_sha256, short
 
 def _digest(items: Iterable) -> str:
@@ -49,8 +53,6 @@ def _synthetic_rows(dataset, ids: Sequence[str]) -> List:
 
 
 def _array_rows(dataset, ids: Sequence[str]) -> List:
-    import numpy as np
-
     rows = []
     for pid in ids:
         pair = dataset.load_pair(pid)
@@ -66,8 +68,6 @@ def _array_rows(dataset, ids: Sequence[str]) -> List:
 def data_hashes(dataset, splits: Sequence[str] = ("train", "val", "test")) -> Dict[str, str]:
     """``{split: sha256}`` of the pairs of each split (see the module docstring); an empty split
     hashes the empty list. Class names and spacing-relevant options are part of every hash."""
-    from datasets.base import SPLITS
-
     if getattr(dataset, "name", "") == "folder" and hasattr(dataset, "_rows"):
         rows_of, kind = _folder_rows, "folder"
     elif getattr(dataset, "name", "") == "synthetic" and hasattr(dataset, "cache_path"):

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 
 from datasets.atomic import atomic_write
 
-from .artifacts import CHECKPOINTS, CONFIG, RUN_FORMAT, WEIGHTS
+from .artifacts import CHECKPOINTS, CONFIG, RUN_FORMAT, WEIGHTS, read_run
 
 
 def versions() -> Dict[str, str]:
@@ -94,7 +94,6 @@ def load_run(run_dir: str, expect_regularizer: str = None, expect_sa: bool = Non
     Returns ``(model, config)``. ``expect_*`` make a mismatched folder fail with a message that
     names the folder and the mismatch (e.g. an SA run given where a global run is needed).
     """
-    from .artifacts import read_run
     from .models import ModelConfig, build_model
 
     info = read_run(run_dir, expect_regularizer, expect_sa)

@@ -53,9 +53,20 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+import datasets
+from datasets.atomic import atomic_write
+
 from . import artifacts as art
+from . import folders, run_folder
+from .artifacts import file_sha256, run_config_problem
+from .cli import arg_float, arg_int
 from .configs import LossConfig
-from .profiles import CHOICES, PROFILES
+from .folders import FolderLock
+from .params import HypMapping
+from .profiles import CHOICES, PROFILES, TRAINING_FIELDS, Fidelity
+from .provenance import data_hashes, data_mismatches
 
 
 PRESETS = {
@@ -92,8 +103,6 @@ LOG_FIELDS = ["step", "loss", "similarity", "regularization", "ncc", "val_loss",
 
 def _add_optimization_args(g: argparse._ArgumentGroup, preset: str) -> None:
     """Run folder, step budget, batch size and learning rate (into the ``training`` group)."""
-    from .cli import arg_float, arg_int
-
     g.add_argument("--out", default=os.path.join("runs", preset), help="run folder to write")
     g.add_argument("--steps", type=arg_int(1), default=2000, help="number of optimizer steps")
     g.add_argument("--epochs", type=arg_float(0.0), default=None,
@@ -104,8 +113,6 @@ def _add_optimization_args(g: argparse._ArgumentGroup, preset: str) -> None:
 
 def _add_loss_args(g: argparse._ArgumentGroup) -> None:
     """Similarity window, regularized field, energy scale, hyperparameter mapping and sampling."""
-    from .cli import arg_float, arg_int
-
     g.add_argument("--ncc-win", type=arg_int(1, odd=True), default=9, help="local NCC window per axis (odd)")
     g.add_argument("--profile", choices=list(PROFILES), default="paper",
                    help="defaults of every setting where the paper text and the authors' released code differ "
@@ -161,8 +168,6 @@ def _add_loss_args(g: argparse._ArgumentGroup) -> None:
 
 def _add_session_args(g: argparse._ArgumentGroup) -> None:
     """Seed, logging/validation/checkpoint intervals, resume/overwrite, devices and determinism."""
-    from .cli import arg_int
-
     g.add_argument("--seed", type=arg_int(0), default=0, help="seed for data order, hyperparameters and init")
     g.add_argument("--val-every", type=arg_int(0), default=200, help="validation loss every N steps (0: never)")
     g.add_argument("--log-every", type=arg_int(1), default=20, help="log/progress every N steps")
@@ -188,8 +193,6 @@ def _add_session_args(g: argparse._ArgumentGroup) -> None:
 
 def _add_model_args(m: argparse._ArgumentGroup) -> None:
     """The HyperVxmDense architecture: U-Net features, integration and hypernetwork size."""
-    from .cli import arg_int
-
     m.add_argument("--enc-features", type=arg_int(1), nargs="+", default=[16, 32, 32, 32],
                    help="U-Net encoder features (image sizes must be divisible by 2^levels, 16 by default)")
     m.add_argument("--dec-features", type=arg_int(1), nargs="+", default=[32, 32, 32, 32, 32, 16, 16],
@@ -204,8 +207,6 @@ def _add_model_args(m: argparse._ArgumentGroup) -> None:
 
 def _add_conditioning_args(c: argparse._ArgumentGroup) -> None:
     """Spatially adaptive presets only: conditioning (hypernetwork / CSAIN), map smoothing, weight range."""
-    from .cli import arg_float, arg_int
-
     c.add_argument("--conditioning", choices=["hypernetwork", "csain"], default="hypernetwork",
                    help="hypernetwork: HyperMorph (per-class values -> hyper-convolutions); csain: the same "
                         "U-Net conditioned on the voxelwise parameter map by CSAIN layers (Wang et al.; "
@@ -224,8 +225,6 @@ def _add_conditioning_args(c: argparse._ArgumentGroup) -> None:
 
 def build_parser(preset: str) -> argparse.ArgumentParser:
     """The command line of one preset (every value checked at parse time)."""
-    import datasets
-
     reg, sa = PRESETS[preset]
     p = argparse.ArgumentParser(
         description=f"Train the {'spatially adaptive' if sa else 'global'} HyperMorph model with the "
@@ -307,8 +306,6 @@ class _Progress:
 
 def _write_checkpoint(ckpt, ckpt_dir: str, step: int, keep: int = 2) -> None:
     """tf.train.Checkpoint into a temp folder, renamed into place, then ``latest`` updated."""
-    from datasets.atomic import atomic_write
-
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_dir, name)
     tmp = os.path.join(ckpt_dir, f".tmp-{name}")
@@ -375,8 +372,6 @@ def _refuse_changes(run_dir: str, old: Dict, new: Dict) -> None:
 
 def _folder_state(run_dir: str):
     """``("empty", None)``, ``("run", config)`` or ``("foreign", reason)`` for ``run_dir``."""
-    from .artifacts import run_config_problem
-
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         return "foreign", "is a file, not a folder"
     entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
@@ -397,7 +392,6 @@ def _folder_state(run_dir: str):
         trained_with = LossConfig()
         config["loss"].setdefault("energy_scale", trained_with.energy_scale)
         config["loss"].setdefault("hyp_mapping", trained_with.hyp_mapping.to_dict())
-    from .profiles import Fidelity
 
     # runs made before --profile: paper runs with their own three settings; settings added since
     # (crop_in_loss) take the value those runs were trained with (off)
@@ -416,8 +410,6 @@ def resolve_fidelity(args: argparse.Namespace):
     """The run's :class:`.profiles.Fidelity`: the ``--profile`` defaults with every setting given on
     the command line; also sets ``args.int_resolution``, ``args.reg_field`` and
     ``args.oversample_endpoints`` (idempotent) and ``args.fidelity``."""
-    from .profiles import TRAINING_FIELDS, Fidelity
-
     given = {"int_resolution": getattr(args, "int_resolution", None), "reg_field": getattr(args, "reg_field", None),
              "oversample_endpoints": getattr(args, "oversample_endpoints", None),
              "elastic_sampling": getattr(args, "elastic_sampling", None),
@@ -425,7 +417,6 @@ def resolve_fidelity(args: argparse.Namespace):
              "diffusion_energy": getattr(args, "diffusion_energy", None), "ncc": getattr(args, "ncc_numerics", None),
              "crop_in_loss": getattr(args, "crop_in_loss", None)}
     if given["crop_in_loss"] is None and getattr(args, "dataset", None):  # the dataset's default (authors' code)
-        import datasets
 
         given["crop_in_loss"] = bool(getattr(datasets.dataset_class(args.dataset), "crop_in_loss_default", False))
     fid = Fidelity.of(getattr(args, "profile", "paper"), **given)
@@ -477,8 +468,6 @@ def _check_folder(args: argparse.Namespace):
 
 def _args_config(preset: str, args: argparse.Namespace) -> Dict:
     """The part of config.json that follows from the command line alone (no data read)."""
-    import datasets
-
     reg, sa = PRESETS[preset]
     cond = _conditioning_options(args)
     sampling = "per-sample U(0,1)" + ("; regularization weights 10 * hyp ~ U(0,10)"
@@ -503,8 +492,6 @@ def _args_config(preset: str, args: argparse.Namespace) -> Dict:
 
 
 def _mapping(args: argparse.Namespace):
-    from .params import HypMapping
-
     return HypMapping(args.hyp_mapping, args.log_decades)
 
 
@@ -598,8 +585,6 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     changed options, validate the whole dataset, only then move an ``--overwrite``-n run aside,
     import TensorFlow and build the model (see the module docstring for the guarantees).
     """
-    from .folders import FolderLock
-
     check_args(args)
     with FolderLock(args.out, "run folder", log=lambda line: print(line, flush=True),
                     replaceable=art.attempt_without_checkpoint):  # a dead --overwrite's old run comes back
@@ -610,10 +595,6 @@ def _checked_data(preset: str, args: argparse.Namespace, old: Optional[Dict]) ->
     """Load and validate the whole dataset (every pair of the splits training needs); with ``old``
     (the config of the run being resumed) refuse data whose hashes changed. Returns ``(dataset,
     summary of datasets.validate_dataset, data hashes per split)``."""
-    import datasets
-
-    from .provenance import data_hashes, data_mismatches
-
     dataset = datasets.dataset_from_args(args)
     levels = len(args.enc_features)
     summary = datasets.validate_dataset(dataset, require=("train", "val") if args.val_every > 0 else ("train",),
@@ -656,8 +637,6 @@ def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: 
     """The config of a resumed run: the old one with the options that may change updated and a
     dated ``resumed`` entry added; returns ``(config, step of the latest checkpoint)``, or ``None``
     when the run is already finished at ``steps``. Refuses changed options and a shrinking target."""
-    from . import run_folder
-
     _refuse_changes(run_dir, old, config)
     latest = run_folder.latest_checkpoint(run_dir)
     start_step = latest[1] if latest else 0
@@ -686,8 +665,6 @@ def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: 
 
 def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> str:
     """:func:`run` with ``--out`` locked: check the folder, options and data, write the config, train."""
-    from . import run_folder
-
     run_dir = args.out
     state, old = _check_folder(args)
     resuming = bool(args.resume and old is not None)
@@ -719,8 +696,6 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
     """Write the config and train; ``--overwrite`` moves the old run aside until the first
     checkpoint exists (then deletes it), and a failure before that restores it (or, for a new
     folder, removes what this attempt wrote)."""
-    from . import folders, run_folder
-
     overwrite = state == "run" and args.overwrite
     created = overwrite or not os.path.isdir(run_dir)
     pending = {"aside": None, "fresh": state != "run"}  # what a failure before the first checkpoint undoes
@@ -760,8 +735,6 @@ def _train_batches(dataset, strategy, num_params: int, args: argparse.Namespace,
     drawn from ``(seed, k)``, so skipping ``start`` batches resumes exactly."""
     import tensorflow as tf
 
-    import datasets
-
     seed = int(args.seed)
     oversample, bsz = float(args.oversample_endpoints), int(args.batch_size)
     constrain = _constrained(args)
@@ -786,7 +759,6 @@ def _validator(model, dataset, spec, loss: LossConfig, args: argparse.Namespace)
     """``validate() -> (mean loss, mean NCC)`` of the training ``loss`` over every validation pair with fixed hyperparameters
     (drawn from ``seed + 104729``), one compiled forward pass per batch; ``(nan, nan)`` without
     validation (``--val-every 0``)."""
-    import numpy as np
     import tensorflow as tf
 
     from .losses import loss_terms
@@ -843,10 +815,7 @@ def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, 
     ``--checkpoint-every`` steps and at the end (``on_checkpoint`` after each); a step-0 validation
     row first when starting from scratch. Non-finite loss or NCC, or a diverged loss
     (:func:`_check_divergence`), stops with ``FloatingPointError``."""
-    import numpy as np
     import tensorflow as tf
-
-    from datasets.atomic import atomic_write
 
     ckpt_dir = os.path.join(run_dir, art.CHECKPOINTS)
     log_path = os.path.join(run_dir, art.TRAIN_LOG)
@@ -896,10 +865,6 @@ def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, 
 def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: float) -> str:
     """Write ``weights.h5`` atomically, record its sha256, the session's seconds and ``finished`` in
     config.json; returns the run folder."""
-    from . import run_folder
-    from datasets.atomic import atomic_write
-    from .artifacts import file_sha256
-
     weights = os.path.join(run_dir, art.WEIGHTS)
     try:
         atomic_write(weights, lambda tmp: model.save_weights(tmp))
@@ -924,7 +889,6 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     _setup_devices(args)
     import tensorflow as tf
 
-    from . import run_folder
     from .models import build_model
 
     tf.keras.utils.set_random_seed(args.seed)
