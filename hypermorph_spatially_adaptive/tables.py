@@ -160,6 +160,17 @@ def _markdown_block(protocol: str, block: Sequence[Dict], head: Sequence[str], c
     return (title + "\n\n" if title else "") + "\n".join(lines) + "\n"
 
 
+def _with_defaults(per_pair: pd.DataFrame, **defaults) -> pd.DataFrame:
+    """A copy of ``per_pair`` with every missing column of ``defaults`` set to its value and a missing
+    protocol (NaN) read as ``''``."""
+    per_pair = per_pair.copy()
+    for column, value in defaults.items():
+        if column not in per_pair:
+            per_pair[column] = value
+    per_pair["protocol"] = per_pair["protocol"].fillna("")
+    return per_pair
+
+
 def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataFrame, str]:
     """Aggregate per-pair metrics into Table 1, one block per protocol.
 
@@ -180,12 +191,7 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
     missing = [c for c in ["method", *metrics] if c not in per_pair]
     if missing:
         raise ValueError(f"per-pair table lacks columns {missing}")
-    per_pair = per_pair.copy()
-    if "protocol" not in per_pair:
-        per_pair["protocol"] = ""
-    per_pair["protocol"] = per_pair["protocol"].fillna("")
-    if "lost_classes" not in per_pair:
-        per_pair["lost_classes"] = 0
+    per_pair = _with_defaults(per_pair, protocol="", lost_classes=0)
     blocks = [(protocol, _aggregate_block(per_pair[(per_pair["protocol"] == protocol)
                                                    | (per_pair["method"] == "initial")],
                                           protocol, metrics, len(class_names)))
@@ -298,12 +304,7 @@ def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, s
     HD95 differences compare the same pair-classes (:func:`difference_table`). Rows without a
     protocol ('': ``initial``, ANTs SyN) join every protocol, rows without a seed every seed.
     """
-    per_pair = per_pair.copy()
-    if "protocol" not in per_pair:
-        per_pair["protocol"] = ""
-    per_pair["protocol"] = per_pair["protocol"].fillna("")
-    if "seed" not in per_pair:
-        per_pair["seed"] = 0
+    per_pair = _with_defaults(per_pair, protocol="", seed=0)
     seeds = sorted(per_pair["seed"].dropna().unique().tolist())
     scopes = [("all", seeds)] + ([(s, [s]) for s in seeds] if per_seed and len(seeds) > 1 else [])
     rows = []
