@@ -1,6 +1,6 @@
 """Console commands of ``pip install -e .`` (``pyproject.toml`` ``[project.scripts]``).
 
-Each command runs one top-level script's ``main`` through ``runio.cli_main``, exactly as
+Each command runs one top-level script's ``main`` through ``cli.cli_main``, exactly as
 ``python <script>.py`` does: same options, one ``error:`` line and exit status 1 for a user
 error, ``--debug`` for the traceback. (A script's ``main`` returns its output folder, which a
 console wrapper would otherwise pass to ``sys.exit`` as an error message.) The scripts are
@@ -9,6 +9,8 @@ imported only when their command runs, so ``hm-register --help`` does not load t
 from __future__ import annotations
 
 import importlib
+
+from hypermorph_spatially_adaptive.cli import cli_main
 
 #: console command -> top-level script module (its ``main(argv)`` is run)
 COMMANDS = {
@@ -24,8 +26,6 @@ COMMANDS = {
 
 
 def _run(command: str) -> None:
-    from hypermorph_spatially_adaptive.runio import cli_main
-
     cli_main(importlib.import_module(COMMANDS[command]).main)
 
 

@@ -45,7 +45,7 @@ data, the dense error against the true field overall and per tissue), ``table1.c
 ``table1.md`` (mean(std) in the paper's layout, with the paired comparison under it),
 ``comparison.csv`` (per protocol: -sas minus -g, -sas@g minus -g, -sas minus -sas@g and
 -sas+io minus -g+io; mean difference, 95% studentized-bootstrap interval and its p, Holm-adjusted p,
-Wilcoxon p and its number of non-zero differences, n; see ``evaluation.paired_comparison``), Fig. 3-style panels
+Wilcoxon p and its number of non-zero differences, n; see ``tables.paired_comparison``), Fig. 3-style panels
 ``fig3_<pair>.png``, ``dice_boxplots.png``, and with ``--save-nifti`` the warped image, warped
 labels and displacement of every pair as NIfTI with the fixed image's affine (file names from
 pair ids are sanitized, ``folders.safe_file_names``).
@@ -68,6 +68,18 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from datasets.atomic import atomic_write
+from hypermorph_spatially_adaptive import artifacts as art
+from hypermorph_spatially_adaptive import cli, run_folder
+from hypermorph_spatially_adaptive import provenance as prov
+from hypermorph_spatially_adaptive.artifacts import INFERENCE_META
+from hypermorph_spatially_adaptive.configs import RefineConfig, check_same_weighting
+from hypermorph_spatially_adaptive.folders import safe_file_names, staged_folder
+from hypermorph_spatially_adaptive.forward import Registrar, warped_moving_segmentation
+from hypermorph_spatially_adaptive.profiles import check_same_profile
+
 REGS = ("elastic", "diffusion")
 MAP_SOURCES = ("warped-moving", "fixed")
 #: fewest --bootstrap resamples accepted
@@ -77,8 +89,6 @@ MAP_LABELS = {"warped-moving": "moving seg warped by the network", "fixed": "fix
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypermorph_spatially_adaptive import runio
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for reg in REGS:
@@ -93,26 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{reg}-global", default=None, metavar="RUN",
                        help=f"run folder of the global {reg} model (default: the one named in identification.json)")
     p.add_argument("--out", default="results", help="output folder")
-    p.add_argument("--refine", type=runio.arg_int(0), default=0, metavar="N",
+    p.add_argument("--refine", type=cli.arg_int(0), default=0, metavar="N",
                    help="instance optimization: refine the -g and -sas displacements of every pair for N Adam "
                         "steps on the training loss (adds the +io rows; 0: off, the default: refinement costs N loss "
                         "and gradient evaluations per pair; run_pipeline.py passes --refine 100 for Table 1)")
-    p.add_argument("--refine-lr", type=runio.arg_float(0.0), default=0.1,
+    p.add_argument("--refine-lr", type=cli.arg_float(0.0), default=0.1,
                    help="Adam learning rate of the refinement (voxels)")
     p.add_argument("--population-maps", choices=MAP_SOURCES, default="warped-moving",
                    help="segmentation that builds the -sas+io refinement's parameter maps in the population "
                         "protocol: 'warped-moving' (label-free at test time: the moving segmentation warped by the "
                         "network's displacement) or 'fixed' (the test pair's fixed segmentation, which also scores "
                         "the row: a label leak, for measuring it). The oracle protocol always uses 'fixed'")
-    runio.add_refine_args(p)
-    p.add_argument("--bootstrap", type=runio.arg_int(MIN_BOOTSTRAP), default=2000,
+    cli.add_refine_args(p)
+    p.add_argument("--bootstrap", type=cli.arg_int(MIN_BOOTSTRAP), default=2000,
                    help="resamples of the studentized bootstrap interval of the paired comparison (at least "
                         f"{MIN_BOOTSTRAP}: the interval's 2.5%% tails need several resamples each)")
-    p.add_argument("--seed", type=runio.arg_int(0), default=0, help="seed of the bootstrap")
+    p.add_argument("--seed", type=cli.arg_int(0), default=0, help="seed of the bootstrap")
     p.add_argument("--zero-io", action="store_true",
                    help="with --refine: also refine from a zero field with the same parameters and maps (rows "
                         "'<reg>-g zero+io', '<reg>-sas zero+io'): what the network contributes to the +io rows")
-    p.add_argument("--panels", type=runio.arg_int(0), default=2, help="Fig. 3 panels for the first N test pairs (0: none)")
+    p.add_argument("--panels", type=cli.arg_int(0), default=2, help="Fig. 3 panels for the first N test pairs (0: none)")
     p.add_argument("--save-nifti", action="store_true", help="write warped image/labels and displacement as NIfTI")
     p.add_argument("--data-dir", default=None, help="override the dataset folder saved in the run config")
     p.add_argument("--label-dir", default=None, help="override the tissue label folder saved in the run config")
@@ -134,11 +144,9 @@ def sa_tag(config: Dict) -> str:
 
 def _load_sa_runs(reg: str, sa_runs: Sequence[str]) -> List[Dict]:
     """Load the SA runs of one regularizer: ``[{run, model, cfg, tag}]`` (one per conditioning)."""
-    from hypermorph_spatially_adaptive import runio
-
     out = []
     for run in sa_runs:
-        model, cfg = runio.load_run(run, expect_regularizer=reg, expect_sa=True)
+        model, cfg = run_folder.load_run(run, expect_regularizer=reg, expect_sa=True)
         out.append({"run": run, "model": model, "cfg": cfg, "tag": sa_tag(cfg)})
     tags = [s["tag"] for s in out]
     if len(set(tags)) != len(tags):
@@ -163,16 +171,12 @@ def applies_to(source, sa_run: str, sa_config: Dict) -> bool:
 
 def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], global_run: Optional[str]) -> Dict:
     """Load and cross-check one regularizer's SA model(s), global model and identifications."""
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.configs import check_same_weighting
-
     sas = _load_sa_runs(reg, sa_runs)
     sa_cfg = sas[0]["cfg"]
     sa_names = art.sa_columns(reg, sa_cfg["class_names"])
     sources = [art.read_identification(d, reg, sa_names) for d in ident_dirs]
     global_run = global_run or sources[0].global_run
-    g_model, g_cfg = runio.load_run(global_run, expect_regularizer=reg, expect_sa=False)
+    g_model, g_cfg = run_folder.load_run(global_run, expect_regularizer=reg, expect_sa=False)
     for src in sources:
         for run, cfg in ((sas[0]["run"], sa_cfg), (global_run, g_cfg)):
             if cfg["data"] != src.data:
@@ -192,9 +196,6 @@ def _load_group(reg: str, sa_runs: Sequence[str], ident_dirs: Sequence[str], glo
 
 def _save_nifti(folder: str, pair, method: str, warped, warped_seg, disp) -> None:
     import nibabel as nib
-    import numpy as np
-
-    from datasets.atomic import atomic_write
 
     affine = pair.affine if pair.affine is not None else np.diag([*pair.spacing, *[1.0] * (4 - len(pair.spacing))])
     os.makedirs(folder, exist_ok=True)
@@ -210,9 +211,6 @@ def check_provenance(groups: List[Dict], dataset, split: str, args) -> Dict:
     config.json recorded. Refuses a mismatch unless ``--force``; returns inference.json's
     ``provenance`` (data hash of the split, sha256 of every weights.h5 and identified_parameters.csv,
     forced messages)."""
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import provenance as prov
-
     runs = {}
     for g in groups:
         runs[g["global_run"]] = g["g_cfg"]
@@ -222,7 +220,7 @@ def check_provenance(groups: List[Dict], dataset, split: str, args) -> Dict:
     problems, idents = [], {}
     for g in groups:
         for src in g["sources"]:
-            idents[os.path.abspath(src.csv)] = prov.file_sha256(src.csv)
+            idents[os.path.abspath(src.csv)] = art.file_sha256(src.csv)
             rec = src.meta.get("provenance")
             meta_path = os.path.join(src.folder, art.IDENTIFICATION_META)
             if not isinstance(rec, dict):
@@ -250,12 +248,9 @@ def check_provenance(groups: List[Dict], dataset, split: str, args) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    from hypermorph_spatially_adaptive.folders import staged_folder
-
     args = build_parser().parse_args(argv)
     # written into a temporary sibling that replaces --out only when everything succeeded: a killed
     # or failed run leaves the old results folder complete, never a mixture of old and new files
-    from hypermorph_spatially_adaptive.artifacts import INFERENCE_META
 
     inputs = [args.data_dir, args.label_dir] + [p for reg in REGS for opt in ("sa", "ident")
                                                 for p in (getattr(args, f"{reg}_{opt}") or [])]
@@ -286,8 +281,6 @@ def check_profiles(groups: List[Dict], profile: Optional[str]) -> str:
     """The runs' common profile (:func:`~hypermorph_spatially_adaptive.profiles.check_same_profile`:
     every run of every group, ``--profile`` if given); ValueError if an identification was made under
     another profile (identification.json 'fidelity'; none recorded = paper)."""
-    from hypermorph_spatially_adaptive.profiles import check_same_profile
-
     runs = {}
     for g in groups:
         runs[g["global_run"]] = g["g_cfg"]
@@ -306,9 +299,6 @@ def _load_test_set(groups: List[Dict], args: argparse.Namespace) -> Tuple[object
     """The dataset all runs were trained on, the split and the pair ids every identification was made
     on (those of the first one): ``(dataset, split, pair_ids)``. Refuses runs of different datasets or
     incompatible with the dataset now, and identifications of other pairs or another split."""
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import runio
-
     cfg0 = groups[0]["sa_cfg"]
     for g in groups[1:]:
         if g["sa_cfg"]["data"] != cfg0["data"]:
@@ -320,7 +310,7 @@ def _load_test_set(groups: List[Dict], args: argparse.Namespace) -> Tuple[object
     pair_ids = first.pair_ids
     for g in groups:
         for sa in g["sas"]:
-            runio.check_compatible(sa["run"], sa["cfg"], dataset)
+            run_folder.check_compatible(sa["run"], sa["cfg"], dataset)
         for src in g["sources"]:
             ids = src.pair_ids
             foreign = [p for p in ids if p not in split_ids]
@@ -352,29 +342,24 @@ class _Rows:
 
     def add_initial(self, image_shape: Sequence[int]) -> None:
         """The ``initial`` rows: every pair scored with a zero displacement (no registration)."""
-        import numpy as np
-
-        from hypermorph_spatially_adaptive import evaluation
+        from hypermorph_spatially_adaptive import tables
 
         zero = np.zeros((*image_shape, len(image_shape)), np.float32)
         for pair in self.pairs:
             self.rows.append({"pair_id": pair.pair_id, "protocol": "", "method": "initial", "params": "",
-                              "seconds": 0.0, **evaluation.pair_metrics(pair, zero, len(self.class_names),
+                              "seconds": 0.0, **tables.pair_metrics(pair, zero, len(self.class_names),
                                                                         self.class_names)})
 
     def record(self, method: str, protocol: str, warped, disp, hyp, cols: Sequence[str], seconds: float,
                maps: str = "") -> None:
         """Score every pair registered by one method: ``warped [N, *spatial, 1]``, ``disp [N, *spatial, D]``
         (voxels), ``hyp [N, P]`` with column names ``cols``; ``seconds`` is the time of all N pairs."""
-        import numpy as np
-
         import eval_metrics
-        from hypermorph_spatially_adaptive import artifacts as art
-        from hypermorph_spatially_adaptive import evaluation
+        from hypermorph_spatially_adaptive import tables
 
         n = len(self.pairs)
         for k, pair in enumerate(self.pairs):
-            m = evaluation.pair_metrics(pair, disp[k], len(self.class_names), self.class_names)
+            m = tables.pair_metrics(pair, disp[k], len(self.class_names), self.class_names)
             params = json.dumps({c.replace(art.G_PREFIX, ""): round(float(v), 4) for c, v in zip(cols, hyp[k])})
             self.rows.append({"pair_id": pair.pair_id, "protocol": protocol, "method": method, "params": params,
                               "maps": maps, "seconds": seconds / n, **m})
@@ -396,10 +381,6 @@ class _Rows:
 def _traced_registrars(models: Dict[str, tuple], moving, fixed, fixed_seg) -> Dict:
     """A :class:`Registrar` per model key, each called once on the first pair (hyp 0.5) so that tracing
     stays outside the timed calls."""
-    import numpy as np
-
-    from hypermorph_spatially_adaptive.registration import Registrar
-
     registrars = {key: Registrar(m) for key, (m, _, _, _) in models.items()}
     for key, (model, _, _, _) in models.items():
         registrars[key](moving[:1], fixed[:1], np.full((1, int(model.inputs[2].shape[-1])), 0.5, np.float32),
@@ -413,10 +394,6 @@ def _source_runs(src, g: Dict, models: Dict[str, tuple], g_hyp, sa_hyp, with_g: 
     ``g`` (when ``with_g``: not made yet for this protocol and method), ``sas`` of every SA run the
     identification applies to (:func:`applies_to`) and, for a grid identification, the ``sas@g``
     ablation (every class at the pair's -g values ``g_hyp [N, P_g]``, docs/reading_results.md "How to read the comparison")."""
-    import numpy as np
-
-    from hypermorph_spatially_adaptive import artifacts as art
-
     runs = [("g", "", "g", g_hyp, art.global_columns(g["reg"]))] if with_g else []
     for key, (_, cfg, tag, run) in models.items():
         if key == "g" or not applies_to(src, run, cfg):
@@ -432,17 +409,12 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
     """Register the test pairs (``moving``/``fixed [N, *spatial, 1]``, ``fixed_seg [N, *spatial]``) with
     every model of one regularizer group and every identification of it, network rows and (grid
     identifications, ``--refine``) the refined +io rows, into ``rec``."""
-    import numpy as np
-
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import evaluation
-    from hypermorph_spatially_adaptive.configs import RefineConfig
+    from hypermorph_spatially_adaptive import tables
     from hypermorph_spatially_adaptive.models import needs_segmentation
     from hypermorph_spatially_adaptive.refinement import Refiner
-    from hypermorph_spatially_adaptive.registration import warped_moving_segmentation
     from hypermorph_spatially_adaptive.tf_ops import warp_linear
 
-    short = evaluation.SHORT[g["reg"]]
+    short = tables.SHORT[g["reg"]]
     g_cols = art.global_columns(g["reg"])
     # one model per key: "g" and "sa0", "sa1", ... (one per conditioning)
     models = {"g": (g["g_model"], g["g_cfg"], "", g["global_run"])}
@@ -488,15 +460,13 @@ def _register_group(g: Dict, rec: _Rows, pair_ids: Sequence[str], moving, fixed,
 def _write_tables(per_pair, class_names: Sequence[str], scope: str, dest: str, args: argparse.Namespace) -> str:
     """Check the metrics' range, write ``per_pair_metrics.csv``, ``table1.csv``, ``comparison.csv`` and
     ``table1.md`` into ``dest``; returns the Markdown text (``scope`` names the dataset, pairs and split)."""
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
 
-    problem = evaluation.check_range(per_pair, class_names)
+    problem = tables.check_range(per_pair, class_names)
     if problem:
         raise FloatingPointError(f"metrics out of range: {problem}")
-    numeric, markdown = evaluation.table1(per_pair, class_names)
-    comparison = evaluation.paired_comparison(per_pair, evaluation.default_comparisons(per_pair["method"]),
+    numeric, markdown = tables.table1(per_pair, class_names)
+    comparison = tables.paired_comparison(per_pair, tables.default_comparisons(per_pair["method"]),
                                               n_boot=args.bootstrap, seed=args.seed)
     atomic_write(os.path.join(dest, art.PER_PAIR_METRICS), per_pair)
     atomic_write(os.path.join(dest, art.TABLE1_CSV), numeric)
@@ -504,7 +474,7 @@ def _write_tables(per_pair, class_names: Sequence[str], scope: str, dest: str, a
     header = (f"Table 1 on {scope}, mean(std) over pairs; "
               f"class DSC order: {', '.join(class_names)}; lost = pair-classes empty after warping (their HD95 is "
               "the image diagonal); [maps: ...] = what built a -sas+io row's refinement maps\n\n")
-    comp_md = evaluation.comparison_markdown(comparison)
+    comp_md = tables.comparison_markdown(comparison)
     if comp_md:
         comp_md = (f"\nPaired comparison, a - b per pair: mean [95% CI: studentized bootstrap over pairs, "
                    f"{args.bootstrap} resamples, seed {args.seed}], p_H = its p Holm-adjusted over the table's "
@@ -518,14 +488,14 @@ def _write_tables(per_pair, class_names: Sequence[str], scope: str, dest: str, a
 def _write_figures(per_pair, rec: _Rows, groups: List[Dict], panels: int, dest: str) -> None:
     """``dice_boxplots.png`` (population rows labelled ``[pop]``) and a Fig. 3 panel per regularizer
     for each of the first ``panels`` pairs (oracle protocol)."""
-    from hypermorph_spatially_adaptive import evaluation, figures
+    from hypermorph_spatially_adaptive import figures, tables
 
     labelled = per_pair.assign(method=[m if p in ("", "oracle") else f"{m} [{p[:3]}]"
                                        for m, p in zip(per_pair["method"], per_pair["protocol"])])
     figures.plot_dice_boxplots(labelled, rec.class_names, os.path.join(dest, "dice_boxplots.png"))
     for pair in rec.pairs[: max(panels, 0)]:
         for g in groups:
-            short = evaluation.SHORT[g["reg"]]
+            short = tables.SHORT[g["reg"]]
             res = {m: r for m, r in rec.results[pair.pair_id].items() if m.startswith(short + "-")}
             figures.plot_registration_panel(pair.moving[..., 0], pair.fixed[..., 0], pair.fixed_seg, res,
                                             os.path.join(dest, f"fig3_{short}_{rec.file_names[pair.pair_id]}.png"),
@@ -537,8 +507,6 @@ def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional
                     n: int, provenance: Dict, file_names: Dict[str, str]) -> Dict:
     """The content of ``inference.json``: runs and identifications used (absolute paths), dataset,
     split, options, provenance, the pair ids whose file names differ and the command."""
-    from hypermorph_spatially_adaptive.configs import RefineConfig
-
     return {"groups": {g["reg"]: {"sa_run": os.path.abspath(g["sas"][0]["run"]),
                                   "sa_runs": {sa["tag"].strip(" ()") or "hypernetwork": os.path.abspath(sa["run"])
                                               for sa in g["sas"]},
@@ -555,12 +523,7 @@ def _inference_meta(groups: List[Dict], args: argparse.Namespace, argv: Optional
 
 def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -> None:
     """The body of :func:`main`; every file goes to ``dest`` (the staging folder)."""
-    import numpy as np
     import pandas as pd
-
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive.folders import safe_file_names
 
     groups = _load_groups(args)
     dataset, split, pair_ids = _load_test_set(groups, args)
@@ -590,6 +553,6 @@ def _infer(args: argparse.Namespace, argv: Optional[Sequence[str]], dest: str) -
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

@@ -23,10 +23,14 @@ import argparse
 import json
 from typing import Optional, Sequence
 
+from datasets.atomic import atomic_write
+from hypermorph_spatially_adaptive.cli import add_refine_args, arg_float, arg_int
+from hypermorph_spatially_adaptive.configs import RefineConfig
+from hypermorph_spatially_adaptive.folders import check_output_files
+from hypermorph_spatially_adaptive.pair_registration import PairRegistrar, save_result
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from hypermorph_spatially_adaptive.runio import add_refine_args, arg_float, arg_int
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("inputs")
@@ -79,7 +83,6 @@ def main(argv: Optional[Sequence[str]] = None):
                          "--out-itk-warp, --out-json")
     if args.out_warped_seg and not args.moving_seg:
         raise ValueError("--out-warped-seg needs --moving-seg")
-    from hypermorph_spatially_adaptive.folders import check_output_files
 
     nifti = (".nii", ".nii.gz")  # every output checked before anything is read or computed (CONVENTIONS.md)
     check_output_files({"--out-warped": args.out_warped, "--out-warped-seg": args.out_warped_seg,
@@ -88,8 +91,6 @@ def main(argv: Optional[Sequence[str]] = None):
                         "--moving-seg": args.moving_seg},
                        {"--out-warped": nifti, "--out-warped-seg": nifti, "--out-disp": nifti,
                         "--out-itk-warp": nifti, "--out-json": (".json",)})
-    from hypermorph_spatially_adaptive.pair_registration import PairRegistrar, save_result
-    from hypermorph_spatially_adaptive.configs import RefineConfig
 
     registrar = PairRegistrar(args.run, args.global_run, args.orientation, load=False)
     result = registrar(args.fixed, args.moving, args.params, args.fixed_seg, args.moving_seg, args.refine,
@@ -102,8 +103,6 @@ def main(argv: Optional[Sequence[str]] = None):
     if result.refine_loss is not None:
         summary["refine_loss"] = [round(v, 6) for v in result.refine_loss]
     if args.out_json:
-        from datasets.atomic import atomic_write
-
         atomic_write(args.out_json, json.dumps(summary, indent=2))
         written.append(args.out_json)
     print(f"[register] parameters {json.dumps(summary['params'])}", flush=True)
@@ -112,6 +111,6 @@ def main(argv: Optional[Sequence[str]] = None):
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

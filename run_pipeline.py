@@ -17,8 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from typing import List, Optional, Sequence
 
+import datasets
+import inference
+import parameter_identification
+from hypermorph_spatially_adaptive import artifacts as art
+from hypermorph_spatially_adaptive import jobs as jobs_mod
+from hypermorph_spatially_adaptive import run_folder, trainer
+from hypermorph_spatially_adaptive.artifacts import read_train_logs
+from hypermorph_spatially_adaptive.cli import add_refine_args, arg_argv, arg_float, arg_int
+from hypermorph_spatially_adaptive.configs import RefineConfig
 from hypermorph_spatially_adaptive.timing import StageTimer
 
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
@@ -28,9 +38,6 @@ QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import datasets
-    from hypermorph_spatially_adaptive.runio import add_refine_args, arg_argv, arg_float, arg_int
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     datasets.add_dataset_args(p)
@@ -99,9 +106,7 @@ def _check_inputs(args, preset_argv: dict) -> None:
     """Before anything is trained: every stage's options and every pair of every split (the test
     split included: it must be non-empty and readable); the NCC window and the identification
     grid against the image size."""
-    import datasets
-    import parameter_identification
-    from hypermorph_spatially_adaptive import identification, trainer
+    from hypermorph_spatially_adaptive import grid_identification
 
     targs = [trainer.build_parser(p.replace("_csain", "")).parse_args(argv) for p, argv in preset_argv.items()]
     for a in targs:
@@ -113,12 +118,11 @@ def _check_inputs(args, preset_argv: dict) -> None:
                                         log=lambda line: print(line, flush=True))
     for a in targs:
         trainer.check_ncc_window(a, summary["image_shape"])
-    identification.check_grid_size("elastic", args.grid_steps, summary["image_shape"], iargs.max_grid_gb)
+    grid_identification.check_grid_size("elastic", args.grid_steps, summary["image_shape"], iargs.max_grid_gb)
 
 
 def _plot_training_curves(runs: dict, out_png: str) -> None:
     """Training loss/NCC and validation NCC of the four runs in one figure (``train_log.csv``)."""
-    from hypermorph_spatially_adaptive.artifacts import read_train_logs
     from hypermorph_spatially_adaptive.figures import plot_training_curves
 
     logs = read_train_logs(runs)
@@ -130,10 +134,8 @@ def _plot_training_curves(runs: dict, out_png: str) -> None:
 def _refuse_shorter(args, run_dir: str) -> None:
     """A run already trained past ``--steps`` cannot be resumed to fewer steps: say so in the
     pipeline's own options (not the trainer's ``--resume``, which the user never typed)."""
-    from hypermorph_spatially_adaptive import runio
-
     try:
-        latest = runio.latest_checkpoint(run_dir)
+        latest = run_folder.latest_checkpoint(run_dir)
     except (OSError, ValueError):
         return  # the trainer's --resume reports a broken checkpoint itself
     done = latest[1] if latest else 0
@@ -146,8 +148,6 @@ def _refuse_shorter(args, run_dir: str) -> None:
 def _training_plan(args, preset_argv: dict, runs: dict) -> list:
     """What stage 1 does with every model: ``(name, preset, argv or None, message)``; ``argv`` is
     the training command (``--overwrite``/``--resume`` added as needed), None for a reused run."""
-    from hypermorph_spatially_adaptive import artifacts as art
-
     plan = []
     n = len(preset_argv)
     for k, (name, argv_p) in enumerate(preset_argv.items(), 1):
@@ -177,9 +177,6 @@ def _train_all(args, preset_argv: dict, runs: dict, timer: "StageTimer") -> None
     """Stage 1: train every model (reuse finished runs with the same command, resume unfinished
     ones); ``--jobs`` > 1 trains them side by side in child processes (same weights: see
     :mod:`hypermorph_spatially_adaptive.jobs`)."""
-    from hypermorph_spatially_adaptive import jobs as jobs_mod
-    from hypermorph_spatially_adaptive import trainer
-
     plan = _training_plan(args, preset_argv, runs)
     todo = [(name, preset, argv) for name, preset, argv, _ in plan if argv is not None]
     parallel = _jobs(args, len(todo))
@@ -220,8 +217,6 @@ _TRAIN_WEIGHT = {"elastic_sa": 4.0, "diffusion_sa": 3.0, "elastic_global": 2.0, 
 def _jobs(args, n_work: int) -> int:
     """Parallel child processes for ``n_work`` independent jobs: ``--jobs`` or, at 0 (auto), one
     per core (at most ``n_work``); ``--quick`` auto stays in-process (1)."""
-    from hypermorph_spatially_adaptive import jobs as jobs_mod
-
     if n_work <= 1:
         return 1
     if args.jobs:
@@ -232,8 +227,6 @@ def _jobs(args, n_work: int) -> int:
 def _identification_plan(args, runs: dict) -> tuple:
     """Stage 2's calls of ``parameter_identification.py``: ``(ident, calls)`` with ``ident[reg]``
     the identification folders inference reads and ``calls`` a list of ``(name, argv, weight)``."""
-    from hypermorph_spatially_adaptive import artifacts as art
-
     ident, calls = {}, []
     for reg in ("elastic", "diffusion"):
         ident[reg] = []
@@ -264,9 +257,6 @@ def _identification_plan(args, runs: dict) -> tuple:
 def _identify_all(args, runs: dict, timer: "StageTimer") -> dict:
     """Stage 2: grid identification in both protocols, gradient identification per SA run;
     ``--jobs`` > 1 runs the calls side by side in child processes."""
-    import parameter_identification
-    from hypermorph_spatially_adaptive import jobs as jobs_mod
-
     ident, calls = _identification_plan(args, runs)
     parallel = _jobs(args, len(calls))
     print("== stage 2/3: parameter identification (grid: oracle and population protocol; gradient: oracle"
@@ -313,10 +303,6 @@ def _preset_argv(args, runs: dict) -> dict:
     (preset -> run folder): data options, steps and schedule, ``--train-args``, the energy
     scale unless 1, the hyp mapping unless linear, ``--sa-train-args`` for SA presets, CSAIN
     conditioning for ``*_csain``."""
-    import shlex
-
-    import datasets
-
     common = datasets.dataset_argv(args) + ["--steps", str(args.steps), "--lr", repr(args.lr), "--batch-size", str(args.batch_size),
                                  "--seed", str(args.seed), "--log-every", str(max(1, min(50, args.steps // 10))),
                                  "--val-every", str(max(1, args.steps // 4))]
@@ -340,9 +326,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
     _apply_quick_and_cache(args)
 
-    import inference
-    from hypermorph_spatially_adaptive import artifacts as art
-
     timer = StageTimer()
     names = PRESETS + ([f"{r}_sa_csain" for r in ("elastic", "diffusion")] if args.csain else [])
     runs = {p: os.path.join(args.out, "runs", p) for p in names}
@@ -356,7 +339,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
-    from hypermorph_spatially_adaptive.configs import RefineConfig
 
     sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
     with timer.stage("inference: register, refine, Table 1, figures"):
@@ -377,6 +359,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

@@ -2,7 +2,7 @@
 
 Run `python train_hypermorph_elastic_sa.py --help` for every option.
 """
-from hypermorph_spatially_adaptive.runio import cli_main
+from hypermorph_spatially_adaptive.cli import cli_main
 from hypermorph_spatially_adaptive.trainer import main as _train
 
 

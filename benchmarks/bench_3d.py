@@ -8,8 +8,8 @@ child process (this script re-invoked with ``--single``) so that peak memory is 
   (:func:`~hypermorph_spatially_adaptive.trainer.make_train_step`: forward, paper eq. 1 loss,
   gradient, Adam);
 - ``grid_point``: one grid point of the identification: the elastic global model's compiled
-  forward pass (:class:`~hypermorph_spatially_adaptive.registration.Registrar`, batch 1) plus the
-  nearest-neighbour label warp and class Dice that ``identification.grid_dice`` does per point;
+  forward pass (:class:`~hypermorph_spatially_adaptive.forward.Registrar`, batch 1) plus the
+  nearest-neighbour label warp and class Dice that ``grid_identification.grid_dice`` does per point;
 - ``forward``: the elastic SA model's forward pass (inference, batch 1);
 - ``refine_step``: one Adam step of the elastic SA refinement
   (:class:`~hypermorph_spatially_adaptive.refinement.Refiner` with the pipeline's defaults
@@ -46,9 +46,17 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from procmem import peak_rss_kb, status_kb
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from datasets.atomic import atomic_write  # noqa: E402
+from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig  # noqa: E402
+from hypermorph_spatially_adaptive.forward import Registrar  # noqa: E402
+from hypermorph_spatially_adaptive.params import ParamSpec  # noqa: E402
+from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step  # noqa: E402
+from procmem import peak_rss_kb, status_kb  # noqa: E402
+from tf_compat import import_voxelmorph  # noqa: E402
 PRESETS = ("elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa")
 STAGES = tuple(f"train_{p}" for p in PRESETS) + ("grid_point", "forward", "refine_step")
 NUM_CLASSES = 3
@@ -126,9 +134,6 @@ def _model(job: Dict, preset: str):
 def _train_call(job: Dict, data):
     import tensorflow as tf
 
-    from hypermorph_spatially_adaptive.configs import LossConfig
-    from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
-
     moving, fixed, seg, hyp = data
     mc, model = _model(job, job["stage"][len("train_"):])
     strategy = tf.distribute.get_strategy()
@@ -144,7 +149,6 @@ def _train_call(job: Dict, data):
 
 def _grid_point_call(job: Dict, data):
     import eval_metrics
-    from hypermorph_spatially_adaptive.registration import Registrar
 
     moving, fixed, seg, hyp = data
     _, model = _model(job, "elastic_global")
@@ -157,8 +161,6 @@ def _grid_point_call(job: Dict, data):
 
 
 def _forward_call(job: Dict, data):
-    from hypermorph_spatially_adaptive.registration import Registrar
-
     moving, fixed, seg, hyp = data
     _, model = _model(job, "elastic_sa")
     reg = Registrar(model, batch_size=1)
@@ -166,8 +168,6 @@ def _forward_call(job: Dict, data):
 
 
 def _refine_calls(job: Dict, data):
-    from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
-    from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.refinement import Refiner
 
     moving, fixed, seg, hyp = data
@@ -194,10 +194,6 @@ def _median_seconds(fn, warmup: int, repeats: int) -> Tuple[float, float]:
 
 def run_single(job: Dict) -> Dict:
     """One measurement in this process: ``{seconds, first_seconds, peak_mb, base_mb}``."""
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    from tf_compat import import_voxelmorph
-
     tf, _, _ = import_voxelmorph()
     tf.keras.utils.set_random_seed(int(job["seed"]))
     data = _inputs(job["shape"], int(job["seed"]))
@@ -270,10 +266,6 @@ def markdown(rows: List[Dict]) -> str:
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    from datasets.atomic import atomic_write
-
     cols = ["size", "voxels", "stage", "kind", "seconds", "first_seconds", "peak_mb", "base_mb", "wall_seconds"]
 
     def write(tmp: str) -> None:

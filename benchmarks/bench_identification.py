@@ -34,7 +34,15 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets.atomic import atomic_write  # noqa: E402
+from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
+from hypermorph_spatially_adaptive import run_folder  # noqa: E402
+from hypermorph_spatially_adaptive.forward import Registrar  # noqa: E402
+from hypermorph_spatially_adaptive.params import ParamSpec  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +81,11 @@ def _speed_models(args) -> tuple:
     """``(global elastic model, SA elastic model, image shape)``: the ``--run`` model and its
     shape, else a random-weight global model of ``--size``; the SA model has random weights
     (3 tissue classes)."""
-    from hypermorph_spatially_adaptive import runio
     from hypermorph_spatially_adaptive.models import ModelConfig, build_model
 
     shape = tuple(args.size)
     if args.run:
-        g_model, cfg = runio.load_run(args.run, expect_sa=False)
+        g_model, cfg = run_folder.load_run(args.run, expect_sa=False)
         shape = tuple(cfg["model"]["image_shape"])
     else:
         g_model = build_model(ModelConfig(shape, "elastic", False, 3))
@@ -90,11 +97,8 @@ def _time_grid_search(args) -> dict:
     """Median seconds per pair of every grid-search variant and of SA inference on one random
     pair (random weights unless ``--run``); keys ``shape``, ``n_grid``, ``batch_size``,
     ``batched``, ``single``, ``chunks`` ({chunk size: s}), ``predict`` (NaN if skipped), ``sa``."""
-    import numpy as np
-
     import eval_metrics
-    from hypermorph_spatially_adaptive import identification as ident
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive import grid_identification as ident
 
     g_model, sa_model, shape = _speed_models(args)
     rng = np.random.default_rng(0)
@@ -161,15 +165,11 @@ def _print_speed(args, t: dict) -> None:
 
 def compare_gradient(args) -> None:
     """Grid proxy vs gradient identification per pair (see the module docstring)."""
-    import numpy as np
     import pandas as pd
 
     import eval_metrics
     from hypermorph_spatially_adaptive import gradient_identification as gid
-    from hypermorph_spatially_adaptive import identification as ident
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive.params import ParamSpec
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive import grid_identification as ident
 
     g_model, sa_model, g_cfg, dataset, pairs = _load_compare_runs(args)
     reg = g_cfg["model"]["regularizer"]
@@ -217,17 +217,14 @@ def _load_compare_runs(args) -> tuple:
     """``(global model, SA model, global run config, dataset, pairs)`` of ``--run`` /
     ``--sa-run`` (same regularizer and data, else SystemExit) and the first ``--num-pairs``
     pairs of ``--split``."""
-    from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.artifacts import load_dataset
-
     if not (args.run and args.sa_run):
         raise SystemExit("--compare-gradient needs --run (global) and --sa-run (SA)")
-    g_model, g_cfg = runio.load_run(args.run, expect_sa=False)
+    g_model, g_cfg = run_folder.load_run(args.run, expect_sa=False)
     reg = g_cfg["model"]["regularizer"]
-    sa_model, sa_cfg = runio.load_run(args.sa_run, expect_regularizer=reg, expect_sa=True)
+    sa_model, sa_cfg = run_folder.load_run(args.sa_run, expect_regularizer=reg, expect_sa=True)
     if sa_cfg["data"] != g_cfg["data"]:
         raise SystemExit(f"{args.run} and {args.sa_run} were trained on different data")
-    dataset = load_dataset(g_cfg)
+    dataset = art.load_dataset(g_cfg)
     ids = dataset.split_ids(args.split)
     ids = ids[: args.num_pairs] if args.num_pairs else ids
     pairs = [dataset.load_pair(i) for i in ids]
@@ -239,7 +236,7 @@ def _compare_pair(pair, n_grid: int, grid_proxy, gradient, sa_dice, classes: lis
     """One pair of ``--compare-gradient``: grid proxy, gradient from 0.5 and gradient from the
     grid's choice, timed; prints one line and returns the CSV row (SA hard mean Dice of each
     choice, passes, objective values; with ``objective`` epe the Spearman rho of mu)."""
-    from hypermorph_spatially_adaptive import gradient_identification as gid
+    from hypermorph_spatially_adaptive import tables
 
     t = time.perf_counter()
     h_grid = grid_proxy(pair)
@@ -253,7 +250,7 @@ def _compare_pair(pair, n_grid: int, grid_proxy, gradient, sa_dice, classes: lis
            "refine_dice": sa_dice(pair, res_ref.h[0])}
     if objective == "epe":
         for name, h in (("grid", h_grid), ("grad", res.h[0]), ("refine", res_ref.h[0])):
-            rho = gid.stiffness_order_summary([pair], h[None], classes, reg == "elastic")
+            rho = tables.stiffness_order_summary([pair], h[None], classes, reg == "elastic")
             row[f"{name}_rho_mu"] = rho[pair.pair_id]["mu"] if rho else float("nan")
     print(f"  {pair.pair_id}: grid {t_grid:6.2f} s {n_grid:4d} fwd  Dice {row['grid_dice']:.4f} | gradient "
           f"{res.seconds:6.2f} s {row['grad_passes']:3d} fwd+bwd Dice {row['grad_dice']:.4f} "
@@ -265,8 +262,6 @@ def _compare_pair(pair, n_grid: int, grid_proxy, gradient, sa_dice, classes: lis
 def _print_comparison(df, n_grid: int, classes: list, objective: str) -> None:
     """Summary of the per-pair table ``df`` of ``--compare-gradient`` (means, goal check,
     with ``objective`` epe the stiffness order)."""
-    import numpy as np
-
     ratio = df["grad_s"].mean() / df["grid_s"].mean()
     print(f"\nmean over {len(df)} pairs (SA hard mean Dice; seconds per pair, tracing excluded):")
     print(f"  {'method':16s} {'seconds':>8s} {'passes':>14s} {'SA mean Dice':>13s}")

@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -45,6 +46,8 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig  # noqa: E402
+from hypermorph_spatially_adaptive.params import HypMapping, ParamSpec  # noqa: E402
 
 #: the boxes of the box report: name -> (kind, K, decades)
 BOXES = {"eq. 1 linear, K 1 (paper text)": ("linear", 1.0, None),
@@ -96,10 +99,6 @@ def expressible(w: np.ndarray, kind: str, K: float, decades: Optional[float]) ->
 def register_all(pairs, settings: np.ndarray, args, C: int, spacing) -> np.ndarray:
     """Displacements ``[len(pairs), len(settings[0]), *shape, D]``: pair i with its settings
     ``settings[i] [S, 2 (C + 1)]`` (weights per unit similarity), coarse to fine from zero."""
-    from dataclasses import replace
-
-    from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
-    from hypermorph_spatially_adaptive.params import HypMapping, ParamSpec
     from hypermorph_spatially_adaptive.refinement import Refiner
 
     S = settings.shape[1]
@@ -120,7 +119,7 @@ def register_all(pairs, settings: np.ndarray, args, C: int, spacing) -> np.ndarr
 
 def score(pairs, fields: np.ndarray, C: int, names) -> np.ndarray:
     """``[pairs, settings, 2]``: dense EPE (mm) and mean Dice of every field."""
-    from hypermorph_spatially_adaptive.evaluation import pair_metrics
+    from hypermorph_spatially_adaptive.tables import pair_metrics
 
     out = np.zeros(fields.shape[:2] + (2,))
     for i, pair in enumerate(pairs):

@@ -4,7 +4,7 @@ exactly like inference.py scores our models.
 For every selected pair of any dataset (default: the demo's synthetic test pairs) this runs
 ``ants.registration(fixed, moving, type_of_transform=T)`` for every ``--transform`` T (antspyx, a
 benchmark-only dependency: ``make bench-setup``), turns ANTs' forward transforms into our
-displacement field and computes the per-pair metrics with ``evaluation.pair_metrics`` (Dice,
+displacement field and computes the per-pair metrics with ``tables.pair_metrics`` (Dice,
 HD95, TRE, %negJ, SDlogJ, dense EPE on synthetic data), plus the wall-clock seconds of the
 registration. Rows: ``initial`` (zero displacement) and one per transform (:func:`method_name`):
 
@@ -40,7 +40,7 @@ Conventions
 
 Outputs in ``--out``: ``per_pair_metrics.csv`` (inference.py's columns plus ``seconds`` and ``cpu_seconds``, the
 process's CPU time: on a loaded machine the fairer cost with one thread), ``table1.csv`` /
-``table1.md`` (``evaluation.table1``; table1.csv adds ``seconds_mean/std``, ``cpu_seconds_mean``),
+``table1.md`` (``tables.table1``; table1.csv adds ``seconds_mean/std``, ``cpu_seconds_mean``),
 ``bench_peer.json`` (versions, options, pairs, data version).
 """
 from __future__ import annotations
@@ -49,12 +49,20 @@ import argparse
 import inspect
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datasets  # noqa: E402
+from datasets.atomic import atomic_write  # noqa: E402
+from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
+from hypermorph_spatially_adaptive.artifacts import PER_PAIR_METRICS, read_config  # noqa: E402
 
 METHOD = "ants-syn"  # the quick SyN row's name (the earlier tables' and the study's)
 #: row names of the ANTs presets (other transforms: ``ants-<name in lower case, letters and digits>``)
@@ -73,20 +81,7 @@ def method_name(transform: str) -> str:
     return "ants-" + "".join(ch for ch in transform.lower() if ch.isalnum())
 
 
-def _project_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _add_project_to_path() -> None:
-    root = _project_root()
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _add_project_to_path()
-    import datasets
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     datasets.add_dataset_args(p)
@@ -134,12 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 def load_dataset(args: argparse.Namespace) -> Tuple[Any, Dict]:
     """The dataset of ``args`` (or of ``--from-run``) and the JSON options that rebuild it."""
-    _add_project_to_path()
-    import datasets
-
     if args.from_run:
-        from hypermorph_spatially_adaptive.artifacts import read_config
-
         opts = dict(read_config(args.from_run)["data"])
         if args.data_dir is not None:
             opts["data_dir"] = os.path.abspath(args.data_dir)
@@ -307,8 +297,6 @@ def read_merge(results_dir: str, pair_ids: Sequence[str]):
     must all contain; checked before any registration runs."""
     import pandas as pd
 
-    from hypermorph_spatially_adaptive.artifacts import PER_PAIR_METRICS
-
     path = os.path.join(results_dir, PER_PAIR_METRICS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; give an inference.py output folder to --merge")
@@ -347,9 +335,7 @@ def _repeat_per_protocol(per_pair):
 
 
 def _versions(antspyx: str) -> Dict[str, str]:
-    """Library versions (runio.versions() would import TensorFlow, which this script never needs)."""
-    import platform
-
+    """Library versions (run_folder.versions() would import TensorFlow, which this script never needs)."""
     import pandas
     import scipy
 
@@ -372,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     ants = import_ants(args.threads, args.seed)
     import pandas as pd
 
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
 
     dataset, data_opts = load_dataset(args)
     ids = select_ids(dataset, args)
@@ -396,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     rows, total = _register_all(ants, dataset, ids, args)
 
     per_pair = pd.DataFrame(rows)
-    problem = evaluation.check_range(per_pair, class_names)
+    problem = tables.check_range(per_pair, class_names)
     if problem:
         raise FloatingPointError(f"metrics out of range: {problem}")
     table_rows = per_pair
@@ -411,7 +397,7 @@ def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -
     """Register every pair of ``ids`` with every ``--transform`` (one temporary folder each),
     printing one line per pair and transform. Returns the per-pair metric rows (an ``initial`` row
     and one :func:`method_name` row per transform and pair) and the total seconds."""
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
 
     class_names = list(dataset.class_names)
     C = len(class_names)
@@ -420,7 +406,7 @@ def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -
     for k, pid in enumerate(ids, 1):
         pair = dataset.load_pair(pid)
         zero = np.zeros((*pair.fixed.shape[:-1], pair.fixed.ndim - 1), np.float32)
-        init = evaluation.pair_metrics(pair, zero, C, class_names)
+        init = tables.pair_metrics(pair, zero, C, class_names)
         rows.append({"pair_id": pid, "method": "initial", "params": "", **init, "seconds": 0.0, "cpu_seconds": 0.0})
         for transform in args.transform:
             params = json.dumps({"type_of_transform": transform, "seed": args.seed, "threads": args.threads})
@@ -429,7 +415,7 @@ def _register_all(ants, dataset, ids: Sequence[str], args: argparse.Namespace) -
                 u = register(ants, pair.fixed[..., 0], pair.moving[..., 0], pair.spacing, transform,
                              args.seed, work)[0]
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-            m = evaluation.pair_metrics(pair, u, C, class_names)
+            m = tables.pair_metrics(pair, u, C, class_names)
             rows.append({"pair_id": pid, "method": method_name(transform), "params": params, **m,
                          "seconds": seconds, "cpu_seconds": cpu})
             print(f"[bench_peer] {k}/{len(ids)} {pid} {method_name(transform)}: mean Dice {init['mean_dice']:.3f} -> "
@@ -441,12 +427,10 @@ def _write_results(args: argparse.Namespace, argv: Optional[Sequence[str]], per_
                    dataset, data_opts: Dict, ids: Sequence[str], version: str, total: float) -> None:
     """Table 1 of ``table_rows`` plus seconds per method, written to ``args.out`` (per-pair CSV,
     table CSV / markdown, ``bench_peer.json`` with versions and the command) and printed."""
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
 
     class_names = list(dataset.class_names)
-    numeric, markdown = evaluation.table1(table_rows, class_names)
+    numeric, markdown = tables.table1(table_rows, class_names)
     secs = per_pair.groupby("method")["seconds"]
     numeric["seconds_mean"] = numeric["method"].map(secs.mean())
     numeric["seconds_std"] = numeric["method"].map(secs.std(ddof=0))

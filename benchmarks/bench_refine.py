@@ -23,7 +23,7 @@ no true field, so no dense EPE). Every row registers the ``--split`` pairs of a 
 as ``inference.py`` does; seconds per pair = wall clock of that call (tracing included, unless
 ``--warm`` traced it first) / pairs; CPU s/pair the same for the process's CPU time (with
 ``--threads 1`` the fairer cost on a loaded machine; a ``net`` row counts its prediction's wall clock).
-Metrics are ``evaluation.pair_metrics`` (the ones of Table 1), means over pairs; ``gain kept`` =
+Metrics are ``tables.pair_metrics`` (the ones of Table 1), means over pairs; ``gain kept`` =
 (Dice - Dice of ``net``) / (Dice of ``net+io`` - Dice of ``net``), the share of today's
 refinement's Dice gain a row keeps.
 
@@ -36,7 +36,19 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datasets  # noqa: E402
+from datasets.atomic import atomic_write  # noqa: E402
+from hypermorph_spatially_adaptive import run_folder  # noqa: E402
+from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig  # noqa: E402
+from hypermorph_spatially_adaptive.forward import Registrar  # noqa: E402
+from hypermorph_spatially_adaptive.params import ParamSpec  # noqa: E402
 
 WARM_STEPS = 20  # --warm: untimed steps that trace every level of a row
 MODES = {"demo": {}, "stress": {"motion": "stress"}, "inter-subject": {"pairing": "inter-subject"}}
@@ -60,10 +72,6 @@ def _weights(text: str) -> Tuple[float, ...]:
 _OPTION_TOKENS = {"fold": ("fold_weight", float), "eps": ("fold_eps", float), "logj": ("logj_weight", float),
                   "smooth": ("smooth", int), "grid": ("grid", int), "scale": ("scale", int), "steps": ("steps", int),
                   "lr": ("lr", float), "levels": ("levels", _factors), "split": ("level_split", _weights)}
-
-
-def _project_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_row(name: str) -> Tuple[str, bool, Dict]:
@@ -129,8 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_mode(mode: str, args) -> Tuple[object, List]:
-    import datasets
-
     opts = dict(MODES[mode])
     ds = datasets.get_dataset("synthetic", image_size=list(args.image_size), num_pairs=args.num_pairs,
                               data_seed=args.data_seed, cache_dir=args.cache_dir, **opts)
@@ -140,14 +146,9 @@ def _load_mode(mode: str, args) -> Tuple[object, List]:
 
 def _model(args):
     """``(registrar or None, ParamSpec, run config or None, ncc window)``."""
-    from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.configs import LossConfig
-    from hypermorph_spatially_adaptive.params import ParamSpec
-    from hypermorph_spatially_adaptive.registration import Registrar
-
     if args.run is None:
         return None, ParamSpec("elastic", False, 3), None, args.ncc_win
-    model, cfg = runio.load_run(args.run)
+    model, cfg = run_folder.load_run(args.run)
     reg = Registrar(model)
     if list(reg.image_shape) != list(args.image_size):
         raise ValueError(f"{args.run} was trained on {reg.image_shape} images, not --image-size {args.image_size}")
@@ -159,12 +160,7 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
     the first pair and its displacement of every ``--panel-rows`` row are stored in it. The
     refinement uses the run's loss (``Refiner.from_config``: spacing, NCC window, energy scale)
     or, without ``cfg``, the elastic global loss with window ``win``."""
-    from dataclasses import replace
-
-    import numpy as np
-
-    from hypermorph_spatially_adaptive import evaluation
-    from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig
+    from hypermorph_spatially_adaptive import tables
     from hypermorph_spatially_adaptive.refinement import Refiner
 
     ds, pairs = _load_mode(mode, args)
@@ -182,7 +178,7 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
         t0 = time.time()
         starts["net"] = (reg(moving, fixed, hyp)[1], time.time() - t0)
     rows = [{"mode": mode, "row": "initial", "pair_id": p.pair_id, "seconds": 0.0, "cpu_seconds": 0.0,
-             **evaluation.pair_metrics(p, starts["zero"][0][k], len(names), names)} for k, p in enumerate(pairs)]
+             **tables.pair_metrics(p, starts["zero"][0][k], len(names), names)} for k, p in enumerate(pairs)]
     for name in args.rows:
         start, refine, opts = parse_row(name)
         if start not in starts:
@@ -205,7 +201,7 @@ def run_mode(mode: str, args, reg, spec, cfg, win, panel: Optional[Dict] = None)
         for k, p in enumerate(pairs):
             rows.append({"mode": mode, "row": name, "pair_id": p.pair_id, "seconds": seconds / len(pairs),
                          "cpu_seconds": cpu / len(pairs),
-                         **evaluation.pair_metrics(p, u[k], len(names), names)})
+                         **tables.pair_metrics(p, u[k], len(names), names)})
         print(f"[bench_refine] {mode:13s} {name:32s} Dice {np.mean([r['mean_dice'] for r in rows[-len(pairs):]]):.3f} "
               f"%negJ {np.mean([r['percent_neg_jac'] for r in rows[-len(pairs):]]):.3f} "
               f"{seconds / len(pairs):.3f} s/pair", flush=True)
@@ -268,17 +264,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
     for name in args.rows:  # fail before any work
         parse_row(name)
-    root = _project_root()
-    if root not in sys.path:
-        sys.path.insert(0, root)
     import pandas as pd
-
-    from datasets.atomic import atomic_write
 
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
-        import tf_compat  # noqa: F401  (the shims, before TensorFlow is first imported)
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)

@@ -28,7 +28,15 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets.atomic import atomic_write  # noqa: E402
+from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
+from hypermorph_spatially_adaptive import pair_geometry as geo  # noqa: E402
+from hypermorph_spatially_adaptive import trainer  # noqa: E402
+from hypermorph_spatially_adaptive.pair_registration import PairRegistrar  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _write_data(folder: str, shape: Sequence[int], n_pairs: int = 3) -> str:
     """A folder dataset (pairs.csv) of random smooth images with labels 0..3; returns the CSV path."""
     import nibabel as nib
-    import numpy as np
     from scipy import ndimage
-
-    from datasets.atomic import atomic_write
 
     csv = os.path.join(folder, "pairs.csv")
     if os.path.isfile(csv):
@@ -75,12 +80,9 @@ def _write_data(folder: str, shape: Sequence[int], n_pairs: int = 3) -> str:
 
 
 def _train(folder: str, csv: str, steps: int) -> str:
-    from hypermorph_spatially_adaptive import artifacts as art
-    from hypermorph_spatially_adaptive.trainer import main as train_main
-
     run = os.path.join(folder, "elastic_sa")
     if not (os.path.isfile(os.path.join(run, art.CONFIG)) and art.read_run(run, require_finished=False).finished):
-        train_main("elastic_sa", ["--dataset", "folder", "--pairs-csv", csv, "--num-classes", "3", "--out", run,
+        trainer.main("elastic_sa", ["--dataset", "folder", "--pairs-csv", csv, "--num-classes", "3", "--out", run,
                                   "--steps", str(steps), "--val-every", "0", "--log-every", str(steps), "--overwrite"])
     return run
 
@@ -93,9 +95,6 @@ def _median(values: List[float]) -> float:
 def bench_size(run: str, folder: str, refine: int, repeats: int, syn: bool) -> Dict[str, float]:
     """Seconds per step for one run (see the module docstring)."""
     import nibabel as nib
-    import numpy as np
-
-    from hypermorph_spatially_adaptive.pair_registration import PairRegistrar
 
     fixed = nib.load(os.path.join(folder, "fixed_2.nii.gz"))
     moving = nib.load(os.path.join(folder, "moving_2.nii.gz"))
@@ -130,14 +129,11 @@ def bench_size(run: str, folder: str, refine: int, repeats: int, syn: bool) -> D
 def _with_ants(fixed, moving, res, repeats: int, folder: str) -> Dict[str, Optional[float]]:
     """ANTs SyN seconds (one thread) and the largest difference between ``ants.apply_transforms``
     with our ITK field and our warped image (voxels whose sample point is inside the moving image)."""
-    import numpy as np
-
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
     try:
         import ants
     except ImportError:
         return {"ants SyN": None}
-    from hypermorph_spatially_adaptive import pair_geometry as geo
 
     f, m = ants.image_read(fixed.get_filename()), ants.image_read(moving.get_filename())
     times = []

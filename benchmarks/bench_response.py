@@ -29,20 +29,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hypermorph_spatially_adaptive  # noqa: E402,F401
+from datasets.atomic import atomic_write  # noqa: E402
 from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
+from hypermorph_spatially_adaptive import run_folder  # noqa: E402
+from hypermorph_spatially_adaptive.forward import Registrar  # noqa: E402
 
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 
 
 def response(run: str, split: str = "test", num_pairs: int = 3) -> Dict[str, float]:
     """Displacement response of the model in ``run`` to its hyperparameters (voxels)."""
-    from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.artifacts import load_dataset
-    from hypermorph_spatially_adaptive.registration import Registrar
-
-    model, config = runio.load_run(run)
+    model, config = run_folder.load_run(run)
     sa, num_classes = bool(config["model"]["spatially_adaptive"]), int(config["model"]["num_classes"])
-    pairs = list(itertools.islice(load_dataset(config).pairs(split), num_pairs))
+    pairs = list(itertools.islice(art.load_dataset(config).pairs(split), num_pairs))
     if not pairs:
         raise ValueError(f"{run}: the {split} split is empty")
     reg = Registrar(model)
@@ -104,12 +103,9 @@ def response_curves(run: str, split: str = "test", num_pairs: int = 3, steps: in
     import pandas as pd
 
     import eval_metrics
-    from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.artifacts import load_dataset
-    from hypermorph_spatially_adaptive.registration import Registrar
 
-    model, config = runio.load_run(run)
-    pairs = list(itertools.islice(load_dataset(config).pairs(split), num_pairs))
+    model, config = run_folder.load_run(run)
+    pairs = list(itertools.islice(art.load_dataset(config).pairs(split), num_pairs))
     if not pairs:
         raise ValueError(f"{run}: the {split} split is empty")
     reg, axes, hs = Registrar(model), _axes(config), np.linspace(0.0, 1.0, steps)
@@ -227,7 +223,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def _write_curves(runs: Sequence[str], args) -> None:
     import pandas as pd
 
-    from datasets.atomic import atomic_write
     from hypermorph_spatially_adaptive.figures import plot_response_curves
 
     curves = pd.concat([response_curves(r, args.split, args.num_pairs, args.curves) for r in runs], ignore_index=True)

@@ -56,9 +56,17 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from procmem import peak_rss_kb, reset_peak_rss, rss_kb
+import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from hypermorph_spatially_adaptive.configs import LossConfig  # noqa: E402
+from hypermorph_spatially_adaptive.params import regularization_parameters  # noqa: E402
+from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step  # noqa: E402
+from procmem import peak_rss_kb, reset_peak_rss, rss_kb  # noqa: E402
+from tf_compat import import_voxelmorph  # noqa: E402
 
 # name -> (ndim, batch size); the image size comes from --size-2d / --size-3d (or --quick)
 CONFIGS = {"2d_b1": (2, 1), "2d_b8": (2, 8), "3d_b1": (3, 1)}
@@ -164,8 +172,6 @@ def _time_calls(fn, warmup: int, steps: int) -> Dict[str, float]:
 
 def _make_inputs(ndim: int, size: int, batch: int, num_params_ours: int, seed: int):
     """Same arrays in every subprocess: images U(0,1), blocky labels 0..NUM_CLASSES, hyp U(0,1)."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     shape = (batch,) + (size,) * ndim
     moving = rng.random(shape + (1,), dtype=np.float32)
@@ -201,10 +207,6 @@ def _value_and_grad_fn(tf, f, n_watch: int):
 
 def _setup(job: Dict):
     """Import the stack (shims first), set determinism and seeds, make the input tensors."""
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    from tf_compat import import_voxelmorph
-
     tf, vxm, _ne = import_voxelmorph()
     if job["determinism"]:
         tf.config.experimental.enable_op_determinism()
@@ -227,9 +229,7 @@ def _build(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
 def _build_ours(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
     """Our model ``name`` with the trainer's optimizer and compiled step (same computation as
     trainer.run's per_replica / train_step); the :func:`_build` contract."""
-    from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.models import ModelConfig, build_model
-    from hypermorph_spatially_adaptive.trainer import make_optimizer, make_train_step
 
     ndim, size, bsz = int(job["ndim"]), int(job["size"]), int(job["batch"])
     win, spacing = int(job["ncc_win"]), [1.0] * ndim
@@ -259,7 +259,6 @@ def _build_ours(name: str, job: Dict, tf, vxm, data: Dict) -> Dict:
 def _ours_passes(tf, model, spec, spacing: list, win: int, bsz: int) -> tuple:
     """Compiled ``(forward, forward + loss, forward + loss + gradient)`` of our model on a
     batch dict (moving, fixed, hyp, fixed_seg), the loss as in the trainer (sum / batch)."""
-    from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.losses import loss_terms
     from hypermorph_spatially_adaptive.models import call_model
 
@@ -298,9 +297,7 @@ def _ours_pieces(tf, vxm, model, spec, batch: Dict, step, job: Dict) -> Dict:
     on the warped image and field of one forward pass. Values: a callable, or
     ``(compiled fn, args)``."""
     from hypermorph_spatially_adaptive import losses as hm_losses
-    from hypermorph_spatially_adaptive.configs import LossConfig
     from hypermorph_spatially_adaptive.losses import loss_terms
-    from hypermorph_spatially_adaptive.params import regularization_parameters
     import regularizers
 
     ndim = int(job["ndim"])

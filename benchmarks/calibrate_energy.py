@@ -26,12 +26,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import datasets  # noqa: E402
 import hypermorph_spatially_adaptive  # noqa: E402,F401
+from datasets.atomic import atomic_write  # noqa: E402
+from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
+from hypermorph_spatially_adaptive import run_folder  # noqa: E402
+from hypermorph_spatially_adaptive.calibration import amplitude_curves, propose_energy_scale  # noqa: E402
+from hypermorph_spatially_adaptive.forward import Registrar  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import datasets
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     datasets.add_dataset_args(p)
@@ -57,10 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pairs_and_reference(args):
     """``(dataset pairs, reference displacements [N, *s, D], source label, spacing, ncc window)``."""
-    import datasets
-
-    from hypermorph_spatially_adaptive import artifacts as art
-
     if args.run:
         config = art.read_config(args.run)
         dataset = art.load_dataset(config)
@@ -81,10 +81,8 @@ def _pairs_and_reference(args):
         if not args.run:
             raise ValueError("these pairs have no true displacement: give a trained --run whose field at all-zero "
                              "hyperparameters serves as the reference")
-        from hypermorph_spatially_adaptive import runio
-        from hypermorph_spatially_adaptive.registration import Registrar
 
-        model, _ = runio.load_run(args.run)
+        model, _ = run_folder.load_run(args.run)
         reg = Registrar(model)
         moving = np.stack([p.moving for p in pairs])
         fixed = np.stack([p.fixed for p in pairs])
@@ -96,8 +94,6 @@ def _pairs_and_reference(args):
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import pandas as pd
-
-    from hypermorph_spatially_adaptive.calibration import amplitude_curves, propose_energy_scale
 
     args = build_parser().parse_args(argv)
     pairs, ref, source, spacing, win = _pairs_and_reference(args)
@@ -124,13 +120,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rows.append({"regularizer": reg, "K": prop["K"], "a_star_median": args.target, "proposed": True,
                      "energy_ratio_median_K1": float(np.median(ratio))})
     if args.csv:
-        from datasets.atomic import atomic_write
-
         atomic_write(args.csv, pd.DataFrame(rows))
         print(f"\nwrote {args.csv}")
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

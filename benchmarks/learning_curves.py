@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from hypermorph_spatially_adaptive import trainer  # noqa: E402
+from hypermorph_spatially_adaptive.artifacts import CONFIG, read_train_logs  # noqa: E402
 
 DEFAULT_RUNS = ["elastic_global:1e-4", "elastic_sa:1e-4", "diffusion_global:1e-4", "diffusion_sa:1e-4"]
 
@@ -50,10 +54,6 @@ def plateau_step(log, tol: float) -> Optional[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
-    import shlex
-
-    from hypermorph_spatially_adaptive.artifacts import CONFIG
-
     args = build_parser().parse_args(argv)
     folders = []
     for spec in args.runs:
@@ -64,7 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
         folders.append((f"{preset} lr {lr}", folder))
         if args.plot_only:
             continue
-        from hypermorph_spatially_adaptive import trainer
 
         argv_run = shlex.split(args.train_args) + [
             "--steps", str(args.steps), "--lr", lr, "--seed", str(args.seed), "--val-every", str(args.val_every),
@@ -74,7 +73,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
         print(f"== {preset} lr {lr} -> {folder}", flush=True)
         trainer.main(preset, argv_run)
 
-    from hypermorph_spatially_adaptive.artifacts import read_train_logs
     from hypermorph_spatially_adaptive.figures import plot_training_curves
 
     logs = read_train_logs(dict(folders))

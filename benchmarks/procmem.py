@@ -2,6 +2,7 @@
 measure one job per child process (``bench_train.py``, ``bench_3d.py``). Values in KiB."""
 from __future__ import annotations
 
+import resource
 from typing import Optional
 
 
@@ -32,7 +33,6 @@ def peak_rss_kb() -> int:
     hwm = status_kb("VmHWM")
     if hwm is not None:
         return hwm
-    import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 

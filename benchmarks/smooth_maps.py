@@ -31,7 +31,10 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from datasets.atomic import atomic_write  # noqa: E402
 from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402  (no TensorFlow)
+from hypermorph_spatially_adaptive import trainer  # noqa: E402
+from hypermorph_spatially_adaptive.jobs import run_child  # noqa: E402
 
 #: SA rows compared with their unsmoothed twins (those present in both tables are used)
 SA_METHODS = ("elas-sas", "diff-sas", "elas-sas@g", "diff-sas@g", "elas-sas+io", "diff-sas+io",
@@ -70,8 +73,6 @@ def _sa_runs(unit: str, csain: bool) -> Dict[str, str]:
 
 def _train_smoothed(unit: str, runs: Dict[str, str], sigma: float) -> Dict[str, str]:
     """Retrain each SA run with its own command plus ``--smooth-maps sigma``; returns the new run folders."""
-    from hypermorph_spatially_adaptive import trainer
-
     out = {}
     for k, (name, run_dir) in enumerate(runs.items(), 1):
         cfg = art.read_config(run_dir)
@@ -132,8 +133,6 @@ def _replay_inference(unit: str, new_runs: Dict[str, str], sigma: float) -> str:
 def _run_inference(argv: Sequence[str]) -> None:
     """``inference.py argv`` as a child process (a benchmark imports no script); its output is
     passed through."""
-    from hypermorph_spatially_adaptive.jobs import run_child
-
     rc = run_child([sys.executable, os.path.join(ROOT, "inference.py"), *argv], cwd=ROOT)
     if rc != 0:
         raise RuntimeError(f"inference.py failed (exit {rc}); its output is above")
@@ -159,7 +158,7 @@ def compare_units(pairs: Sequence[tuple], sigma: float, n_boot: int):
     smoothed_csv)`` units, pooled over seeds and per seed. Returns the comparison DataFrame."""
     import pandas as pd
 
-    from hypermorph_spatially_adaptive.evaluation import paired_comparison
+    from hypermorph_spatially_adaptive.tables import paired_comparison
 
     frames = []
     for seed, base_csv, smooth_csv in pairs:
@@ -194,7 +193,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
     if args.sigma <= 0:
         raise SystemExit("--sigma must be > 0 (0 is the unsmoothed model the study already has)")
-    from datasets.atomic import atomic_write
     units: List[tuple] = []
     t0 = time.time()
     for k, seed in enumerate(args.seeds, 1):

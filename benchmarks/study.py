@@ -39,15 +39,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import study_record  # noqa: E402
+from datasets.atomic import atomic_write  # noqa: E402
 from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402  (stage file names; no TensorFlow)
+from hypermorph_spatially_adaptive.jobs import last_error_line, run_child  # noqa: E402
 
 #: run_pipeline.py options per regularization setting. "calibrated" (docs/extensions.md 'Calibrated energy'): the
 #: log mapping over 2 decades centred where benchmarks/calibrate_energy.py puts the optimal amplitude
@@ -107,8 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pipeline_argv(args, setting: str, seed: int, out: str) -> List[str]:
     """run_pipeline.py's command line of the unit ``setting`` (a :func:`unit_setting` name)."""
-    import shlex
-
     base, profile = split_setting(setting)
     argv = ["--out", out, "--seed", str(seed), "--csain", "--zero-io", "--gradient-population", *SETTINGS[base],
             "--cache-dir", os.path.join(".cache", "synthetic")]
@@ -122,9 +126,6 @@ def _pipeline_argv(args, setting: str, seed: int, out: str) -> List[str]:
 
 def _run_unit(args, setting: str, seed: int) -> Dict:
     """One (setting, seed): run_pipeline.py in a subprocess (its own TensorFlow state), then DONE.json."""
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive.jobs import last_error_line, run_child
-
     out = os.path.join(args.out, setting, f"seed{seed}")
     done = os.path.join(out, "DONE.json")
     if os.path.isfile(done) and not args.refresh:
@@ -155,7 +156,6 @@ def _identify_epe(args, unit_dir: str) -> str:
         return out
     runs = os.path.join(unit_dir, "runs")
     steps = "3" if args.quick else "50"
-    from hypermorph_spatially_adaptive.jobs import run_child
 
     rc = run_child([sys.executable, "parameter_identification.py", "--run", os.path.join(runs, "elastic_global"),
                     "--sa-run", os.path.join(runs, "elastic_sa"), "--method", "gradient", "--objective", "epe",
@@ -169,7 +169,6 @@ def _identify_epe(args, unit_dir: str) -> str:
 def stiffness_recovery(unit_dir: str, class_names: Sequence[str], true_lame: Dict[str, Sequence[float]]):
     """Per pair and objective (dice, epe): Spearman correlation over the tissue classes between
     the identified per-class (lambda, mu) of the elastic SA model and the phantom's true values."""
-    import numpy as np
     import pandas as pd
     from scipy.stats import spearmanr
 
@@ -283,7 +282,7 @@ def collect(args, units: Sequence[Dict], syn_table: Optional[str]):
 def study_comparisons(methods: Sequence[str]) -> List[tuple]:
     """The family docs/results.md reports, per regularizer: -sas vs -g (network, ablation, +io,
     gradient), gradient vs grid proxy, +io vs network, zero+io vs +io, ours vs ANTs SyN."""
-    from hypermorph_spatially_adaptive.evaluation import default_comparisons
+    from hypermorph_spatially_adaptive.tables import default_comparisons
 
     present, out = set(methods), list(default_comparisons(methods))
     for s in ("diff", "elas"):
@@ -341,7 +340,7 @@ def compare(study, n_boot: int):
     method (pooled); one table with a ``setting`` column."""
     import pandas as pd
 
-    from hypermorph_spatially_adaptive.evaluation import paired_comparison
+    from hypermorph_spatially_adaptive.tables import paired_comparison
 
     frames = []
     for setting, df in study.groupby("setting", sort=False):
@@ -370,7 +369,6 @@ def run_units(args) -> List[Dict]:
     resumed), then the EPE-oracle identification and the record; progress and ETA per unit."""
     units_todo = [(unit_setting(s, pr), seed) for pr in args.profiles for s in args.settings for seed in args.seeds]
     print(f"[study] {len(units_todo)} units (settings {args.settings} x seeds {args.seeds}) -> {args.out}", flush=True)
-    import study_record
 
     t0, units, spent = time.time(), [], []
     for k, (setting, seed) in enumerate(units_todo, 1):
@@ -396,8 +394,7 @@ def run_units(args) -> List[Dict]:
 
 def write_comparisons(args, study) -> None:
     """``study_comparisons.csv/.md``, ``study_table.csv/.md`` and the forest plots (within settings)."""
-    from datasets.atomic import atomic_write
-    from hypermorph_spatially_adaptive.evaluation import comparison_markdown
+    from hypermorph_spatially_adaptive.tables import comparison_markdown
     from hypermorph_spatially_adaptive.figures import plot_comparison_forest
 
     comp = compare(study, args.bootstrap)
@@ -417,7 +414,6 @@ def write_response_and_stiffness(args, units: Sequence[Dict]) -> None:
     """``grid_response.csv`` and ``stiffness.csv`` over every unit, with their means printed."""
     import pandas as pd
 
-    from datasets.atomic import atomic_write
     from datasets.phantoms import CLASS_NAMES
 
     dirs = [(u, os.path.join(args.out, u["setting"], f"seed{u['seed']}")) for u in units]
@@ -443,7 +439,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         args.record = "" if args.quick else os.path.join("docs", "study_record")
     units = run_units(args)
     syn_table = None if args.no_syn else _run_syn(args)
-    from datasets.atomic import atomic_write
 
     study = collect(args, units, syn_table)
     path = os.path.join(args.out, "study.csv")
@@ -457,6 +452,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

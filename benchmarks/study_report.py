@@ -26,6 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from datasets.atomic import atomic_write  # noqa: E402
+
 #: the within-setting comparisons docs/results.md reports: (protocol, a, b), a - b in each reported metric
 #: (``ants-synpreset``: the antsRegistrationSyN[s] preset; ``ants-syn``: antspyx's quick SyN)
 FAMILY = (
@@ -259,7 +261,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
               "## Stiffness order (elastic SA model vs the phantom's Lame values)",
               stiffness_markdown(stiffness_summary(_read(args.study, "stiffness.csv")))]
     text = "\n".join(parts)
-    from datasets.atomic import atomic_write
 
     out = os.path.join(args.study, "study_report.md")
     atomic_write(out, text)
@@ -276,6 +277,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    from hypermorph_spatially_adaptive.runio import cli_main
+    from hypermorph_spatially_adaptive.cli import cli_main
 
     cli_main(main)

@@ -20,7 +20,8 @@ Where things are
                     :func:`validate_pair`, :func:`validate_dataset`
 ``nifti``           NIfTI / keypoint CSV reading with validation, voxel-grid helpers
 ``synthetic``       the ``synthetic`` dataset (cached phantoms), ``--motion`` presets
-``phantoms``        the phantom generator (linear-elastic physics; numpy + scipy)
+``phantoms``        the phantom generator (anatomy, forces, exact inverse; numpy + scipy)
+``elasticity``      its linear-elastic solver: Q1 assembly, multigrid-preconditioned CG, strains
 ``cache``           synthetic cache codec: generator version in the file name, JSON of extras
 ``learn2reg``       ``nlst`` and ``l2r-lung`` loaders
 ``acdc``            ``acdc`` loader

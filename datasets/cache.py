@@ -2,9 +2,10 @@
 structure-preserving JSON encoding of the non-array parts of a pair (Lame parameters, meta)
 stored inside the ``.npz``.
 
-The cache key is ``v<GENERATOR_VERSION>-<first 10 hex of sha1(generator source file)>``: any edit of
-``datasets/phantoms.py`` (even a comment) gives new cache file names, so a changed generator
-never reuses old phantoms.
+The cache key is ``v<GENERATOR_VERSION>-<first 10 hex of sha1(generator source files)>`` (the module's
+file followed by those of its ``GENERATOR_DEPENDENCIES``): any edit of ``datasets/phantoms.py`` or
+``datasets/elasticity.py`` (even a comment) gives new cache file names, so a changed generator never
+reuses old phantoms.
 """
 from __future__ import annotations
 
@@ -23,10 +24,14 @@ def generator_version(module) -> str:
         if value is not None:
             parts.append(str(value))
             break
-    src = getattr(module, "__file__", None)
-    if src and os.path.isfile(src):
-        with open(src, "rb") as fh:
-            parts.append(hashlib.sha1(fh.read()).hexdigest()[:10])
+    sources = [getattr(m, "__file__", None) for m in (module, *getattr(module, "GENERATOR_DEPENDENCIES", ()))]
+    sources = [src for src in sources if src and os.path.isfile(src)]
+    if sources:
+        digest = hashlib.sha1()
+        for src in sources:
+            with open(src, "rb") as fh:
+                digest.update(fh.read())
+        parts.append(digest.hexdigest()[:10])
     version = "-".join(parts) if parts else "0"
     return "v" + re.sub(r"[^A-Za-z0-9.-]", "_", version)
 

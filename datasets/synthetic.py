@@ -5,7 +5,7 @@ Pairs come from :func:`datasets.phantoms.generate_pair` with ``seed = data_seed 
 index``; ``num_pairs`` pairs (default 40) split 70/15/15. Each pair is cached as one compressed
 ``.npz`` in ``cache_dir`` (default ``<data_dir>`` if given, else ``./.cache/synthetic``), named
 ``synthetic_<version>_<shape>_m<motion>_seed<seed>.npz`` where ``<version>`` combines the
-generator's ``GENERATOR_VERSION`` with a hash of its source file (:mod:`datasets.cache`), so a
+generator's ``GENERATOR_VERSION`` with a hash of its source files (:mod:`datasets.cache`), so a
 changed generator never reuses old phantoms. Writes are atomic; unreadable cache files are
 regenerated with a warning. Spacing 1 mm, identity affine, keypoints from the generator,
 ``extras = {"disp_true": float32 [*shape, D], "lame": {class: (lambda, mu)}, "seed": int,
@@ -35,7 +35,7 @@ identification to find. With it pair ``i`` scales each tissue's (lambda, mu) by 
 ``exp(S z)`` (:func:`subject_lame`, seeded by the pair, independent of the phantom and force
 streams: the anatomy and force pattern are those of the spread-0 pair, the field differs); the
 values used are ``extras["lame"]`` of the pair, so identified values can be scored against them
-per pair (``hypermorph_spatially_adaptive.evaluation.stiffness_recovery``).
+per pair (``benchmarks/stiffness_recovery.py``).
 """
 from __future__ import annotations
 

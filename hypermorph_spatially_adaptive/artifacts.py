@@ -27,10 +27,15 @@ inference.json.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import datasets
 
 from .folders import STAGE_MARKER  # noqa: F401  (every stage output folder's completion marker)
 from .params import ParamSpec
@@ -69,6 +74,29 @@ TABLE1_MD = "table1.md"
 COMPARISON = "comparison.csv"
 INFERENCE_META = "inference.json"
 STAGE_TIMES = "stage_times.csv"  # run_pipeline.py: wall time per stage, in its --out folder
+
+
+#: file hashes of this process (:func:`file_sha256`: the weights check of :func:`read_run`, provenance.py)
+_FILE_CACHE: Dict[Tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 (hex) of the bytes of ``path`` (cached by path, size and mtime)."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _FILE_CACHE[key] = h.hexdigest()
+    return _FILE_CACHE[key]
+
+
+def short(h: Optional[str]) -> str:
+    """The first 12 hex digits of a sha256 for messages (``none`` if missing)."""
+    return "none" if not h else h[:12]
 
 
 def global_columns(regularizer: str) -> List[str]:
@@ -166,7 +194,6 @@ def _finish_command(folder: str, config: Dict) -> str:
     command = list((config.get("resumed") or [config])[-1].get("command") or config.get("command") or [])
     if not command:
         return f"the run's training script with --out {folder} --resume"
-    import shlex
 
     command = [str(a) for a in command if a not in ("--resume", "--overwrite")] + ["--resume"]
     return "python " + shlex.join(command)
@@ -197,8 +224,6 @@ def unusable_run(folder: str, config: Dict) -> Optional[str]:
         return f"{weights}: no final weights (training unfinished?); finish it first: {_finish_command(folder, config)}"
     recorded = (config.get("provenance") or {}).get("weights_sha256")
     if config.get("finished") and recorded:
-        from .provenance import file_sha256, short
-
         now = file_sha256(weights)
         if now != recorded:
             latest = os.path.join(folder, CHECKPOINTS, "latest")
@@ -267,8 +292,6 @@ def attempt_without_checkpoint(folder: str) -> bool:
 def checkpoint_error(run_dir: str, prefix: str, exc: BaseException) -> str:
     """The message for a checkpoint ``prefix`` that cannot be read: it names the files and the
     newest earlier checkpoint of ``run_dir`` whose every tensor reads (TensorFlow imported here)."""
-    import glob
-
     import tensorflow as tf
 
     ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
@@ -408,6 +431,4 @@ def read_identification(folder: str, regularizer: Optional[str] = None,
 
 def load_dataset(config: Dict, data_dir: Optional[str] = None, label_dir: Optional[str] = None):
     """Rebuild the dataset a run was trained on (``config['data']``), optionally with moved folders."""
-    import datasets
-
     return datasets.dataset_from_config(config["data"], data_dir, label_dir)

@@ -163,7 +163,7 @@ class RefineConfig:
       (the single level ``scale``); ``level_split``: relative steps per level (>= 0, positive sum;
       None: equal shares), only with ``levels``.
 
-    The command-line options ``--refine-*`` (:func:`.runio.add_refine_args`) take their defaults
+    The command-line options ``--refine-*`` (:func:`.cli.add_refine_args`) take their defaults
     from here; :meth:`from_args` and :meth:`argv` convert parsed options and back.
     """
 
@@ -240,7 +240,7 @@ class RefineConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RefineConfig":
-        """The options of parsed ``--refine-*`` arguments (:func:`.runio.add_refine_args`); an
+        """The options of parsed ``--refine-*`` arguments (:func:`.cli.add_refine_args`); an
         option missing from ``args`` keeps its default. ``--refine-levels off`` is ``levels = None``."""
         default = cls()
         levels = getattr(args, "refine_levels", default.levels)

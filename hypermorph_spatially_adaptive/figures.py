@@ -49,6 +49,8 @@ from matplotlib.colors import ListedColormap, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from datasets.atomic import atomic_write
+
 __all__ = [
     "plot_parameter_scatter",
     "plot_registration_panel",
@@ -85,8 +87,6 @@ def _check_out_png(out_png) -> str:
 
 def _save_png_atomic(fig: Figure, out_png: str, dpi: int = DPI) -> str:
     """Save ``fig`` as a PNG with the one atomic writer (:func:`datasets.atomic.atomic_write`)."""
-    from datasets.atomic import atomic_write
-
     return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
@@ -759,7 +759,7 @@ def plot_comparison_forest(comp: pd.DataFrame, out_png: str, metric: str = "mean
     one panel without that column), one line per (protocol, comparison ``a - b``).
 
     Args:
-        comp: rows of :func:`.evaluation.paired_comparison` with columns ``protocol, seed,
+        comp: rows of :func:`.tables.paired_comparison` with columns ``protocol, seed,
             comparison, metric, mean_diff, ci_low, ci_high, p_holm, n_seeds, n_pairs`` (``seed``
             ``'all'`` = pooled over seeds x pairs; other values = one seed over its pairs).
         out_png: output path (``.png``).

@@ -1,6 +1,6 @@
 """Direct identification of a model's hyperparameters by gradient descent (docs/extensions.md "Gradient identification").
 
-The grid method (:mod:`.identification`) searches the *global* model and hands each tissue's
+The grid method (:mod:`.grid_identification`) searches the *global* model and hands each tissue's
 best grid point to the spatially adaptive (SA) model, a proxy. Both networks are differentiable
 in their hyperparameter input, so the SA model's own parameters (every class, background
 included) can be optimized directly:
@@ -25,32 +25,22 @@ Conventions: CONVENTIONS.md (``disp [B, *spatial, D]``); sampling outside the im
 :func:`identify_population` is the population protocol of the CSAIN paper: one shared ``z`` for
 all validation pairs, Adam on the mean objective, the result applied unchanged to the test pairs.
 
-:func:`run_cli` is the ``--method gradient`` branch of ``parameter_identification.py`` (both
-protocols).
+The command line is ``parameter_identification.py --method gradient`` (both protocols): it loads
+the runs, calls these functions and writes the identification folder.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-from scipy.stats import spearmanr
 
-import eval_metrics
-from datasets.atomic import atomic_write
 from tf_compat import import_voxelmorph
 
-from . import artifacts as art
-from . import runio
 from .models import call_model, needs_segmentation
-from .provenance import check_runs, weights_sha256
-from .registration import Registrar, auto_batch_size, warped_moving_segmentation
 from .tf_ops import soft_dice, warp_linear
 
 tf, _vxm, _ne = import_voxelmorph()
@@ -461,285 +451,3 @@ def identify_in_batches(model, pairs, batch_size: int, objective: str, h0: Optio
                           traces=[t for r in parts for t in r.traces], steps=np.concatenate([r.steps for r in parts]),
                           batch_passes=sum(r.batch_passes for r in parts), seconds=sum(r.seconds for r in parts),
                           objective=objective)
-
-
-# ----------------------------------------------------------------------------------------------
-# parameter_identification.py --method gradient
-# ----------------------------------------------------------------------------------------------
-def _check_pair(pair, objective: str) -> None:
-    """Fail clearly on a pair the objective cannot use."""
-    for name in ("fixed_seg", "moving_seg"):
-        seg = getattr(pair, name, None)
-        if seg is None or not np.any(np.asarray(seg) > 0):
-            raise ValueError(f"pair {pair.pair_id}: {name} has no tissue labels; gradient identification "
-                             "needs the labels of both images (Dice objective, body mask, final Dice)")
-    if objective == "epe" and (pair.extras or {}).get("disp_true") is None:
-        raise ValueError(f"pair {pair.pair_id}: the dataset provides no true displacement "
-                         "(pair.extras['disp_true']); --objective epe works on synthetic data only")
-
-
-def _start_points(init: str, init_dir: Optional[str], ids: Sequence[str], sa_names: Sequence[str],
-                  g_names: Sequence[str]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], str]:
-    """Start points ``(h0_sa [N, P_sa], h0_g [N, P_g], description)`` (``None`` = 0.5)."""
-    if init == "center":
-        return None, None, "center (0.5)"
-    path = os.path.join(init_dir, art.IDENTIFIED_PARAMETERS) if init_dir else None
-    if path is None or not os.path.isfile(path):
-        print(f"[identify gradient] --init grid: no grid identification at {path}; starting at 0.5", flush=True)
-        return None, None, "center (0.5; no grid identification found)"
-    df = art.read_table(path, fix="rerun the grid identification").set_index(art.PAIR_ID)
-    cols = list(sa_names) + list(g_names)
-    missing_cols = [c for c in cols if c not in df]
-    missing_ids = [p for p in ids if p not in df.index]
-    if missing_cols or missing_ids:
-        raise ValueError(f"{path}: cannot start from it: columns {missing_cols} / pairs {missing_ids[:5]} missing")
-    rows = df.loc[list(ids)]
-    return (rows[list(sa_names)].to_numpy(np.float64), rows[list(g_names)].to_numpy(np.float64),
-            f"grid proxy ({os.path.abspath(path)})")
-
-
-def _hard_dice(model, pairs, hyp: np.ndarray, num_classes: int, net_seg=None) -> np.ndarray:
-    """Hard class Dice ``[N, C]`` after registering each pair with its ``hyp [N, P]`` (a CSAIN
-    model builds its map from ``net_seg [N, *spatial]``, default the fixed segmentations)."""
-    seg = np.stack([p.fixed_seg for p in pairs]) if net_seg is None else net_seg
-    _, disp = Registrar(model)(np.stack([p.moving for p in pairs]), np.stack([p.fixed for p in pairs]), hyp, seg)
-    return np.stack([eval_metrics.dice_per_class(p.fixed_seg, eval_metrics.warp_labels(p.moving_seg, disp[k]),
-                                                 num_classes) for k, p in enumerate(pairs)])
-
-
-def stiffness_spearman(mu: np.ndarray, true_mu: np.ndarray) -> float:
-    """Spearman rank correlation between identified and true per-class values (NaN if constant)."""
-    if np.ptp(mu) == 0 or np.ptp(true_mu) == 0:
-        return float("nan")
-    return float(spearmanr(mu, true_mu).statistic)
-
-
-def stiffness_order_summary(pairs, h_sa: np.ndarray, class_names: Sequence[str], elastic: bool) -> Dict:
-    """Per pair: Spearman between identified and true per-tissue Lamé values (synthetic data).
-
-    Uses ``pair.extras['lame'] = {class: (lambda, mu)}``; tissue classes 1..C (background
-    excluded; its row ``'*_with_background'`` includes it). Identified values are ``mu_<class>``
-    (elastic) or the diffusion weight ``w_<class>`` compared with the true ``mu``.
-    """
-    C = len(class_names)
-    k = C + 1
-    out: Dict[str, Dict[str, float]] = {}
-    for p, h in zip(pairs, h_sa):
-        lame = {int(c): v for c, v in (p.extras or {}).get("lame", {}).items()}
-        if not all(c in lame for c in range(k)):
-            return {}
-        true_lam = np.array([lame[c][0] for c in range(k)], float)
-        true_mu = np.array([lame[c][1] for c in range(k)], float)
-        ident_mu = h[k:2 * k] if elastic else h[:k]
-        row = {"mu": stiffness_spearman(ident_mu[1:], true_mu[1:]),
-               "mu_with_background": stiffness_spearman(ident_mu, true_mu)}
-        if elastic:
-            row["lambda"] = stiffness_spearman(h[1:k], true_lam[1:])
-        out[p.pair_id] = row
-    return out
-
-
-def _summarize(values: Sequence[float]) -> Dict[str, float]:
-    v = np.asarray([x for x in values if np.isfinite(x)], float)
-    if v.size == 0:
-        return {"n": 0}
-    return {"n": int(v.size), "mean": round(float(v.mean()), 3), "median": round(float(np.median(v)), 3),
-            "min": round(float(v.min()), 3), "fraction_perfect": round(float(np.mean(v > 0.999)), 3)}
-
-
-def _result_rows(ids: Sequence[str], regularizer: str, sa_names, g_cols, class_names, h_sa, dice_sa, h_g, dice_g,
-                 res_sa: GradientResult, res_g: GradientResult, fallback: Sequence[str]) -> List[Dict]:
-    """Rows of identified_parameters.csv: row ``k`` uses row ``k`` of every array (or row 0 when
-    the array has one row: the population protocol's single setting)."""
-    def at(x, k):
-        return x[k if len(x) > 1 else 0]
-
-    rows = []
-    for k, pid in enumerate(ids):
-        row: Dict = {art.PAIR_ID: pid, art.REGULARIZER: regularizer}
-        row.update({n: float(v) for n, v in zip(sa_names, at(h_sa, k))})
-        row.update({f"dice_{n}": float(at(dice_sa, k)[c]) for c, n in enumerate(class_names)})
-        row["mean_dice"] = eval_metrics.nanmean(at(dice_sa, k))
-        row.update({c: float(v) for c, v in zip(g_cols, at(h_g, k))})
-        row[art.G_MEAN_DICE] = eval_metrics.nanmean(at(dice_g, k))
-        row["fallback"] = fallback[k]
-        row.update({"objective": float(at(res_sa.best, k)), "start_objective": float(at(res_sa.start, k)),
-                    "g_objective": float(at(res_g.best, k)), "g_start_objective": float(at(res_g.start, k)),
-                    "steps": int(at(res_sa.steps, k)), "g_steps": int(at(res_g.steps, k))})
-        rows.append(row)
-    return rows
-
-
-def _oracle(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, kw: Dict) -> Tuple:
-    """Per test pair, on its own labels: ``(rows, trace_rows, meta, pairs, res_sa, res_g)``."""
-    pairs = [dataset.load_pair(pid) for pid in ids]
-    for p in pairs:
-        _check_pair(p, args.objective)
-    sa_names, g_cols, class_names, regularizer = names
-    init_dir = args.init_from or os.path.join(args.run, art.IDENTIFICATION_DIRS["oracle"])
-    h0_sa, h0_g, init_desc = _start_points(args.init, init_dir if args.init == "grid" else None, ids,
-                                           sa_names, g_cols)
-    print(f"[identify gradient {regularizer}] oracle: {len(ids)} pairs, objective {args.objective}, "
-          f"<= {args.steps} steps, lr {args.lr}, start {init_desc}; SA {args.sa_run}, global {args.run}", flush=True)
-    res_sa = identify_in_batches(sa_model, pairs, bs, args.objective, h0_sa, **kw)
-    print(f"[identify gradient {regularizer}] SA: objective {np.mean(res_sa.start):.4f} -> {np.mean(res_sa.best):.4f} "
-          f"(mean over pairs), {res_sa.seconds:.1f} s", flush=True)
-    res_g = identify_in_batches(g_model, pairs, bs, args.objective, h0_g, **kw)
-    print(f"[identify gradient {regularizer}] -g: objective {np.mean(res_g.start):.4f} -> {np.mean(res_g.best):.4f}, "
-          f"{res_g.seconds:.1f} s", flush=True)
-    fallback = [";".join(n for c, n in enumerate(class_names, 1)
-                         if not (np.any(p.fixed_seg == c) or np.any(p.moving_seg == c))) for p in pairs]
-    rows = _result_rows(ids, regularizer, sa_names, g_cols, class_names, res_sa.h, _hard_dice(sa_model, pairs, res_sa.h, C),
-                        res_g.h, _hard_dice(g_model, pairs, res_g.h, C), res_sa, res_g, fallback)
-    traces = [{art.PAIR_ID: p.pair_id, "model": name, "step": s, "objective": float(o)}
-              for k, p in enumerate(pairs) for name, res in (("sa", res_sa), ("g", res_g))
-              for s, o in enumerate(res.traces[k])]
-    meta = {"protocol": "oracle", "identified_on": args.split, "init": args.init, "init_description": init_desc,
-            "parametrization": "h = sigmoid(z), Adam on z, best iterate per pair kept"}
-    return rows, traces, meta, pairs, res_sa, res_g
-
-
-def _population(args, g_model, sa_model, dataset, ids, names, C: int, bs: int, kw: Dict) -> Tuple:
-    """One setting per model from the --population-split pairs, applied to every pair of ``ids``:
-    ``(rows, trace_rows, meta, val_pairs, res_sa, res_g)``. A CSAIN model sees, on the validation pairs
-    as on the test pairs (inference ``--population-maps warped-moving``), maps built from the
-    moving labels warped by the -g network at its population setting."""
-    if args.objective != "dice" or args.init != "center":
-        raise ValueError("--method gradient --protocol population supports --objective dice and --init center")
-    sa_names, g_cols, class_names, regularizer = names
-    val_ids = dataset.split_ids(args.population_split)
-    if not val_ids:
-        raise ValueError(f"the {args.population_split} split of {dataset.name} is empty: nothing to identify on")
-    val = [dataset.load_pair(pid) for pid in val_ids]
-    for p in val:
-        _check_pair(p, "dice")
-    print(f"[identify gradient {regularizer}] population: one setting from {len(val)} {args.population_split} "
-          f"pairs (mean soft Dice, <= {args.steps} steps, lr {args.lr}) for {len(ids)} {args.split} pairs; "
-          f"SA {args.sa_run}, global {args.run}", flush=True)
-    pkw = dict(steps=kw["steps"], lr=kw["lr"], patience=kw["patience"], num_classes=C, batch_size=bs)
-    res_g = identify_population(g_model, val, **pkw)
-    print(f"[identify gradient {regularizer}] -g: mean objective {res_g.start[0]:.4f} -> {res_g.best[0]:.4f}, "
-          f"{res_g.steps[0]} steps, {res_g.seconds:.1f} s", flush=True)
-    net_segs, maps = None, "fixed seg of the validation pairs"
-    if needs_segmentation(sa_model):
-        _, disp_g = Registrar(g_model)(np.stack([p.moving for p in val]), np.stack([p.fixed for p in val]),
-                                       np.repeat(res_g.h.astype(np.float32), len(val), 0))
-        net_segs, maps = warped_moving_segmentation(val, disp_g), "moving seg warped by the -g network"
-    res_sa = identify_population(sa_model, val, net_segs=net_segs, **pkw)
-    print(f"[identify gradient {regularizer}] SA: mean objective {res_sa.start[0]:.4f} -> {res_sa.best[0]:.4f}, "
-          f"{res_sa.steps[0]} steps, {res_sa.seconds:.1f} s", flush=True)
-    n = len(val)
-    dice_sa = _hard_dice(sa_model, val, np.repeat(res_sa.h.astype(np.float32), n, 0), C, net_segs)
-    dice_g = _hard_dice(g_model, val, np.repeat(res_g.h.astype(np.float32), n, 0), C)
-    val_sa = np.array([[eval_metrics.nanmean(dice_sa[:, c]) for c in range(C)]])
-    val_g = np.array([[eval_metrics.nanmean(dice_g[:, c]) for c in range(C)]])
-    rows = _result_rows(ids, regularizer, sa_names, g_cols, class_names, res_sa.h, val_sa, res_g.h, val_g,
-                        res_sa, res_g, [""] * len(ids))
-    traces = [{art.PAIR_ID: "population", "model": name, "step": s, "objective": float(o)}
-              for name, res in (("sa", res_sa), ("g", res_g)) for s, o in enumerate(res.traces[0])]
-    meta = {"protocol": "population", "identified_on": args.population_split, "validation_pairs": list(val_ids),
-            "init": "center", "init_description": "center (0.5)", "csain_maps": maps if net_segs is not None else "",
-            "dice_columns": "means over the validation pairs at the chosen setting",
-            "parametrization": "h = sigmoid(z), one z for all pairs, Adam on the mean objective, best iterate kept"}
-    return rows, traces, meta, val, res_sa, res_g
-
-
-def _load_sa_for(args, g_config: Dict, dataset) -> Tuple:
-    """The SA run ``--sa-run`` of the global run's regularizer, trained on the same data and classes and
-    compatible with ``dataset``: ``(model, config)``."""
-    if args.sa_run is None:
-        raise ValueError("--method gradient needs --sa-run (the spatially adaptive run folder)")
-    sa_model, sa_config = runio.load_run(args.sa_run, expect_regularizer=g_config["model"]["regularizer"],
-                                         expect_sa=True)
-    if sa_config["data"] != g_config["data"] or list(sa_config["class_names"]) != list(g_config["class_names"]):
-        raise ValueError(f"{args.sa_run} and {args.run} were trained on different datasets/classes")
-    runio.check_compatible(args.sa_run, sa_config, dataset)
-    return sa_model, sa_config
-
-
-def _add_stiffness_order(meta: Dict, pairs, h_sa: np.ndarray, class_names: Sequence[str], regularizer: str) -> None:
-    """``--objective epe`` on synthetic pairs with known Lamé values: put the per-pair Spearman
-    correlations and their summary (:func:`stiffness_order_summary`) into ``meta`` and print the summary."""
-    per_pair = stiffness_order_summary(pairs, h_sa, class_names, regularizer == "elastic")
-    if not per_pair:
-        return
-    summary = {key: _summarize([r[key] for r in per_pair.values()]) for key in next(iter(per_pair.values()))}
-    meta["stiffness_order_spearman"] = {"summary": summary, "per_pair": per_pair}
-    print(f"[identify gradient {regularizer}] stiffness order, Spearman(identified, true) per pair over "
-          f"tissues {class_names}:", flush=True)
-    for key, s in summary.items():
-        print(f"    {key:20s} {json.dumps(s)}", flush=True)
-
-
-def _write_identification(dest: str, choice, trace_rows: List[Dict], meta: Dict, figure: bool,
-                          class_names: Sequence[str], regularizer: str) -> None:
-    """identified_parameters.csv, the objective trace, identification.json and (``figure``) Fig. 2 into ``dest``."""
-    import pandas as pd
-
-    atomic_write(os.path.join(dest, art.IDENTIFIED_PARAMETERS), choice)
-    atomic_write(os.path.join(dest, art.OBJECTIVE_TRACE), pd.DataFrame(trace_rows))
-    atomic_write(os.path.join(dest, art.IDENTIFICATION_META), json.dumps(meta, indent=2))
-    if figure:
-        from . import figures
-
-        figures.plot_parameter_scatter(choice, class_names, regularizer, os.path.join(dest, art.FIG2),
-                                       jitter=0.0)  # continuous values: no grid clusters to spread
-
-
-def run_cli(args, argv, g_model, g_config: Dict, dataset, ids: Sequence[str], dest: Optional[str] = None,
-            profile: str = "paper") -> str:
-    """``parameter_identification.py --method gradient``: identify, then write all files at once.
-
-    ``args`` are the parsed options (``sa_run``, ``protocol``, ``population_split``, ``init``,
-    ``init_from``, ``objective``, ``steps``, ``lr``, ``patience``, ``batch_size``, ``out``,
-    ``run``, ``no_figure``); ``g_model``/``g_config`` the global run, ``dataset``/``ids`` the
-    pairs to identify (oracle) or to apply the population setting to. Files are written into
-    ``dest`` (the caller's temporary folder that replaces the output folder at the end; default:
-    the output folder itself). The runs' recorded data/weights hashes are checked first
-    (:func:`.provenance.check_runs`, ``--force``). ``profile`` is the runs' ``--profile``, recorded
-    in identification.json 'fidelity' for the later stages' check (the gradient method itself is the
-    project's under either profile: docs/fidelity.md). Returns the output folder.
-    """
-    import pandas as pd
-
-    sa_model, sa_config = _load_sa_for(args, g_config, dataset)
-    regularizer = g_config["model"]["regularizer"]
-    class_names = list(g_config["class_names"])
-    C = len(class_names)
-    names = (art.sa_columns(regularizer, class_names), art.global_columns(regularizer), class_names, regularizer)
-    protocol = getattr(args, "protocol", "oracle")
-    default_dir = art.IDENTIFICATION_DIRS["gradient"] + ("" if args.objective == "dice" else f"_{args.objective}")
-    out = args.out or os.path.join(args.run, default_dir + ("_population" if protocol == "population" else ""))
-    dest = dest or out
-    splits = [args.split] + ([args.population_split] if protocol == "population" else [])
-    provenance = check_runs([(args.run, g_config), (args.sa_run, sa_config)], dataset, splits,
-                            bool(getattr(args, "force", False)), getattr(args, "data_dir", None),
-                            log=lambda line: print(line, flush=True))
-    provenance.update(global_weights_sha256=weights_sha256(args.run), sa_weights_sha256=weights_sha256(args.sa_run))
-    n_opt = len(dataset.split_ids(args.population_split)) if protocol == "population" else len(ids)
-    bs = args.batch_size or auto_batch_size(dataset.image_shape, n_opt, GRADIENT_VOXEL_BUDGET)
-    kw = dict(steps=args.steps, lr=args.lr, patience=args.patience, num_classes=C)
-    t0 = time.time()
-    rows, trace_rows, meta_p, opt_pairs, res_sa, res_g = (_population if protocol == "population" else _oracle)(
-        args, g_model, sa_model, dataset, ids, names, C, bs, kw)
-    seconds = time.time() - t0
-    choice = pd.DataFrame(rows)
-    meta = {"method": "gradient", "objective": args.objective, **meta_p, "global_run": os.path.abspath(args.run),
-            "sa_run": os.path.abspath(args.sa_run), "regularizer": regularizer, "class_names": class_names,
-            "data": g_config["data"], "split": args.split, "pairs": list(ids), "steps": args.steps, "lr": args.lr,
-            "patience": args.patience, "min_delta": MIN_DELTA, "pairs_per_batch": int(bs),
-            "forward_backward_passes": {"sa": int(res_sa.steps.sum()), "g": int(res_g.steps.sum())},
-            "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(len(opt_pairs), 1), 3),
-            "seconds_sa": round(res_sa.seconds, 2), "seconds_g": round(res_g.seconds, 2),
-            "provenance": provenance, "force": bool(getattr(args, "force", False)),
-            "command": ["parameter_identification.py"] + list(argv if argv is not None else sys.argv[1:])}
-    if profile != "paper":  # as the grid method records it (none = paper); its rules are the grid's only
-        meta["fidelity"] = {"profile": profile, "method": "gradient (the project's under every profile)"}
-    if args.objective == "epe":
-        _add_stiffness_order(meta, opt_pairs, res_sa.h, class_names, regularizer)
-    _write_identification(dest, choice, trace_rows, meta, not args.no_figure, class_names, regularizer)
-    print(f"[identify gradient {regularizer}] {protocol}: SA mean Dice {choice['mean_dice'].mean():.3f}, -g "
-          f"{choice[art.G_MEAN_DICE].mean():.3f}"
-          f"{' (validation means)' if protocol == 'population' else ''}; done in {seconds:.1f} s -> "
-          f"{out}/{art.IDENTIFIED_PARAMETERS}", flush=True)
-    return out

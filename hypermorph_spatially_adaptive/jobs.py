@@ -34,6 +34,7 @@ state the way Ctrl-C does, grace 120 s); a failed job raises :class:`JobFailed` 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -102,8 +103,6 @@ def die_with_parent() -> None:
     """``preexec_fn`` of a child process: the kernel sends it SIGTERM when its parent dies, even by
     SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``; a no-op elsewhere). Runs between fork and exec."""
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

@@ -18,10 +18,10 @@ axis-aligned). Steps, each timed (``result.seconds``):
    the run's ``config['data']['name']``), then images and labels resampled to the model grid
    (:mod:`.pair_geometry` documents the rule; a warning when the grid's spacing differs from
    training by > 25 %).
-4. ``identify`` (optional): grid search with the global model (:mod:`.identification`, as
+4. ``identify`` (optional): grid search with the global model (:mod:`.grid_identification`, as
    ``parameter_identification.py``) or Adam on the run's own hyperparameters
    (:mod:`.gradient_identification`), both on the pair's labels.
-5. ``forward``: one forward pass (:class:`.registration.Registrar`); ``refine``: N Adam steps
+5. ``forward``: one forward pass (:class:`.forward.Registrar`); ``refine``: N Adam steps
    on the training loss (:class:`.refinement.Refiner`, model-grid spacing).
 6. ``output``: the displacement back on the fixed grid; moving image (original intensities,
    linear) and labels (nearest neighbour) warped onto the fixed grid.
@@ -43,9 +43,15 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+import datasets
+from datasets.atomic import atomic_write
+from datasets.nifti import minmax_scale, read_nifti
+
 from . import pair_geometry as geo
+from . import run_folder
 from .artifacts import RunInfo, global_columns, read_identification, read_run, sa_columns
 from .configs import LossConfig, RefineConfig, check_same_weighting
+from .forward import Registrar
 
 ImageLike = Union[str, "os.PathLike", np.ndarray, Tuple[np.ndarray, np.ndarray], object]
 IDENTIFY_METHODS = ("grid", "gradient")
@@ -84,8 +90,6 @@ def load_volume(x: ImageLike, what: str, default_affine: np.ndarray, labels: boo
     Trailing singleton axes are dropped (a ``(X, Y, 1)`` NIfTI is 2D). ``default_affine`` is used
     for a bare array.
     """
-    from datasets.nifti import read_nifti
-
     if isinstance(x, (str, os.PathLike)):
         path = os.fspath(x)
         if os.path.isdir(path):
@@ -209,8 +213,6 @@ def intensity_normalizer(data_config: Mapping):
     (``ACDCDataset._normalize``). Every normalizer takes the image's name (for warnings)
     as an optional second argument.
     """
-    import datasets
-
     name = datasets.dataset_class(data_config.get("name", "synthetic")).name
     if name == "synthetic":
         return lambda img, what=None: np.clip(img, 0.0, 1.0).astype(np.float32)
@@ -223,7 +225,6 @@ def intensity_normalizer(data_config: Mapping):
     if name == "acdc":
         return lambda img, what=None: _scale(img, *datasets.ACDCDataset._normalize(img))
     else:  # folder
-        from datasets.nifti import minmax_scale
 
         pct = data_config.get("clip_percentiles")
         return lambda img, what="an input image": minmax_scale(img, pct or None, what)
@@ -424,15 +425,12 @@ class PairRegistrar:
         return self._model
 
     def load(self) -> None:
-        from .registration import Registrar
-        from .runio import load_run
-
         t0 = time.perf_counter()
         if self._model is None:
-            self._model, _ = load_run(self.info.folder)
+            self._model, _ = run_folder.load_run(self.info.folder)
             self._registrar = Registrar(self._model)
         if self.global_info is not None and self._global_model is None:
-            self._global_model, _ = load_run(self.global_info.folder)
+            self._global_model, _ = run_folder.load_run(self.global_info.folder)
         self.load_seconds += time.perf_counter() - t0
 
     # -- step 1: checks before any model is loaded ---------------------------------------------
@@ -570,10 +568,8 @@ class PairRegistrar:
                                        mseg[None], steps=gradient_steps, lr=lr, num_classes=self.info.num_classes,
                                        pair_ids=["pair"])
             return res.h[0].astype(np.float32)
-        import datasets
 
-        from . import identification as ident
-        from .registration import Registrar
+        from . import grid_identification as ident
 
         g_model = self._model if not self.info.spatially_adaptive else self._global_model
         pair = datasets.RegistrationPair("pair", moving_m[..., None], fixed_m[..., None], mseg, fseg,
@@ -631,8 +627,6 @@ def save_result(result: PairResult, warped: Optional[str] = None, disp: Optional
     then each file is written atomically (:func:`datasets.atomic.atomic_write`).
     """
     import nibabel as nib
-
-    from datasets.atomic import atomic_write
 
     if warped_seg is not None and result.warped_seg is None:
         raise ValueError("a warped segmentation output needs the moving segmentation")

@@ -12,7 +12,7 @@ Recorded as ``"provenance"`` in ``config.json`` (training), ``identification.jso
   and body mask where it has them (``--split-scheme``: a run trained on another scheme's split
   never matches).
 - ``weights_sha256`` (training, at the end) and, in the later stages, the sha256 of every
-  ``weights.h5`` they used (:func:`file_sha256`).
+  ``weights.h5`` they used (:func:`.artifacts.file_sha256`).
 
 Later stages compare with :func:`mismatches` and refuse unless ``--force`` (then the messages are
 recorded under ``forced``). Hashing is cheap: each file's bytes are hashed once per process,
@@ -25,22 +25,11 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-_FILE_CACHE: Dict[Tuple[str, int, int], str] = {}
+import numpy as np
 
+from datasets.base import SPLITS
 
-def file_sha256(path: str) -> str:
-    """sha256 (hex) of the bytes of ``path`` (cached by path, size and mtime)."""
-    path = os.path.abspath(path)
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _FILE_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _FILE_CACHE[key] = h.hexdigest()
-    return _FILE_CACHE[key]
-
+from .artifacts import CONFIG, WEIGHTS, file_sha256, short
 
 def _digest(items: Iterable) -> str:
     h = hashlib.sha256()
@@ -64,8 +53,6 @@ def _synthetic_rows(dataset, ids: Sequence[str]) -> List:
 
 
 def _array_rows(dataset, ids: Sequence[str]) -> List:
-    import numpy as np
-
     rows = []
     for pid in ids:
         pair = dataset.load_pair(pid)
@@ -81,8 +68,6 @@ def _array_rows(dataset, ids: Sequence[str]) -> List:
 def data_hashes(dataset, splits: Sequence[str] = ("train", "val", "test")) -> Dict[str, str]:
     """``{split: sha256}`` of the pairs of each split (see the module docstring); an empty split
     hashes the empty list. Class names and spacing-relevant options are part of every hash."""
-    from datasets.base import SPLITS
-
     if getattr(dataset, "name", "") == "folder" and hasattr(dataset, "_rows"):
         rows_of, kind = _folder_rows, "folder"
     elif getattr(dataset, "name", "") == "synthetic" and hasattr(dataset, "cache_path"):
@@ -110,14 +95,8 @@ def data_hashes(dataset, splits: Sequence[str] = ("train", "val", "test")) -> Di
 
 def weights_sha256(run_dir: str) -> Optional[str]:
     """sha256 of ``<run>/weights.h5`` (None if it does not exist)."""
-    from .artifacts import WEIGHTS
-
     path = os.path.join(run_dir, WEIGHTS)
     return file_sha256(path) if os.path.isfile(path) else None
-
-
-def short(h: Optional[str]) -> str:
-    return "none" if not h else h[:12]
 
 
 def data_mismatches(recorded: Optional[Dict], current: Dict[str, str], recorded_by: str,
@@ -135,8 +114,6 @@ def weight_mismatch(recorded: Optional[str], run_dir: str, recorded_by: str) -> 
     """A message if ``<run>/weights.h5`` no longer has the sha256 ``recorded`` by ``recorded_by``."""
     if not recorded:
         return []
-    from .artifacts import WEIGHTS
-
     now = weights_sha256(run_dir)
     if now == recorded:
         return []
@@ -147,8 +124,6 @@ def weight_mismatch(recorded: Optional[str], run_dir: str, recorded_by: str) -> 
 def run_problems(run_dir: str, config: Dict, current: Dict[str, str], data_from: str = "the dataset now") -> List[str]:
     """Mismatches between a run folder's recorded provenance (``config.json``) and now: its
     ``weights.h5`` replaced, or the data of the splits in ``current`` changed."""
-    from .artifacts import CONFIG
-
     rec = config.get("provenance") or {}
     where = os.path.join(run_dir, CONFIG)
     return (weight_mismatch(rec.get("weights_sha256"), run_dir, where)

@@ -69,6 +69,7 @@ import numpy as np
 import tensorflow as tf
 
 from .configs import LossConfig, RefineConfig, split_steps
+from .forward import auto_batch_size
 from .losses import loss_terms
 from .params import ParamSpec
 from .tf_ops import box_smooth, jacobian_determinant, warp_linear
@@ -249,8 +250,6 @@ class Refiner:
     def __call__(self, moving: np.ndarray, fixed: np.ndarray, u0: np.ndarray, hyp: np.ndarray,
                  fixed_seg: Optional[np.ndarray] = None, steps: int = 100,
                  lr: float = 0.1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from .registration import auto_batch_size
-
         moving, fixed, hyp = (np.asarray(a, np.float32) for a in (moving, fixed, hyp))
         u0 = np.asarray(u0, np.float32)
         self._check(moving, u0, hyp, steps)

@@ -7,7 +7,7 @@ pipeline, per-sample hyperparameter sampling, the compiled train step (``tf.func
 Run folders never lie and never vanish:
 
 - a run folder is recognized by its ``config.json`` *content* (a JSON object with ``format``
-  :data:`runio.RUN_FORMAT`, or, for runs made before the marker, ``preset`` and ``model``), never
+  :data:`.artifacts.RUN_FORMAT`, or, for runs made before the marker, ``preset`` and ``model``), never
   by the file name alone; any other non-empty folder is refused, never written or deleted;
 - training into a run folder refuses unless ``--resume`` (continue the run in it) or
   ``--overwrite`` (replace it, derived outputs such as ``identification/`` included).
@@ -53,9 +53,20 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+import datasets
+from datasets.atomic import atomic_write
+
 from . import artifacts as art
+from . import folders, run_folder
+from .artifacts import file_sha256, run_config_problem
+from .cli import arg_float, arg_int
 from .configs import LossConfig
-from .profiles import CHOICES, PROFILES
+from .folders import FolderLock
+from .params import HypMapping
+from .profiles import CHOICES, PROFILES, TRAINING_FIELDS, Fidelity
+from .provenance import data_hashes, data_mismatches
 
 
 PRESETS = {
@@ -92,8 +103,6 @@ LOG_FIELDS = ["step", "loss", "similarity", "regularization", "ncc", "val_loss",
 
 def _add_optimization_args(g: argparse._ArgumentGroup, preset: str) -> None:
     """Run folder, step budget, batch size and learning rate (into the ``training`` group)."""
-    from .runio import arg_float, arg_int
-
     g.add_argument("--out", default=os.path.join("runs", preset), help="run folder to write")
     g.add_argument("--steps", type=arg_int(1), default=2000, help="number of optimizer steps")
     g.add_argument("--epochs", type=arg_float(0.0), default=None,
@@ -104,8 +113,6 @@ def _add_optimization_args(g: argparse._ArgumentGroup, preset: str) -> None:
 
 def _add_loss_args(g: argparse._ArgumentGroup) -> None:
     """Similarity window, regularized field, energy scale, hyperparameter mapping and sampling."""
-    from .runio import arg_float, arg_int
-
     g.add_argument("--ncc-win", type=arg_int(1, odd=True), default=9, help="local NCC window per axis (odd)")
     g.add_argument("--profile", choices=list(PROFILES), default="paper",
                    help="defaults of every setting where the paper text and the authors' released code differ "
@@ -161,8 +168,6 @@ def _add_loss_args(g: argparse._ArgumentGroup) -> None:
 
 def _add_session_args(g: argparse._ArgumentGroup) -> None:
     """Seed, logging/validation/checkpoint intervals, resume/overwrite, devices and determinism."""
-    from .runio import arg_int
-
     g.add_argument("--seed", type=arg_int(0), default=0, help="seed for data order, hyperparameters and init")
     g.add_argument("--val-every", type=arg_int(0), default=200, help="validation loss every N steps (0: never)")
     g.add_argument("--log-every", type=arg_int(1), default=20, help="log/progress every N steps")
@@ -188,8 +193,6 @@ def _add_session_args(g: argparse._ArgumentGroup) -> None:
 
 def _add_model_args(m: argparse._ArgumentGroup) -> None:
     """The HyperVxmDense architecture: U-Net features, integration and hypernetwork size."""
-    from .runio import arg_int
-
     m.add_argument("--enc-features", type=arg_int(1), nargs="+", default=[16, 32, 32, 32],
                    help="U-Net encoder features (image sizes must be divisible by 2^levels, 16 by default)")
     m.add_argument("--dec-features", type=arg_int(1), nargs="+", default=[32, 32, 32, 32, 32, 16, 16],
@@ -204,8 +207,6 @@ def _add_model_args(m: argparse._ArgumentGroup) -> None:
 
 def _add_conditioning_args(c: argparse._ArgumentGroup) -> None:
     """Spatially adaptive presets only: conditioning (hypernetwork / CSAIN), map smoothing, weight range."""
-    from .runio import arg_float, arg_int
-
     c.add_argument("--conditioning", choices=["hypernetwork", "csain"], default="hypernetwork",
                    help="hypernetwork: HyperMorph (per-class values -> hyper-convolutions); csain: the same "
                         "U-Net conditioned on the voxelwise parameter map by CSAIN layers (Wang et al.; "
@@ -224,8 +225,6 @@ def _add_conditioning_args(c: argparse._ArgumentGroup) -> None:
 
 def build_parser(preset: str) -> argparse.ArgumentParser:
     """The command line of one preset (every value checked at parse time)."""
-    import datasets
-
     reg, sa = PRESETS[preset]
     p = argparse.ArgumentParser(
         description=f"Train the {'spatially adaptive' if sa else 'global'} HyperMorph model with the "
@@ -307,8 +306,6 @@ class _Progress:
 
 def _write_checkpoint(ckpt, ckpt_dir: str, step: int, keep: int = 2) -> None:
     """tf.train.Checkpoint into a temp folder, renamed into place, then ``latest`` updated."""
-    from datasets.atomic import atomic_write
-
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_dir, name)
     tmp = os.path.join(ckpt_dir, f".tmp-{name}")
@@ -375,8 +372,6 @@ def _refuse_changes(run_dir: str, old: Dict, new: Dict) -> None:
 
 def _folder_state(run_dir: str):
     """``("empty", None)``, ``("run", config)`` or ``("foreign", reason)`` for ``run_dir``."""
-    from .runio import run_config_problem
-
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         return "foreign", "is a file, not a folder"
     entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
@@ -397,7 +392,6 @@ def _folder_state(run_dir: str):
         trained_with = LossConfig()
         config["loss"].setdefault("energy_scale", trained_with.energy_scale)
         config["loss"].setdefault("hyp_mapping", trained_with.hyp_mapping.to_dict())
-    from .profiles import Fidelity
 
     # runs made before --profile: paper runs with their own three settings; settings added since
     # (crop_in_loss) take the value those runs were trained with (off)
@@ -416,8 +410,6 @@ def resolve_fidelity(args: argparse.Namespace):
     """The run's :class:`.profiles.Fidelity`: the ``--profile`` defaults with every setting given on
     the command line; also sets ``args.int_resolution``, ``args.reg_field`` and
     ``args.oversample_endpoints`` (idempotent) and ``args.fidelity``."""
-    from .profiles import TRAINING_FIELDS, Fidelity
-
     given = {"int_resolution": getattr(args, "int_resolution", None), "reg_field": getattr(args, "reg_field", None),
              "oversample_endpoints": getattr(args, "oversample_endpoints", None),
              "elastic_sampling": getattr(args, "elastic_sampling", None),
@@ -425,7 +417,6 @@ def resolve_fidelity(args: argparse.Namespace):
              "diffusion_energy": getattr(args, "diffusion_energy", None), "ncc": getattr(args, "ncc_numerics", None),
              "crop_in_loss": getattr(args, "crop_in_loss", None)}
     if given["crop_in_loss"] is None and getattr(args, "dataset", None):  # the dataset's default (authors' code)
-        import datasets
 
         given["crop_in_loss"] = bool(getattr(datasets.dataset_class(args.dataset), "crop_in_loss_default", False))
     fid = Fidelity.of(getattr(args, "profile", "paper"), **given)
@@ -477,8 +468,6 @@ def _check_folder(args: argparse.Namespace):
 
 def _args_config(preset: str, args: argparse.Namespace) -> Dict:
     """The part of config.json that follows from the command line alone (no data read)."""
-    import datasets
-
     reg, sa = PRESETS[preset]
     cond = _conditioning_options(args)
     sampling = "per-sample U(0,1)" + ("; regularization weights 10 * hyp ~ U(0,10)"
@@ -503,8 +492,6 @@ def _args_config(preset: str, args: argparse.Namespace) -> Dict:
 
 
 def _mapping(args: argparse.Namespace):
-    from .params import HypMapping
-
     return HypMapping(args.hyp_mapping, args.log_decades)
 
 
@@ -598,8 +585,6 @@ def run(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]] = N
     changed options, validate the whole dataset, only then move an ``--overwrite``-n run aside,
     import TensorFlow and build the model (see the module docstring for the guarantees).
     """
-    from .folders import FolderLock
-
     check_args(args)
     with FolderLock(args.out, "run folder", log=lambda line: print(line, flush=True),
                     replaceable=art.attempt_without_checkpoint):  # a dead --overwrite's old run comes back
@@ -610,10 +595,6 @@ def _checked_data(preset: str, args: argparse.Namespace, old: Optional[Dict]) ->
     """Load and validate the whole dataset (every pair of the splits training needs); with ``old``
     (the config of the run being resumed) refuse data whose hashes changed. Returns ``(dataset,
     summary of datasets.validate_dataset, data hashes per split)``."""
-    import datasets
-
-    from .provenance import data_hashes, data_mismatches
-
     dataset = datasets.dataset_from_args(args)
     levels = len(args.enc_features)
     summary = datasets.validate_dataset(dataset, require=("train", "val") if args.val_every > 0 else ("train",),
@@ -656,10 +637,8 @@ def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: 
     """The config of a resumed run: the old one with the options that may change updated and a
     dated ``resumed`` entry added; returns ``(config, step of the latest checkpoint)``, or ``None``
     when the run is already finished at ``steps``. Refuses changed options and a shrinking target."""
-    from . import runio
-
     _refuse_changes(run_dir, old, config)
-    latest = runio.latest_checkpoint(run_dir)
+    latest = run_folder.latest_checkpoint(run_dir)
     start_step = latest[1] if latest else 0
     if start_step > steps:
         raise ValueError(f"{run_dir}: --resume with --steps {steps} (or --epochs), but the run's checkpoint "
@@ -673,8 +652,8 @@ def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: 
     session = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": command, "from_step": start_step, "steps": steps,
                "changed": {option_name(k): [_flatten(old).get(k), v] for k, v in allowed.items()}}
-    if runio.versions() != old.get("versions"):
-        session["versions"] = runio.versions()
+    if run_folder.versions() != old.get("versions"):
+        session["versions"] = run_folder.versions()
     config = _merge(old, {"training": {k.split(".", 1)[1]: v for k, v in allowed.items()}})
     config["provenance"] = {"data": hashes}  # unchanged (checked above); added to runs made before it
     config["resumed"] = list(old.get("resumed", [])) + [session]
@@ -686,8 +665,6 @@ def _resume_config(preset: str, run_dir: str, old: Dict, config: Dict, command: 
 
 def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> str:
     """:func:`run` with ``--out`` locked: check the folder, options and data, write the config, train."""
-    from . import runio
-
     run_dir = args.out
     state, old = _check_folder(args)
     resuming = bool(args.resume and old is not None)
@@ -710,7 +687,7 @@ def _run_locked(preset: str, args: argparse.Namespace, argv: Optional[Sequence[s
             return run_dir
         config, start_step = resumed
     else:
-        config.update(versions=runio.versions(), command=command, finished=False)
+        config.update(versions=run_folder.versions(), command=command, finished=False)
     return _start(preset, args, run_dir, state, old, config, (dataset, mc, spec, steps, start_step))
 
 
@@ -719,8 +696,6 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
     """Write the config and train; ``--overwrite`` moves the old run aside until the first
     checkpoint exists (then deletes it), and a failure before that restores it (or, for a new
     folder, removes what this attempt wrote)."""
-    from . import folders, runio
-
     overwrite = state == "run" and args.overwrite
     created = overwrite or not os.path.isdir(run_dir)
     pending = {"aside": None, "fresh": state != "run"}  # what a failure before the first checkpoint undoes
@@ -738,7 +713,7 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
             print(f"[{preset}] --overwrite: {_describe(old)} in {run_dir} moved aside to {aside}; it is deleted once "
                   f"the new run has written its first checkpoint", flush=True)
         os.makedirs(run_dir, exist_ok=True)
-        runio.save_config(run_dir, config)
+        run_folder.save_config(run_dir, config)
         return _train(preset, args, run_dir, config, *train_args, on_checkpoint=first_checkpoint)
     except BaseException:
         if pending["aside"]:
@@ -750,7 +725,7 @@ def _start(preset: str, args: argparse.Namespace, run_dir: str, state: str, old:
             if not created:
                 os.makedirs(run_dir, exist_ok=True)
         elif args.resume and old is not None and old.get("finished"):  # a failed resume keeps the run finished
-            runio.save_config(run_dir, old)
+            run_folder.save_config(run_dir, old)
         raise
 
 
@@ -759,8 +734,6 @@ def _train_batches(dataset, strategy, num_params: int, args: argparse.Namespace,
     in which batch k always carries the same pairs and the hyperparameters ``hyp [batch, num_params]``
     drawn from ``(seed, k)``, so skipping ``start`` batches resumes exactly."""
     import tensorflow as tf
-
-    import datasets
 
     seed = int(args.seed)
     oversample, bsz = float(args.oversample_endpoints), int(args.batch_size)
@@ -786,7 +759,6 @@ def _validator(model, dataset, spec, loss: LossConfig, args: argparse.Namespace)
     """``validate() -> (mean loss, mean NCC)`` of the training ``loss`` over every validation pair with fixed hyperparameters
     (drawn from ``seed + 104729``), one compiled forward pass per batch; ``(nan, nan)`` without
     validation (``--val-every 0``)."""
-    import numpy as np
     import tensorflow as tf
 
     from .losses import loss_terms
@@ -843,10 +815,7 @@ def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, 
     ``--checkpoint-every`` steps and at the end (``on_checkpoint`` after each); a step-0 validation
     row first when starting from scratch. Non-finite loss or NCC, or a diverged loss
     (:func:`_check_divergence`), stops with ``FloatingPointError``."""
-    import numpy as np
     import tensorflow as tf
-
-    from datasets.atomic import atomic_write
 
     ckpt_dir = os.path.join(run_dir, art.CHECKPOINTS)
     log_path = os.path.join(run_dir, art.TRAIN_LOG)
@@ -896,15 +865,11 @@ def _run_steps(preset: str, args: argparse.Namespace, run_dir: str, train_step, 
 def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: float) -> str:
     """Write ``weights.h5`` atomically, record its sha256, the session's seconds and ``finished`` in
     config.json; returns the run folder."""
-    from . import runio
-    from datasets.atomic import atomic_write
-    from .provenance import file_sha256
-
     weights = os.path.join(run_dir, art.WEIGHTS)
     try:
         atomic_write(weights, lambda tmp: model.save_weights(tmp))
     except OSError as exc:
-        raise OSError(f"{weights}: cannot write the final weights ({runio._short(exc)}); the checkpoint of step "
+        raise OSError(f"{weights}: cannot write the final weights ({run_folder.short_error(exc)}); the checkpoint of step "
                       f"{steps} is complete: free space and rerun with --resume to write them") from exc
     config.setdefault("provenance", {})["weights_sha256"] = file_sha256(weights)
     seconds = round(time.time() - t0, 1)
@@ -912,7 +877,7 @@ def _finish_run(preset: str, run_dir: str, config: Dict, model, steps: int, t0: 
         config["resumed"][-1]["seconds"] = seconds
     # seconds of every session that reached its end (a killed session's time is unknown)
     config.update(finished=True, final_step=steps, train_seconds=round(float(config.get("train_seconds", 0.0)) + seconds, 1))
-    runio.save_config(run_dir, config)
+    run_folder.save_config(run_dir, config)
     print(f"[{preset}] done in {time.time() - t0:.0f} s -> {run_dir}", flush=True)
     return run_dir
 
@@ -924,7 +889,6 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     _setup_devices(args)
     import tensorflow as tf
 
-    from . import runio
     from .models import build_model
 
     tf.keras.utils.set_random_seed(args.seed)
@@ -943,7 +907,7 @@ def _train(preset: str, args: argparse.Namespace, run_dir: str, config: Dict, da
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
     resume_prefix = None
     if resume_from:
-        resume_prefix = runio.latest_checkpoint(run_dir)[0]
+        resume_prefix = run_folder.latest_checkpoint(run_dir)[0]
         try:
             ckpt.read(resume_prefix).assert_existing_objects_matched()
         except Exception as exc:  # truncated or foreign checkpoint: name it and the intact earlier one

@@ -12,7 +12,7 @@ subclass whose ``call`` applies the very same per-sample function (the library's
 ``_convolve_batch``, ``_single_transform``, ``_single_int`` and ``rescale_dense_transform``) in a
 Python loop over the batch whenever the batch size is known when the graph is traced and at most
 :data:`MAX_UNROLL` (training steps at batch 1 or 2; eager calls). With an unknown batch size
-(e.g. while Keras builds the functional model, or the :class:`~.registration.Registrar`'s
+(e.g. while Keras builds the functional model, or the :class:`~.forward.Registrar`'s
 batch-agnostic forward pass) or a larger one the original ``map_fn`` runs. The arithmetic is
 the same op for op, so outputs are identical; weights, names and saved files do not change, and
 the voxelmorph/neurite classes themselves are left untouched for other code in the process.

@@ -1,13 +1,17 @@
-"""Layering: the data side (``datasets``, ``eval_metrics``) never imports TensorFlow, Keras,
-voxelmorph, neurite or the model package; and the one atomic writer behaves.
+"""Layering (CONVENTIONS.md "Import floors"): the data side (``datasets``, ``eval_metrics``) never imports
+TensorFlow, Keras, voxelmorph, neurite or the model package; the one atomic writer behaves; no private
+name crosses a module; benchmarks import no script and spell no stage file name; the import graph of
+our modules has no cycle and no edge back up the floors; imports inside functions are only of slow or
+optional modules; the package docstring lists exactly its modules.
 
 Dependencies point one way: scripts -> ``hypermorph_spatially_adaptive`` -> {``datasets``,
-``regularizers``, ``eval_metrics``}. Only ``datasets.tfdata.make_tf_dataset`` imports TensorFlow,
-inside the function.
+``regularizers``, ``eval_metrics``} -> ``tf_compat``. Only ``datasets.tfdata.make_tf_dataset`` imports
+TensorFlow on the data side, inside the function.
 """
 import ast
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -232,9 +236,195 @@ def test_benchmarks_spell_no_stage_file_name():
     assert not bad, bad
 
 
-def test_the_package_docstring_lists_every_module():
+# ------------------------------------------------------------------------------------------------
+# the import graph of our modules: floors, cycles, lazy imports (CONVENTIONS.md "Import floors")
+# ------------------------------------------------------------------------------------------------
+#: imported inside a function only where they are needed: slow to import (TensorFlow and its stack,
+#: matplotlib, pandas; scipy 0.15-0.9 s per submodule, nibabel 0.13 s: a script's --help imports none
+#: of them) or optional (antspyx, a benchmark peer)
+SLOW = ("tensorflow", "keras", "tf_keras", "voxelmorph", "neurite", "matplotlib", "pandas", "scipy", "nibabel",
+        "ants")
+
+
+def _our_modules():
+    """``{module name: path}`` of every module of ours: top-level modules, the two packages, benchmarks."""
+    mods = {f[:-3]: os.path.join(ROOT, f) for f in sorted(os.listdir(ROOT)) if f.endswith(".py")}
+    for pkg in ("hypermorph_spatially_adaptive", "datasets"):
+        for f in sorted(os.listdir(os.path.join(ROOT, pkg))):
+            if f.endswith(".py"):
+                mods[pkg if f == "__init__.py" else f"{pkg}.{f[:-3]}"] = os.path.join(ROOT, pkg, f)
+    bench = os.path.join(ROOT, "benchmarks")
+    for f in sorted(os.listdir(bench)):
+        if f.endswith(".py"):
+            assert f[:-3] not in mods, f"benchmarks/{f} shadows a module of the same name"
+            mods[f[:-3]] = os.path.join(bench, f)  # run with benchmarks/ on sys.path
+    return mods
+
+
+MODULES = _our_modules()
+
+
+def _imported(mod, node):
+    """Absolute names of what an import statement of ``mod`` imports (``from pkg import sub`` -> ``pkg.sub``)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        pkg = mod if MODULES[mod].endswith("__init__.py") else mod.rpartition(".")[0]
+        for _ in range(node.level - 1):
+            pkg = pkg.rpartition(".")[0]
+        base = pkg + ("." + base if base else "")
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+
+
+def _imports(mod):
+    """``(module-level, function-local, calls import_voxelmorph at module level)``: lists of
+    ``(line, imported names)``."""
+    with open(MODULES[mod]) as fh:
+        tree = ast.parse(fh.read(), filename=MODULES[mod])
+    top, local, tf_call = [], [], False
+
+    def visit(node, in_function):
+        nonlocal tf_call
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and not getattr(child, "module", None) == "__future__":
+                (local if inside else top).append((child.lineno, _imported(mod, child)))
+            if not inside and isinstance(child, ast.Call) and getattr(child.func, "id", "") == "import_voxelmorph":
+                tf_call = True
+            visit(child, inside)
+
+    visit(tree, False)
+    return top, local, tf_call
+
+
+IMPORTS = {m: _imports(m) for m in MODULES}
+
+
+def _ours(name):
+    """The module of ours ``name`` refers to (a module or a name inside one), else None."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _slow_modules():
+    """External roots in :data:`SLOW` and our modules that import one at module level (transitively, the
+    parent package included) or call ``tf_compat.import_voxelmorph`` there."""
+    slow = {m for m, (_, _, tf_call) in IMPORTS.items() if tf_call}
+    changed = True
+    while changed:
+        changed = False
+        for m, (top, _, _) in IMPORTS.items():
+            parent = m.rpartition(".")[0]
+            deps = [n for _, names in top for n in names] + ([parent] if parent in MODULES else [])
+            if m not in slow and any(n.split(".")[0] in SLOW or _ours(n) in slow for n in deps):
+                slow.add(m)
+                changed = True
+    return slow
+
+
+SLOW_OURS = _slow_modules()
+
+
+def _is_slow(name):
+    return name.split(".")[0] in SLOW or _ours(name) in SLOW_OURS
+
+
+def test_function_local_imports_are_only_of_slow_modules():
+    """Light imports (standard library, numpy, our light modules) sit at the top of the module; an
+    import inside a function is kept for slow or optional modules (:data:`SLOW`, or ours importing
+    one at module level). The package, the top-level modules and the benchmarks."""
+    bad = []
+    for mod, (_, local, _) in IMPORTS.items():
+        if mod.split(".")[0] == "datasets":  # keeps even numpy-level work lazy: `import datasets` does no work
+            continue
+        bad += [f"{os.path.relpath(MODULES[mod], ROOT)}:{line} {', '.join(n for n in names if not _is_slow(n))}"
+                for line, names in local if not all(_is_slow(n) for n in names)]
+    assert not bad, "move these imports to the top of the module:\n" + "\n".join(bad)
+
+
+def test_the_slow_set_is_what_the_imports_say():
+    assert {"hypermorph_spatially_adaptive.models", "hypermorph_spatially_adaptive.tf_ops", "regularizers",
+            "eval_metrics", "hypermorph_spatially_adaptive.tables"} <= SLOW_OURS
+    light = {"hypermorph_spatially_adaptive", "hypermorph_spatially_adaptive.artifacts", "tf_compat", "datasets",
+             "hypermorph_spatially_adaptive.params", "hypermorph_spatially_adaptive.configs", "inference",
+             "hypermorph_spatially_adaptive.cli", "hypermorph_spatially_adaptive.run_folder", "run_pipeline",
+             "hypermorph_spatially_adaptive.forward", "hypermorph_spatially_adaptive.trainer", "register",
+             "parameter_identification"}
+    assert not light & SLOW_OURS, light & SLOW_OURS
+
+
+def test_light_modules_load_none_of_the_slow_ones():
+    """What the source says is light is light when imported (no TensorFlow, pandas, scipy, ...)."""
+    light = sorted(m for m in MODULES if m not in SLOW_OURS and os.path.dirname(MODULES[m]) != os.path.join(
+        ROOT, "benchmarks") and m not in ("entry_points",))
+    code = ("import importlib, sys\n"
+            f"for name in {light!r}:\n"
+            "    importlib.import_module(name)\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SLOW!r}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def _graph():
+    """``{module: {modules of ours it imports, at module level or inside a function}}``."""
+    graph = {}
+    for mod, (top, local, _) in IMPORTS.items():
+        graph[mod] = {_ours(n) for _, names in top + local for n in names if _ours(n) not in (None, mod)}
+    return graph
+
+
+def test_no_import_cycle_among_our_modules():
+    """Not even through an import inside a function (a cycle there only hides the layering problem)."""
+    graph, cycles = _graph(), []
+
+    def walk(node, path, done):
+        for nxt in sorted(graph[node]):
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in done:
+                walk(nxt, path + [nxt], done)
+        done.add(node)
+
+    done = set()
+    for mod in sorted(graph):
+        if mod not in done:
+            walk(mod, [mod], done)
+    assert not cycles, cycles
+
+
+def _floor(mod):
+    """CONVENTIONS.md "Import floors": 1 scripts and benchmarks, 2 the package, 3 datasets, regularizers,
+    eval_metrics, 4 tf_compat."""
+    if mod == "tf_compat":
+        return 4
+    if mod.split(".")[0] in ("datasets", "regularizers", "eval_metrics"):
+        return 3
+    if mod.split(".")[0] == "hypermorph_spatially_adaptive":
+        return 2
+    return 1
+
+
+def test_no_import_goes_back_up_the_floors():
+    """Every import (module level or inside a function) points to the same floor or a lower one;
+    on floor 1 a script is imported only by run_pipeline.py (it runs their ``main``)."""
+    bad = []
+    for mod, deps in _graph().items():
+        for dep in sorted(deps):
+            if _floor(dep) < _floor(mod):
+                bad.append(f"{mod} -> {dep} (floor {_floor(mod)} -> {_floor(dep)})")
+            elif _floor(dep) == 1 and dep in SCRIPTS and mod != "run_pipeline":
+                bad.append(f"{mod} -> {dep} (a script)")
+    assert not bad, bad
+
+
+def test_the_package_docstring_lists_exactly_its_modules():
     import hypermorph_spatially_adaptive as pkg
 
-    modules = [m.name for m in pkgutil.iter_modules([os.path.join(ROOT, "hypermorph_spatially_adaptive")])]
-    missing = [m for m in modules if f":mod:`.{m}`" not in pkg.__doc__]
-    assert len(modules) >= 25 and not missing, missing
+    modules = {m.name for m in pkgutil.iter_modules([os.path.join(ROOT, "hypermorph_spatially_adaptive")])}
+    listed = re.findall(r"^- :mod:`\.(\w+)`", pkg.__doc__, flags=re.M)
+    assert len(modules) >= 25 and len(listed) == len(set(listed)), "a module is listed twice"
+    assert set(listed) == modules, {"not listed": modules - set(listed), "listed, no such module": set(listed) - modules}

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import datasets as D  # noqa: E402
-from hypermorph_spatially_adaptive import runio, trainer  # noqa: E402
+from hypermorph_spatially_adaptive import cli, run_folder, trainer  # noqa: E402
 from conftest import TINY_ARCH  # noqa: E402
 
 nib = pytest.importorskip("nibabel")
@@ -417,9 +417,9 @@ def _run_csv_ok(case, setup, expected, tmp_path, capsys, request):
     folder = _identification_folder(tmp_path / "ident", expected.split())
     ident = art.read_identification(str(folder), "elastic")
     assert ident.pair_ids == expected.split()
-    from hypermorph_spatially_adaptive.gradient_identification import _start_points
+    from parameter_identification import _gradient_start_points
 
-    _, h0_g, _ = _start_points("grid", str(folder), expected.split(), [], ["g_lambda", "g_mu"])  # --init grid
+    _, h0_g, _ = _gradient_start_points("grid", str(folder), expected.split(), [], ["g_lambda", "g_mu"])  # --init grid
     np.testing.assert_array_equal(h0_g, np.full((5, 2), 0.5))
 
 
@@ -462,7 +462,7 @@ def _run_grid(case, setup, expected, tmp_path, capsys, request):
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the grid size was checked")
 
-    mp.setattr(runio, "load_run", no_model)
+    mp.setattr(run_folder, "load_run", no_model)
     out = tmp_path / "ident"
     with pytest.raises(ValueError) as exc:
         parameter_identification.main(["--run", str(b["run"]), "--out", str(out), *setup.split()])
@@ -499,7 +499,7 @@ def _run_weights(case, setup, expected, tmp_path, capsys, request):
     # (runs made before it) the load itself fails; both name the checkpoint that rewrites the file
     for message in (expected.format(run=run), f"{run}/weights.h5: cannot load the weights of this elastic_global model"):
         with pytest.raises(ValueError) as exc:
-            runio.load_run(str(run))
+            run_folder.load_run(str(run))
         msg = str(exc.value)
         assert message in msg, msg
         assert f"checkpoint {run}/checkpoints/step_00000002 (step 2) is intact" in msg
@@ -565,7 +565,7 @@ def _run_register(case, setup, expected, tmp_path, capsys, request):
     if "read-only" in case and os.geteuid() == 0:
         pytest.skip("root writes into any folder")
     mp = request.getfixturevalue("monkeypatch")
-    mp.setattr(runio, "load_run", lambda *a, **k: pytest.fail("a model was loaded before the inputs were checked"))
+    mp.setattr(run_folder, "load_run", lambda *a, **k: pytest.fail("a model was loaded before the inputs were checked"))
     b = request.getfixturevalue("base")
     f = _register_files(b, tmp_path)
     fmt = {**f, "t": str(tmp_path)}
@@ -586,7 +586,7 @@ def _run_register(case, setup, expected, tmp_path, capsys, request):
     before = snapshot(tmp_path)
     t0 = time.time()
     with pytest.raises(SystemExit) as exc:
-        runio.cli_main(register.main, flat)
+        cli.cli_main(register.main, flat)
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 1 and err.startswith("error: ") and "\n" not in err, err
     assert expected.format(**fmt) in err, err
@@ -662,12 +662,12 @@ def test_cli_prints_one_error_line(capsys):
         raise FileNotFoundError(f"pairs CSV not found: /x/{argv[0]}.csv")
 
     with pytest.raises(SystemExit) as exc:
-        runio.cli_main(main, ["mine"])
+        cli.cli_main(main, ["mine"])
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert err == "error: pairs CSV not found: /x/mine.csv (--debug shows the traceback)\n"
     with pytest.raises(FileNotFoundError):
-        runio.cli_main(main, ["mine", "--debug"])
+        cli.cli_main(main, ["mine", "--debug"])
 
 
 def test_script_error_is_one_line_without_tensorflow_noise(base, tmp_path):
@@ -699,7 +699,7 @@ def test_pipeline_resumes_unfinished_runs(tmp_path, monkeypatch, capsys):
         run = argv[argv.index("--out") + 1]
         os.makedirs(run, exist_ok=True)
         cfg = {"preset": preset, "finished": False, "command": ["train.py", *[a for a in argv if a != "--resume"]]}
-        runio.save_config(run, cfg)
+        run_folder.save_config(run, cfg)
         return run
 
     def stop(argv):
@@ -725,7 +725,7 @@ def test_grid_progress_eta_and_memory_estimate():
     """The ETA format of the identification's progress lines; the memory estimate is the float32
     displacement + warped image of every grid point of one chunk (11 x 11 elastic points at 32 x 32 fit one
     automatic chunk of 256: 121 * 1024 * 3 * 4); a larger grid only adds chunks."""
-    from hypermorph_spatially_adaptive import identification as ident
+    from hypermorph_spatially_adaptive import grid_identification as ident
 
     assert ident.format_eta(3725.4) == "1:02:05" and ident.format_eta(0) == "0:00:00"
     assert ident.grid_bytes("elastic", 11, (32, 32)) == 121 * 1024 * 3 * 4

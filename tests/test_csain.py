@@ -8,12 +8,12 @@ import tensorflow as tf
 from scipy.ndimage import gaussian_filter
 
 from hypermorph_spatially_adaptive import artifacts as art
-from hypermorph_spatially_adaptive import losses, runio
+from hypermorph_spatially_adaptive import losses, run_folder
 from hypermorph_spatially_adaptive.configs import LossConfig
 from hypermorph_spatially_adaptive.csain import CSAIN, IN_EPS
 from hypermorph_spatially_adaptive.models import ModelConfig, build_model, call_model
 from hypermorph_spatially_adaptive.params import ParamSpec, gaussian_kernel_1d, smooth_maps
-from hypermorph_spatially_adaptive.registration import Registrar
+from hypermorph_spatially_adaptive.forward import Registrar
 from hypermorph_spatially_adaptive.trainer import changed_options, main as train_main, sample_hyperparameters
 
 SMALL = dict(enc_features=(8, 16, 16, 16), dec_features=(16, 16, 16, 16, 16, 8, 8), csain_blocks=1)
@@ -142,10 +142,10 @@ def test_csain_run_saves_reloads_and_reproduces(tmp_path):
     flow = [layer for layer in model.layers if layer.name.endswith("_flow")][0]
     k, b = flow.get_weights()
     flow.set_weights([k * 2e4, b + 0.3])  # a sizeable displacement, so the comparison means something
-    runio.save_config(str(tmp_path), {"model": cfg.to_dict(), "preset": "diffusion_sa"})
+    run_folder.save_config(str(tmp_path), {"model": cfg.to_dict(), "preset": "diffusion_sa"})
     from datasets.atomic import atomic_write
     atomic_write(str(tmp_path / art.WEIGHTS), lambda p: model.save_weights(p))
-    loaded, config = runio.load_run(str(tmp_path), expect_sa=True)
+    loaded, config = run_folder.load_run(str(tmp_path), expect_sa=True)
     assert config["model"]["conditioning"] == "csain" and len(loaded.inputs) == 4
     rng = np.random.default_rng(4)
     x = rng.random((2, 32, 32, 1)).astype(np.float32)
@@ -175,7 +175,7 @@ def test_short_csain_training_lowers_the_loss_and_logged_val_loss_reproduces(tmp
     val = pd.read_csv(out / art.TRAIN_LOG).dropna(subset=["val_loss"]).set_index("step")
     assert list(val.index) == [0, 50]
     assert val.loc[50, "val_loss"] < val.loc[0, "val_loss"] - 0.002, val
-    model, cfg = runio.load_run(str(out))
+    model, cfg = run_folder.load_run(str(out))
     m = cfg["model"]
     assert (m["conditioning"], m["smooth_sigma"], m["weight_range"]) == ("csain", 0.8, "unit")
     # the reloaded run reproduces the logged validation loss (same maps, same smoothing)

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from hypermorph_spatially_adaptive import evaluation
-from hypermorph_spatially_adaptive import identification as ident
+from hypermorph_spatially_adaptive import tables
+from hypermorph_spatially_adaptive import grid_identification as ident
 from hypermorph_spatially_adaptive import intervals
 
 CLASSES = ["lung", "bone", "liver"]
@@ -66,7 +66,7 @@ def _per_pair():
 
 
 def test_paired_comparison_per_protocol():
-    comp = evaluation.paired_comparison(_per_pair(), [("elas-sas", "elas-g")], n_boot=500, seed=0)
+    comp = tables.paired_comparison(_per_pair(), [("elas-sas", "elas-g")], n_boot=500, seed=0)
     dice = comp[comp["metric"] == "mean_dice"].set_index("protocol")
     assert set(dice.index) == {"oracle", "population"}
     r = dice.loc["oracle"]
@@ -97,7 +97,7 @@ def _seeds_x_pairs():
 
 def test_paired_comparison_over_seeds_and_pairs():
     df = _seeds_x_pairs()
-    comp = evaluation.paired_comparison(df, [("elas-sas", "elas-g")], metrics=["mean_dice"], per_seed=True)
+    comp = tables.paired_comparison(df, [("elas-sas", "elas-g")], metrics=["mean_dice"], per_seed=True)
     pooled = comp[comp["seed"] == "all"].iloc[0]
     assert (pooled["n_seeds"], pooled["n_pairs"], pooled["n"]) == (3, 5, 15)
     assert pooled["mean_diff"] == pytest.approx(0.02) and pooled["interval"] == "crossed seeds x pairs t"
@@ -111,11 +111,11 @@ def test_paired_comparison_over_seeds_and_pairs():
     assert per_seed.loc[2, "mean_diff"] == pytest.approx(0.03) and per_seed.loc[2, "n_seeds"] == 1
     # a method without seed or protocol (e.g. ANTs SyN) is compared under every seed and protocol
     syn = df[(df["method"] == "elas-g") & (df["seed"] == 0)].assign(method="ants-syn", seed=np.nan, protocol="")
-    vs = evaluation.paired_comparison(pd.concat([df, syn]), [("elas-sas", "ants-syn")], metrics=["mean_dice"])
+    vs = tables.paired_comparison(pd.concat([df, syn]), [("elas-sas", "ants-syn")], metrics=["mean_dice"])
     assert (vs["protocol"].iloc[0], vs["n"].iloc[0]) == ("population", 15)
     assert vs["mean_diff"].iloc[0] == pytest.approx(0.02)
     # a pair missing under one seed is dropped from the pooled table (pairs must be crossed with seeds)
-    part = evaluation.paired_comparison(df.drop(df[(df["seed"] == 1) & (df["pair_id"] == "p0")].index),
+    part = tables.paired_comparison(df.drop(df[(df["seed"] == 1) & (df["pair_id"] == "p0")].index),
                                         [("elas-sas", "elas-g")], metrics=["mean_dice"])
     assert (part["n_pairs"].iloc[0], part["n"].iloc[0]) == (4, 12)
 
@@ -130,14 +130,14 @@ def test_hd95_comparison_matches_pair_classes():
                      "hd95_bone": 40.0, "hd95": 21.0})
         rows.append({**base, "method": "b", "dice_lung": 0.9, "dice_bone": np.nan, "hd95_lung": 3.0 + k,
                      "hd95_bone": np.nan, "hd95": 3.0 + k})
-    comp = evaluation.paired_comparison(pd.DataFrame(rows), [("a", "b")], metrics=["hd95"])
+    comp = tables.paired_comparison(pd.DataFrame(rows), [("a", "b")], metrics=["hd95"])
     assert comp["mean_diff"].iloc[0] == pytest.approx(np.mean([2.0 - (3.0 + k) for k in range(4)]))
-    table = evaluation.difference_table(pd.DataFrame(rows), "a", "b", "hd95")
+    table = tables.difference_table(pd.DataFrame(rows), "a", "b", "hd95")
     assert table.shape == (1, 4)
 
 
 def test_table1_has_one_block_per_protocol_and_initial_once_in_numeric():
-    numeric, md = evaluation.table1(_per_pair(), CLASSES)
+    numeric, md = tables.table1(_per_pair(), CLASSES)
     assert list(numeric["method"]) == ["initial", "elas-g", "elas-sas", "elas-g", "elas-sas"]
     assert list(numeric["protocol"]) == ["", "oracle", "oracle", "population", "population"]
     assert "**oracle protocol**" in md and "**population protocol**" in md
@@ -156,13 +156,13 @@ def test_lost_class_is_counted_and_penalised_with_the_image_diagonal():
     img = np.zeros((24, 24, 1), np.float32)
     pair = RegistrationPair(pair_id="x", fixed=img, moving=img, fixed_seg=fixed_seg, moving_seg=moving_seg,
                             spacing=(1.0, 2.0))
-    m = evaluation.pair_metrics(pair, np.zeros((24, 24, 2), np.float32), 3, CLASSES)
+    m = tables.pair_metrics(pair, np.zeros((24, 24, 2), np.float32), 3, CLASSES)
     diagonal = np.hypot(23 * 1.0, 23 * 2.0)
     assert m["lost_classes"] == 1 and m["hd95_liver"] == pytest.approx(diagonal)
     assert m["hd95_lung"] == 0.0 and m["hd95"] == pytest.approx(diagonal / 3)
     df = pd.DataFrame([{"pair_id": "x", "protocol": "oracle", "method": "elas-g", **m},
                        {"pair_id": "y", "protocol": "oracle", "method": "elas-g", **m, "lost_classes": 0}])
-    numeric, md = evaluation.table1(df, CLASSES)
+    numeric, md = tables.table1(df, CLASSES)
     assert int(numeric["lost_classes"].iloc[0]) == 1
     assert "(1/6 pair-classes lost, at the image diagonal)" in md
 
@@ -175,12 +175,12 @@ def test_folding_io_rows_are_flagged():
         for k in range(6):
             extra.append({**df.iloc[0].to_dict(), "pair_id": f"p{k}", "protocol": "oracle", "method": method,
                           "percent_neg_jac": negj})
-    numeric, md = evaluation.table1(pd.concat([df, pd.DataFrame(extra)], ignore_index=True), CLASSES)
+    numeric, md = tables.table1(pd.concat([df, pd.DataFrame(extra)], ignore_index=True), CLASSES)
     oracle = md.split("**population protocol**")[0]
-    assert f"| elas-g+io {evaluation.FOLD_MARK} |" in oracle
+    assert f"| elas-g+io {tables.FOLD_MARK} |" in oracle
     assert "| elas-sas+io |" in oracle and "| elas-g |" in oracle  # 0.05 is not above; -g is no +io row
-    assert oracle.count(evaluation.FOLD_FOOTNOTE) == 1 and "Dice rises with tearing" in oracle
-    assert evaluation.FOLD_FOOTNOTE not in md.split("**population protocol**")[1]
+    assert oracle.count(tables.FOLD_FOOTNOTE) == 1 and "Dice rises with tearing" in oracle
+    assert tables.FOLD_FOOTNOTE not in md.split("**population protocol**")[1]
 
 
 def test_tre_is_averaged_over_the_pairs_that_have_keypoints_and_says_how_many():
@@ -192,7 +192,7 @@ def test_tre_is_averaged_over_the_pairs_that_have_keypoints_and_says_how_many():
     first = df.index[sel][0]
     df.loc[first, "tre"] = np.nan
     df.loc[df.index[sel][1], "tre"] = 3.0
-    numeric, md = evaluation.table1(df, CLASSES)
+    numeric, md = tables.table1(df, CLASSES)
     row = numeric[(numeric["method"] == "elas-g") & (numeric["protocol"] == "oracle")].iloc[0]
     n = int(sel.sum())
     assert row["tre_pairs"] == n - 1 and row["n_pairs"] == n

@@ -10,9 +10,9 @@ import tensorflow as tf
 
 import eval_metrics
 from hypermorph_spatially_adaptive import gradient_identification as gid
-from hypermorph_spatially_adaptive import runio
-from hypermorph_spatially_adaptive.evaluation import pair_metrics
-from hypermorph_spatially_adaptive.registration import Registrar
+from hypermorph_spatially_adaptive import run_folder
+from hypermorph_spatially_adaptive.tables import pair_metrics
+from hypermorph_spatially_adaptive.forward import Registrar
 from hypermorph_spatially_adaptive.tf_ops import soft_dice, warp_linear
 from conftest import TINY_ARCH  # noqa: E402
 
@@ -78,8 +78,8 @@ def tiny(tiny_runs):
     from hypermorph_spatially_adaptive.artifacts import load_dataset
 
     root, runs = tiny_runs
-    sa, cfg = runio.load_run(runs["elastic_sa"])
-    g, _ = runio.load_run(runs["elastic_global"])
+    sa, cfg = run_folder.load_run(runs["elastic_sa"])
+    g, _ = run_folder.load_run(runs["elastic_global"])
     ds = load_dataset(cfg)
     pairs = [ds.load_pair(p) for p in ds.split_ids("train")[:2]]
     return {"sa": sa, "g": g, "pairs": pairs, "root": root, "runs": runs, "dataset": ds}
@@ -174,12 +174,14 @@ def test_nan_objective_or_input_raises_clearly(tiny):
 def test_pairs_without_labels_or_truth_are_rejected(tiny):
     import dataclasses
 
+    from parameter_identification import _check_gradient_pair
+
     p = tiny["pairs"][0]
     with pytest.raises(ValueError, match="no tissue labels"):
-        gid._check_pair(dataclasses.replace(p, moving_seg=np.zeros_like(p.moving_seg)), "dice")
+        _check_gradient_pair(dataclasses.replace(p, moving_seg=np.zeros_like(p.moving_seg)), "dice")
     with pytest.raises(ValueError, match="synthetic data only"):
-        gid._check_pair(dataclasses.replace(p, extras={}), "epe")
-    gid._check_pair(p, "epe")
+        _check_gradient_pair(dataclasses.replace(p, extras={}), "epe")
+    _check_gradient_pair(p, "epe")
 
 
 # ---------------------------------------------------------------- CLI and inference

@@ -45,7 +45,7 @@ def test_anatomies_differ_more_than_deformation_pairs(tmp_path):
 
 
 def test_loads_through_the_cli_and_is_scored_without_truth(tmp_path):
-    from hypermorph_spatially_adaptive import evaluation
+    from hypermorph_spatially_adaptive import tables
 
     p = argparse.ArgumentParser()
     datasets.add_dataset_args(p)
@@ -60,7 +60,7 @@ def test_loads_through_the_cli_and_is_scored_without_truth(tmp_path):
     datasets.validate_pair(pair, rebuilt)
     arrays = rebuilt.arrays("train")
     assert arrays["fixed"].shape[1:] == (32, 32, 1)
-    row = evaluation.pair_metrics(pair, np.zeros((32, 32, 2), np.float32), 3, rebuilt.class_names)
+    row = tables.pair_metrics(pair, np.zeros((32, 32, 2), np.float32), 3, rebuilt.class_names)
     assert "dense_epe" not in row and np.isnan(row["tre"]) and 0 < row["mean_dice"] < 1
     default = datasets.dataset_options(p.parse_args(["--image-size", "32", "32"]))
     assert "pairing" not in default  # the demo's config and argv are unchanged

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from hypermorph_spatially_adaptive import artifacts as art
-from hypermorph_spatially_adaptive import losses, runio
+from hypermorph_spatially_adaptive import losses, run_folder
 from hypermorph_spatially_adaptive.configs import LossConfig
 from hypermorph_spatially_adaptive.models import ModelConfig, build_model
 from hypermorph_spatially_adaptive.params import ParamSpec, parameter_maps, regularization_parameters
@@ -192,19 +192,19 @@ def test_save_load_roundtrip_identical_predictions(tmp_path):
     cfg = ModelConfig(image_shape=(32, 32), regularizer="elastic", spatially_adaptive=True, num_classes=3, int_steps=1,
                       **SMALL)
     model = build_model(cfg)
-    runio.save_config(str(tmp_path), {"model": cfg.to_dict()})
+    run_folder.save_config(str(tmp_path), {"model": cfg.to_dict()})
     from datasets.atomic import atomic_write
     atomic_write(str(tmp_path / art.WEIGHTS), lambda p: model.save_weights(p))
-    loaded, _ = runio.load_run(str(tmp_path))
+    loaded, _ = run_folder.load_run(str(tmp_path))
     rng = np.random.default_rng(4)
     x = rng.random((2, 32, 32, 1)).astype(np.float32)
     h = rng.random((2, 8)).astype(np.float32)
     for a, b in zip(model([x, x[::-1], h]), loaded([x, x[::-1], h])):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(ValueError, match="spatially adaptive"):
-        runio.load_run(str(tmp_path), expect_sa=False)
+        run_folder.load_run(str(tmp_path), expect_sa=False)
     with pytest.raises(FileNotFoundError, match="config"):
-        runio.load_run(str(tmp_path / "nope"))
+        run_folder.load_run(str(tmp_path / "nope"))
 
 
 def test_training_lowers_the_loss_and_run_folder_stands_alone(tmp_path):
@@ -222,7 +222,7 @@ def test_training_lowers_the_loss_and_run_folder_stands_alone(tmp_path):
     # (measured: loss -0.4132 -> -0.4186, NCC 0.842 -> 0.864)
     assert val.loc[50, "val_loss"] < val.loc[0, "val_loss"] - 0.002, val
     assert val.loc[50, "val_ncc"] > val.loc[0, "val_ncc"] + 0.01, val
-    model, cfg = runio.load_run(str(out))  # no architecture flags
+    model, cfg = run_folder.load_run(str(out))  # no architecture flags
     assert cfg["preset"] == "diffusion_sa" and cfg["finished"] and cfg["seed"] == 0
     assert cfg["hyperparameters"][0] == "lambda_background" and "tensorflow" in cfg["versions"]
     assert model.inputs[2].shape[-1] == 4
@@ -242,8 +242,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     shutil.rmtree(part / "checkpoints" / "step_00000007")
     (part / "checkpoints" / "latest").write_text("step_00000005\n")
     train_main("elastic_sa", base + ["--out", str(part), "--steps", "12", "--resume"])
-    m_full, c_full = runio.load_run(str(full))
-    m_part, c_part = runio.load_run(str(part))
+    m_full, c_full = run_folder.load_run(str(full))
+    m_part, c_part = run_folder.load_run(str(part))
     assert c_part["final_step"] == c_full["final_step"] == 12
     for a, b in zip(m_full.get_weights(), m_part.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

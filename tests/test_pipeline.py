@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hypermorph_spatially_adaptive import evaluation
-from hypermorph_spatially_adaptive import identification as ident
+from hypermorph_spatially_adaptive import tables
+from hypermorph_spatially_adaptive import grid_identification as ident
 
 CLASSES = ["lung", "bone", "liver"]
 
@@ -61,7 +61,7 @@ def test_table1_mean_std_and_layout():
             rows.append({"pair_id": f"p{k}", "method": m, "dice_lung": v, "dice_bone": v, "dice_liver": v,
                          "mean_dice": v, "hd95": 10 * v, "tre": np.nan, "percent_neg_jac": 0.0 if m == "initial" else 0.5,
                          "sdlogj": 0.1})
-    numeric, md = evaluation.table1(pd.DataFrame(rows), CLASSES)
+    numeric, md = tables.table1(pd.DataFrame(rows), CLASSES)
     assert list(numeric["method"]) == ["initial", "elas-sas"]
     r = numeric.set_index("method").loc["elas-sas"]
     assert r["mean_dice_mean"] == pytest.approx(0.85) and r["mean_dice_std"] == pytest.approx(0.05)

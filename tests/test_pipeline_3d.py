@@ -235,7 +235,7 @@ def test_grid_dice_runs_chunk_by_chunk_and_matches_per_point_dice():
     import types
 
     import eval_metrics
-    from hypermorph_spatially_adaptive import identification as ident
+    from hypermorph_spatially_adaptive import grid_identification as ident
 
     shape = (12, 10, 8)
     fixed_seg = np.zeros(shape, np.int32)
@@ -259,7 +259,7 @@ def test_registrar_chunks_equal_the_whole_call():
     """Registrar.chunks yields the rows of __call__ in order, ``batch_size`` at a time (3D model)."""
     import tensorflow as tf
 
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
     shape = (8, 8, 8)
     mov = tf.keras.Input((*shape, 1))
@@ -284,7 +284,7 @@ def test_refinement_in_pair_chunks_equals_one_batch():
     test pairs); pairs do not interact, so the result equals the one-batch refinement."""
     from hypermorph_spatially_adaptive.params import ParamSpec
     from hypermorph_spatially_adaptive.refinement import PAIR_VOXEL_BUDGET, Refiner
-    from hypermorph_spatially_adaptive.registration import auto_batch_size
+    from hypermorph_spatially_adaptive.forward import auto_batch_size
 
     shape = (12, 12, 8)
     rng = np.random.default_rng(1)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import regularizers
 from conftest import TINY_ARCH
-from hypermorph_spatially_adaptive import identification as ident
+from hypermorph_spatially_adaptive import grid_identification as ident
 from hypermorph_spatially_adaptive.losses import loss_terms, ncc_map, ncc_map_voxelmorph
 from hypermorph_spatially_adaptive.params import ParamSpec
 from hypermorph_spatially_adaptive.profiles import AUTHORS, PAPER, Fidelity, check_same_profile

@@ -175,7 +175,7 @@ def test_command_equals_pipeline_and_identification_folder(setup, tmp_path):
     import register
     from hypermorph_spatially_adaptive import artifacts as art
     from hypermorph_spatially_adaptive.refinement import Refiner
-    from hypermorph_spatially_adaptive.registration import Registrar
+    from hypermorph_spatially_adaptive.forward import Registrar
 
     pair, info, f = setup["pair"], setup["info"], setup["files"]
     names = art.sa_columns("elastic", info.class_names)
@@ -255,9 +255,9 @@ def test_bad_inputs_one_line_errors_before_loading(setup, tmp_path, capsys, monk
     import nibabel as nib
 
     import register
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import cli, run_folder
 
-    monkeypatch.setattr(runio, "load_run", lambda *a, **k: pytest.fail("model loaded before the inputs were checked"))
+    monkeypatch.setattr(run_folder, "load_run", lambda *a, **k: pytest.fail("model loaded before the inputs were checked"))
     f = setup["files"]
     bad_seg, vol = str(tmp_path / "bad_seg.nii.gz"), str(tmp_path / "vol.nii.gz")
     seg = nib.load(f["moving_seg"])
@@ -280,7 +280,7 @@ def test_bad_inputs_one_line_errors_before_loading(setup, tmp_path, capsys, monk
     ]
     for argv, msg in cases:
         with pytest.raises(SystemExit) as exc:
-            runio.cli_main(register.main, base + argv)
+            cli.cli_main(register.main, base + argv)
         assert exc.value.code == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err, err

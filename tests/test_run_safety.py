@@ -286,7 +286,7 @@ def test_pair_ids_cannot_escape_the_output_folder(base):
 def test_recorded_hashes_and_command_replay(base):
     config = art.read_config(str(base["run"]))
     rec = config["provenance"]
-    assert rec["weights_sha256"] == provenance.file_sha256(str(base["run"] / art.WEIGHTS))
+    assert rec["weights_sha256"] == art.file_sha256(str(base["run"] / art.WEIGHTS))
     ds = D.dataset_from_config(config["data"])
     assert rec["data"] == provenance.data_hashes(ds) and len(set(rec["data"].values())) == 3
     assert config["command"][0] == f"train_hypermorph_{PRESET}.py"  # not the caller's (pytest, run_pipeline)
@@ -451,10 +451,10 @@ STAGE_CASES = ["thesis", "the training run", "the data folder", "the working dir
 def test_a_stage_replaces_only_its_own_complete_folder(tmp_path, base, case, monkeypatch):
     """Identification/inference --out: refused before anything is computed (no model loaded), and
     every file under the folder (and beside it) stays byte-identical."""
-    from hypermorph_spatially_adaptive import runio
+    from hypermorph_spatially_adaptive import run_folder
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runio, "load_run", lambda *a, **k: pytest.fail("a model was loaded before --out was checked"))
+    monkeypatch.setattr(run_folder, "load_run", lambda *a, **k: pytest.fail("a model was loaded before --out was checked"))
     main, argv, keep, msg = _stage_case(tmp_path, base, case)
     before, listing = snapshot(keep), sorted(os.listdir(tmp_path))
     with pytest.raises(ValueError, match="refusing to replace it|is an input|contains an input|is a file|symbolic") \

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+from datasets import elasticity as E
 from datasets import phantoms as S
 
 
@@ -49,7 +50,7 @@ def _manufactured_error(n, lengths, lam=3.0, mu=1.0, method="auto"):
     amps = [1.0, -0.7, 0.5][:D]
     u_star, f = _manufactured(shape, lengths, lam, mu, modes, amps)
     spacing = [L / (n - 1) for L in lengths]
-    u = S.solve_navier_cauchy(np.full(shape, lam), np.full(shape, mu), f, spacing=spacing,
+    u = E.solve_navier_cauchy(np.full(shape, lam), np.full(shape, mu), f, spacing=spacing,
                               method=method, rtol=1e-12)
     return np.abs(u - u_star).max() / np.abs(u_star).max()
 
@@ -67,9 +68,9 @@ def _stiff_disk_strain(shape, stiff):
     blob = np.exp(-0.5 * ((g[0] - 0.2) ** 2 + sum(x ** 2 for x in g[1:])) / 0.35 ** 2)
     force[..., 0] = blob
     force[..., -1] = 0.5 * blob
-    u = S.solve_navier_cauchy(lam, mu, force)
+    u = E.solve_navier_cauchy(lam, mu, force)
     inner = ndi.binary_erosion(disk)
-    return S.strain_norm(u)[inner].mean()
+    return E.strain_norm(u)[inner].mean()
 
 
 def _dice(a, b, c):
@@ -112,18 +113,18 @@ def test_assembly_symmetric_energy_spd(shape, spacing):
     D = len(shape)
     lam = rng.uniform(0.5, 60, shape)
     mu = rng.uniform(0.5, 40, shape)
-    A, interior = S.assemble_elasticity(lam, mu, spacing)
+    A, interior = E.assemble_elasticity(lam, mu, spacing)
     assert abs(A - A.T).max() == 0.0
     u = np.zeros(shape + (D,))
     u[interior] = rng.standard_normal((int(interior.sum()), D))
     x = np.concatenate([u[..., j][interior] for j in range(D)])
-    assert np.isclose(0.5 * x @ (A @ x), S.elastic_energy(u, lam, mu, spacing), rtol=1e-12)
+    assert np.isclose(0.5 * x @ (A @ x), E.elastic_energy(u, lam, mu, spacing), rtol=1e-12)
     assert np.linalg.eigvalsh(A.toarray()).min() > 0
     # rigid translation of the interior has only boundary strain: A applied to a constant
     # field in the deep interior vanishes (consistency)
     const = np.concatenate([np.full(int(interior.sum()), 1.0 + j) for j in range(D)])
     lam_c = np.full(shape, 3.0)
-    Ac, _ = S.assemble_elasticity(lam_c, np.ones(shape), spacing)
+    Ac, _ = E.assemble_elasticity(lam_c, np.ones(shape), spacing)
     r = (Ac @ const).reshape((D,) + tuple(n - 2 for n in shape))
     deep = tuple(slice(1, -1) for _ in shape)
     assert np.abs(r[(slice(None),) + deep]).max() < 1e-12
@@ -151,8 +152,8 @@ def test_cg_matches_direct_on_phantom(shape):
     seg, _ = S.make_phantom(shape, rng)
     lam, mu = S.lame_maps(seg)
     f = S.random_body_force(shape, rng, seg=seg)
-    ud, info_d = S.solve_navier_cauchy(lam, mu, f, method="direct", return_info=True)
-    uc, info_c = S.solve_navier_cauchy(lam, mu, f, method="cg", return_info=True)
+    ud, info_d = E.solve_navier_cauchy(lam, mu, f, method="direct", return_info=True)
+    uc, info_c = E.solve_navier_cauchy(lam, mu, f, method="cg", return_info=True)
     assert info_c["method"] == "cg" and info_c["iterations"] > 0
     assert np.abs(uc - ud).max() <= 1e-6 * np.abs(ud).max()
     # Dirichlet border
@@ -170,7 +171,7 @@ def test_stiff_region_deforms_less(shape):
 
 def test_generated_pair_bone_strains_less_than_lung(pair2d, pair3d):
     for p in (pair2d, pair3d):
-        e = S.strain_norm(p["disp"])
+        e = E.strain_norm(p["disp"])
         seg = p["fixed_seg"]
         bone = ndi.binary_erosion(seg == 2) if ndi.binary_erosion(seg == 2).sum() > 20 else seg == 2
         assert e[bone].mean() < 0.5 * e[seg == 1].mean()
@@ -216,7 +217,7 @@ def test_pair_shapes_dtypes_labels(which, request):
     if which == "pair2d":
         target, cap = S.motion_to_max_disp(7, shape, S.DEFAULT_MOTION)
         assert cap == 0.25 and 0.75 * 0.05 * 64 <= target <= 1.25 * 0.05 * 64
-        p95 = np.percentile(S.principal_strain(p["disp"])[p["fixed_seg"] == 1], 95)
+        p95 = np.percentile(E.principal_strain(p["disp"])[p["fixed_seg"] == 1], 95)
         assert p95 <= cap + 1e-4
         # either the peak displacement or the strain cap is reached
         assert abs(mag - target) < 1e-4 or abs(p95 - cap) < 1e-3, (mag, target, p95)
@@ -283,12 +284,12 @@ def test_force_reproduces_disp_and_overrides(pair2d):
     meta = pair2d["meta"]
     lam, mu = S.lame_maps(pair2d["fixed_seg"], pair2d["lame"], body=pair2d["body"],
                           air=meta["lame_air"])
-    u = S.solve_navier_cauchy(lam, mu, pair2d["force"].astype(np.float64),
+    u = E.solve_navier_cauchy(lam, mu, pair2d["force"].astype(np.float64),
                               pad=meta["solve_pad"], pad_lame=meta["lame_air"])
     np.testing.assert_allclose(u, pair2d["disp"], atol=1e-4 * np.abs(pair2d["disp"]).max())
     assert meta["solve_pad"] == int(np.ceil(S.motion_to_max_disp(7, (64, 64), S.DEFAULT_MOTION)[0]))
     # without the padding (wall at the image border) the solution differs: the pad matters
-    u0 = S.solve_navier_cauchy(lam, mu, pair2d["force"].astype(np.float64))
+    u0 = E.solve_navier_cauchy(lam, mu, pair2d["force"].astype(np.float64))
     assert np.abs(u0 - pair2d["disp"]).max() > 0.05 * np.abs(pair2d["disp"]).max()
     q = S.generate_pair(7, (64, 64), lame={2: (6.0, 4.0)}, max_disp=2.0)
     assert q["lame"][2] == (6.0, 4.0) and q["lame"][1] == S.DEFAULT_LAME[1]
@@ -296,7 +297,7 @@ def test_force_reproduces_disp_and_overrides(pair2d):
     np.testing.assert_array_equal(q["fixed"], pair2d["fixed"])  # phantom independent of lame
     # softer "bone": bone strain relative to lung strain goes up
     def rel(p):
-        e = S.strain_norm(p["disp"])
+        e = E.strain_norm(p["disp"])
         return e[p["fixed_seg"] == 2].mean() / e[p["fixed_seg"] == 1].mean()
     assert rel(q) > 2 * rel(pair2d)
 
@@ -309,7 +310,7 @@ def test_inverse_field_and_helpers():
     assert f.shape == (30, 34, 2)
     assert np.isclose(np.linalg.norm(f, axis=-1).max(), 2.0)
     lam, mu = S.lame_maps(seg)
-    u = S.solve_navier_cauchy(lam, mu, f)
+    u = E.solve_navier_cauchy(lam, mu, f)
     u *= 2.0 / np.linalg.norm(u, axis=-1).max()
     v = S.invert_displacement(u)
     grid = np.indices(u.shape[:-1]).astype(float)
@@ -443,7 +444,7 @@ def test_air_outside_body_softer_than_lung_and_unloaded(pair2d):
     torque = (g[0] * f[..., 1] - g[1] * f[..., 0])[body].sum()
     assert abs(torque) < 1e-4 * fmax * body.sum() * seg.shape[0]
     # the body deforms: the air is squeezed/stretched more than the body on average
-    e = S.principal_strain(p["disp"])
+    e = E.principal_strain(p["disp"])
     assert np.percentile(e[~body & (e > 0)], 99) > np.percentile(e[seg == 2], 50)
 
 
@@ -457,10 +458,10 @@ def test_stiffer_tissue_strains_less_in_phantom_with_air():
 
     def liver_strain(mu_liver):
         lam, mu = S.lame_maps(seg, {3: (9.0 * mu_liver, mu_liver)}, body=body)
-        u, info = S.solve_navier_cauchy(lam, mu, f, method="cg", return_info=True,
+        u, info = E.solve_navier_cauchy(lam, mu, f, method="cg", return_info=True,
                                         pad=3, pad_lame=S.DEFAULT_AIR_LAME)
         assert info["iterations"] < 60                 # multigrid PCG still converges fast
-        return S.strain_norm(u)[liver].mean()
+        return E.strain_norm(u)[liver].mean()
 
     soft, stiff = liver_strain(1.0), liver_strain(20.0)
     assert stiff < 0.25 * soft, (stiff, soft)

@@ -1,5 +1,8 @@
 """Per-pair metrics, the paper's Table 1 layout and paired comparisons (paper sec. 3.3; docs/reading_results.md "How to read the comparison").
 
+Also the stiffness-order statistics of an identification on synthetic pairs with known Lamé values
+(:func:`stiffness_order_summary`, recorded by ``parameter_identification.py --objective epe``).
+
 Method names follow the paper, with the additions of docs/reading_results.md "How to read the comparison" and issue-driven rows:
 
 - ``initial``                  no registration
@@ -25,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 import eval_metrics
 
@@ -154,6 +158,17 @@ def _markdown_block(protocol: str, block: Sequence[Dict], head: Sequence[str], c
     return (title + "\n\n" if title else "") + "\n".join(lines) + "\n"
 
 
+def _with_defaults(per_pair: pd.DataFrame, **defaults) -> pd.DataFrame:
+    """A copy of ``per_pair`` with every missing column of ``defaults`` set to its value and a missing
+    protocol (NaN) read as ``''``."""
+    per_pair = per_pair.copy()
+    for column, value in defaults.items():
+        if column not in per_pair:
+            per_pair[column] = value
+    per_pair["protocol"] = per_pair["protocol"].fillna("")
+    return per_pair
+
+
 def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataFrame, str]:
     """Aggregate per-pair metrics into Table 1, one block per protocol.
 
@@ -174,12 +189,7 @@ def table1(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Tuple[pd.DataF
     missing = [c for c in ["method", *metrics] if c not in per_pair]
     if missing:
         raise ValueError(f"per-pair table lacks columns {missing}")
-    per_pair = per_pair.copy()
-    if "protocol" not in per_pair:
-        per_pair["protocol"] = ""
-    per_pair["protocol"] = per_pair["protocol"].fillna("")
-    if "lost_classes" not in per_pair:
-        per_pair["lost_classes"] = 0
+    per_pair = _with_defaults(per_pair, protocol="", lost_classes=0)
     blocks = [(protocol, _aggregate_block(per_pair[(per_pair["protocol"] == protocol)
                                                    | (per_pair["method"] == "initial")],
                                           protocol, metrics, len(class_names)))
@@ -292,12 +302,7 @@ def paired_comparison(per_pair: pd.DataFrame, comparisons: Sequence[Tuple[str, s
     HD95 differences compare the same pair-classes (:func:`difference_table`). Rows without a
     protocol ('': ``initial``, ANTs SyN) join every protocol, rows without a seed every seed.
     """
-    per_pair = per_pair.copy()
-    if "protocol" not in per_pair:
-        per_pair["protocol"] = ""
-    per_pair["protocol"] = per_pair["protocol"].fillna("")
-    if "seed" not in per_pair:
-        per_pair["seed"] = 0
+    per_pair = _with_defaults(per_pair, protocol="", seed=0)
     seeds = sorted(per_pair["seed"].dropna().unique().tolist())
     scopes = [("all", seeds)] + ([(s, [s]) for s in seeds] if per_seed and len(seeds) > 1 else [])
     rows = []
@@ -385,57 +390,41 @@ def check_range(per_pair: pd.DataFrame, class_names: Sequence[str]) -> Optional[
     return None
 
 
-def stiffness_recovery(identified: pd.DataFrame, true_lame: Dict[str, Dict[int, Tuple[float, float]]],
-                       class_names: Sequence[str], level: float = 0.95, n_boot: int = 2000,
-                       seed: int = 0) -> Tuple[pd.DataFrame, pd.DataFrame]:
-    """How well identified per-tissue parameters recover subject-specific true stiffness
-    (synthetic ``--stiffness-spread`` data: ``pair.extras["lame"]``).
+def stiffness_spearman(mu: np.ndarray, true_mu: np.ndarray) -> float:
+    """Spearman rank correlation between identified and true per-class values (NaN if constant)."""
+    if np.ptp(mu) == 0 or np.ptp(true_mu) == 0:
+        return float("nan")
+    return float(spearmanr(mu, true_mu).statistic)
 
-    Args:
-        identified: one row per pair, ``pair_id`` plus ``lambda_<class>``/``mu_<class>`` for the
-            tissue classes (``ParamSpec.names``; values in [0, 1] of any mapping: only ranks count).
-        true_lame: ``{pair_id: {class index: (lambda, mu)}}``, class 1..C = ``class_names``.
-    Returns:
-        ``(across, within)``. ``across``: per tissue and parameter, Spearman rho of identified vs
-        true values over the pairs (does a stiffer subject get a larger value?), with a BCa
-        bootstrap interval over pairs (``scipy.stats.bootstrap``, paired), ``n`` pairs; NaN when
-        the identified or true values are constant. ``within``: per pair and parameter, Spearman
-        rho over the C tissues of identified vs true values (is the tissue order right?); the
-        last rows (``pair_id`` "mean") hold the mean over pairs with a t interval.
+
+def stiffness_order_summary(pairs, h_sa: np.ndarray, class_names: Sequence[str], elastic: bool) -> Dict:
+    """Per pair: Spearman between identified and true per-tissue Lamé values (synthetic data).
+
+    Uses ``pair.extras['lame'] = {class: (lambda, mu)}``; tissue classes 1..C (background
+    excluded; its row ``'*_with_background'`` includes it). Identified values are ``mu_<class>``
+    (elastic) or the diffusion weight ``w_<class>`` compared with the true ``mu``.
     """
-    from scipy import stats
+    C = len(class_names)
+    k = C + 1
+    out: Dict[str, Dict[str, float]] = {}
+    for p, h in zip(pairs, h_sa):
+        lame = {int(c): v for c, v in (p.extras or {}).get("lame", {}).items()}
+        if not all(c in lame for c in range(k)):
+            return {}
+        true_lam = np.array([lame[c][0] for c in range(k)], float)
+        true_mu = np.array([lame[c][1] for c in range(k)], float)
+        ident_mu = h[k:2 * k] if elastic else h[:k]
+        row = {"mu": stiffness_spearman(ident_mu[1:], true_mu[1:]),
+               "mu_with_background": stiffness_spearman(ident_mu, true_mu)}
+        if elastic:
+            row["lambda"] = stiffness_spearman(h[1:k], true_lam[1:])
+        out[p.pair_id] = row
+    return out
 
-    ids = [p for p in identified["pair_id"].astype(str) if p in true_lame]
-    if not ids:
-        raise ValueError("stiffness_recovery: no identified pair has true Lame values")
-    ident = identified.set_index(identified["pair_id"].astype(str)).loc[ids]
-    across, within = [], []
-    for k, param in enumerate(("lambda", "mu")):
-        true = np.array([[true_lame[p][c][k] for c in range(1, len(class_names) + 1)] for p in ids], float)
-        found = ident[[f"{param}_{name}" for name in class_names]].to_numpy(float)
-        for j, name in enumerate(class_names):
-            x, y = found[:, j], true[:, j]
-            row = {"tissue": name, "param": param, "n": len(ids), "spearman": np.nan, "lo": np.nan, "hi": np.nan}
-            if len(ids) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-                row["spearman"] = float(stats.spearmanr(x, y).statistic)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # degenerate resamples (constant x) give NaN statistics
-                    res = stats.bootstrap((x, y), lambda a, b: stats.spearmanr(a, b).statistic, paired=True,
-                                          vectorized=False, confidence_level=level, n_resamples=n_boot,
-                                          method="BCa", random_state=np.random.default_rng(seed))
-                row["lo"], row["hi"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
-            across.append(row)
-        rhos = []
-        for i, p in enumerate(ids):
-            ok = np.ptp(found[i]) > 0 and np.ptp(true[i]) > 0
-            rho = float(stats.spearmanr(found[i], true[i]).statistic) if ok else np.nan
-            rhos.append(rho)
-            within.append({"pair_id": p, "param": param, "spearman": rho, "lo": np.nan, "hi": np.nan})
-        r = np.array([v for v in rhos if np.isfinite(v)])
-        mean = {"pair_id": "mean", "param": param, "spearman": float(r.mean()) if r.size else np.nan,
-                "lo": np.nan, "hi": np.nan}
-        if r.size >= 2:
-            half = stats.t.ppf(0.5 + level / 2, r.size - 1) * r.std(ddof=1) / np.sqrt(r.size)
-            mean["lo"], mean["hi"] = max(-1.0, mean["spearman"] - half), min(1.0, mean["spearman"] + half)
-        within.append(mean)
-    return pd.DataFrame(across), pd.DataFrame(within)
+
+def summarize_spearman(values: Sequence[float]) -> Dict[str, float]:
+    v = np.asarray([x for x in values if np.isfinite(x)], float)
+    if v.size == 0:
+        return {"n": 0}
+    return {"n": int(v.size), "mean": round(float(v.mean()), 3), "median": round(float(np.median(v)), 3),
+            "min": round(float(v.min()), 3), "fraction_perfect": round(float(np.mean(v > 0.999)), 3)}

@@ -37,6 +37,7 @@ import pandas as pd
 import eval_metrics
 
 from .artifacts import G_MEAN_DICE, PAIR_ID, global_columns, sa_columns
+from .forward import auto_batch_size
 
 
 def make_grid(regularizer: str, values: Sequence[float]) -> np.ndarray:
@@ -61,11 +62,9 @@ def grid_bytes(regularizer: str, n_values: int, image_shape: Sequence[int],
                batch_size: Optional[int] = None) -> int:
     """Bytes of fields :func:`grid_dice` holds at once for one pair: the displacement
     ``[*spatial, D]`` and warped image ``[*spatial, 1]`` (float32) of one chunk of grid points
-    (``batch_size``, or :func:`.registration.auto_batch_size` when None: about 2^18 voxels; at most
+    (``batch_size``, or :func:`.forward.auto_batch_size` when None: about 2^18 voxels; at most
     the whole grid: elastic ``n_values^2`` points, diffusion ``n_values``). Chunks are reduced to
     Dice one at a time, so the grid's size does not enter beyond its first chunk."""
-    from .registration import auto_batch_size
-
     points = int(n_values) ** (2 if regularizer == "elastic" else 1)
     held = min(points, int(batch_size) if batch_size else auto_batch_size(image_shape, points))
     voxels = int(np.prod([int(s) for s in image_shape]))
@@ -100,7 +99,7 @@ def grid_dice(registrar, pair, grid: np.ndarray, class_names: Sequence[str], wit
 
     ``grid`` is ``[G, P]`` with P = 2 (elastic) or 1 (diffusion), the global model's input.
     The grid runs chunk by chunk (``registrar.chunks``; chunk size ``registrar.batch_size`` or
-    :func:`.registration.auto_batch_size` of the image), each chunk's fields reduced to Dice
+    :func:`.forward.auto_batch_size` of the image), each chunk's fields reduced to Dice
     before the next, so memory holds one chunk of displacements, not G (3D).
     With ``with_tre`` (pairs with keypoints) a column ``tre`` holds the mean keypoint TRE in mm.
     """
