@@ -46,6 +46,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eval_metrics  # noqa: E402
 from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402
+from hypermorph_spatially_adaptive import run_folder, trainer  # noqa: E402
+from hypermorph_spatially_adaptive.forward import Registrar  # noqa: E402
+from hypermorph_spatially_adaptive.grid_identification import grid_values, make_grid  # noqa: E402
 
 CSV = "budget.csv"
 #: the study's data (benchmarks/study.py: --motion stress, 200 pairs = 140/30/30 at 64 x 64)
@@ -108,8 +111,6 @@ def trained_steps(folder: str) -> int:
 
 def train_to(preset: str, lr: str, rung: int, folder: str, args: argparse.Namespace) -> float:
     """Train (or resume) the run in ``folder`` up to ``rung`` steps; returns the wall seconds."""
-    from hypermorph_spatially_adaptive import trainer
-
     argv = shlex.split(args.train_args) + [
         "--steps", str(rung), "--lr", lr, "--seed", str(args.seed), "--batch-size", str(args.batch_size),
         "--val-every", str(args.val_every), "--log-every", str(args.val_every),
@@ -156,11 +157,7 @@ def _sweep(reg, pairs, start: np.ndarray, grid: np.ndarray, k: int, num_classes:
 def score_run(folder: str, split: str, max_pairs: int, grid_steps: int) -> Dict[str, float]:
     """The network of ``folder`` on the first ``max_pairs`` pairs of ``split``: dense EPE (mm) and mean
     Dice under the global (and, for SA models, tissue) selections of the module docstring."""
-    from hypermorph_spatially_adaptive import runio
-    from hypermorph_spatially_adaptive.identification import grid_values, make_grid
-    from hypermorph_spatially_adaptive.registration import Registrar
-
-    model, config = runio.load_run(folder)
+    model, config = run_folder.load_run(folder)
     if config["model"]["regularizer"] != "elastic":
         raise SystemExit(f"error: {folder}: the budget scores elastic runs (lambda, mu grid)")
     data = art.load_dataset(config)

@@ -45,6 +45,7 @@ import numpy as np
 
 import datasets
 from datasets.atomic import atomic_write
+from datasets.learn2reg import normalize_ct
 from datasets.nifti import minmax_scale, read_nifti
 
 from . import pair_geometry as geo
@@ -217,8 +218,6 @@ def intensity_normalizer(data_config: Mapping):
     if name == "synthetic":
         return lambda img, what=None: np.clip(img, 0.0, 1.0).astype(np.float32)
     if name in ("nlst", "l2r-lung"):
-        from datasets.learn2reg import normalize_ct
-
         cls = datasets.dataset_class(name)
         body = bool(cls.has_body_mask and data_config.get("body_mask") is not False)  # as dataset_from_config
         return lambda img, what="an input image": normalize_ct(np.asarray(img, np.float64), cls.hu_window, body, what)
