@@ -31,6 +31,7 @@ from hypermorph_spatially_adaptive.cli import add_refine_args, arg_argv, arg_flo
 from hypermorph_spatially_adaptive.configs import RefineConfig
 from hypermorph_spatially_adaptive.timing import StageTimer
 
+REGULARIZERS = ("elastic", "diffusion")
 PRESETS = ["elastic_global", "elastic_sa", "diffusion_global", "diffusion_sa"]
 QUICK = {"image_size": [32, 32], "num_pairs": 12, "steps": 30, "grid_steps": 3, "refine": 5, "gradient_steps": 3,
          "arch": ["--enc-features", "8", "16", "16", "16", "--dec-features", "16", "16", "16", "16", "16", "8", "8",
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "TensorFlow threads; 0: one per core (1 with --quick). Same weights whatever the value "
                         "(op determinism). On 2 cores the gain is small (1.15x steps per second measured); more cores "
                         "gain more (each model keeps its own)")
+    g.add_argument("--regularizers", nargs="+", choices=list(REGULARIZERS), default=list(REGULARIZERS),
+                   help="regularizers whose models are trained, identified and registered (Table 1 has only their "
+                        "rows); 'elastic' alone halves the cost of a study of the paper's claim")
     g.add_argument("--grid-steps", type=arg_int(2), default=11, help="identification grid values per axis")
     g.add_argument("--seed", type=arg_int(0), default=0, help="training seed (all four models)")
     g.add_argument("--refine", type=arg_int(0), default=100,
@@ -228,7 +232,7 @@ def _identification_plan(args, runs: dict) -> tuple:
     """Stage 2's calls of ``parameter_identification.py``: ``(ident, calls)`` with ``ident[reg]``
     the identification folders inference reads and ``calls`` a list of ``(name, argv, weight)``."""
     ident, calls = {}, []
-    for reg in ("elastic", "diffusion"):
+    for reg in args.regularizers:
         ident[reg] = []
         for protocol in ("oracle", "population"):
             ident[reg].append(os.path.join(args.out, art.IDENTIFICATION_DIRS[protocol], reg))
@@ -327,26 +331,26 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     _apply_quick_and_cache(args)
 
     timer = StageTimer()
-    names = PRESETS + ([f"{r}_sa_csain" for r in ("elastic", "diffusion")] if args.csain else [])
+    regs = [r for r in REGULARIZERS if r in args.regularizers]  # a fixed order whatever the command's
+    names = [p for p in PRESETS if p.split("_")[0] in regs] + ([f"{r}_sa_csain" for r in regs] if args.csain else [])
     runs = {p: os.path.join(args.out, "runs", p) for p in names}
     preset_argv = _preset_argv(args, runs)
     with timer.stage("check data and options"):
         _check_inputs(args, preset_argv)
     _train_all(args, preset_argv, runs, timer)
     with timer.stage("training curves figure"):
-        _plot_training_curves({p: runs[p] for p in PRESETS}, os.path.join(args.out, "training_curves.png"))
+        _plot_training_curves({p: runs[p] for p in PRESETS if p in runs}, os.path.join(args.out, "training_curves.png"))
     ident = _identify_all(args, runs, timer)
 
     print("== stage 3/3: registration with the identified parameters, Table 1, figures", flush=True)
     results = os.path.join(args.out, "results")
 
-    sa = {reg: [runs[p] for p in (f"{reg}_sa", f"{reg}_sa_csain") if p in runs] for reg in ("elastic", "diffusion")}
+    groups = [a for r in regs for a in (f"--{r}-sa", *[runs[p] for p in (f"{r}_sa", f"{r}_sa_csain") if p in runs],
+                                         f"--{r}-ident", *ident[r])]
     with timer.stage("inference: register, refine, Table 1, figures"):
         inference.main(["--out", results, "--panels", str(args.panels), "--refine", str(args.refine),
                         *RefineConfig.from_args(args).argv(), *(["--zero-io"] if args.zero_io else []),
-                        *_profile_argv(args),
-                        "--elastic-sa", *sa["elastic"], "--elastic-ident", *ident["elastic"],
-                        "--diffusion-sa", *sa["diffusion"], "--diffusion-ident", *ident["diffusion"]])
+                        *_profile_argv(args), *groups])
     # in --out, not in results/: inference's folder holds only what inference wrote (its completion marker)
     timer.write_csv(os.path.join(args.out, art.STAGE_TIMES))
     minutes = timer.total() / 60

@@ -276,3 +276,23 @@ def test_population_protocol_reads_no_test_fixed_label(quick_run, tmp_path, monk
     changed = sorted(k for k in leak if leak[k] != clean[k])
     assert changed and all("elas-sas+io" in k for k in changed)
     assert len(changed) == len([k for k in leak if "elas-sas+io" in k])
+
+
+def test_regularizers_option_plans_only_those_models(tmp_path):
+    """``--regularizers elastic``: only the elastic presets are trained and only their identifications
+    planned; the default keeps all four (and the order of the demo's commands)."""
+    import run_pipeline
+
+    def plan(extra):
+        args = run_pipeline.build_parser().parse_args(["--out", str(tmp_path), "--csain", "--gradient-population",
+                                                       *extra])
+        runs = {p: str(tmp_path / p) for p in run_pipeline.PRESETS + ["elastic_sa_csain", "diffusion_sa_csain"]}
+        ident, calls = run_pipeline._identification_plan(args, runs)
+        return args, ident, [name for name, _, _ in calls]
+
+    args, ident, calls = plan(["--regularizers", "elastic"])
+    assert args.regularizers == ["elastic"] and list(ident) == ["elastic"]
+    assert calls and all("elastic" in c for c in calls) and not any("diffusion" in c for c in calls)
+    _, ident_all, calls_all = plan([])
+    assert list(ident_all) == ["elastic", "diffusion"] and calls_all[:len(calls)] == calls
+    assert len(calls_all) == 2 * len(calls)
