@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs/demo", help="folder for runs, identification and results")
     g.add_argument("--steps", type=arg_int(1), default=3000,
                    help="training steps per model (at lr 1e-4 the demo's validation NCC is within 0.01 of its "
-                        "plateau by 2750-3000 steps; docs/experiments.md 'Training budget')")
+                        "plateau by 2750-3000 steps, docs/experiments.md 'Training budget'; the study's stress data "
+                        "needs >= 6000: its networks leave a plateau between 3000 and 6000 steps, docs/budget.md)")
     g.add_argument("--lr", type=arg_float(0.0), default=1e-4,
                    help="Adam learning rate of the four trainings. 1e-3 plateaus sooner in validation NCC but its "
                         "networks learn to ignore their hyperparameters (docs/experiments.md 'Training budget')")
