@@ -224,12 +224,12 @@ def write_report(df: pd.DataFrame, out: str, references: Sequence[str]) -> None:
         for col, (ls, label) in styles.items():
             if col in g and g[col].notna().any():
                 ax.plot(g["step"], g[col], ls, marker="o", color=f"C{i}", label=f"{run}: {label}")
-    for j, spec in enumerate(references):
-        label, _, value = spec.rpartition("=")
-        ax.axhline(float(value), color="0.4", lw=0.8, ls=(0, (1, 2 + j)))
-        ax.annotate(label, (ax.get_xlim()[0], float(value)), fontsize=7, va="bottom", color="0.3")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("training steps (batch size x steps = samples seen)")
+    for spec in references:
+        label, _, value = spec.rpartition("=")
+        ax.axhline(float(value), color="0.5", lw=0.8, ls=":")
+        ax.text(0.01, float(value), label, transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", color="0.3")
+    ax.set_xlabel("training steps")
     ax.set_ylabel("network dense EPE, mm (inputs chosen with the true field)")
     ax.set_title(f"network dense EPE vs training budget ({int(df['pairs'].iloc[0])} pairs)", fontsize=10)
     ax.legend(fontsize=7)
