@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=arg_float(0.0), default=1e-4,
                    help="Adam learning rate of the four trainings. 1e-3 plateaus sooner in validation NCC but its "
                         "networks learn to ignore their hyperparameters (docs/experiments.md 'Training budget')")
-    for reg in ("elastic", "diffusion"):
+    for reg in REGULARIZERS:
         g.add_argument(f"--{reg}-energy-scale", type=arg_float(0.0), default=1.0, metavar="K",
                        help=f"factor K on the energy in the loss of the two {reg} models (1 = paper text, eq. 1); "
                             f"refinement uses the same K. benchmarks/calibrate_energy.py proposes K for a dataset "

@@ -142,16 +142,18 @@ def _global_hyp(grid: np.ndarray, sa: bool, k: int) -> np.ndarray:
     return np.concatenate([np.repeat(grid[:, :1], k, axis=1), np.repeat(grid[:, 1:], k, axis=1)], axis=1).astype(np.float32)
 
 
-def _sweep(reg, pairs, start: np.ndarray, grid: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+def _sweep(reg, pairs, start: np.ndarray, grid: np.ndarray, k: int, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     """One coordinate-descent sweep over the classes of an SA elastic input, minimizing the mean
-    dense EPE over ``pairs``; ``start [P]``; returns the final input ``[P]``."""
-    cur = start.astype(np.float32).copy()
+    dense EPE over ``pairs``; ``start [P]``. Returns the final input ``[P]`` and its scores
+    ``[N pairs, 2]`` (EPE, Dice; as :func:`_score`), so the choice is not registered again."""
+    cur, best = start.astype(np.float32).copy(), None
     for c in range(k):
         cand = np.repeat(cur[None], len(grid), axis=0)
         cand[:, c], cand[:, k + c] = grid[:, 0], grid[:, 1]
-        epe = _score(reg, pairs, cand, num_classes)[:, :, 0].mean(axis=0)
-        cur = cand[int(np.argmin(epe))]
-    return cur
+        scores = _score(reg, pairs, cand, num_classes)
+        j = int(np.argmin(scores[:, :, 0].mean(axis=0)))
+        cur, best = cand[j], scores[:, j]
+    return cur, best
 
 
 def score_run(folder: str, split: str, max_pairs: int, grid_steps: int) -> Dict[str, float]:
@@ -181,10 +183,8 @@ def score_run(folder: str, split: str, max_pairs: int, grid_steps: int) -> Dict[
            "global_pair_epe": float(glob[n, per, 0].mean()), "global_pair_dice": float(glob[n, per, 1].mean())}
     if sa:
         hyp_g = _global_hyp(grid, True, k)
-        best_one = _sweep(reg, pairs, hyp_g[one], grid, k, C)
-        s_one = _score(reg, pairs, best_one[None], C)[:, 0]
-        s_pair = np.stack([_score(reg, [p], _sweep(reg, [p], hyp_g[per[i]], grid, k, C)[None], C)[0, 0]
-                           for i, p in enumerate(pairs)])
+        best_one, s_one = _sweep(reg, pairs, hyp_g[one], grid, k, C)
+        s_pair = np.concatenate([_sweep(reg, [p], hyp_g[per[i]], grid, k, C)[1] for i, p in enumerate(pairs)])
         row.update({"tissue_one_epe": float(s_one[:, 0].mean()), "tissue_one_dice": float(s_one[:, 1].mean()),
                     "tissue_pair_epe": float(s_pair[:, 0].mean()), "tissue_pair_dice": float(s_pair[:, 1].mean()),
                     "tissue_one_hyp": " ".join(f"{v:g}" for v in best_one)})

@@ -53,10 +53,12 @@ def test_sweep_finds_each_tissues_true_inputs():
     pair, reg = _pair(), FieldOfInputs()
     glob = bench_budget._score(reg, [pair], bench_budget._global_hyp(grid, True, K), 2)[0, :, 0]
     assert glob.min() > 0.1
-    best = bench_budget._sweep(reg, [pair], bench_budget._global_hyp(grid, True, K)[int(np.argmin(glob))], grid, K, 2)
+    best, scores = bench_budget._sweep(reg, [pair], bench_budget._global_hyp(grid, True, K)[int(np.argmin(glob))],
+                                       grid, K, 2)
     for c, (lam, mu) in TRUE.items():
         assert best[c] == pytest.approx(lam) and best[K + c] == pytest.approx(mu)
     assert bench_budget._score(reg, [pair], best[None], 2)[0, 0, 0] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(scores, bench_budget._score(reg, [pair], best[None], 2)[:, 0])  # the returned scores
 
 
 @pytest.mark.parametrize("argv, match", [(["--rungs", "300", "200"], "increasing"),
