@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pairs", type=int, default=200, help="synthetic pairs (70/15/15 split: 200 -> 30 test)")
     p.add_argument("--steps", type=int, default=3000, help="training steps per model")
     p.add_argument("--refine", type=int, default=100, help="refinement steps of the +io rows")
+    p.add_argument("--stiffness-spread", type=float, default=None,
+                   help="synthetic subject-specific stiffness (run_pipeline.py --stiffness-spread): every pair's tissue "
+                        "Lame values drawn around the phantom's (log-normal sigma); the units and the ANTs rows use "
+                        "the same data, and stiffness.csv scores identification against each pair's own values")
+    p.add_argument("--no-csain", action="store_true",
+                   help="skip the CSAIN models (run_pipeline.py --csain): the -sas vs -g study at a third less cost")
     p.add_argument("--pipeline-args", default="", help="extra options for every run_pipeline.py call")
     p.add_argument("--no-syn", action="store_true", help="skip ANTs SyN even if antspyx is installed")
     p.add_argument("--refresh", action="store_true",
@@ -114,24 +120,48 @@ def build_parser() -> argparse.ArgumentParser:
 def _pipeline_argv(args, setting: str, seed: int, out: str) -> List[str]:
     """run_pipeline.py's command line of the unit ``setting`` (a :func:`unit_setting` name)."""
     base, profile = split_setting(setting)
-    argv = ["--out", out, "--seed", str(seed), "--csain", "--zero-io", "--gradient-population", *SETTINGS[base],
-            "--cache-dir", os.path.join(".cache", "synthetic")]
+    argv = ["--out", out, "--seed", str(seed), *([] if args.no_csain else ["--csain"]), "--zero-io",
+            "--gradient-population", *SETTINGS[base], "--cache-dir", os.path.join(".cache", "synthetic")]
     if profile != "paper":  # paper units keep their recorded command
         argv += ["--profile", profile]
+    if args.stiffness_spread:
+        argv += ["--stiffness-spread", repr(args.stiffness_spread)]
     if args.quick:
         return argv + QUICK_ARGS + shlex.split(args.pipeline_args)
     return argv + ["--motion", args.motion, "--num-pairs", str(args.num_pairs), "--steps", str(args.steps),
                    "--refine", str(args.refine), "--panels", "1"] + shlex.split(args.pipeline_args)
 
 
+def _without_out(argv: Sequence[str]) -> List[str]:
+    """A run_pipeline.py command line without its ``--out`` value (units move between folders)."""
+    argv = list(argv)
+    if "--out" in argv:
+        i = argv.index("--out")
+        del argv[i:i + 2]
+    return argv
+
+
+def check_unit_command(done_json: str, argv: Sequence[str]) -> None:
+    """Refuse a finished or recorded unit whose run_pipeline.py command (``--out`` aside) is not the
+    one this study would run: e.g. a 3000-step unit in a study of 8000 steps, or other data.
+    Raises ValueError naming the file and the first differing options."""
+    with open(done_json) as f:
+        recorded = json.load(f).get("argv", [])
+    if _without_out(recorded) != _without_out(argv):
+        old, new = " ".join(_without_out(recorded)), " ".join(_without_out(argv))
+        raise ValueError(f"{done_json} was made by another command than this study's:\n  recorded: {old}\n"
+                         f"  this study: {new}\nuse another --out and --record for a study with other options")
+
+
 def _run_unit(args, setting: str, seed: int) -> Dict:
     """One (setting, seed): run_pipeline.py in a subprocess (its own TensorFlow state), then DONE.json."""
     out = os.path.join(args.out, setting, f"seed{seed}")
     done = os.path.join(out, "DONE.json")
+    argv = _pipeline_argv(args, setting, seed, out)
     if os.path.isfile(done) and not args.refresh:
+        check_unit_command(done, argv)
         with open(done) as f:
             return json.load(f)
-    argv = _pipeline_argv(args, setting, seed, out)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(out, "pipeline.log"), "a") as log:
@@ -252,6 +282,8 @@ def _run_syn(args) -> Optional[str]:
         return table
     data = (["--image-size", "32", "32", "--num-pairs", "24"] if args.quick
             else ["--motion", args.motion, "--num-pairs", str(args.num_pairs)])
+    if args.stiffness_spread:
+        data += ["--stiffness-spread", repr(args.stiffness_spread)]
     here = os.path.dirname(os.path.abspath(__file__))
     rc = subprocess.call([sys.executable, os.path.join(here, "bench_peer.py"), *data, "--cache-dir",
                           os.path.join(".cache", "synthetic"), "--threads", "1", "--transform", *PEER_TRANSFORMS,
@@ -376,6 +408,9 @@ def run_units(args) -> List[Dict]:
         unit = os.path.join(setting, f"seed{seed}")
         unit_dir = os.path.join(args.out, unit)
         recorded = bool(args.record) and os.path.isfile(os.path.join(args.record, unit, "DONE.json"))
+        if recorded:
+            check_unit_command(os.path.join(args.record, unit, "DONE.json"),
+                               _pipeline_argv(args, setting, seed, unit_dir))
         if recorded and not os.path.isfile(os.path.join(unit_dir, "DONE.json")):
             study_record.restore_unit(args.out, args.record, unit)
             print(f"[study] {unit}: restored from the record {args.record} (not re-run)", flush=True)

@@ -1,4 +1,5 @@
 """benchmarks/study.py's tables and figure on a made-up study (no training)."""
+import json
 import os
 import sys
 
@@ -69,3 +70,17 @@ def test_grid_response_spread_and_interior(tmp_path):
     r = study.grid_response(str(tmp_path)).set_index("regularizer").loc["elastic"]
     assert r["grid_spread_mean"] == pytest.approx(0.05)  # pair a: 0, pair b: 0.1
     assert r["interior_fraction"] == pytest.approx(0.5)   # b sits on lambda = 1
+
+
+def test_a_unit_made_by_another_command_is_refused_and_the_data_options_reach_units_and_peer(tmp_path):
+    """A recorded 3000-step unit must not be collected into an 8000-step study; --stiffness-spread and
+    --no-csain change the unit's command (so the guard sees them)."""
+    base = study.build_parser().parse_args([])
+    done = tmp_path / "DONE.json"
+    done.write_text(json.dumps({"argv": study._pipeline_argv(base, "paper", 0, "elsewhere")}))
+    study.check_unit_command(str(done), study._pipeline_argv(base, "paper", 0, "here"))  # --out aside: same
+    longer = study.build_parser().parse_args(["--steps", "8000", "--stiffness-spread", "0.5", "--no-csain"])
+    argv = study._pipeline_argv(longer, "paper", 0, "here")
+    assert "--csain" not in argv and argv[argv.index("--stiffness-spread") + 1] == "0.5"
+    with pytest.raises(ValueError, match="--steps 3000.*\n.*--steps 8000"):
+        study.check_unit_command(str(done), argv)
