@@ -30,11 +30,15 @@ def _quick_argv(out, *extra) -> list:
             "--train-args", QUICK_TRAIN_ARGS, *extra]
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Work units of ``pytest -n`` (pytest-xdist, ``--dist loadgroup`` in pytest.ini): every test that
     reads :func:`quick_run` in one group, so the session's quick pipeline is made once; every other
     test grouped with its file, so a module-scoped fixture is made once. Without xdist the marks
-    do nothing."""
+    do nothing. ``tryfirst``: xdist's worker reads the marks in its own hook of this name, which
+    otherwise runs before this one; and pytest 9.2 no longer lets xdist 3.8 tag the test ids
+    (pytest-xdist issue 1386), hence pytest 9.1.1 in requirements.txt
+    (test_architecture.py::test_xdist_groups_reach_the_scheduler)."""
     for item in items:
         group = "quick_run" if "quick_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
