@@ -19,7 +19,10 @@ same test pairs when antspyx is installed (``make bench-setup``). Then it writes
 - ``grid_response.csv``: per unit and regularizer, the grid's mean-Dice spread and the fraction
   of -g choices inside the box (does the hyperparameter matter?);
 - ``stiffness.csv``: Spearman of the elastic SA model's identified per-tissue values against the
-  phantom's Lame values (Dice and EPE-oracle gradient identification);
+  pair's true Lame values, over the tissues of each pair (Dice and EPE-oracle gradient identification);
+- ``stiffness_across.csv`` (with ``--stiffness-spread``: every pair has its own tissue stiffness):
+  per unit, objective, tissue and parameter, Spearman of identified vs true values across the
+  test pairs with a BCa interval over pairs (does a stiffer subject get a larger value?);
 - ``study_forest_mean_dice.png``, ``study_forest_percent_neg_jac.png``: the comparisons as forest
   plots, pooled and per seed.
 
@@ -43,7 +46,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -196,28 +199,54 @@ def _identify_epe(args, unit_dir: str) -> str:
     return out
 
 
-def stiffness_recovery(unit_dir: str, class_names: Sequence[str], true_lame: Dict[str, Sequence[float]]):
+def _identified_elastic(unit_dir: str):
+    """``(objective, identified_parameters.csv as a DataFrame)`` of the elastic SA model's gradient
+    identifications of a unit: objective ``dice`` and, when present, ``epe`` (the synthetic truth)."""
+    import pandas as pd
+
+    gradient = art.IDENTIFICATION_DIRS["gradient"]
+    for objective, sub in (("dice", gradient), ("epe", gradient + "_epe")):
+        path = os.path.join(unit_dir, sub, "elastic", art.IDENTIFIED_PARAMETERS)
+        if os.path.isfile(path):
+            yield objective, pd.read_csv(path, dtype={"pair_id": str})
+
+
+def stiffness_recovery(unit_dir: str, class_names: Sequence[str], true_lame: Callable[[str], Dict[int, Sequence[float]]]):
     """Per pair and objective (dice, epe): Spearman correlation over the tissue classes between
-    the identified per-class (lambda, mu) of the elastic SA model and the phantom's true values."""
+    the identified per-class (lambda, mu) of the elastic SA model and the pair's true values
+    (``true_lame(pair_id)``: ``{class index: (lambda, mu)}``, class 1..C = ``class_names``; the
+    phantom's one table, or the pair's own with ``--stiffness-spread``)."""
     import pandas as pd
     from scipy.stats import spearmanr
 
     rows = []
-    gradient = art.IDENTIFICATION_DIRS["gradient"]
-    for objective, sub in (("dice", gradient), ("epe", gradient + "_epe")):
-        path = os.path.join(unit_dir, sub, "elastic", art.IDENTIFIED_PARAMETERS)
-        if not os.path.isfile(path):
-            continue
-        df = pd.read_csv(path, dtype={"pair_id": str})
+    for objective, df in _identified_elastic(unit_dir):
         for _, r in df.iterrows():
+            truth_of_pair = true_lame(r["pair_id"])
             row = {"pair_id": r["pair_id"], "objective": objective}
             for j, field in enumerate(("lambda", "mu")):
                 ident = np.array([r[f"{field}_{c}"] for c in class_names], float)
-                truth = np.array([true_lame[c][j] for c in class_names], float)
+                truth = np.array([truth_of_pair[k][j] for k in range(1, len(class_names) + 1)], float)
                 row[f"spearman_{field}"] = float(spearmanr(ident, truth).statistic)
                 row.update({f"{field}_{c}": float(r[f"{field}_{c}"]) for c in class_names})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def stiffness_across_pairs(unit_dir: str, class_names: Sequence[str],
+                           true_lame: Callable[[str], Dict[int, Sequence[float]]], n_boot: int = 2000):
+    """Subject-specific recovery (``--stiffness-spread`` data): per objective, tissue and parameter,
+    Spearman rho over the unit's test pairs of identified vs true values (does a stiffer subject
+    get a larger value?) with a BCa interval over pairs (benchmarks/stiffness_recovery.py)."""
+    import pandas as pd
+    from stiffness_recovery import stiffness_recovery as recovery
+
+    frames = []
+    for objective, df in _identified_elastic(unit_dir):
+        truth = {p: true_lame(p) for p in df["pair_id"]}
+        across, _ = recovery(df, truth, class_names, n_boot=n_boot)
+        frames.append(across.assign(objective=objective))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def grid_response(unit_dir: str):
@@ -242,11 +271,17 @@ def grid_response(unit_dir: str):
     return pd.DataFrame(rows)
 
 
-def _true_lame() -> Dict[str, Sequence[float]]:
-    """The synthetic phantoms' Lame parameters (lambda, mu) per tissue class name."""
-    from datasets.phantoms import CLASS_NAMES, DEFAULT_LAME
+def true_lame_of(args) -> Callable[[str], Dict[int, Sequence[float]]]:
+    """``pair_id -> {class index: (lambda, mu)}`` of the study's data: the phantom's one table, or
+    with ``--stiffness-spread`` each pair's own (the generator's ``subject_lame``; no pair is loaded)."""
+    from datasets.phantoms import DEFAULT_LAME
+    from datasets.synthetic import SyntheticDataset, subject_lame
 
-    return {name: DEFAULT_LAME[c] for c, name in enumerate(CLASS_NAMES, 1)}
+    if not args.stiffness_spread:
+        return lambda pair_id: DEFAULT_LAME
+    data = SyntheticDataset(num_pairs=args.num_pairs, motion=args.motion, stiffness_spread=args.stiffness_spread,
+                            cache_dir=os.path.join(".cache", "synthetic"))
+    return lambda pair_id: subject_lame(data.seed_of(pair_id), args.stiffness_spread, DEFAULT_LAME)
 
 
 def _git_head() -> Optional[str]:
@@ -458,12 +493,21 @@ def write_response_and_stiffness(args, units: Sequence[Dict]) -> None:
     print("[study] grid response of the global models (mean over seeds):\n"
           + response.groupby(["setting", "regularizer"])[["grid_spread_mean", "interior_fraction"]].mean()
           .round(3).to_string(), flush=True)
-    stiff = pd.concat([stiffness_recovery(d, CLASS_NAMES, _true_lame()).assign(setting=u["setting"], seed=u["seed"])
+    truth = true_lame_of(args)
+    stiff = pd.concat([stiffness_recovery(d, CLASS_NAMES, truth).assign(setting=u["setting"], seed=u["seed"])
                        for u, d in dirs], ignore_index=True)
     atomic_write(os.path.join(args.out, "stiffness.csv"), stiff)
     summary = stiff.groupby(["setting", "objective"])[["spearman_mu", "spearman_lambda"]].agg(["mean", "count"])
     print("[study] stiffness order recovered by the elastic SA model (Spearman over lung/bone/liver vs the "
           "phantom's Lame values, mean over seeds x pairs):\n" + summary.round(3).to_string(), flush=True)
+    if args.stiffness_spread:
+        across = pd.concat([stiffness_across_pairs(d, CLASS_NAMES, truth, n_boot=args.bootstrap)
+                            .assign(setting=u["setting"], seed=u["seed"]) for u, d in dirs], ignore_index=True)
+        atomic_write(os.path.join(args.out, "stiffness_across.csv"), across)
+        print("[study] subject-specific stiffness recovered across pairs (Spearman of identified vs each pair's "
+              "true values per tissue; mean over seeds, per-seed values in stiffness_across.csv):\n"
+              + across.groupby(["setting", "objective", "param", "tissue"])["spearman"].agg(["mean", "min", "max"])
+              .round(3).to_string(), flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:

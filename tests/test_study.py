@@ -84,3 +84,28 @@ def test_a_unit_made_by_another_command_is_refused_and_the_data_options_reach_un
     assert "--csain" not in argv and argv[argv.index("--stiffness-spread") + 1] == "0.5"
     with pytest.raises(ValueError, match="--steps 3000.*\n.*--steps 8000"):
         study.check_unit_command(str(done), argv)
+
+
+def test_stiffness_scores_each_pair_against_its_own_values_with_spread(tmp_path):
+    """With --stiffness-spread the truth is each pair's own (the generator's subject_lame): an
+    identification that follows it has rank 1 within and across pairs; against the shared table the
+    across-pair ranks are undefined (one value per tissue)."""
+    from datasets.phantoms import CLASS_NAMES
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    args = study.build_parser().parse_args(["--stiffness-spread", "0.5"])
+    truth = study.true_lame_of(args)
+    ids = [f"synthetic_{i:04d}" for i in range(170, 180)]
+    assert truth(ids[0]) != truth(ids[1])
+    folder = tmp_path / art.IDENTIFICATION_DIRS["gradient"] / "elastic"
+    folder.mkdir(parents=True)
+    rows = [{"pair_id": p, **{f"{f}_{n}": np.log(truth(p)[c][k]) for c, n in enumerate(CLASS_NAMES, 1)
+                              for k, f in enumerate(("lambda", "mu"))}} for p in ids]
+    pd.DataFrame(rows).to_csv(folder / art.IDENTIFIED_PARAMETERS, index=False)
+    within = study.stiffness_recovery(str(tmp_path), CLASS_NAMES, truth)
+    assert len(within) == 10 and np.allclose(within[["spearman_lambda", "spearman_mu"]], 1.0)
+    across = study.stiffness_across_pairs(str(tmp_path), CLASS_NAMES, truth, n_boot=50)
+    assert len(across) == 6 and np.allclose(across["spearman"], 1.0) and (across["n"] == 10).all()
+    shared = study.true_lame_of(study.build_parser().parse_args([]))
+    assert shared(ids[0]) == shared(ids[1])
+    assert study.stiffness_across_pairs(str(tmp_path), CLASS_NAMES, shared, n_boot=50)["spearman"].isna().all()
