@@ -117,3 +117,32 @@ def test_profile_cross_rows_and_the_preset_join_the_family_per_metric():
 def test_missing_input_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="study_comparisons.csv"):
         study_report.main(["--study", str(tmp_path)])
+
+
+def test_oracle_gain_sits_beside_the_models_sas_minus_g_in_dense_epe():
+    """The oracle's tissue - global difference per selection (t interval over pairs, by hand) and
+    the family's pooled -sas - g rows of the same metric in one table."""
+    oracle = pd.DataFrame({"selection": ["per pair"] * 3, "pair_id": ["a", "b", "c"],
+                           "epe_global": [0.3, 0.4, 0.5], "epe_tissue": [0.2, 0.35, 0.47]})
+    gain = study_report.oracle_gain(oracle).iloc[0]
+    d = np.array([-0.1, -0.05, -0.03])
+    half = 4.302653 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert gain["mean_diff"] == pytest.approx(-0.06) and gain["wins"] == 3
+    assert gain["ci_low"] == pytest.approx(-0.06 - half, rel=1e-5) and gain["ci_high"] == pytest.approx(-0.06 + half, rel=1e-5)
+    fam = study_report.reported_family(pd.DataFrame([
+        _comp_row("paper", "oracle", "elas-sas - elas-g", "all", -0.2, 0.02, metric="dense_epe"),
+        _comp_row("paper", "oracle", "elas-sas - elas-g", "0", -0.3, 0.02, metric="dense_epe"),
+        _comp_row("paper", "oracle", "elas-sas - ants-syn", "all", -0.1, 0.02, metric="dense_epe")]), "dense_epe")
+    md = study_report.claim_markdown(study_report.oracle_gain(oracle), fam)
+    assert "| oracle, per pair (no network) | tissue-specific - best global | -0.060 [" in md
+    assert "0.400 -> 0.340 mm (-15 %), tissue lower on 3/3 |" in md
+    assert "| paper, oracle | elas-sas - elas-g | -0.200 [-0.210, -0.190] | 2 x 5 | per seed -0.300 |" in md
+    assert "ants-syn" not in md
+
+
+def test_stiffness_across_pairs_mean_over_seeds():
+    across = pd.DataFrame([{"setting": "paper", "objective": "epe", "param": "mu", "tissue": "lung", "seed": s,
+                            "spearman": v} for s, v in ((0, 0.2), (1, 0.4), (2, 0.6))])
+    md = study_report.stiffness_across_markdown(across)
+    half = 4.302653 * 0.2 / np.sqrt(3)
+    assert f"| paper | epe | mu | lung | +0.40 [{0.4 - half:+.2f}, {0.4 + half:+.2f}] | +0.20, +0.40, +0.60 |" in md
