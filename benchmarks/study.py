@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import study_record  # noqa: E402
 from datasets.atomic import atomic_write  # noqa: E402
+from datasets.synthetic import SyntheticDataset, subject_lame  # noqa: E402
 from hypermorph_spatially_adaptive import artifacts as art  # noqa: E402  (stage file names; no TensorFlow)
 from hypermorph_spatially_adaptive.jobs import last_error_line, run_child  # noqa: E402
 
@@ -275,7 +276,6 @@ def true_lame_of(args) -> Callable[[str], Dict[int, Sequence[float]]]:
     """``pair_id -> {class index: (lambda, mu)}`` of the study's data: the phantom's one table, or
     with ``--stiffness-spread`` each pair's own (the generator's ``subject_lame``; no pair is loaded)."""
     from datasets.phantoms import DEFAULT_LAME
-    from datasets.synthetic import SyntheticDataset, subject_lame
 
     if not args.stiffness_spread:
         return lambda pair_id: DEFAULT_LAME
