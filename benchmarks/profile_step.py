@@ -55,6 +55,8 @@ if ROOT not in sys.path:
 import datasets  # noqa: E402
 from hypermorph_spatially_adaptive import trainer  # noqa: E402
 from hypermorph_spatially_adaptive.configs import LossConfig  # noqa: E402
+from hypermorph_spatially_adaptive.params import regularization_parameters  # noqa: E402
+from tf_compat import import_voxelmorph  # noqa: E402
 
 PRESETS = ("elastic_global", "elastic_sa")
 #: the part whose median is 100 % in the shares: the step as it was before the XLA Adam updates
@@ -111,8 +113,6 @@ def training_args(args: argparse.Namespace) -> argparse.Namespace:
 def integration_layers(model) -> List:
     """The model's layers after the SVF, in order: rescale / scaling-and-squaring layers (field) and
     the last spatial transformer (image). HyperVxmDense models only."""
-    from tf_compat import import_voxelmorph
-
     _, vxm, _ = import_voxelmorph()
     field = [l for l in model.layers if isinstance(l, (vxm.layers.RescaleTransform, vxm.layers.VecInt))]
     warp = [l for l in model.layers if isinstance(l, vxm.layers.SpatialTransformer)]
@@ -168,7 +168,6 @@ def build_parts(args: argparse.Namespace, targs: argparse.Namespace) -> Dict[str
 
     from hypermorph_spatially_adaptive.losses import loss_terms, ncc_map, ncc_map_voxelmorph
     from hypermorph_spatially_adaptive.models import build_model, call_model, model_inputs
-    from hypermorph_spatially_adaptive.params import regularization_parameters
     import regularizers
 
     dataset = datasets.dataset_from_args(targs)

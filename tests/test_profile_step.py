@@ -27,7 +27,7 @@ def test_bad_options_are_refused_before_tensorflow():
             profile_step.main(argv)
 
 
-@pytest.mark.slow  # ~40 s on 2 shared cores: builds the model, traces ~15 functions
+@pytest.mark.slow  # 67 s on 2 shared cores (load 7): builds the model, traces ~20 functions
 def test_tiny_profile_names_every_part_with_sane_shares(tmp_path):
     out = tmp_path / "p.csv"
     rows = profile_step.main(["--image-size", "32", "--num-pairs", "6", "--steps", "3", "--warmup", "1",
