@@ -251,6 +251,42 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert steps == [5, 10, 12]
 
 
+def test_xla_adam_updates_give_bit_identical_weights():
+    """The trainer's XLA-compiled Adam (trainer.xla_adam_updates, its default) changes the speed,
+    never the result: same seed -> the same loss trace, weights and optimizer state, bit for bit,
+    as optimizer.apply_gradients (tf_compat keeps XLA's fused multiply-add out)."""
+    import tf_compat
+    from hypermorph_spatially_adaptive import trainer
+
+    assert tf_compat.xla_matches_tensorflow()
+    cfg = ModelConfig(image_shape=(32, 32), regularizer="elastic", spatially_adaptive=True, num_classes=3,
+                      int_steps=1, **SMALL)
+    rng = np.random.default_rng(5)
+    batches = [{"moving": rng.random((1, 32, 32, 1)).astype(np.float32),
+                "fixed": rng.random((1, 32, 32, 1)).astype(np.float32),
+                "fixed_seg": rng.integers(0, 4, (1, 32, 32)).astype(np.int32),
+                "hyp": sample_hyperparameters(0, k, 1, cfg.spec.num_params)} for k in range(4)]
+
+    init = []
+
+    def train(xla):
+        tf.keras.utils.set_random_seed(0)
+        model = build_model(cfg)
+        init.append(model.get_weights())
+        opt = trainer.make_optimizer(model, 1e-3)
+        step = trainer.make_train_step(model, opt, tf.distribute.get_strategy(), tf.Variable(0, dtype=tf.int64),
+                                       cfg.spec, LossConfig(), 1, xla_updates=xla)
+        trace = [float(step(b)["loss"]) for b in batches]
+        return trace, model.get_weights(), [v.numpy() for v in opt.variables]
+
+    (loss_tf, w_tf, opt_tf), (loss_xla, w_xla, opt_xla) = train(False), train(True)
+    assert loss_tf == loss_xla
+    assert len(w_tf) == len(w_xla) and all(np.array_equal(a, b) for a, b in zip(w_tf, w_xla))
+    assert len(opt_tf) == len(opt_xla) and all(np.array_equal(a, b) for a, b in zip(opt_tf, opt_xla))
+    assert all(np.array_equal(a, b) for a, b in zip(*init))  # same start
+    assert not all(np.array_equal(a, b) for a, b in zip(init[0], w_tf))  # and the weights did move
+
+
 @pytest.mark.slow  # 17-23 s of a subprocess; the suite's 10-min budget: make test PYTEST_ARGS='-m slow'
 def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
     code = ("import sys; sys.path.insert(0, %r); from hypermorph_spatially_adaptive.trainer import main; "
