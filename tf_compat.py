@@ -51,6 +51,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import platform
 import sys
 import tempfile
 from typing import Iterator
@@ -171,9 +172,10 @@ XLA_ISA_FLAG = "--xla_cpu_max_isa=AVX"
 
 
 def _limit_xla_isa() -> None:
-    """Add :data:`XLA_ISA_FLAG` to ``XLA_FLAGS`` unless the user chose an ISA there."""
+    """Add :data:`XLA_ISA_FLAG` to ``XLA_FLAGS`` unless the user chose an ISA there, on x86-64 only
+    (the flag names x86 instruction sets; elsewhere the trainer keeps TensorFlow's own Adam)."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_max_isa" not in flags:
+    if platform.machine().lower() in ("x86_64", "amd64") and "xla_cpu_max_isa" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {XLA_ISA_FLAG}".strip()
 
 

@@ -565,7 +565,7 @@ def make_train_step(model, optimizer, strategy, step_var, spec, loss: LossConfig
     across replicas; the returned terms are summed over replicas (= means over the global batch).
     ``step_var`` is incremented once per call. ``fidelity`` (:class:`.profiles.Fidelity`, None =
     paper) selects the similarity weight, diffusion energy and NCC numerics of the loss.
-    ``xla_updates`` (None: whenever :func:`tf_compat.xla_matches_tensorflow`) applies Adam through
+    ``xla_updates`` (None: on CPU-only machines where :func:`tf_compat.xla_matches_tensorflow`) applies Adam through
     :func:`xla_adam_updates` on a one-replica strategy (same weights, faster on CPU); otherwise
     ``optimizer.apply_gradients``.
     """
@@ -575,8 +575,8 @@ def make_train_step(model, optimizer, strategy, step_var, spec, loss: LossConfig
     from .models import call_model
 
     use_svf = loss.reg_field == "svf"
-    if xla_updates is None:
-        xla_updates = xla_matches_tensorflow()
+    if xla_updates is None:  # CPU only: on a GPU XLA's own rounding would change the weights
+        xla_updates = xla_matches_tensorflow() and not tf.config.list_logical_devices("GPU")
     variables = model.trainable_variables
     updates = xla_adam_updates(optimizer, variables) if xla_updates and strategy.num_replicas_in_sync == 1 else None
 
