@@ -531,6 +531,12 @@ def make_optimizer(model, lr: float):
     return optimizer
 
 
+#: fewest trainable weights for which :func:`make_train_step` compiles Adam with XLA by default: the
+#: compile (~3 s per process) pays for itself within ~50 steps of the paper's network (14M weights),
+#: never in the short runs of tiny networks (``--quick``, 0.9M: +2.5-5 s per training measured)
+XLA_MIN_WEIGHTS = 4_000_000
+
+
 def xla_adam_updates(optimizer, variables):
     """``updates(grads)``: Adam's own ``update_step`` of every variable in one XLA-compiled function.
 
@@ -565,7 +571,8 @@ def make_train_step(model, optimizer, strategy, step_var, spec, loss: LossConfig
     across replicas; the returned terms are summed over replicas (= means over the global batch).
     ``step_var`` is incremented once per call. ``fidelity`` (:class:`.profiles.Fidelity`, None =
     paper) selects the similarity weight, diffusion energy and NCC numerics of the loss.
-    ``xla_updates`` (None: on CPU-only machines where :func:`tf_compat.xla_matches_tensorflow`) applies Adam through
+    ``xla_updates`` (None: on CPU-only machines where :func:`tf_compat.xla_matches_tensorflow`, for
+    networks of at least :data:`XLA_MIN_WEIGHTS` weights) applies Adam through
     :func:`xla_adam_updates` on a one-replica strategy (same weights, faster on CPU); otherwise
     ``optimizer.apply_gradients``.
     """
@@ -575,9 +582,10 @@ def make_train_step(model, optimizer, strategy, step_var, spec, loss: LossConfig
     from .models import call_model
 
     use_svf = loss.reg_field == "svf"
-    if xla_updates is None:  # CPU only: on a GPU XLA's own rounding would change the weights
-        xla_updates = xla_matches_tensorflow() and not tf.config.list_logical_devices("GPU")
     variables = model.trainable_variables
+    if xla_updates is None:  # CPU only: on a GPU XLA's own rounding would change the weights
+        xla_updates = (xla_matches_tensorflow() and not tf.config.list_logical_devices("GPU")
+                       and sum(int(np.prod(v.shape)) for v in variables) >= XLA_MIN_WEIGHTS)
     updates = xla_adam_updates(optimizer, variables) if xla_updates and strategy.num_replicas_in_sync == 1 else None
 
     def replica_step(batch):
