@@ -499,7 +499,7 @@ def write_response_and_stiffness(args, units: Sequence[Dict]) -> None:
     atomic_write(os.path.join(args.out, "stiffness.csv"), stiff)
     summary = stiff.groupby(["setting", "objective"])[["spearman_mu", "spearman_lambda"]].agg(["mean", "count"])
     print("[study] stiffness order recovered by the elastic SA model (Spearman over lung/bone/liver vs the "
-          "phantom's Lame values, mean over seeds x pairs):\n" + summary.round(3).to_string(), flush=True)
+          "pair's true Lame values, mean over seeds x pairs):\n" + summary.round(3).to_string(), flush=True)
     if args.stiffness_spread:
         across = pd.concat([stiffness_across_pairs(d, CLASS_NAMES, truth, n_boot=args.bootstrap)
                             .assign(setting=u["setting"], seed=u["seed"]) for u, d in dirs], ignore_index=True)
