@@ -52,6 +52,7 @@ from hypermorph_spatially_adaptive.params import HypMapping, ParamSpec  # noqa: 
 #: the boxes of the box report: name -> (kind, K, decades)
 BOXES = {"eq. 1 linear, K 1 (paper text)": ("linear", 1.0, None),
          "log, K 10, 2 decades (study 'calibrated')": ("log", 10.0, 2.0),
+         "log, K 4, 3 decades (study 'wide')": ("log", 4.0, 3.0),
          "1 - lambda - mu, K 1 (authors' code)": ("authors", 1.0, None)}
 
 

@@ -62,10 +62,15 @@ from hypermorph_spatially_adaptive.jobs import last_error_line, run_child  # noq
 #: run_pipeline.py options per regularization setting. "calibrated" (docs/extensions.md 'Calibrated energy'): the
 #: log mapping over 2 decades centred where benchmarks/calibrate_energy.py puts the optimal amplitude
 #: of the true field at ~0.85 (elastic K 10, diffusion K 3), no endpoint oversampling (0.2 doubled the
-#: global models' response but cost the SA models 0.02-0.06 Dice in one measured run)
+#: global models' response but cost the SA models 0.02-0.06 Dice in one measured run). "wide": a box
+#: that holds the oracle's optimum (docs/oracle.md, its table of boxes): elastic weights 0.063-63 per unit
+#: similarity, where the oracle's tissue-specific settings on the stress data (0.1-18) and its global
+#: ones (0.1-3) lie; calibrated's 0.5-50 misses the lung's 0.1-0.3
 SETTINGS = {"paper": [],
             "calibrated": ["--elastic-energy-scale", "10", "--diffusion-energy-scale", "3", "--hyp-mapping", "log",
-                           "--log-decades", "2"]}
+                           "--log-decades", "2"],
+            "wide": ["--elastic-energy-scale", "4", "--diffusion-energy-scale", "3", "--hyp-mapping", "log",
+                     "--log-decades", "3"]}
 QUICK_ARGS = ["--quick", "--num-pairs", "24"]
 #: run_pipeline.py --profile values (docs/fidelity.md); a profile other than paper suffixes the unit name
 PROFILES = ("paper", "authors")
