@@ -41,7 +41,6 @@ Example (the study's setting, 64 x 64 synthetic pairs, batch 1)::
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -53,6 +52,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import datasets  # noqa: E402
+from datasets.atomic import atomic_write  # noqa: E402
 from hypermorph_spatially_adaptive import trainer  # noqa: E402
 from hypermorph_spatially_adaptive.configs import LossConfig  # noqa: E402
 from hypermorph_spatially_adaptive.params import regularization_parameters  # noqa: E402
@@ -153,13 +153,13 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def write_table(path: str, rows: List[Dict], header: str) -> None:
-    with open(path, "w", newline="") as f:
-        if path.endswith(".csv"):
-            w = csv.DictWriter(f, fieldnames=["part", "median_ms", "share"])
-            w.writeheader()
-            w.writerows(rows)
-        else:
-            f.write(header + "\n\n" + format_table(rows) + "\n")
+    """``path``: the rows as CSV (``.csv``) or the markdown table under ``header``, written atomically."""
+    import pandas as pd
+
+    if path.endswith(".csv"):
+        atomic_write(path, pd.DataFrame(rows, columns=["part", "median_ms", "share"]))
+    else:
+        atomic_write(path, header + "\n\n" + format_table(rows) + "\n")
 
 
 def build_parts(args: argparse.Namespace, targs: argparse.Namespace) -> Dict[str, Callable[[], object]]:
