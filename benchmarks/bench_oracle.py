@@ -46,6 +46,7 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+from datasets.atomic import atomic_write  # noqa: E402
 from hypermorph_spatially_adaptive.configs import LossConfig, RefineConfig  # noqa: E402
 from hypermorph_spatially_adaptive.params import HypMapping, ParamSpec  # noqa: E402
 
@@ -210,12 +211,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     md = _markdown(summ, args)
     print(md, flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        df.to_csv(os.path.join(args.out, "oracle_pairs.csv"), index=False)
-        with open(os.path.join(args.out, "oracle_summary.md"), "w") as f:
-            f.write(f"`{' '.join(['python', 'benchmarks/bench_oracle.py', *(argv or sys.argv[1:])])}`\n\n{md}\n")
-        with open(os.path.join(args.out, "oracle.json"), "w") as f:
-            json.dump({"args": vars(args), "summary": summ.to_dict("records")}, f, indent=1, default=str)
+        command = " ".join(["python", "benchmarks/bench_oracle.py", *(argv or sys.argv[1:])])
+        atomic_write(os.path.join(args.out, "oracle_pairs.csv"), df)
+        atomic_write(os.path.join(args.out, "oracle_summary.md"), f"`{command}`\n\n{md}\n")
+        atomic_write(os.path.join(args.out, "oracle.json"),
+                     json.dumps({"args": vars(args), "summary": summ.to_dict("records")}, indent=1, default=str))
     return {"pairs": df, "summary": summ}
 
 
