@@ -217,6 +217,21 @@ def _identified_elastic(unit_dir: str):
             yield objective, pd.read_csv(path, dtype={"pair_id": str})
 
 
+def network_epe_oracle(unit_dir: str):
+    """The networks' own oracle on synthetic data: per test pair, the dense EPE (mm, tissue voxels)
+    that the elastic SA model (``sas``) and the global model (``g``) reach with hyperparameters
+    chosen per pair by gradient descent on the true EPE (``identification_gradient_epe``; best
+    iterate of 50 steps from the box's centre). The network counterpart of bench_oracle's per-pair
+    row. Empty when the unit has no EPE identification."""
+    import pandas as pd
+
+    for objective, df in _identified_elastic(unit_dir):
+        if objective == "epe":
+            return pd.DataFrame({"pair_id": df["pair_id"], "sas": df["objective"].astype(float),
+                                 "g": df["g_objective"].astype(float)})
+    return pd.DataFrame(columns=["pair_id", "sas", "g"])
+
+
 def stiffness_recovery(unit_dir: str, class_names: Sequence[str], true_lame: Callable[[str], Dict[int, Sequence[float]]]):
     """Per pair and objective (dice, epe): Spearman correlation over the tissue classes between
     the identified per-class (lambda, mu) of the elastic SA model and the pair's true values
@@ -505,6 +520,13 @@ def write_response_and_stiffness(args, units: Sequence[Dict]) -> None:
     summary = stiff.groupby(["setting", "objective"])[["spearman_mu", "spearman_lambda"]].agg(["mean", "count"])
     print("[study] stiffness order recovered by the elastic SA model (Spearman over lung/bone/liver vs the "
           "pair's true Lame values, mean over seeds x pairs):\n" + summary.round(3).to_string(), flush=True)
+    oracle = pd.concat([network_epe_oracle(d).assign(setting=u["setting"], seed=u["seed"]) for u, d in dirs],
+                       ignore_index=True)
+    if len(oracle):
+        atomic_write(os.path.join(args.out, "network_epe_oracle.csv"), oracle)
+        print("[study] the networks' EPE oracle (per pair, parameters chosen on the true EPE; mean dense EPE mm "
+              "over pairs):\n" + oracle.groupby(["setting", "seed"])[["sas", "g"]].mean().round(3).to_string(),
+              flush=True)
     if args.stiffness_spread:
         across = pd.concat([stiffness_across_pairs(d, CLASS_NAMES, truth, n_boot=args.bootstrap)
                             .assign(setting=u["setting"], seed=u["seed"]) for u, d in dirs], ignore_index=True)

@@ -109,3 +109,22 @@ def test_stiffness_scores_each_pair_against_its_own_values_with_spread(tmp_path)
     shared = study.true_lame_of(study.build_parser().parse_args([]))
     assert shared(ids[0]) == shared(ids[1])
     assert study.stiffness_across_pairs(str(tmp_path), CLASS_NAMES, shared, n_boot=50)["spearman"].isna().all()
+
+
+def test_network_epe_oracle_reads_the_epe_identification_only(tmp_path):
+    """The networks' own oracle is the EPE identification's best objective of the SA model (sas) and
+    of the global model (g); a unit with only a Dice identification has none."""
+    from hypermorph_spatially_adaptive import artifacts as art
+
+    dice = tmp_path / art.IDENTIFICATION_DIRS["gradient"] / "elastic"
+    dice.mkdir(parents=True)
+    pd.DataFrame({"pair_id": ["0001"], "objective": [0.9], "g_objective": [0.8]}).to_csv(
+        dice / art.IDENTIFIED_PARAMETERS, index=False)
+    assert study.network_epe_oracle(str(tmp_path)).empty
+    epe = tmp_path / (art.IDENTIFICATION_DIRS["gradient"] + "_epe") / "elastic"
+    epe.mkdir(parents=True)
+    pd.DataFrame({"pair_id": ["0001", "0002"], "objective": [0.5, 0.7], "g_objective": [0.6, 0.65]}).to_csv(
+        epe / art.IDENTIFIED_PARAMETERS, index=False)
+    got = study.network_epe_oracle(str(tmp_path))
+    assert list(got["pair_id"]) == ["0001", "0002"]  # ids stay strings
+    assert np.allclose(got["sas"], [0.5, 0.7]) and np.allclose(got["g"], [0.6, 0.65])
