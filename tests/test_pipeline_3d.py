@@ -298,9 +298,11 @@ def test_refinement_in_pair_chunks_equals_one_batch():
     opts = replace(RefineConfig.original(), fold_weight=100.0, logj_weight=1.0, smooth=1, grid=2)
     whole = Refiner(spec, loss, opts)(moving, fixed, u0, hyp, seg, steps=4, lr=0.1)
     chunked = Refiner(spec, loss, opts, pair_batch=2)(moving, fixed, u0, hyp, seg, steps=4, lr=0.1)
+    # float32 sums over another batch size round differently (seen once under load: 6e-6 after 4 Adam
+    # steps); an interaction between pairs would differ by the size of the steps (>= 1e-3, below)
     for a, b in zip(whole, chunked):
         assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
     assert np.abs(whole[0] - u0).max() > 1e-3  # the steps did move the field
     assert auto_batch_size((192, 128, 192), 4, PAIR_VOXEL_BUDGET) == 1  # paper size: one pair per chunk
     assert auto_batch_size((64, 64), 9, PAIR_VOXEL_BUDGET) == 9  # the 2D demo's test split: one batch
