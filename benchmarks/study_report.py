@@ -286,8 +286,9 @@ def network_oracle_gain(net):
         if d.shape[1] < 2:
             continue
         lo, hi, p = crossed_interval(d.to_numpy(np.float64))
+        kept = g[g["pair_id"].isin(d.columns)]
         rows.append({"setting": setting, "n_seeds": d.shape[0], "n_pairs": d.shape[1],
-                     "epe_g": g["g"].mean(), "epe_sas": g["sas"].mean(), "mean_diff": float(d.to_numpy().mean()),
+                     "epe_g": kept["g"].mean(), "epe_sas": kept["sas"].mean(), "mean_diff": float(d.to_numpy().mean()),
                      "ci_low": float(lo), "ci_high": float(hi), "p": float(p),
                      "per_seed": ", ".join(f"{v:+.3f}" for v in d.mean(axis=1)),
                      "sas_lower": float((d.to_numpy() < 0).mean())})

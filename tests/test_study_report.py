@@ -166,6 +166,7 @@ def test_network_oracle_gain_crossed_over_seeds_and_pairs():
     assert r["ci_low"] == pytest.approx(d.mean() - half) and r["ci_high"] == pytest.approx(d.mean() + half)
     assert np.allclose([float(v) for v in r["per_seed"].split(", ")], d.mean(1), atol=6e-4)
     assert r["sas_lower"] == pytest.approx((d < 0).mean())
+    assert r["epe_g"] == pytest.approx(0.6) and r["epe_sas"] == pytest.approx(0.6 + d.mean())  # the dropped pair aside
     fam = study_report.reported_family(pd.DataFrame([
         _comp_row("wide", "oracle", "elas-sas - elas-g", "all", -0.2, 0.02, metric="dense_epe")]), "dense_epe")
     oracle = pd.DataFrame({"selection": ["per pair"] * 2, "pair_id": ["a", "b"], "epe_global": [0.3, 0.4],
