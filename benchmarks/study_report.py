@@ -273,25 +273,25 @@ def oracle_gain(oracle):
 def network_oracle_gain(net):
     """The networks' own oracle (``network_epe_oracle.csv`` of ``study.py``: per setting, seed and
     test pair, the dense EPE of the elastic SA and global models with parameters chosen on the true
-    EPE): per setting, elas-sas - elas-g with the crossed seeds x pairs interval, the per-seed means
-    and the share of cells where -sas is lower. Pairs missing under any seed are dropped."""
+    EPE): per setting, elas-sas - elas-g as the study's other rows (:func:`.tables.paired_comparison`:
+    crossed seeds x pairs interval, pairs missing under a seed dropped), with the per-seed means over
+    the same pairs, the mean EPE of both models over the kept pairs and the share of cells where -sas is lower."""
     import pandas as pd
 
-    from hypermorph_spatially_adaptive.intervals import crossed_interval
+    from hypermorph_spatially_adaptive.tables import difference_table, paired_comparison
 
     rows = []
     for setting, g in net.groupby("setting", sort=False):
-        d = (g.assign(d=g["sas"] - g["g"]).pivot_table(index="seed", columns="pair_id", values="d")
-             .dropna(axis=1).sort_index())
-        if d.shape[1] < 2:
+        long = pd.concat([g.assign(method=m, dense_epe=g[col]) for m, col in (("elas-sas", "sas"), ("elas-g", "g"))])
+        comp = paired_comparison(long, [("elas-sas", "elas-g")], metrics=["dense_epe"])
+        if comp.empty:
             continue
-        lo, hi, p = crossed_interval(d.to_numpy(np.float64))
-        kept = g[g["pair_id"].isin(d.columns)]
-        rows.append({"setting": setting, "n_seeds": d.shape[0], "n_pairs": d.shape[1],
-                     "epe_g": kept["g"].mean(), "epe_sas": kept["sas"].mean(), "mean_diff": float(d.to_numpy().mean()),
-                     "ci_low": float(lo), "ci_high": float(hi), "p": float(p),
-                     "per_seed": ", ".join(f"{v:+.3f}" for v in d.mean(axis=1)),
-                     "sas_lower": float((d.to_numpy() < 0).mean())})
+        cells = difference_table(long, "elas-sas", "elas-g", "dense_epe").dropna(axis=1)  # the pairs comp keeps
+        kept = g[g["pair_id"].isin(cells.columns)]
+        rows.append({"setting": setting, **comp.iloc[0][["n_seeds", "n_pairs", "mean_diff", "ci_low", "ci_high", "p"]],
+                     "epe_g": kept["g"].mean(), "epe_sas": kept["sas"].mean(),
+                     "per_seed": ", ".join(f"{v:+.3f}" for v in cells.mean(axis=1)),
+                     "sas_lower": float((cells.to_numpy() < 0).mean())})
     return pd.DataFrame(rows)
 
 
